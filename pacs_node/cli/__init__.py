@@ -1,0 +1,1 @@
+"""The ``pacs-node`` admin command line (typer + rich)."""

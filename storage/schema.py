@@ -1,0 +1,122 @@
+"""The database schema: received and produced instances, and the durable job queue.
+
+Timestamps are naive UTC (``utcnow()``) so that SQLite and PostgreSQL compare them the same way.
+Changing this module means adding an Alembic revision under ``storage/migrations/versions``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: the one clock every row uses."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Origin(str, enum.Enum):
+    RECEIVED = "received"  # came in by C-STORE
+    RESULT = "result"  # produced by this node (SR, KOS, GSPS)
+
+
+class Disposition(str, enum.Enum):
+    """What the acceptance policy decided for a received instance."""
+
+    QUEUED = "queued"  # a chest radiograph: an analyse job exists
+    NOT_PROCESSED = "not_processed"  # kept, but not analysed (``reason`` says why)
+    RESULT = "result"  # one of our own result objects
+
+
+class JobKind(str, enum.Enum):
+    ANALYSE = "analyse"  # run the pipeline on one instance and build its result objects
+    EXPORT = "export"  # C-STORE one result object to one destination
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # last attempt failed; will be retried after ``not_before``
+    DEAD = "dead"  # out of attempts or not retryable: needs a person (``queue retry``)
+    CANCELLED = "cancelled"
+
+
+class Instance(Base):
+    """One stored SOP instance, received or produced. Holds the attributes C-FIND matches on."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    # patient / study / series / image level attributes for query-retrieve
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    # storage
+    path: Mapped[str] = mapped_column(String(512))  # relative to the instance store root
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    origin: Mapped[str] = mapped_column(String(16), default=Origin.RECEIVED.value)
+    disposition: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)  # why not processed, when it was not
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)  # results only
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    calling_host: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class Job(Base):
+    """One unit of durable work. ``dedupe_key`` makes enqueueing idempotent: the same instance
+    received twice, or the same result exported twice to one destination, is one job."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
+    dedupe_key: Mapped[str] = mapped_column(String(255), unique=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # the subject instance
+    destination: Mapped[str | None] = mapped_column(String(64))  # peer name, export jobs only
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    not_before: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ix_jobs_claim", "state", "kind", "not_before"),
+        Index("ix_jobs_lease", "state", "lease_expires_at"),
+    )
