@@ -1,0 +1,417 @@
+"""The node's configuration: one TOML file, overridden by ``PACS_NODE__SECTION__KEY`` environment variables.
+
+Every value has a default that runs a working node on one machine (SQLite and the instance store under
+``node.data_dir``, the demo model bundle, CPU), so ``pacs-node serve`` needs no file at all. Unknown keys
+are errors rather than silently ignored: a misspelt ``max_atempts`` in a hospital's config must not fall
+back to a default nobody chose. Errors name the key (``node.port: ...``) so the fix is obvious.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+#: Where ``pacs-node`` looks for its config file when neither ``--config`` nor ``PACS_NODE_CONFIG`` says.
+DEFAULT_CONFIG_FILE = Path("pacs-node.toml")
+ENV_PREFIX = "PACS_NODE__"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars of the default repertoire, no '\'
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a DICOM AE title (1-16 printable characters, no backslash)")
+    return value.strip()
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSConfig(Section):
+    """TLS for an association with a peer; paths are PEM files."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class NodeConfig(Section):
+    ae_title: AETitle = "PACSNODE"
+    port: Port = 11112
+    bind: str = "0.0.0.0"
+    data_dir: Path = Path("var")
+    #: Largest PDU we accept; large PDUs mean fewer, bigger writes of the dataset to disk.
+    max_pdu: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
+    #: Concurrent associations the listener serves.
+    max_associations: Annotated[int, Field(ge=1)] = 16
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class AllowedCaller(Section):
+    """A calling AE that may associate; ``host`` (an IP address) pins it to one machine."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Peer(Section):
+    """A DICOM node we send to (or echo): a PACS, a viewer, a modality's result receiver."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+    tls: TLSConfig | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class RoutingRule(Section):
+    """Send results for instances matching every given field to ``destinations`` (peer names).
+    Fields left out match anything; matching is exact, case-insensitive for modality and AE titles."""
+
+    calling_ae: str | None = None
+    modality: str | None = None
+    station_name: str | None = None
+    destinations: list[str] = Field(min_length=1)
+
+
+class RoutingConfig(Section):
+    rules: list[RoutingRule] = Field(default_factory=list)
+    #: When no rule matches: ``sender`` returns results to the peer whose AE title is the calling AE
+    #: (if one is configured); ``none`` keeps them only in the node (Q/R can still fetch them).
+    default: str = "sender"
+    #: Also applied when no rule matches, after ``default``: peer names that get every result.
+    always: list[str] = Field(default_factory=list)
+
+    @field_validator("default")
+    @classmethod
+    def _default(cls, v: str) -> str:
+        if v not in ("sender", "none"):
+            raise ValueError("must be 'sender' or 'none'")
+        return v
+
+
+class DatabaseConfig(Section):
+    #: SQLAlchemy URL; empty means a SQLite file ``node.sqlite3`` under ``node.data_dir``.
+    url: str = ""
+
+
+class StoreConfig(Section):
+    #: Directory of the instance store; empty means ``store/`` under ``node.data_dir``.
+    path: Path | None = None
+    #: Refuse new instances (status 0xA700) when the store's filesystem has less free space than this.
+    min_free_bytes: Annotated[int, Field(ge=0)] = 1024**3
+
+
+class Device(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class PipelineConfig(Section):
+    #: A model bundle directory, or ``fake`` for the deterministic test double; empty means the demo bundle.
+    bundle: str = ""
+    device: Device = Device.AUTO
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
+    #: Longest a claimed job waits for its batch to fill before the batch runs anyway.
+    max_batch_latency_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    deterministic: bool = False
+
+
+class WorkerConfig(Section):
+    #: Worker processes ``serve`` starts (0: run ``pacs-node worker`` yourself, e.g. on a GPU host).
+    count: Annotated[int, Field(ge=0, le=64)] = 1
+    lease_seconds: Annotated[int, Field(ge=5)] = 300
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    #: How often an idle worker looks for work.
+    poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+
+
+class ExportConfig(Section):
+    #: Attempts of one C-STORE of one result to one destination before the job is dead.
+    retries: Annotated[int, Field(ge=1)] = 8
+    #: Network timeout for association and DIMSE with a peer.
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class RetentionConfig(Section):
+    #: Delete instances (received and results) older than this many days; 0 keeps them for ever.
+    days: Annotated[int, Field(ge=0)] = 0
+    #: Delete finished (done/cancelled) jobs older than this many days.
+    job_days: Annotated[int, Field(ge=1)] = 30
+    #: How often housekeeping (lease reclaim, purges) runs.
+    interval_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class NonChestAction(str, Enum):
+    KEEP = "keep"
+    DISCARD = "discard"
+
+
+class PolicyConfig(Section):
+    #: What happens to a received instance that is not a chest radiograph: it is always acknowledged and
+    #: recorded with the reason; ``keep`` also stores its file, ``discard`` does not.
+    non_chest: NonChestAction = NonChestAction.KEEP
+
+
+class ResultsConfig(Section):
+    #: Emit a Key Object Selection flagging the image when any finding's probability reaches this (0..1).
+    kos_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    #: Emit a Grayscale Softcopy Presentation State with the region boxes.
+    gsps: bool = True
+
+
+class HttpConfig(Section):
+    bind: str = "127.0.0.1"
+    #: Port of ``/healthz`` and ``/metrics``; 0 turns the HTTP server off.
+    port: Annotated[int, Field(ge=0, le=65535)] = 8731
+
+
+class LoggingConfig(Section):
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return v.upper()
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    #: Allow any calling AE when ``allowed_callers`` is empty (convenient for a first run; say so in logs).
+    allow_any_caller: bool = True
+    peers: dict[str, Peer] = Field(default_factory=dict)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    results: ResultsConfig = Field(default_factory=ResultsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init kwargs; the environment overrides them (first source wins).
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        for i, rule in enumerate(self.routing.rules):
+            for name in rule.destinations:
+                if name not in self.peers:
+                    raise ValueError(f"routing.rules.{i}.destinations: unknown peer {name!r}")
+        for name in self.routing.always:
+            if name not in self.peers:
+                raise ValueError(f"routing.always: unknown peer {name!r}")
+        return self
+
+    # -- derived paths -------------------------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir.expanduser().resolve()
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.data_dir / 'node.sqlite3'}"
+
+    @property
+    def store_path(self) -> Path:
+        path = self.store.path if self.store.path is not None else self.data_dir / "store"
+        return path.expanduser().resolve()
+
+    @property
+    def bundle_path(self) -> Path | None:
+        """The model bundle directory, or ``None`` for the fake pipeline."""
+        if self.pipeline.bundle == "fake":
+            return None
+        if self.pipeline.bundle:
+            return Path(self.pipeline.bundle).expanduser().resolve()
+        return demo_bundle_path()
+
+    def peer_for_ae(self, ae_title: str) -> tuple[str, Peer] | None:
+        """The configured peer whose AE title is ``ae_title`` (the sender's result receiver)."""
+        for name, peer in self.peers.items():
+            if peer.ae_title.strip().upper() == ae_title.strip().upper():
+                return name, peer
+        return None
+
+
+def demo_bundle_path() -> Path:
+    """The demo bundle that ships inside the ``pipelines`` package."""
+    import pipelines
+
+    return Path(pipelines.__file__).resolve().parent / "bundles" / "demo"
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is one line per bad key, ready for a person to read."""
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        loc = _format_loc(err["loc"])
+        if err["type"] == "value_error" and msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+            # Cross-field checks name their own key: "routing.always: unknown peer 'x'".
+            if loc == "(top level)" and ": " in msg:
+                loc, msg = msg.split(": ", 1)
+        lines.append(f"{loc}: {msg} (in {source})")
+    return "\n".join(lines)
+
+
+def config_path_from_env(explicit: Path | None) -> Path | None:
+    """The config file to read: ``--config``, else ``$PACS_NODE_CONFIG``, else ``./pacs-node.toml`` if present."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("PACS_NODE_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read ``path`` (TOML; ``None`` for defaults only) and the environment; raise :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    source = "defaults and environment"
+    if path is not None:
+        source = f"{path} or environment"
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist (write one with `pacs-node config init`)")
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc
+
+
+EXAMPLE_TOML = """\
+# pacs-node configuration. Every key is optional; the values shown are the defaults unless marked
+# "example". Any key can be overridden by the environment: PACS_NODE__<SECTION>__<KEY>, e.g.
+# PACS_NODE__NODE__PORT=104 or PACS_NODE__PIPELINE__DEVICE=cuda.
+
+# Who may associate. With no [[allowed_callers]] and allow_any_caller = true, any AE may send to us;
+# as soon as one [[allowed_callers]] entry exists, only listed AEs (and hosts) may.
+allow_any_caller = true
+
+[node]
+ae_title = "PACSNODE"          # our AE title (called AE for modalities and PACS)
+port = 11112                   # DICOM port
+bind = "0.0.0.0"               # address to listen on
+data_dir = "var"               # SQLite database and instance store live here by default
+max_pdu = 4194304              # largest PDU we accept (bytes)
+max_associations = 16
+
+# Peers we send results to (and can echo): [peers.<name>]
+# [peers.pacs]                 # example
+# ae_title = "MAINPACS"
+# host = "10.1.0.10"
+# port = 104
+# tls = { ca_file = "/etc/pacs-node/ca.pem", cert_file = "/etc/pacs-node/node.pem", key_file = "/etc/pacs-node/node.key" }
+
+# [[allowed_callers]]          # example
+# ae_title = "CR_ROOM1"
+# host = "10.1.2.3"            # optional: only from this address
+
+[routing]
+default = "sender"             # no rule matched: back to the peer whose AE title is the caller's ("none": keep only)
+always = []                    # peer names that receive every result, e.g. ["archive"]
+# [[routing.rules]]            # example: first matching rules win, all of them are used
+# calling_ae = "CR_ROOM1"
+# modality = "CR"
+# station_name = "ER-XRAY"
+# destinations = ["pacs"]
+
+[database]
+url = ""                       # empty: sqlite file under data_dir; or "postgresql+psycopg://user@host/db"
+
+[store]
+# path = "/srv/pacs-node/store"  # default: <data_dir>/store
+min_free_bytes = 1073741824    # below this free space new instances are refused with 0xA700
+
+[pipeline]
+bundle = ""                    # model bundle directory; empty = the demo bundle; "fake" = test double
+device = "auto"                # auto | cpu | cuda
+batch_size = 4
+max_batch_latency_s = 0.5      # a batch waits at most this long to fill
+deterministic = false
+
+[worker]
+count = 1                      # worker processes started by `serve` (0 = run `pacs-node worker` yourself)
+lease_seconds = 300            # a job whose worker stops heartbeating comes back after this
+max_attempts = 5               # analyse attempts before a job is dead
+poll_interval_s = 0.5
+
+[export]
+retries = 8                    # C-STORE attempts per result and destination (exponential backoff)
+timeout_s = 30.0
+
+[retention]
+days = 0                       # delete instances and results older than this; 0 = keep for ever
+job_days = 30                  # delete finished jobs older than this
+interval_s = 30.0              # housekeeping period
+
+[policy]
+non_chest = "keep"             # keep | discard: file of instances that are not chest radiographs
+
+[results]
+kos_threshold = 0.5            # Key Object Selection when a finding reaches this probability
+gsps = true                    # presentation state with region boxes
+
+[http]
+bind = "127.0.0.1"             # /healthz and /metrics
+port = 8731                    # 0 = off
+
+[logging]
+level = "INFO"
+"""
