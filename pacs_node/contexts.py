@@ -1,0 +1,89 @@
+"""Which SOP classes and transfer syntaxes the node accepts and sends.
+
+Images are accepted in every transfer syntax a chest X-ray modality or PACS commonly uses and are stored
+exactly as received: transcoding on ingest would cost CPU on the receive path and change the bytes a
+radiologist's PACS holds. Decoding happens later, in the worker.
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    UID,
+)
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    Comprehensive3DSRStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForProcessing,
+    DigitalXRayImageStorageForPresentation,
+    EnhancedSRStorage,
+    BasicTextSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    Verification,
+)
+
+#: Image classes a chest radiograph arrives as.
+IMAGE_SOP_CLASSES: tuple[UID, ...] = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+)
+
+#: Result classes: what this node produces, and what a PACS may push back to it.
+RESULT_SOP_CLASSES: tuple[UID, ...] = (
+    BasicTextSRStorage,
+    EnhancedSRStorage,
+    ComprehensiveSRStorage,
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+)
+
+STORAGE_SOP_CLASSES: tuple[UID, ...] = IMAGE_SOP_CLASSES + RESULT_SOP_CLASSES
+
+#: Accepted on ingest, in order of preference (the SCP takes the first one the requestor also proposes).
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+
+def add_scp_contexts(ae: AE) -> None:
+    """Verification plus storage of images and results, in every accepted transfer syntax."""
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+
+
+def is_image_class(sop_class_uid: str) -> bool:
+    return sop_class_uid in IMAGE_SOP_CLASSES
