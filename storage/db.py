@@ -1,0 +1,166 @@
+"""Database engines, sessions and schema upgrades for SQLite and PostgreSQL.
+
+SQLite is the embedded default (one machine); PostgreSQL is for several listeners and workers sharing one
+database. The engine is configured here, once, so that every part of the node gets the same durability
+guarantees:
+
+* SQLite runs in WAL mode with ``synchronous=FULL`` (a committed row survives power loss, which is what
+  lets the listener answer 0x0000 after its commit) and a ``busy_timeout`` so that writers wait for each
+  other instead of failing.
+* pysqlite's own transaction handling is switched off (it delays ``BEGIN`` until the first write, which
+  breaks isolation) and SQLAlchemy's ``begin`` event emits the ``BEGIN`` itself. Sessions made with
+  ``make_sessionmaker(engine, immediate=True)`` start with ``BEGIN IMMEDIATE``: they take the write lock
+  up front, so a read-then-write transaction (a queue claim) can never fail half-way with
+  ``SQLITE_BUSY`` when it tries to upgrade its lock, and concurrent claimers are serialised.
+* PostgreSQL connections are checked with ``pool_pre_ping`` so a restarted database server costs one
+  reconnect, not a failed job.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+#: How long a SQLite writer waits for the lock before giving up (seconds).
+SQLITE_BUSY_TIMEOUT_S = 60.0
+
+#: Execution option that makes the SQLite ``begin`` handler emit ``BEGIN IMMEDIATE``.
+_IMMEDIATE = "storage_sqlite_immediate"
+
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+#: Arbitrary constant key for the PostgreSQL advisory lock that serialises concurrent ``upgrade`` calls.
+_UPGRADE_LOCK_KEY = 0x5AC5_0DE0
+
+
+def sqlite_url(path: str | os.PathLike[str]) -> str:
+    """The SQLAlchemy URL of a SQLite database file (made absolute, so a later ``chdir`` cannot move it)."""
+    return f"sqlite:///{Path(path).expanduser().resolve()}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` configured for durability (see the module docstring).
+
+    For a SQLite file the parent directory is created. The engine's connection pool is dropped in a
+    forked child process (without closing the parent's connections), so a worker forked from the
+    listener opens its own connections instead of sharing the parent's sockets or file handles.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = _make_sqlite_engine(url, parsed.database)
+    elif parsed.get_backend_name() == "postgresql":
+        engine = create_engine(url, pool_pre_ping=True)
+    else:
+        raise ValueError(f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
+                         "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+    _dispose_after_fork(engine)
+    return engine
+
+
+def _make_sqlite_engine(url: str, database: str | None) -> Engine:
+    in_memory = not database or database == ":memory:" or database.startswith("file::memory:")
+    if not in_memory:
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 (DBAPI connection)
+        # Autocommit at the driver level: SQLAlchemy's "begin" handler below issues BEGIN itself.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _dispose_after_fork(engine: Engine) -> None:
+    ref = weakref.ref(engine)
+
+    def _in_child() -> None:
+        alive = ref()
+        if alive is not None:
+            alive.dispose(close=False)
+
+    os.register_at_fork(after_in_child=_in_child)
+
+
+def write_engine(engine: Engine) -> Engine:
+    """``engine`` for transactions that will write: on SQLite each one starts with ``BEGIN IMMEDIATE``.
+
+    Elsewhere the option is ignored, so callers need not know which database they talk to."""
+    return engine.execution_options(**{_IMMEDIATE: True})
+
+
+def make_sessionmaker(engine: Engine, *, immediate: bool = False) -> sessionmaker[Session]:
+    """A session factory for ``engine``.
+
+    ``immediate=True`` is for sessions that write (ingest, claims): on SQLite they take the write lock
+    at ``BEGIN``. Leave it off for sessions that only read (C-FIND, the CLI) or that stay open a long
+    time, so they never hold up writers. ``expire_on_commit=False`` because the node hands committed
+    rows to other code (result builders, the CLI) after the session is gone.
+    """
+    bind = write_engine(engine) if immediate else engine
+    return sessionmaker(bind=bind, expire_on_commit=False)
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    # The live connection travels in ``attributes`` rather than as a URL option, so that passwords and
+    # '%' characters in the URL never go through configparser (see migrations/env.py).
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to ``revision`` (Alembic, with the migrations shipped in this package).
+
+    Safe to call from several processes at once: SQLite serialises them with ``BEGIN IMMEDIATE``,
+    PostgreSQL with a transaction-scoped advisory lock, and the loser finds nothing left to do.
+    """
+    engine = make_engine(url)
+    try:
+        with write_engine(engine).begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY})
+            command.upgrade(_alembic_config(connection), revision)
+    finally:
+        engine.dispose()
+
+
+def current_revision(url: str) -> str | None:
+    """The Alembic revision the database at ``url`` is at; ``None`` for a database never upgraded."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The newest revision shipped with this package (what ``upgrade`` goes to)."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()

@@ -1,0 +1,423 @@
+"""The durable job queue: ``analyse`` and ``export`` work that survives crashes and restarts.
+
+A job moves ``queued -> running -> done``; a failed attempt goes to ``failed`` (due again after an
+exponential backoff with jitter) and, after ``max_attempts`` or a non-retryable error, to ``dead``, where
+it waits for a person (``retry``). A worker owns a running job through a *lease* (``lease_owner`` and
+``lease_expires_at``) that it renews with ``heartbeat``. When a worker dies its lease runs out and the
+job becomes claimable again; a lost lease counts as an attempt, so a job that crashes every worker that
+touches it ends up ``dead`` instead of looping forever. ``complete``, ``fail`` and ``heartbeat`` only act
+while the caller still owns the lease: a worker that was presumed dead and replaced cannot overwrite the
+new owner's result.
+
+Claiming is safe with many workers: on SQLite the claim transaction begins with ``BEGIN IMMEDIATE`` (the
+write lock is taken before the candidate rows are read, so claimers are serialised); on PostgreSQL the
+candidates are selected ``FOR UPDATE SKIP LOCKED``, so concurrent claimers take disjoint rows without
+waiting for each other.
+
+All times are naive UTC from ``clock`` (the machines sharing one PostgreSQL database must keep their clocks
+in sync, e.g. with NTP; leases are minutes long, so seconds of skew do not matter).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import make_sessionmaker
+from storage.schema import Job, JobKind, JobState, utcnow
+
+log = logging.getLogger(__name__)
+
+#: States a job can be claimed from (besides ``running`` with an expired lease).
+_WAITING = (JobState.QUEUED.value, JobState.FAILED.value)
+#: States ``purge`` removes by default: nothing will happen to these jobs any more.
+FINISHED_STATES = (JobState.DONE, JobState.CANCELLED, JobState.DEAD)
+#: ``last_error`` is kept to this many characters (a traceback can be long; the row should not be).
+MAX_ERROR_CHARS = 4000
+
+
+class JobNotFound(KeyError):
+    """No job has this id (it may have been purged)."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to do one claimed job: a snapshot taken at claim time.
+
+    ``attempts`` already counts this attempt (1 on the first claim)."""
+
+    id: int
+    kind: str
+    sop_instance_uid: str
+    destination: str | None
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A full, detached snapshot of one job row, for the CLI, metrics and tests."""
+
+    id: int
+    kind: str
+    state: str
+    dedupe_key: str
+    sop_instance_uid: str
+    destination: str | None
+    payload: dict[str, Any] = field(repr=False)
+    priority: int
+    attempts: int
+    max_attempts: int
+    not_before: datetime
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobRecord:
+        return cls(**{name: getattr(job, name) for name in cls.__dataclass_fields__})
+
+
+def _value(enum_or_str: JobKind | JobState | str, enum: type[JobKind] | type[JobState]) -> str:
+    """The stored string of a kind or state, refusing unknown ones with a clear error."""
+    try:
+        return enum(enum_or_str).value
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum)
+        raise ValueError(f"unknown job {enum.__name__[3:].lower()} {enum_or_str!r} (expected one of: {allowed})") \
+            from None
+
+
+class JobQueue:
+    """The job queue on one database (see the module docstring for the life of a job).
+
+    ``sessionmaker`` is the node's ordinary session factory; the queue derives a write factory from its
+    engine so that its own transactions begin with ``BEGIN IMMEDIATE`` on SQLite. ``clock`` and ``rng``
+    exist so tests can move time and pin the jitter.
+    """
+
+    def __init__(
+        self,
+        sessionmaker: sessionmaker[Session],
+        *,
+        lease_seconds: float = 300,
+        backoff_base_s: float = 10,
+        backoff_max_s: float = 3600,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
+        if backoff_base_s < 0 or backoff_max_s < backoff_base_s:
+            raise ValueError(f"need 0 <= backoff_base_s <= backoff_max_s, got {backoff_base_s!r}, {backoff_max_s!r}")
+        bind = sessionmaker.kw.get("bind")
+        if bind is None:
+            raise ValueError("the sessionmaker must be bound to an engine (storage.db.make_sessionmaker)")
+        self._read = sessionmaker
+        self._write = make_sessionmaker(bind, immediate=True)
+        self.lease = timedelta(seconds=lease_seconds)
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+    # -- producing -------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        session: Session,
+        *,
+        kind: JobKind | str,
+        sop_instance_uid: str,
+        dedupe_key: str,
+        destination: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        max_attempts: int = 5,
+        priority: int = 0,
+    ) -> bool:
+        """Add a job inside the caller's transaction; ``False`` (and no new row) if ``dedupe_key`` exists.
+
+        Uses ``INSERT ... ON CONFLICT DO NOTHING``, so a duplicate neither raises nor aborts the caller's
+        transaction (on PostgreSQL an IntegrityError would poison it). Higher ``priority`` runs first.
+        """
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts!r}")
+        now = self._clock()
+        values = dict(
+            kind=_value(kind, JobKind),
+            state=JobState.QUEUED.value,
+            dedupe_key=dedupe_key,
+            sop_instance_uid=sop_instance_uid,
+            destination=destination,
+            payload=dict(payload or {}),
+            priority=priority,
+            attempts=0,
+            max_attempts=max_attempts,
+            not_before=now,
+            created_at=now,
+            updated_at=now,
+        )
+        statement = _insert_for(session)(Job).values(**values).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        return session.execute(statement).rowcount == 1
+
+    # -- working ---------------------------------------------------------------------------------
+
+    def claim(self, worker_id: str, kinds: Iterable[JobKind | str], limit: int = 1) -> list[ClaimedJob]:
+        """Take up to ``limit`` due jobs of ``kinds`` for ``worker_id``: highest priority, then oldest.
+
+        Due means ``queued``/``failed`` whose ``not_before`` has passed, or ``running`` with an expired
+        lease (its worker is presumed dead). A job whose lease expired on its last allowed attempt goes
+        to ``dead`` instead of being claimed.
+        """
+        kinds = [_value(kind, JobKind) for kind in kinds]
+        if not kinds or limit < 1:
+            return []
+        claimed: list[ClaimedJob] = []
+        with self._write.begin() as session:
+            now = self._clock()
+            while len(claimed) < limit:
+                candidates = session.scalars(
+                    _locked(
+                        select(Job)
+                        .where(Job.kind.in_(kinds), self._due(now))
+                        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+                        .limit(limit - len(claimed))
+                    )
+                ).all()
+                if not candidates:
+                    break
+                for job in candidates:
+                    if job.state == JobState.RUNNING.value:
+                        previous = job.lease_owner
+                        if job.attempts >= job.max_attempts:
+                            self._bury(job, now, f"lease of {previous} expired on the last attempt")
+                            continue
+                        job.last_error = f"lease of {previous} expired; reclaimed by {worker_id}"
+                    job.state = JobState.RUNNING.value
+                    job.attempts += 1
+                    job.lease_owner = worker_id
+                    job.lease_expires_at = now + self.lease
+                    job.started_at = now
+                    job.updated_at = now
+                    claimed.append(
+                        ClaimedJob(job.id, job.kind, job.sop_instance_uid, job.destination, dict(job.payload or {}),
+                                   job.attempts, job.max_attempts)
+                    )
+                session.flush()
+        return claimed
+
+    def heartbeat(self, job_id: int, worker_id: str) -> bool:
+        """Extend ``worker_id``'s lease on ``job_id``; ``False`` when the lease was lost (stop working)."""
+        with self._write.begin() as session:
+            now = self._clock()
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_owner == worker_id)
+                .values(lease_expires_at=now + self.lease, updated_at=now)
+            )
+            return result.rowcount == 1
+
+    def complete(self, job_id: int, worker_id: str, payload_update: Mapping[str, Any] | None = None) -> bool:
+        """Mark ``job_id`` done, merging ``payload_update`` into its payload; ``False`` if the lease was lost."""
+        with self._write.begin() as session:
+            job = self._owned(session, job_id, worker_id)
+            if job is None:
+                return False
+            now = self._clock()
+            if payload_update:
+                job.payload = {**(job.payload or {}), **payload_update}
+            job.state = JobState.DONE.value
+            job.lease_owner = None
+            job.lease_expires_at = None
+            job.last_error = None
+            job.finished_at = now
+            job.updated_at = now
+            return True
+
+    def fail(self, job_id: int, worker_id: str, error: str, retryable: bool = True) -> JobState:
+        """Record a failed attempt: ``failed`` (due again after the backoff) or ``dead`` when out of
+        attempts or not retryable. Returns the job's state afterwards; if the lease was lost the job is
+        left alone and its current state (another owner's) is returned.
+        """
+        with self._write.begin() as session:
+            job = self._owned(session, job_id, worker_id)
+            if job is None:
+                current = session.get(Job, job_id)
+                if current is None:
+                    raise JobNotFound(job_id)
+                log.warning("job %s: %s lost its lease before failing it; failure not recorded", job_id, worker_id)
+                return JobState(current.state)
+            now = self._clock()
+            error = error[:MAX_ERROR_CHARS]
+            if not retryable or job.attempts >= job.max_attempts:
+                self._bury(job, now, error)
+            else:
+                job.state = JobState.FAILED.value
+                job.not_before = now + timedelta(seconds=self.backoff_delay(job.attempts))
+                job.lease_owner = None
+                job.lease_expires_at = None
+                job.last_error = error
+                job.updated_at = now
+            return JobState(job.state)
+
+    def backoff_delay(self, attempts: int) -> float:
+        """Seconds to wait after ``attempts`` failed attempts: ``base * 2**(attempts-1)``, capped at the
+        maximum, with "equal jitter" (a uniform draw in the upper half) so that jobs which failed together
+        (a destination down) do not all retry in the same second."""
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** max(attempts - 1, 0))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def reclaim_expired(self) -> int:
+        """Return jobs whose lease expired to the queue (``failed``, due now) or bury them (``dead``) if
+        that was their last attempt. ``claim`` does this on the fly; housekeeping calls it so that counts
+        and the doctor show the truth. Returns how many jobs were reclaimed or buried."""
+        with self._write.begin() as session:
+            now = self._clock()
+            jobs = session.scalars(_locked(select(Job).where(self._expired(now)))).all()
+            for job in jobs:
+                message = f"lease of {job.lease_owner} expired"
+                if job.attempts >= job.max_attempts:
+                    self._bury(job, now, message + " on the last attempt")
+                else:
+                    job.state = JobState.FAILED.value
+                    job.not_before = now
+                    job.lease_owner = None
+                    job.lease_expires_at = None
+                    job.last_error = message
+                    job.updated_at = now
+            return len(jobs)
+
+    def retry(self, job_id: int) -> bool:
+        """Put a ``failed``, ``dead`` or ``cancelled`` job back in the queue with a fresh set of attempts."""
+        return self._requeue(Job.id == job_id) == 1
+
+    def retry_all_failed(self) -> int:
+        """Put every ``failed`` and ``dead`` job back in the queue with fresh attempts; returns how many."""
+        return self._requeue(Job.state.in_([JobState.FAILED.value, JobState.DEAD.value]))
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a job that is not finished. A running job's worker loses its lease, so its
+        ``complete``/``fail`` will be refused (work it already did, such as a sent C-STORE, stays done)."""
+        with self._write.begin() as session:
+            now = self._clock()
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_([*_WAITING, JobState.RUNNING.value, JobState.DEAD.value]))
+                .values(state=JobState.CANCELLED.value, lease_owner=None, lease_expires_at=None,
+                        finished_at=now, updated_at=now)
+            )
+            return result.rowcount == 1
+
+    def purge(self, older_than: timedelta, states: Iterable[JobState | str] = FINISHED_STATES) -> int:
+        """Delete jobs in ``states`` last changed more than ``older_than`` ago; returns how many."""
+        values = [_value(state, JobState) for state in states]
+        if not values:
+            return 0
+        with self._write.begin() as session:
+            cutoff = self._clock() - older_than
+            result = session.execute(delete(Job).where(Job.state.in_(values), Job.updated_at < cutoff))
+            return result.rowcount
+
+    # -- looking ---------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in every state (all states present, zeros included)."""
+        with self._read() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        counts = {state.value: 0 for state in JobState}
+        counts.update({state: number for state, number in rows})
+        return counts
+
+    def list(
+        self, state: JobState | str | None = None, kind: JobKind | str | None = None, limit: int = 100
+    ) -> builtins.list[JobRecord]:
+        """The newest ``limit`` jobs, optionally only those in ``state`` and/or of ``kind``."""
+        query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(Job.state == _value(state, JobState))
+        if kind is not None:
+            query = query.where(Job.kind == _value(kind, JobKind))
+        with self._read() as session:
+            return [JobRecord.of(job) for job in session.scalars(query)]
+
+    def get(self, job_id: int) -> JobRecord | None:
+        with self._read() as session:
+            job = session.get(Job, job_id)
+            return None if job is None else JobRecord.of(job)
+
+    def for_instance(self, sop_instance_uid: str) -> builtins.list[JobRecord]:
+        """Every job about one SOP instance, oldest first (``queue show``, tests, the doctor)."""
+        with self._read() as session:
+            jobs = session.scalars(select(Job).where(Job.sop_instance_uid == sop_instance_uid).order_by(Job.id))
+            return [JobRecord.of(job) for job in jobs]
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _due(self, now: datetime):  # noqa: ANN202 (SQL expression)
+        return or_(and_(Job.state.in_(_WAITING), Job.not_before <= now), self._expired(now))
+
+    @staticmethod
+    def _expired(now: datetime):  # noqa: ANN205 (SQL expression)
+        return and_(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+
+    @staticmethod
+    def _owned(session: Session, job_id: int, worker_id: str) -> Job | None:
+        job = session.scalars(
+            _locked(select(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value,
+                                      Job.lease_owner == worker_id), skip_locked=False)
+        ).one_or_none()
+        return job
+
+    @staticmethod
+    def _bury(job: Job, now: datetime, error: str) -> None:
+        job.state = JobState.DEAD.value
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.last_error = error
+        job.finished_at = now
+        job.updated_at = now
+        log.warning("job %s (%s) is dead after %s attempt(s)", job.id, job.kind, job.attempts)
+
+    def _requeue(self, condition) -> int:  # noqa: ANN001 (SQL expression)
+        with self._write.begin() as session:
+            now = self._clock()
+            result = session.execute(
+                update(Job)
+                .where(condition, Job.state.in_([*_WAITING, JobState.DEAD.value, JobState.CANCELLED.value]))
+                .values(state=JobState.QUEUED.value, attempts=0, not_before=now, lease_owner=None,
+                        lease_expires_at=None, finished_at=None, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount
+
+
+def _locked(query: Select, *, skip_locked: bool = True) -> Select:
+    """Row-lock the selected jobs on PostgreSQL (``FOR UPDATE [SKIP LOCKED]``); SQLite ignores the
+    clause and relies on the ``BEGIN IMMEDIATE`` write lock the queue's sessions hold instead."""
+    return query.with_for_update(skip_locked=skip_locked)
+
+
+def _insert_for(session: Session):  # noqa: ANN202 (dialect-specific insert constructor)
+    """The dialect's ``insert`` (with ``on_conflict_do_nothing``) for the database ``session`` writes to."""
+    name = session.get_bind(Job).dialect.name
+    if name == "postgresql":
+        return postgresql.insert
+    if name == "sqlite":
+        return sqlite.insert
+    raise NotImplementedError(f"no idempotent insert for the {name!r} dialect")

@@ -1,0 +1,295 @@
+"""The instance store: DICOM files on disk, written so that an acknowledged image is never lost.
+
+Every file is written to a temp file in ``root/.tmp/`` (same filesystem as its final place), flushed and
+fsynced, renamed into place with ``os.replace`` (atomic: readers see the old state or the whole new file,
+never a part) and the directory holding it is fsynced so the rename itself survives power loss. New
+parent directories are fsynced into their own parents the same way. The caller commits its database row
+only after ``commit`` returns, so a crash in between leaves at worst an orphan file (found by the doctor),
+never a row pointing at nothing. Deleting goes the other way round: row first, then file.
+
+Paths inside the store are derived from UIDs but never trust them: a UID that is not a well-formed DICOM
+UID (digits and dots) is replaced by a hash, so nothing a peer sends can name a path outside the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+#: Errors that mean "no space": the disk is full or a quota is exhausted.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: A well-formed DICOM UID (PS3.5 9.1): digit components separated by dots, at most 64 characters.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+TEMP_DIR = ".tmp"
+ORPHAN_DIR = ".orphans"
+_TEMP_SUFFIX = ".part"
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
+
+
+class StoreFullError(OSError):
+    """The store's filesystem is full (ENOSPC/EDQUOT). The partial file has already been removed."""
+
+
+@dataclass(frozen=True)
+class TempLeftover:
+    """A temp file nobody will commit: its writer died (or it is older than the grace period)."""
+
+    path: Path
+    size_bytes: int
+    age_s: float
+
+
+class InstanceStore:
+    """Files under ``root``, written durably and atomically (see the module docstring).
+
+    ``min_free_bytes`` is the watermark below which ``has_room`` says no, so the listener can refuse
+    new images (0xA700) before the disk is actually full and the database has no room left either.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, min_free_bytes: int = 0) -> None:
+        if min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must not be negative, got {min_free_bytes!r}")
+        self.root = Path(root).expanduser().resolve()
+        self.min_free_bytes = min_free_bytes
+        self._tmp = self.root / TEMP_DIR
+        self._makedirs(self._tmp)
+
+    # -- naming ----------------------------------------------------------------------------------
+
+    def relpath_for(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """Where an instance lives, relative to the root: ``ab/cd/<study>/<series>/<sop>.dcm``.
+
+        ``ab/cd`` come from a hash of the study UID, so that years of studies spread over 65,536
+        directories instead of one huge one; the rest are the UIDs themselves when they are well-formed
+        (an administrator can find a file by UID) and a hash of them otherwise."""
+        digest = hashlib.sha256(study_uid.encode("utf-8", "surrogatepass")).hexdigest()
+        parts = (digest[:2], digest[2:4], _safe_name(study_uid), _safe_name(series_uid), _safe_name(sop_uid) + ".dcm")
+        return "/".join(parts)
+
+    def path(self, relpath: str) -> Path:
+        """The absolute path of ``relpath``; ``ValueError`` for anything that could leave the store."""
+        pure = PurePosixPath(relpath)
+        if (not relpath or pure.is_absolute() or "\\" in relpath or "\0" in relpath
+                or any(part in ("", ".", "..") for part in relpath.split("/"))
+                or pure.parts[0].startswith(".")):
+            raise ValueError(f"not a path inside the instance store: {relpath!r}")
+        return self.root.joinpath(*pure.parts)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def open_temp(self) -> BinaryIO:
+        """A new, empty file in ``root/.tmp/`` opened for writing (and reading back).
+
+        Hand it to ``commit`` when complete or to ``discard`` when not; ``temp()`` does the latter for
+        you. Its name carries host and process id so the doctor can tell a live writer from a dead one.
+        """
+        name = f"{_HOST}-{os.getpid()}-{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+        try:
+            return open(self._tmp / name, "x+b")  # noqa: SIM115 (ownership passes to the caller)
+        except OSError as exc:
+            raise _full_or(exc, self._tmp / name) from exc
+
+    @contextmanager
+    def temp(self) -> Iterator[BinaryIO]:
+        """``open_temp()`` that is discarded if the block raises or does not commit it; a full disk
+        while writing surfaces as ``StoreFullError``."""
+        file = self.open_temp()
+        try:
+            yield file
+        except OSError as exc:
+            self.discard(file)
+            raise _full_or(exc, Path(file.name)) from exc
+        except BaseException:
+            self.discard(file)
+            raise
+        else:
+            if not file.closed:
+                self.discard(file)
+
+    def commit(self, temp: BinaryIO, relpath: str) -> Path:
+        """Make ``temp`` the file at ``relpath``, durably and atomically; returns its path.
+
+        Replaces an existing file at ``relpath``. On any failure the temp file is removed and nothing
+        appears at ``relpath``; a full disk raises ``StoreFullError``.
+        """
+        final = self.path(relpath)
+        try:
+            temp.flush()
+            os.fsync(temp.fileno())
+            temp.close()
+            # A concurrent delete may prune a freshly created, still empty parent; make it again.
+            for attempt in range(3):
+                self._makedirs(final.parent)
+                try:
+                    os.replace(temp.name, final)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2 or not os.path.exists(temp.name):
+                        raise
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            self.discard(temp)
+            raise _full_or(exc, final) from exc
+        except BaseException:
+            self.discard(temp)
+            raise
+        return final
+
+    def write_bytes(self, relpath: str, data: bytes) -> Path:
+        """Write ``data`` to ``relpath`` the durable way (result objects, tests)."""
+        with self.temp() as file:
+            file.write(data)
+            return self.commit(file, relpath)
+
+    def discard(self, temp: BinaryIO) -> None:
+        """Close and remove a temp file that will not be committed (idempotent, never raises)."""
+        try:
+            temp.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(temp.name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # the doctor finds it as a temp leftover
+
+    def delete(self, relpath: str) -> bool:
+        """Remove the file at ``relpath`` (after its row is gone); ``False`` if it was not there.
+
+        Directories left empty are removed up to the two hash levels, so retention does not leave
+        millions of empty directories behind."""
+        final = self.path(relpath)
+        try:
+            final.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(final.parent)
+        directory = final.parent
+        while directory != self.root and directory.parent != self.root:
+            try:
+                directory.rmdir()
+            except OSError:
+                break  # not empty (or just reused by a writer): leave it
+            directory = directory.parent
+        return True
+
+    def move_to_orphans(self, relpath: str) -> Path:
+        """Move a file nobody references to ``root/.orphans/<relpath>`` for a person to look at."""
+        source = self.path(relpath)
+        target = self.root / ORPHAN_DIR / PurePosixPath(relpath)
+        self._makedirs(target.parent)
+        os.replace(source, target)
+        _fsync_dir(target.parent)
+        _fsync_dir(source.parent)
+        return target
+
+    # -- space -----------------------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer can still use on the store's filesystem."""
+        usage = os.statvfs(self.root)
+        return usage.f_bavail * usage.f_frsize
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        """Whether ``nbytes`` more would still leave ``min_free_bytes`` free."""
+        return self.free_bytes() - nbytes >= self.min_free_bytes
+
+    # -- looking (the doctor) --------------------------------------------------------------------
+
+    def iter_files(self) -> Iterator[tuple[str, int, float]]:
+        """Every committed file as ``(relpath, size_bytes, mtime)``; temp and orphan areas excluded."""
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if dirpath == str(self.root):
+                dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                try:
+                    info = os.lstat(full)
+                except FileNotFoundError:
+                    continue  # deleted while we walked
+                if stat.S_ISREG(info.st_mode):
+                    yield os.path.relpath(full, self.root).replace(os.sep, "/"), info.st_size, info.st_mtime
+
+    def temp_leftovers(self, older_than_s: float = 3600.0) -> list[TempLeftover]:
+        """Temp files that will never be committed: their writer on this host is gone, or they are older
+        than ``older_than_s`` (a writer on another host sharing the store cannot be checked)."""
+        now = time.time()
+        found = []
+        for entry in sorted(os.scandir(self._tmp), key=lambda e: e.name):
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # committed or discarded meanwhile
+            age = now - info.st_mtime
+            if age > older_than_s or _writer_is_gone(entry.name):
+                found.append(TempLeftover(Path(entry.path), info.st_size, age))
+        return found
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _makedirs(self, directory: Path) -> None:
+        """``mkdir -p`` that fsyncs each new directory into its parent, top-down."""
+        missing = []
+        while not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for new in reversed(missing):
+            try:
+                new.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_dir(new.parent)
+
+
+def _safe_name(uid: str) -> str:
+    if len(uid) <= 64 and _UID.match(uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _full_or(exc: OSError, path: Path) -> OSError:
+    """``StoreFullError`` for a no-space error, ``exc`` itself otherwise."""
+    if isinstance(exc, StoreFullError) or exc.errno not in _FULL_ERRNOS:
+        return exc
+    return StoreFullError(exc.errno, f"instance store is full ({os.strerror(exc.errno)})", str(path))
+
+
+def _writer_is_gone(name: str) -> bool:
+    """Whether the temp file ``name`` was opened by a process on this host that no longer exists."""
+    match = re.fullmatch(rf"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{16}}{re.escape(_TEMP_SUFFIX)}", name)
+    if match is None or match["host"] != _HOST:
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+__all__ = ["InstanceStore", "StoreFullError", "TempLeftover", "ORPHAN_DIR", "TEMP_DIR"]
