@@ -137,14 +137,24 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at ``url`` to ``revision`` (Alembic, with the migrations shipped in this package).
 
     Safe to call from several processes at once: SQLite serialises them with ``BEGIN IMMEDIATE``,
-    PostgreSQL with a transaction-scoped advisory lock, and the loser finds nothing left to do.
+    PostgreSQL with a transaction-scoped advisory lock, and the loser finds nothing left to do. The
+    whole upgrade is one transaction on both databases, so a failed migration leaves the old schema.
     """
+    _migrate(url, command.upgrade, revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Take the database at ``url`` back to ``revision`` (``"base"``: no tables at all)."""
+    _migrate(url, command.downgrade, revision)
+
+
+def _migrate(url: str, step, revision: str) -> None:  # noqa: ANN001 (an alembic.command function)
     engine = make_engine(url)
     try:
         with write_engine(engine).begin() as connection:
             if connection.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY})
-            command.upgrade(_alembic_config(connection), revision)
+            step(_alembic_config(connection), revision)
     finally:
         engine.dispose()
 

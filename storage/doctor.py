@@ -1,0 +1,151 @@
+"""Consistency check between the database and the instance store, and its safe repair.
+
+The write order of the node makes every crash leave a *recognisable* inconsistency, never a silent one:
+the listener writes the file before committing the row (a crash between leaves an **orphan file**);
+retention deletes the row before the file (same); a writer that dies mid-file leaves a **temp leftover**;
+a worker that dies leaves a **stuck lease**. A **row without a file** or a **size mismatch** means
+something outside the node touched the store (a person, a failing disk) and is always worth a look.
+
+``repair`` fixes each kind conservatively: orphan files are *moved* to ``root/.orphans/`` (only a
+person can tell whether one is an image to re-import), temp leftovers are deleted, stuck leases are
+reclaimed, and rows without files are removed together with cancelling their unfinished jobs (the data
+is gone; keeping the row would make query/retrieve promise an image it cannot deliver). Files younger
+than ``grace_s`` are never called orphans: between its rename and its commit a fresh file has no row yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.queue import JobQueue
+from storage.schema import Instance, Job, JobState, utcnow
+from storage.store import InstanceStore
+
+log = logging.getLogger(__name__)
+
+_UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value, JobState.DEAD.value)
+
+
+@dataclass(frozen=True)
+class MissingFile:
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class SizeMismatch:
+    sop_instance_uid: str
+    path: str
+    expected_bytes: int
+    actual_bytes: int
+
+
+@dataclass
+class DoctorReport:
+    """What ``check`` found and, after ``repair``, what was done about it (``actions``)."""
+
+    orphan_files: list[str] = field(default_factory=list)
+    missing_files: list[MissingFile] = field(default_factory=list)
+    size_mismatches: list[SizeMismatch] = field(default_factory=list)
+    temp_leftovers: list[str] = field(default_factory=list)
+    stuck_jobs: list[int] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing needs attention."""
+        return not (self.orphan_files or self.missing_files or self.size_mismatches
+                    or self.temp_leftovers or self.stuck_jobs)
+
+
+class Doctor:
+    def __init__(
+        self, sessionmaker: sessionmaker[Session], store: InstanceStore, queue: JobQueue, *, grace_s: float = 3600.0
+    ) -> None:
+        self._sessions = sessionmaker
+        self.store = store
+        self.queue = queue
+        self.grace_s = grace_s
+
+    def check(self) -> DoctorReport:
+        """Find every inconsistency; changes nothing."""
+        report = DoctorReport()
+        with self._sessions() as session:
+            rows = session.execute(select(Instance.sop_instance_uid, Instance.path, Instance.size_bytes)).all()
+            now = utcnow()
+            report.stuck_jobs = list(session.scalars(
+                select(Job.id).where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+                .order_by(Job.id)
+            ))
+        by_path = {path: (uid, size) for uid, path, size in rows}
+        seen: set[str] = set()
+        young = time.time() - self.grace_s
+        for relpath, size, mtime in self.store.iter_files():
+            row = by_path.get(relpath)
+            if row is None:
+                if mtime < young:
+                    report.orphan_files.append(relpath)
+                continue
+            seen.add(relpath)
+            if size != row[1]:
+                report.size_mismatches.append(SizeMismatch(row[0], relpath, row[1], size))
+        for relpath, (uid, _size) in sorted(by_path.items()):
+            if relpath not in seen and not _exists(self.store, relpath):
+                report.missing_files.append(MissingFile(uid, relpath))
+        report.temp_leftovers = [str(leftover.path) for leftover in self.store.temp_leftovers(self.grace_s)]
+        return report
+
+    def repair(self) -> DoctorReport:
+        """Check, then fix what can be fixed safely (see the module docstring). Size mismatches are only
+        reported: whether the row or the file is wrong needs a person."""
+        report = self.check()
+        for relpath in report.orphan_files:
+            target = self.store.move_to_orphans(relpath)
+            report.actions.append(f"moved orphan file {relpath} to {target}")
+        for leftover in report.temp_leftovers:
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                continue
+            report.actions.append(f"deleted temp leftover {leftover}")
+        if report.missing_files:
+            self._forget(report.missing_files)
+            report.actions.extend(
+                f"removed row of {missing.sop_instance_uid} (file {missing.path} missing) and cancelled its jobs"
+                for missing in report.missing_files
+            )
+        if report.stuck_jobs:
+            reclaimed = self.queue.reclaim_expired()
+            report.actions.append(f"reclaimed {reclaimed} job(s) with expired leases")
+        for action in report.actions:
+            log.warning("doctor: %s", action)
+        return report
+
+    def _forget(self, missing: list[MissingFile]) -> None:
+        # Look again: a file reported missing may have been restored (or its row retired) meanwhile.
+        uids = [item.sop_instance_uid for item in missing if not _exists(self.store, item.path)]
+        if not uids:
+            return
+        with self._sessions.begin() as session:
+            now = utcnow()
+            session.execute(delete(Instance).where(Instance.sop_instance_uid.in_(uids)))
+            session.execute(
+                update(Job)
+                .where(Job.sop_instance_uid.in_(uids), Job.state.in_(_UNFINISHED))
+                .values(state=JobState.CANCELLED.value, lease_owner=None, lease_expires_at=None,
+                        last_error="instance file missing from the store (doctor)", finished_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+
+
+def _exists(store: InstanceStore, relpath: str) -> bool:
+    try:
+        return store.path(relpath).is_file()
+    except ValueError:
+        return False  # a row whose path points outside the store has no file we would trust

@@ -1,0 +1,197 @@
+"""The instance store: nothing half-written ever appears, a full disk is a clear error, paths are safe."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from storage.store import ORPHAN_DIR, TEMP_DIR, InstanceStore, StoreFullError
+
+STUDY, SERIES, SOP = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.1.1", "1.2.826.0.1.3680043.8.498.1.1.1"
+
+
+def _all_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> InstanceStore:
+    return InstanceStore(tmp_path / "store")
+
+
+def test_write_commit_and_read_back(store: InstanceStore) -> None:
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    assert relpath.endswith(f"/{STUDY}/{SERIES}/{SOP}.dcm")
+    with store.temp() as temp:
+        temp.write(b"DICM" * 1000)
+        final = store.commit(temp, relpath)
+    assert final == store.path(relpath)
+    assert final.read_bytes() == b"DICM" * 1000
+    assert list(store.iter_files()) == [(relpath, 4000, final.stat().st_mtime)]
+    assert os.listdir(store.root / TEMP_DIR) == []
+
+
+def test_commit_replaces_atomically(store: InstanceStore) -> None:
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    store.write_bytes(relpath, b"old")
+    store.write_bytes(relpath, b"new")
+    assert store.path(relpath).read_bytes() == b"new"
+
+
+def test_exception_mid_write_leaves_nothing(store: InstanceStore) -> None:
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    with pytest.raises(RuntimeError, match="association aborted"), store.temp() as temp:
+        temp.write(b"partial")
+        raise RuntimeError("association aborted")
+    assert _all_files(store.root) == []
+    assert not store.path(relpath).exists()
+
+
+def test_temp_not_committed_is_discarded(store: InstanceStore) -> None:
+    with store.temp() as temp:
+        temp.write(b"never committed")
+    assert _all_files(store.root) == []
+
+
+def test_failure_inside_commit_leaves_nothing(store: InstanceStore) -> None:
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    temp = store.open_temp()
+    temp.write(b"x" * 10)
+    with mock.patch("storage.store.os.replace", side_effect=OSError(errno.EIO, "I/O error")), \
+            pytest.raises(OSError, match="I/O error") as raised:
+        store.commit(temp, relpath)
+    assert not isinstance(raised.value, StoreFullError)
+    assert _all_files(store.root) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_no_space_at_fsync_is_store_full_and_removes_the_temp(store: InstanceStore, code: int) -> None:
+    temp = store.open_temp()
+    temp.write(b"x" * 10)
+    with mock.patch("storage.store.os.fsync", side_effect=OSError(code, os.strerror(code))), \
+            pytest.raises(StoreFullError) as raised:
+        store.commit(temp, store.relpath_for(STUDY, SERIES, SOP))
+    assert raised.value.errno == code
+    assert isinstance(raised.value, OSError)
+    assert _all_files(store.root) == []
+
+
+def test_no_space_while_the_caller_writes_is_store_full(store: InstanceStore) -> None:
+    with pytest.raises(StoreFullError), store.temp() as temp:
+        temp.write(b"abc")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert _all_files(store.root) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB filesystem, so "disk full" is the kernel's ENOSPC and not a mock."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_real_disk_full_leaves_nothing_and_recovers(tiny_tmpfs: Path) -> None:
+    store = InstanceStore(tiny_tmpfs / "store", min_free_bytes=256 * 1024)
+    first = store.relpath_for(STUDY, SERIES, SOP)
+    store.write_bytes(first, os.urandom(1024 * 1024))
+    assert not store.has_room(1024 * 1024)  # the watermark would have refused this one up front
+    with pytest.raises(StoreFullError) as raised:
+        store.write_bytes(store.relpath_for(STUDY, SERIES, SOP + ".2"), os.urandom(1536 * 1024))
+    assert raised.value.errno == errno.ENOSPC
+    assert [relpath for relpath, _size, _mtime in store.iter_files()] == [first]
+    assert os.listdir(store.root / TEMP_DIR) == []
+    # space comes back: the next image is stored whole
+    assert store.delete(first)
+    second = store.relpath_for(STUDY, SERIES, SOP + ".3")
+    data = os.urandom(1024 * 1024)
+    store.write_bytes(second, data)
+    assert store.path(second).read_bytes() == data
+    assert store.has_room(0)
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from storage.store import InstanceStore
+store = InstanceStore(sys.argv[1])
+temp = store.open_temp()
+temp.write(b"half an image" * 1000)
+temp.flush()
+print(temp.name, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_writer_killed_mid_file_leaves_only_a_recognisable_temp(store: InstanceStore) -> None:
+    result = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(store.root)], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
+    assert result.returncode == -signal.SIGKILL
+    temp_name = result.stdout.strip()
+    assert list(store.iter_files()) == []
+    leftovers = store.temp_leftovers(older_than_s=3600)
+    assert [str(leftover.path) for leftover in leftovers] == [temp_name]
+    # a temp file of a live writer (this process) is not a leftover
+    live = store.open_temp()
+    try:
+        assert [str(leftover.path) for leftover in store.temp_leftovers(older_than_s=3600)] == [temp_name]
+    finally:
+        store.discard(live)
+
+
+@pytest.mark.parametrize(
+    "uid", ["../../../etc/passwd", "/etc/passwd", "1.2.3/../../x", "..", ".", "1.2\x00.3", "1" * 65, "01.2", ""]
+)
+def test_hostile_uids_never_become_path_parts(store: InstanceStore, uid: str) -> None:
+    relpath = store.relpath_for(uid, uid, uid)
+    parts = relpath.split("/")
+    assert len(parts) == 5
+    assert all(part and part not in (".", "..") and "\x00" not in part for part in parts)
+    assert store.path(relpath).is_relative_to(store.root)
+    store.write_bytes(relpath, b"x")
+    assert store.path(relpath).read_bytes() == b"x"
+
+
+def test_distinct_hostile_uids_get_distinct_paths(store: InstanceStore) -> None:
+    assert store.relpath_for(STUDY, SERIES, "../a") != store.relpath_for(STUDY, SERIES, "../b")
+
+
+@pytest.mark.parametrize("relpath", ["../x", "/etc/passwd", "a/../../x", "a//b", f"{TEMP_DIR}/x",
+                                     f"{ORPHAN_DIR}/x", "", "a\\..\\b", "a/./b"])
+def test_path_refuses_anything_outside_the_store(store: InstanceStore, relpath: str) -> None:
+    with pytest.raises(ValueError, match="not a path inside the instance store"):
+        store.path(relpath)
+
+
+def test_delete_prunes_empty_directories_but_keeps_the_root(store: InstanceStore) -> None:
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    store.write_bytes(relpath, b"x")
+    assert store.delete(relpath)
+    assert not store.delete(relpath)
+    leftover_dirs = [p for p in store.root.rglob("*") if p.is_dir() and p.name != TEMP_DIR]
+    assert all(len(p.relative_to(store.root).parts) <= 1 for p in leftover_dirs)
+
+
+def test_watermark(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "s", min_free_bytes=0)
+    assert store.free_bytes() > 0
+    assert store.has_room(1)
+    assert not InstanceStore(tmp_path / "s", min_free_bytes=store.free_bytes() + 1).has_room(0)
+    with pytest.raises(ValueError, match="min_free_bytes"):
+        InstanceStore(tmp_path / "s", min_free_bytes=-1)
