@@ -21,12 +21,14 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -122,6 +124,24 @@ def make_sessionmaker(engine: Engine, *, immediate: bool = False) -> sessionmake
     """
     bind = write_engine(engine) if immediate else engine
     return sessionmaker(bind=bind, expire_on_commit=False)
+
+
+def insert_if_absent(session: Session, model: type, values: dict[str, Any], key: str) -> bool:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING`` for ``model`` in the caller's transaction; whether a row
+    was inserted.
+
+    A duplicate neither raises nor aborts the transaction (after an IntegrityError PostgreSQL refuses
+    every further statement in it), and two processes inserting the same key at once cannot both win.
+    """
+    table = model.__table__
+    dialect = session.get_bind(model).dialect
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no idempotent insert for the {dialect.name!r} dialect")
+    statement = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
+    if dialect.insert_returning:  # rowcount of an INSERT is not reliable on every driver
+        return session.execute(statement.returning(*table.primary_key.columns)).first() is not None
+    return session.execute(statement).rowcount == 1  # SQLite before 3.35
 
 
 def _alembic_config(connection: Connection) -> Config:

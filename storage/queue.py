@@ -29,10 +29,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, and_, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import make_sessionmaker
+from storage.db import insert_if_absent, make_sessionmaker
 from storage.schema import Job, JobKind, JobState, utcnow
 
 log = logging.getLogger(__name__)
@@ -171,8 +170,7 @@ class JobQueue:
             created_at=now,
             updated_at=now,
         )
-        statement = _insert_for(session)(Job).values(**values).on_conflict_do_nothing(index_elements=["dedupe_key"])
-        return session.execute(statement).rowcount == 1
+        return insert_if_absent(session, Job, values, "dedupe_key")
 
     # -- working ---------------------------------------------------------------------------------
 
@@ -411,13 +409,3 @@ def _locked(query: Select, *, skip_locked: bool = True) -> Select:
     """Row-lock the selected jobs on PostgreSQL (``FOR UPDATE [SKIP LOCKED]``); SQLite ignores the
     clause and relies on the ``BEGIN IMMEDIATE`` write lock the queue's sessions hold instead."""
     return query.with_for_update(skip_locked=skip_locked)
-
-
-def _insert_for(session: Session):  # noqa: ANN202 (dialect-specific insert constructor)
-    """The dialect's ``insert`` (with ``on_conflict_do_nothing``) for the database ``session`` writes to."""
-    name = session.get_bind(Job).dialect.name
-    if name == "postgresql":
-        return postgresql.insert
-    if name == "sqlite":
-        return sqlite.insert
-    raise NotImplementedError(f"no idempotent insert for the {name!r} dialect")

@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from storage.db import insert_if_absent
 from storage.schema import Instance, Origin, utcnow
 
 _COLUMNS = frozenset(column.key for column in Instance.__table__.columns) - {"id"}
@@ -39,12 +39,7 @@ def add_instance(session: Session, **fields: Any) -> bool:
     for key in ("origin", "disposition"):
         if hasattr(fields.get(key), "value"):
             fields[key] = fields[key].value  # accept the enums as well as their strings
-    dialect = session.get_bind(Instance).dialect.name
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
-    if insert is None:
-        raise NotImplementedError(f"no idempotent insert for the {dialect!r} dialect")
-    statement = insert(Instance).values(**fields).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-    return session.execute(statement).rowcount == 1
+    return insert_if_absent(session, Instance, fields, "sop_instance_uid")
 
 
 def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
