@@ -95,7 +95,7 @@ class RoutingConfig(Section):
     #: When no rule matches: ``sender`` returns results to the peer whose AE title is the calling AE
     #: (if one is configured); ``none`` keeps them only in the node (Q/R can still fetch them).
     default: str = "sender"
-    #: Also applied when no rule matches, after ``default``: peer names that get every result.
+    #: Peer names that get every result, whatever the rules say (an archive, a research copy).
     always: list[str] = Field(default_factory=list)
 
     @field_validator("default")
@@ -148,6 +148,8 @@ class ExportConfig(Section):
     retries: Annotated[int, Field(ge=1)] = 8
     #: Network timeout for association and DIMSE with a peer.
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    #: Sends in flight at once (threads of ``serve``); a peer that hangs holds only one of them.
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4
 
 
 class RetentionConfig(Section):
@@ -171,10 +173,15 @@ class PolicyConfig(Section):
 
 
 class ResultsConfig(Section):
-    #: Emit a Key Object Selection flagging the image when any finding's probability reaches this (0..1).
+    #: A finding counts as present at or above this probability (0..1); a present finding flags the
+    #: image in a Key Object Selection.
     kos_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    #: Emit the Key Object Selection.
+    kos: bool = True
     #: Emit a Grayscale Softcopy Presentation State with the region boxes.
     gsps: bool = True
+    #: Institution named in the result objects' equipment.
+    institution_name: str | None = None
 
 
 class HttpConfig(Section):
@@ -395,6 +402,7 @@ poll_interval_s = 0.5
 [export]
 retries = 8                    # C-STORE attempts per result and destination (exponential backoff)
 timeout_s = 30.0
+concurrency = 4                # sends in flight at once
 
 [retention]
 days = 0                       # delete instances and results older than this; 0 = keep for ever
@@ -405,8 +413,10 @@ interval_s = 30.0              # housekeeping period
 non_chest = "keep"             # keep | discard: file of instances that are not chest radiographs
 
 [results]
-kos_threshold = 0.5            # Key Object Selection when a finding reaches this probability
+kos_threshold = 0.5            # a finding is present at this probability (and flags the image in a KOS)
+kos = true                     # Key Object Selection of flagged images
 gsps = true                    # presentation state with region boxes
+# institution_name = "General Hospital"   # example
 
 [http]
 bind = "127.0.0.1"             # /healthz and /metrics

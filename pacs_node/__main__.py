@@ -1,0 +1,6 @@
+"""``python -m pacs_node``: the same command line as ``pacs-node`` (used to start worker processes with
+the interpreter ``serve`` runs under)."""
+
+from pacs_node.cli.main import app
+
+app(prog_name="pacs-node")

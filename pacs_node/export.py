@@ -1,0 +1,199 @@
+"""Sending result objects to their destinations: one durable ``export`` job per (result, peer).
+
+Each send is its own association, made by one of a few exporter threads, so a peer that is down or
+hangs costs that peer's jobs a retry with backoff (``JobQueue.fail``) and never holds up the others.
+A receiver that refuses Comprehensive 3D SR in negotiation (many PACSs predate it) gets the
+Comprehensive SR copy from :func:`pacs_node.results.comprehensive_fallback` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pydicom
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification
+from sqlalchemy import select
+
+from pacs_node import metrics
+from pacs_node.config import Peer, Settings
+from pacs_node.runtime import Runtime
+from storage.queue import ClaimedJob
+from storage.schema import Instance, JobKind, utcnow
+
+log = logging.getLogger(__name__)
+
+_SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
+
+
+class ExportError(Exception):
+    """One failed send; ``retryable`` False means retrying cannot help (the peer refuses the class)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    if peer.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(peer.tls.ca_file))
+    if peer.tls.cert_file is not None:
+        context.load_cert_chain(str(peer.tls.cert_file), str(peer.tls.key_file) if peer.tls.key_file else None)
+    return context, peer.host
+
+
+def make_scu(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.node.ae_title)
+    timeout = settings.export.timeout_s
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    return ae
+
+
+def echo(settings: Settings, peer: Peer) -> int:
+    """C-ECHO ``peer``; returns the status, raises :class:`ExportError` when no association is made."""
+    ae = make_scu(settings)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(peer))
+    if not assoc.is_established:
+        raise ExportError(f"no association with {peer.ae_title}@{peer.host}:{peer.port}")
+    try:
+        status = assoc.send_c_echo()
+        if not status:
+            raise ExportError("no C-ECHO response (timeout or abort)")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def send_datasets(settings: Settings, peer: Peer, datasets: list[Dataset],
+                  fallback: Callable[[Dataset], Dataset | None] | None = None) -> list[int]:
+    """C-STORE ``datasets`` to ``peer`` in one association; return their statuses.
+
+    A dataset whose SOP class the peer refused in negotiation is replaced by ``fallback(ds)`` when that
+    gives something (a Comprehensive SR for a Comprehensive 3D SR), else fails non-retryably."""
+    ae = make_scu(settings)
+    wanted: dict[str, set[str]] = {}
+    for ds in datasets:
+        syntaxes = wanted.setdefault(ds.SOPClassUID, {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+        syntaxes.add(ds.file_meta.TransferSyntaxUID)
+        if ds.SOPClassUID == Comprehensive3DSRStorage and fallback is not None:
+            wanted.setdefault(ComprehensiveSRStorage, {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+    for sop_class, syntaxes in wanted.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes))
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(peer))
+    if not assoc.is_established:
+        how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "refused or timed out"
+        raise ExportError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {how}")
+    try:
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        statuses = []
+        for ds in datasets:
+            to_send = ds
+            if ds.SOPClassUID not in accepted:
+                replacement = fallback(ds) if fallback is not None else None
+                if replacement is None or replacement.SOPClassUID not in accepted:
+                    raise ExportError(f"{peer.ae_title} does not accept SOP class {ds.SOPClassUID}", retryable=False)
+                log.info("%s refuses SOP class %s; sending %s instead", peer.ae_title, ds.SOPClassUID,
+                         replacement.SOPClassUID)
+                to_send = replacement
+            status = assoc.send_c_store(to_send)
+            if not status or "Status" not in status:
+                raise ExportError(f"no C-STORE response from {peer.ae_title} (timeout or abort)")
+            statuses.append(int(status.Status))
+        return statuses
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _load_fallback() -> Callable[[Dataset], Dataset | None] | None:
+    try:
+        from pacs_node.results import comprehensive_fallback
+    except ImportError as exc:
+        log.warning("no Comprehensive SR fallback available (%s)", exc)
+        return None
+    return comprehensive_fallback
+
+
+@dataclass
+class Exporter:
+    """Threads that claim ``export`` jobs one at a time and send them."""
+
+    settings: Settings
+    runtime: Runtime
+    worker_id: str
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._fallback = _load_fallback()
+
+    def start(self) -> None:
+        for i in range(self.settings.export.concurrency):
+            thread = threading.Thread(target=self._loop, args=(f"{self.worker_id}/export{i}",),
+                                      name=f"export-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _loop(self, owner: str) -> None:
+        while not self._stop.is_set():
+            try:
+                jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=1)
+            except Exception:
+                log.exception("export: cannot claim jobs; retrying")
+                self._stop.wait(5)
+                continue
+            if not jobs:
+                self._stop.wait(self.settings.worker.poll_interval_s)
+                continue
+            self.run_job(jobs[0], owner)
+
+    def run_job(self, job: ClaimedJob, owner: str) -> None:
+        queue = self.runtime.queue
+        try:
+            self._send(job)
+        except ExportError as exc:
+            metrics.EXPORT_FAILURES.labels(job.destination or "?").inc()
+            state = queue.fail(job.id, owner, str(exc), retryable=exc.retryable)
+            log.warning("export job %d to %s failed (attempt %d/%d, now %s): %s", job.id, job.destination,
+                        job.attempts, job.max_attempts, state.value, exc)
+            return
+        except Exception as exc:
+            metrics.EXPORT_FAILURES.labels(job.destination or "?").inc()
+            log.exception("export job %d to %s failed unexpectedly", job.id, job.destination)
+            queue.fail(job.id, owner, f"{type(exc).__name__}: {exc}", retryable=True)
+            return
+        if queue.complete(job.id, owner, {"sent_at": utcnow().isoformat()}):
+            self._observe_latency(job.id)
+            log.info("export job %d: result sent to %s", job.id, job.destination)
+
+    def _observe_latency(self, job_id: int) -> None:
+        record = self.runtime.queue.get(job_id)
+        if record is not None and record.finished_at is not None:
+            metrics.JOB_SECONDS.labels(JobKind.EXPORT.value).observe(
+                (record.finished_at - record.created_at).total_seconds())
+
+    def _send(self, job: ClaimedJob) -> None:
+        peer = self.settings.peers.get(job.destination or "")
+        if peer is None:
+            raise ExportError(f"destination {job.destination!r} is not a configured peer", retryable=False)
+        with self.runtime.read_session() as session:
+            row = session.scalars(select(Instance).where(Instance.sop_instance_uid == job.sop_instance_uid)).first()
+        if row is None or not row.path:
+            raise ExportError("the result instance is no longer stored", retryable=False)
+        ds = pydicom.dcmread(self.runtime.store.path(row.path))
+        (status,) = send_datasets(self.settings, peer, [ds], self._fallback)
+        if status not in _SUCCESS_OR_WARNING:
+            raise ExportError(f"{peer.ae_title} answered C-STORE with status 0x{status:04X}")

@@ -1,0 +1,85 @@
+"""Periodic upkeep inside ``serve`` (apscheduler's BackgroundScheduler): reclaim the jobs of dead
+workers, apply the retention period to instances and results, forget finished jobs.
+
+Each task catches and logs its own errors: a database hiccup must not stop the scheduler, and the
+next run simply tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from pacs_node.config import Settings
+from pacs_node.runtime import Runtime
+from storage.queue import FINISHED_STATES
+from storage.repository import delete_instance, instances_older_than
+
+log = logging.getLogger(__name__)
+
+#: Instances deleted per transaction by retention (keeps each transaction short).
+RETENTION_BATCH = 500
+
+
+def reclaim_leases(runtime: Runtime) -> int:
+    n = runtime.queue.reclaim_expired()
+    if n:
+        log.warning("reclaimed %d job(s) whose worker stopped heartbeating", n)
+    return n
+
+
+def purge_instances(settings: Settings, runtime: Runtime) -> int:
+    """Delete instances (received and results) older than ``retention.days``: rows first, then files,
+    so a crash in between leaves orphan files (the doctor's business), never rows without files."""
+    if settings.retention.days <= 0:
+        return 0
+    total = 0
+    while True:
+        with runtime.write_session() as session, session.begin():
+            old = instances_older_than(session, timedelta(days=settings.retention.days), limit=RETENTION_BATCH)
+            paths = [delete_instance(session, row.sop_instance_uid) for row in old]
+        for relpath in paths:
+            if relpath:
+                try:
+                    runtime.store.delete(relpath)
+                except OSError:
+                    log.warning("retention: could not delete file %s", relpath)
+        total += len(old)
+        if len(old) < RETENTION_BATCH:
+            break
+    if total:
+        log.info("retention: deleted %d instance(s) older than %d days", total, settings.retention.days)
+    return total
+
+
+def purge_jobs(settings: Settings, runtime: Runtime) -> int:
+    """Forget done and cancelled jobs after ``retention.job_days`` (dead ones wait for a person)."""
+    states = [state for state in FINISHED_STATES if state.value != "dead"]
+    n = runtime.queue.purge(timedelta(days=settings.retention.job_days), states)
+    if n:
+        log.info("purged %d finished job(s)", n)
+    return n
+
+
+def _guarded(name: str, fn, *args) -> None:  # noqa: ANN001
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("housekeeping task %s failed; will run again", name)
+
+
+def start_housekeeping(settings: Settings, runtime: Runtime) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(daemon=True)
+    every = settings.retention.interval_s
+    scheduler.add_job(_guarded, "interval", seconds=every, args=("reclaim_leases", reclaim_leases, runtime),
+                      id="reclaim_leases", max_instances=1, coalesce=True)
+    scheduler.add_job(_guarded, "interval", seconds=max(every, 60.0),
+                      args=("purge_instances", purge_instances, settings, runtime),
+                      id="purge_instances", max_instances=1, coalesce=True)
+    scheduler.add_job(_guarded, "interval", seconds=max(every, 300.0),
+                      args=("purge_jobs", purge_jobs, settings, runtime),
+                      id="purge_jobs", max_instances=1, coalesce=True)
+    scheduler.start()
+    return scheduler

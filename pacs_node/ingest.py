@@ -1,0 +1,187 @@
+"""Durable ingest of one C-STORE request: the promise behind every 0x0000 this node sends.
+
+pynetdicom has already written the dataset, chunk by chunk, to a temp file *inside the instance store*
+(the listener points ``tempfile.tempdir`` there), so filing it is a rename, not a copy. The order is what
+makes a success status safe to send:
+
+1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
+2. fsync the file, rename it into place, fsync the directory (``InstanceStore.commit``);
+3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, its ``analyse`` job;
+4. only then return 0x0000.
+
+A crash before 4 means the sender saw no success and sends again; a crash after 3 leaves a complete,
+recorded instance. A second copy of a known SOP Instance UID is acknowledged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from pacs_node import metrics
+from pacs_node.config import NonChestAction, Settings
+from pacs_node.instances import MissingAttribute, instance_fields
+from pacs_node.policy import decide
+from pacs_node.runtime import Runtime
+from storage.repository import add_instance
+from storage.schema import Disposition, Instance, JobKind, Origin
+from storage.store import StoreFullError
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+
+class UnreadableDataset(Exception):
+    """The received bytes are not a dataset we can file; the reason is safe to log (no patient data)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    ae_title: str
+    host: str | None
+
+
+def read_header(path: Path, expected_sop_instance_uid: str | None) -> Dataset:
+    """The dataset's header, fully decoded, without reading pixel data.
+
+    pydicom decodes element values lazily, so every top-level element is touched here: a value that
+    cannot be decoded must fail now, on the receive path, not later in the worker."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for _ in ds:  # force decoding of every top-level element
+            pass
+        fields = instance_fields(ds)
+    except (InvalidDicomError, MissingAttribute) as exc:
+        raise UnreadableDataset(str(exc)) from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        raise UnreadableDataset(f"{type(exc).__name__}: {exc}") from exc
+    if expected_sop_instance_uid and fields["sop_instance_uid"] != expected_sop_instance_uid:
+        raise UnreadableDataset("SOP Instance UID in the dataset differs from the C-STORE request's")
+    return ds
+
+
+class Ingestor:
+    """The body of the listener's ``EVT_C_STORE`` handler, independent of pynetdicom's event object."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.rt = runtime
+
+    def _known(self, sop_instance_uid: str) -> bool:
+        with self.rt.read_session() as session:
+            found = session.execute(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).first()
+        return found is not None
+
+    def ingest(self, temp_path: Path, sop_instance_uid: str, caller: Caller) -> int:
+        """File the dataset at ``temp_path``; return the C-STORE status to send."""
+        try:
+            if self._known(sop_instance_uid):
+                log.info("duplicate instance from %s acknowledged, not stored again", caller.ae_title)
+                metrics.INSTANCES_RECEIVED.labels("duplicate").inc()
+                return SUCCESS
+        except SQLAlchemyError:
+            log.exception("database unavailable while receiving from %s", caller.ae_title)
+            metrics.INSTANCES_RECEIVED.labels("failed").inc()
+            return OUT_OF_RESOURCES
+
+        size = temp_path.stat().st_size
+        if not self.rt.store.has_room(size):
+            log.error("refusing instance from %s (0x%04X): the store would have less than "
+                      "store.min_free_bytes = %d bytes free", caller.ae_title, OUT_OF_RESOURCES,
+                      self.settings.store.min_free_bytes)
+            metrics.INSTANCES_RECEIVED.labels("failed").inc()
+            return OUT_OF_RESOURCES
+
+        try:
+            ds = read_header(temp_path, sop_instance_uid)
+        except UnreadableDataset as exc:
+            log.warning("unreadable dataset from %s refused (0x%04X): %s", caller.ae_title,
+                        CANNOT_UNDERSTAND, exc)
+            metrics.INSTANCES_RECEIVED.labels("failed").inc()
+            return CANNOT_UNDERSTAND
+
+        fields = instance_fields(ds)
+        decision = decide(ds)
+        discard = not decision.analyse and self.settings.policy.non_chest is NonChestAction.DISCARD
+        relpath = ""
+        if not discard:
+            relpath = self.rt.store.relpath_for(
+                fields["study_instance_uid"], fields["series_instance_uid"], fields["sop_instance_uid"]
+            )
+            try:
+                # pynetdicom still holds its own (flushed) handle; this one is for fsync and rename.
+                self.rt.store.commit(open(temp_path, "r+b"), relpath)  # noqa: SIM115 (commit closes it)
+            except OSError as exc:
+                reason = "the store is full" if isinstance(exc, StoreFullError) else f"{type(exc).__name__}: {exc}"
+                log.error("could not store instance from %s (0x%04X): %s", caller.ae_title,
+                          OUT_OF_RESOURCES, reason)
+                metrics.INSTANCES_RECEIVED.labels("failed").inc()
+                return OUT_OF_RESOURCES
+
+        reason = decision.reason
+        if discard:
+            reason = f"{reason}; file discarded (policy.non_chest = discard)"
+        try:
+            with self.rt.write_session() as session, session.begin():
+                inserted = add_instance(
+                    session,
+                    **fields,
+                    path=relpath,
+                    size_bytes=0 if discard else size,
+                    origin=Origin.RECEIVED,
+                    disposition=Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
+                    reason=reason,
+                    calling_ae=caller.ae_title[:16],
+                    calling_host=(caller.host or "")[:64] or None,
+                )
+                if inserted and decision.analyse:
+                    self.rt.queue.enqueue(
+                        session,
+                        kind=JobKind.ANALYSE,
+                        dedupe_key=f"analyse:{fields['sop_instance_uid']}",
+                        sop_instance_uid=fields["sop_instance_uid"],
+                        max_attempts=self.settings.worker.max_attempts,
+                    )
+        except SQLAlchemyError:
+            log.exception("could not record instance from %s (0x%04X)", caller.ae_title, OUT_OF_RESOURCES)
+            self._remove_unrecorded(relpath, fields["sop_instance_uid"])
+            metrics.INSTANCES_RECEIVED.labels("failed").inc()
+            return OUT_OF_RESOURCES
+        if not inserted:
+            # Another association filed the same instance between our check and our insert: it is
+            # stored (same path) and recorded once, which is all the sender needs to know.
+            log.info("duplicate instance from %s (concurrent) acknowledged", caller.ae_title)
+            metrics.INSTANCES_RECEIVED.labels("duplicate").inc()
+            return SUCCESS
+
+        outcome = "stored" if decision.analyse else ("discarded" if discard else "not_processed")
+        metrics.INSTANCES_RECEIVED.labels(outcome).inc()
+        if decision.analyse:
+            log.info("stored %s instance from %s and queued it for analysis", fields["modality"], caller.ae_title)
+        else:
+            log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
+        return SUCCESS
+
+    def _remove_unrecorded(self, relpath: str, sop_instance_uid: str) -> None:
+        """Undo the rename when the row could not be written, so the store holds only recorded files
+        (unless a concurrent association recorded it meanwhile)."""
+        if not relpath:
+            return
+        try:
+            if not self._known(sop_instance_uid):
+                self.rt.store.delete(relpath)
+        except (OSError, SQLAlchemyError):
+            log.warning("could not remove unrecorded file %s; housekeeping will not see it", relpath)

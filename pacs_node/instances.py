@@ -1,0 +1,85 @@
+"""The ``Instance`` row of a dataset: the header attributes Q/R matches on, clipped to the columns.
+
+Used for received images (from their header only) and for the result objects the worker produces, so
+both kinds are found by the same C-FIND queries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom import Dataset
+
+from storage.schema import Instance
+
+_TEXT_COLUMNS = {
+    "patient_id": "PatientID",
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+    "study_date": "StudyDate",
+    "study_time": "StudyTime",
+    "accession_number": "AccessionNumber",
+    "study_id": "StudyID",
+    "study_description": "StudyDescription",
+    "referring_physician_name": "ReferringPhysicianName",
+    "modality": "Modality",
+    "series_description": "SeriesDescription",
+    "body_part_examined": "BodyPartExamined",
+}
+_INT_COLUMNS = {
+    "series_number": "SeriesNumber",
+    "instance_number": "InstanceNumber",
+    "rows": "Rows",
+    "columns": "Columns",
+}
+
+
+class MissingAttribute(ValueError):
+    """The dataset lacks an attribute every stored instance needs (a UID)."""
+
+
+def _column_length(name: str) -> int | None:
+    return getattr(Instance.__table__.c[name].type, "length", None)
+
+
+def _clip(name: str, value: str) -> str:
+    # A modality that sends a 70-character description must not make the insert fail (PostgreSQL
+    # enforces VARCHAR lengths); the file keeps the full value.
+    limit = _column_length(name)
+    return value[:limit] if limit else value
+
+
+def _required_uid(ds: Dataset, keyword: str) -> str:
+    value = str(ds.get(keyword, "") or "").strip()
+    if not value:
+        raise MissingAttribute(f"{keyword} is missing or empty")
+    if len(value) > 64:
+        raise MissingAttribute(f"{keyword} is longer than 64 characters")
+    return value
+
+
+def instance_fields(ds: Dataset) -> dict[str, Any]:
+    """Column values of ``ds`` for an ``Instance`` row (without storage and disposition columns).
+
+    Raises :class:`MissingAttribute` when a UID needed to file the instance is absent."""
+    fields: dict[str, Any] = {
+        "sop_instance_uid": _required_uid(ds, "SOPInstanceUID"),
+        "sop_class_uid": _required_uid(ds, "SOPClassUID"),
+        "study_instance_uid": _required_uid(ds, "StudyInstanceUID"),
+        "series_instance_uid": _required_uid(ds, "SeriesInstanceUID"),
+    }
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    fields["transfer_syntax_uid"] = tsyntax or "1.2.840.10008.1.2.1"
+    for column, keyword in _TEXT_COLUMNS.items():
+        value = ds.get(keyword)
+        text = str(value).strip() if value is not None else ""
+        fields[column] = _clip(column, text) if text else None
+    for column, keyword in _INT_COLUMNS.items():
+        value = ds.get(keyword)
+        try:
+            fields[column] = int(value) if value not in (None, "") else None
+        except (TypeError, ValueError):
+            fields[column] = None
+    return fields

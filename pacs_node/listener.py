@@ -1,0 +1,115 @@
+"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE (and Q/R when ``pacs_node.qr`` is
+installed), with the calling-AE allow-list enforced at association time.
+
+Each association runs in its own thread (pynetdicom's threaded server); the C-STORE handler blocks that
+thread until the instance is durable (see :mod:`pacs_node.ingest`), which is the back-pressure a
+sender should feel when the disk or database is slow.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs_node import metrics
+from pacs_node.config import Settings
+from pacs_node.contexts import add_scp_contexts
+from pacs_node.ingest import Caller, Ingestor
+from pacs_node.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Receive C-STORE datasets straight to a file instead of into memory: a 30 MB radiograph never has to
+# fit in RAM, and with ``tempfile.tempdir`` inside the store it is filed by a rename.
+_config.STORE_RECV_CHUNKED_DATASET = True
+# pynetdicom logs C-FIND/C-MOVE identifiers (patient names and IDs) unless told not to.
+_config.LOG_REQUEST_IDENTIFIERS = False
+
+_REJECT_PERMANENT = 0x01
+_SOURCE_SERVICE_USER = 0x01
+_DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+def caller_allowed(settings: Settings, ae_title: str, host: str | None) -> bool:
+    """Whether ``ae_title`` calling from ``host`` may associate (see ``allowed_callers`` in the config)."""
+    if not settings.allowed_callers:
+        return settings.allow_any_caller
+    title = ae_title.strip()
+    return any(
+        entry.ae_title == title and (entry.host is None or entry.host == host)
+        for entry in settings.allowed_callers
+    )
+
+
+class Listener:
+    """Owns the AE and its server thread; ``start`` returns once the port is bound."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.rt = runtime
+        self.ingestor = Ingestor(settings, runtime)
+        self.ae = AE(ae_title=settings.node.ae_title)
+        self.ae.maximum_pdu_size = settings.node.max_pdu
+        self.ae.maximum_associations = settings.node.max_associations
+        add_scp_contexts(self.ae)
+        self._qr_handlers = self._attach_query_retrieve()
+        self._server: ThreadedAssociationServer | None = None
+
+    def _attach_query_retrieve(self) -> list[tuple[evt.EventType, object]]:
+        """Q/R SCP handlers and contexts from ``pacs_node.qr``, when that module is present."""
+        try:
+            from pacs_node.qr import QueryRetrieveService
+        except ImportError as exc:
+            log.info("query/retrieve not available (%s); serving C-ECHO and C-STORE only", exc)
+            return []
+        service = QueryRetrieveService(self.settings, self.rt)
+        service.add_contexts(self.ae)
+        return list(service.handlers())
+
+    # -- event handlers ----------------------------------------------------------------------------
+
+    def _on_requested(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        ae_title = str(requestor.primitive.calling_ae_title).strip()
+        host = requestor.address
+        if not caller_allowed(self.settings, ae_title, host):
+            log.warning("association from %s at %s rejected: calling AE not allowed", ae_title, host)
+            metrics.ASSOCIATIONS_REJECTED.labels("calling_ae").inc()
+            event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNISED)
+
+    def _on_echo(self, event: Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: Event) -> int:
+        requestor = event.assoc.requestor
+        caller = Caller(ae_title=str(requestor.ae_title).strip(), host=requestor.address)
+        return self.ingestor.ingest(
+            Path(event.dataset_path), str(event.request.AffectedSOPInstanceUID), caller
+        )
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        incoming = self.rt.incoming_dir
+        # pynetdicom creates its chunked-receive files with tempfile.NamedTemporaryFile in tempfile's
+        # directory; putting that inside the store keeps the final rename on one filesystem.
+        tempfile.tempdir = str(incoming)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            *self._qr_handlers,
+        ]
+        bind = (self.settings.node.bind, self.settings.node.port)
+        self._server = self.ae.start_server(bind, block=False, evt_handlers=handlers)
+        log.info("listening as %s on %s:%d", self.settings.node.ae_title, *bind)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -1,0 +1,73 @@
+"""Prometheus metrics of the node.
+
+``serve`` and the worker processes it starts are separate processes, so counters and histograms use
+prometheus_client's multiprocess mode: :func:`pacs_node.runtime.prepare_metrics_dir` sets
+``PROMETHEUS_MULTIPROC_DIR`` *before* this module is first imported, and ``/metrics`` aggregates every
+process's files. Queue depth is not counted by anyone: it is read from the database at scrape time, so
+it is right even after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+INSTANCES_RECEIVED = Counter(
+    "pacs_node_instances_received_total",
+    "C-STORE requests handled, by outcome (stored, duplicate, not_processed, discarded, failed)",
+    ["outcome"],
+)
+ASSOCIATIONS_REJECTED = Counter(
+    "pacs_node_associations_rejected_total", "Associations rejected, by reason", ["reason"]
+)
+JOB_SECONDS = Histogram(
+    "pacs_node_job_seconds",
+    "Seconds from a job's creation to its completion, by kind",
+    ["kind"],
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf")),
+)
+JOBS_FAILED = Counter("pacs_node_job_failures_total", "Failed job attempts, by kind", ["kind"])
+EXPORT_FAILURES = Counter(
+    "pacs_node_export_failures_total", "Failed C-STORE attempts of results, by destination", ["destination"]
+)
+
+
+class QueueDepthCollector(Collector):
+    """Jobs per (kind, state), read from the database at scrape time."""
+
+    def __init__(self, counts: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("pacs_node_queue_jobs", "Jobs in the queue, by kind and state",
+                                   labels=["kind", "state"])
+        for kind, state, n in self._counts():
+            family.add_metric([kind, state], n)
+        yield family
+
+
+def scrape_registry(counts: Callable[[], Iterable[tuple[str, str, int]]]) -> CollectorRegistry:
+    """The registry ``/metrics`` renders: every process's samples plus the queue depth."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    registry.register(QueueDepthCollector(counts))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def process_exited(pid: int) -> None:
+    """Forget the live-gauge files of a dead worker process (multiprocess mode only)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,93 @@
+"""The node's long-lived resources, built once per process from the settings: database engine and
+sessions, the instance store, the job queue.
+
+Every process (listener, each worker, a CLI command) builds its own :class:`Runtime`; nothing here is
+shared across ``fork``, which is what lets a worker crash without touching the listener's connections.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_node.config import Settings
+from storage.db import make_engine, make_sessionmaker, upgrade
+from storage.queue import JobQueue
+from storage.schema import Job
+from storage.store import TEMP_DIR, InstanceStore
+
+#: Backoff of failed jobs: first retry after ~this many seconds, doubling, capped.
+BACKOFF_BASE_S = 5.0
+BACKOFF_MAX_S = 1800.0
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    write_sessions: sessionmaker[Session]
+    store: InstanceStore
+    queue: JobQueue
+
+    @classmethod
+    def open(cls, settings: Settings, *, migrate: bool = True) -> Runtime:
+        """Connect to the database (bringing its schema to head first, unless ``migrate`` is off) and
+        open the instance store."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if migrate:
+            upgrade(settings.database_url)
+        engine = make_engine(settings.database_url)
+        sessions = make_sessionmaker(engine)
+        queue = JobQueue(
+            sessions,
+            lease_seconds=settings.worker.lease_seconds,
+            backoff_base_s=BACKOFF_BASE_S,
+            backoff_max_s=BACKOFF_MAX_S,
+        )
+        return cls(settings, engine, sessions, make_sessionmaker(engine, immediate=True),
+                   InstanceStore(settings.store_path, min_free_bytes=settings.store.min_free_bytes), queue)
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        with self.sessions() as session:
+            yield session
+
+    @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        with self.write_sessions() as session:
+            yield session
+
+    @property
+    def incoming_dir(self) -> Path:
+        """The store's temp directory, where pynetdicom writes C-STORE datasets as they arrive."""
+        return self.store.root / TEMP_DIR
+
+    def queue_depth(self) -> list[tuple[str, str, int]]:
+        """(kind, state, count) for every kind and state present: the ``pacs_node_queue_jobs`` gauge."""
+        with self.read_session() as session:
+            rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
+            return [(kind, state, int(n)) for kind, state, n in rows]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def prepare_metrics_dir(settings: Settings, *, fresh: bool) -> Path:
+    """Point prometheus_client's multiprocess mode at ``<data_dir>/metrics`` (``fresh``: empty it first,
+    as ``serve`` does at start, so counters of a previous run do not leak into this one).
+
+    Must run before :mod:`pacs_node.metrics` (and so ``prometheus_client``) is first imported."""
+    path = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.data_dir / "metrics")
+    if fresh and path.is_dir():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path

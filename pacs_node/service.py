@@ -1,0 +1,77 @@
+"""``pacs-node serve``: the listener, the exporter threads, housekeeping, the HTTP endpoints and the
+supervised worker processes, in one long-running process.
+
+Start-up order follows what depends on what (schema before listener, listener before anyone is told
+the node is healthy); shutdown is the reverse, and the listener goes first so no new image is accepted
+while the rest stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from pacs_node.config import Settings
+from pacs_node.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def _remove_stale_temp_files(runtime: Runtime) -> None:
+    """Partial datasets of associations that were cut off by a previous crash: never acknowledged, so
+    safe to delete (the sender did not get a success and will send again)."""
+    for leftover in runtime.store.temp_leftovers(older_than_s=0):
+        try:
+            leftover.path.unlink()
+        except FileNotFoundError:
+            continue
+    # pynetdicom's own temp names do not carry a writer pid: at start-up nobody is writing any of them.
+    for path in runtime.incoming_dir.glob("tmp*"):
+        path.unlink(missing_ok=True)
+
+
+def serve(settings: Settings, config_path: Path | None) -> int:
+    # Imported here: metrics must see PROMETHEUS_MULTIPROC_DIR, set by the CLI before this call.
+    from pacs_node.export import Exporter
+    from pacs_node.health import HttpServer
+    from pacs_node.housekeeping import start_housekeeping
+    from pacs_node.listener import Listener
+    from pacs_node.supervisor import Supervisor
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    runtime = Runtime.open(settings, migrate=True)
+    _remove_stale_temp_files(runtime)
+    if not settings.allowed_callers and settings.allow_any_caller:
+        log.warning("no allowed_callers configured: accepting associations from any AE")
+
+    listener = Listener(settings, runtime)
+    listener.start()
+    exporter = Exporter(settings, runtime, worker_id=f"{socket.gethostname()}:serve")
+    exporter.start()
+    scheduler = start_housekeeping(settings, runtime)
+    http = None
+    if settings.http.port:
+        http = HttpServer(runtime, settings.http.bind, settings.http.port)
+        http.start()
+    supervisor = Supervisor(settings.worker.count, config_path)
+    supervisor.start()
+    log.info("pacs-node ready: %d worker process(es), %d exporter thread(s)",
+             settings.worker.count, settings.export.concurrency)
+
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping")
+    listener.stop()
+    supervisor.stop()
+    exporter.stop()
+    scheduler.shutdown(wait=False)
+    if http is not None:
+        http.stop()
+    runtime.close()
+    return 0

@@ -1,0 +1,95 @@
+"""Keeps ``worker.count`` worker processes alive next to the listener.
+
+Workers are full ``pacs-node worker`` subprocesses (not forks of the listener): they import torch and the
+model in their own address space, and whatever kills one (out-of-memory killer, a crashing native
+decoder) cannot reach the listener. A worker that exits is started again, after a delay that grows while
+it keeps crashing, so a broken bundle does not spin the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pacs_node import metrics
+
+log = logging.getLogger(__name__)
+
+_RESTART_DELAY_MIN_S = 1.0
+_RESTART_DELAY_MAX_S = 60.0
+#: A worker that lived this long is considered healthy again (its restart delay resets).
+_HEALTHY_AFTER_S = 60.0
+
+
+class Supervisor:
+    def __init__(self, count: int, config_path: Path | None) -> None:
+        self.count = count
+        self.config_path = config_path
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._started_at = [0.0] * count
+        self._delay = [_RESTART_DELAY_MIN_S] * count
+        self._next_start = [0.0] * count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+
+    def _command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "pacs_node", "worker", "--parent-pid", str(os.getpid())]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        return cmd
+
+    def _spawn(self, slot: int) -> None:
+        proc = subprocess.Popen(self._command())  # noqa: S603 (our own interpreter and module)
+        self._procs[slot] = proc
+        self._started_at[slot] = time.monotonic()
+        log.info("started worker %d (pid %d)", slot, proc.pid)
+
+    def start(self) -> None:
+        for slot in range(self.count):
+            self._spawn(slot)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            for slot, proc in enumerate(self._procs):
+                if proc is not None and proc.poll() is None:
+                    continue
+                if proc is not None:
+                    metrics.process_exited(proc.pid)
+                    lived = now - self._started_at[slot]
+                    if lived >= _HEALTHY_AFTER_S:
+                        self._delay[slot] = _RESTART_DELAY_MIN_S
+                    log.error("worker %d (pid %d) exited with code %s after %.0fs; restarting in %.0fs",
+                              slot, proc.pid, proc.returncode, lived, self._delay[slot])
+                    self._next_start[slot] = now + self._delay[slot]
+                    self._delay[slot] = min(self._delay[slot] * 2, _RESTART_DELAY_MAX_S)
+                    self._procs[slot] = None
+                if now >= self._next_start[slot] and not self._stop.is_set():
+                    try:
+                        self._spawn(slot)
+                    except OSError:
+                        log.exception("cannot start worker %d", slot)
+                        self._next_start[slot] = now + self._delay[slot]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every worker (each finishes its batch), SIGKILL what is still there after ``timeout``."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        live = [proc for proc in self._procs if proc is not None and proc.poll() is None]
+        for proc in live:
+            proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in live:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not stop in %.0fs; killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()

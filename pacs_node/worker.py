@@ -1,0 +1,329 @@
+"""The analysis worker: claims ``analyse`` jobs, runs the pipeline, stores and routes the results.
+
+It runs as its own process (``pacs-node worker``, or one of the children ``serve`` supervises), so a
+model that runs out of memory or a native decoder that crashes takes down only this process; its jobs'
+leases run out and another worker picks them up.
+
+Batching is dynamic: the worker claims up to ``pipeline.batch_size`` jobs and, if fewer were due, waits
+at most ``pipeline.max_batch_latency_s`` for more before running what it has. A GPU wants full batches,
+a radiographer wants the report now; the latency cap is the compromise the site chooses.
+
+Everything a job produces is idempotent (result UIDs are derived from the source SOP Instance UID and
+the bundle, rows are inserted with ON CONFLICT DO NOTHING, export jobs are deduplicated), so a job whose
+worker died half-way and that runs again produces the same objects once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+
+from pacs_node import metrics
+from pacs_node.config import Device, Settings
+from pacs_node.instances import instance_fields
+from pacs_node.routing import RouteKey, destinations
+from pacs_node.runtime import Runtime
+from pipelines.interface import FakePipeline, ImageResult, Pipeline, PipelineError
+from storage.queue import ClaimedJob
+from storage.repository import add_instance, get_instance
+from storage.schema import Disposition, JobKind, Origin
+
+log = logging.getLogger(__name__)
+
+
+class PipelineUnavailable(RuntimeError):
+    """The configured pipeline cannot be loaded (missing bundle, engine not installed)."""
+
+
+def resolve_device(device: Device) -> str:
+    if device is Device.AUTO:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.value
+
+
+def load_pipeline(settings: Settings) -> Pipeline:
+    """The pipeline ``pipeline.bundle`` names: the fake test double, or a bundle loaded by the engine."""
+    bundle = settings.bundle_path
+    if bundle is None:
+        log.warning("pipeline.bundle = \"fake\": results come from the test double, not a model")
+        return FakePipeline()
+    if not bundle.is_dir():
+        raise PipelineUnavailable(f"pipeline.bundle: {bundle} is not a model bundle directory")
+    try:
+        from pipelines.engine import load_pipeline as load_engine
+    except ImportError as exc:
+        raise PipelineUnavailable(f"the inference engine (pipelines.engine) is not available: {exc}") from exc
+    return load_engine(
+        bundle,
+        device=resolve_device(settings.pipeline.device),
+        batch_size=settings.pipeline.batch_size,
+        deterministic=settings.pipeline.deterministic,
+    )
+
+
+def result_options(settings: Settings):  # noqa: ANN201 (type lives in pacs_node.results)
+    from pacs_node.results.options import ResultOptions
+
+    from pacs_node import __version__
+
+    return ResultOptions(
+        kos_threshold=settings.results.kos_threshold,
+        make_kos=settings.results.kos,
+        make_gsps=settings.results.gsps,
+        institution_name=settings.results.institution_name,
+        software_versions=__version__,
+    )
+
+
+def encode(ds: Dataset) -> bytes:
+    """``ds`` in the DICOM file format, as it will be stored and sent."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class _Heartbeat:
+    """Renews the leases of the jobs in hand every third of the lease, in a thread, so a long batch on a
+    slow CPU is not mistaken for a dead worker."""
+
+    def __init__(self, runtime: Runtime, worker_id: str, interval_s: float) -> None:
+        self.rt, self.worker_id, self.interval_s = runtime, worker_id, interval_s
+        self.job_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def hold(self, job_ids: list[int]) -> None:
+        with self._lock:
+            self.job_ids = set(job_ids)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                held = list(self.job_ids)
+            for job_id in held:
+                try:
+                    if not self.rt.queue.heartbeat(job_id, self.worker_id):
+                        log.warning("lost the lease of job %d", job_id)
+                except Exception:
+                    log.exception("heartbeat of job %d failed", job_id)
+
+
+@dataclass
+class _Work:
+    job: ClaimedJob
+    dataset: Dataset
+    calling_ae: str | None
+
+
+class Worker:
+    def __init__(self, settings: Settings, runtime: Runtime, pipeline: Pipeline, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.rt = runtime
+        self.pipeline = pipeline
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._options = result_options(settings)
+        from pacs_node.results import build_result_objects
+
+        self._build = build_result_objects
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set (a batch in progress is finished first)."""
+        lease = self.settings.worker.lease_seconds
+        with _Heartbeat(self.rt, self.worker_id, max(lease / 3.0, 1.0)) as heartbeat:
+            while not stop.is_set():
+                try:
+                    jobs = self.claim_batch(stop)
+                except Exception:
+                    log.exception("cannot claim jobs; retrying")
+                    stop.wait(5)
+                    continue
+                if not jobs:
+                    stop.wait(self.settings.worker.poll_interval_s)
+                    continue
+                heartbeat.hold([job.id for job in jobs])
+                self.process(jobs)
+                heartbeat.hold([])
+
+    def claim_batch(self, stop: threading.Event) -> list[ClaimedJob]:
+        """Up to ``batch_size`` jobs; once the first is in hand, wait at most the latency cap for more."""
+        size = self.settings.pipeline.batch_size
+        jobs = self.rt.queue.claim(self.worker_id, [JobKind.ANALYSE], limit=size)
+        if not jobs or len(jobs) >= size:
+            return jobs
+        deadline = time.monotonic() + self.settings.pipeline.max_batch_latency_s
+        poll = min(0.05, self.settings.pipeline.max_batch_latency_s / 4 or 0.05)
+        while len(jobs) < size and not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            stop.wait(min(poll, remaining))
+            jobs += self.rt.queue.claim(self.worker_id, [JobKind.ANALYSE], limit=size - len(jobs))
+        return jobs
+
+    # -- one batch --------------------------------------------------------------------------------
+
+    def process(self, jobs: list[ClaimedJob]) -> None:
+        work: list[_Work] = []
+        for job in jobs:
+            try:
+                work.append(self._load(job))
+            except PipelineError as exc:
+                self._fail(job, str(exc), retryable=False)
+            except Exception as exc:
+                log.exception("job %d: cannot load its instance", job.id)
+                self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
+        if not work:
+            return
+        try:
+            outcomes = self.pipeline.analyse([w.dataset for w in work])
+        except Exception as exc:
+            # A batch-level failure (out of memory, a bug) says nothing about any one image: retry all.
+            log.exception("pipeline failed on a batch of %d", len(work))
+            for w in work:
+                self._fail(w.job, f"pipeline: {type(exc).__name__}: {exc}", retryable=True)
+            return
+        if len(outcomes) != len(work):
+            for w in work:
+                self._fail(w.job, f"pipeline returned {len(outcomes)} results for {len(work)} images", retryable=True)
+            return
+        for w, outcome in zip(work, outcomes):
+            if isinstance(outcome, PipelineError):
+                log.warning("job %d: the pipeline cannot analyse this image: %s", w.job.id, outcome)
+                self._fail(w.job, str(outcome), retryable=False)
+                continue
+            try:
+                produced = self._store_results(w, outcome)
+            except Exception as exc:
+                log.exception("job %d: storing its results failed", w.job.id)
+                self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
+                continue
+            if self.rt.queue.complete(w.job.id, self.worker_id, {"results": produced}):
+                self._observe_latency(w.job.id)
+                log.info("job %d done: %d result object(s)", w.job.id, len(produced))
+
+    def _load(self, job: ClaimedJob) -> _Work:
+        with self.rt.read_session() as session:
+            row = get_instance(session, job.sop_instance_uid)
+        if row is None or not row.path:
+            raise PipelineError("the instance is no longer stored")
+        path: Path = self.rt.store.path(row.path)
+        try:
+            ds = pydicom.dcmread(path)
+        except FileNotFoundError as exc:
+            raise PipelineError(f"the instance's file {row.path} is missing from the store") from exc
+        return _Work(job, ds, row.calling_ae)
+
+    def _store_results(self, w: _Work, result: ImageResult) -> list[str]:
+        """Write every result object to the store, then record them and their export jobs in one
+        transaction; returns their SOP Instance UIDs."""
+        objects = self._build(w.dataset, result, self._options)
+        source_uid = str(w.dataset.SOPInstanceUID)
+        rows = []
+        for obj in objects:
+            fields = instance_fields(obj)
+            relpath = self.rt.store.relpath_for(
+                fields["study_instance_uid"], fields["series_instance_uid"], fields["sop_instance_uid"]
+            )
+            data = encode(obj)
+            self.rt.store.write_bytes(relpath, data)
+            rows.append((fields, relpath, len(data)))
+        route = RouteKey(
+            calling_ae=w.calling_ae,
+            modality=str(w.dataset.get("Modality", "") or "") or None,
+            station_name=str(w.dataset.get("StationName", "") or "") or None,
+        )
+        peers = destinations(self.settings, route)
+        with self.rt.write_session() as session, session.begin():
+            for fields, relpath, size in rows:
+                add_instance(
+                    session,
+                    **fields,
+                    path=relpath,
+                    size_bytes=size,
+                    origin=Origin.RESULT,
+                    disposition=Disposition.RESULT,
+                    source_sop_instance_uid=source_uid,
+                )
+                for peer in peers:
+                    self.rt.queue.enqueue(
+                        session,
+                        kind=JobKind.EXPORT,
+                        sop_instance_uid=fields["sop_instance_uid"],
+                        destination=peer,
+                        dedupe_key=f"export:{fields['sop_instance_uid']}:{peer}",
+                        max_attempts=self.settings.export.retries,
+                    )
+        return [fields["sop_instance_uid"] for fields, _, _ in rows]
+
+    def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
+        metrics.JOBS_FAILED.labels(job.kind).inc()
+        state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable)
+        log.warning("job %d failed (attempt %d/%d, now %s): %s", job.id, job.attempts, job.max_attempts,
+                    state.value, error)
+
+    def _observe_latency(self, job_id: int) -> None:
+        record = self.rt.queue.get(job_id)
+        if record is not None and record.finished_at is not None:
+            metrics.JOB_SECONDS.labels(JobKind.ANALYSE.value).observe(
+                (record.finished_at - record.created_at).total_seconds())
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
+    """A worker started by ``serve`` stops when ``serve`` is gone (even after ``kill -9``), so a restarted
+    ``serve`` never finds stale workers from its previous life. On Linux the kernel signals us at once
+    (``PR_SET_PDEATHSIG``); polling ``getppid`` covers other systems and a parent that died before."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            log.warning("parent process %d is gone; stopping", parent_pid)
+            stop.set()
+        stop.wait(1.0)
+
+
+def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
+    """Body of ``pacs-node worker``: returns the exit code."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if parent_pid is not None:
+        _watch_parent = threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True)
+        _watch_parent.start()
+    runtime = Runtime.open(settings, migrate=False)
+    try:
+        pipeline = load_pipeline(settings)
+        worker = Worker(settings, runtime, pipeline)
+        log.info("worker %s ready (pipeline %s %s)", worker.worker_id, pipeline.model_name, pipeline.model_version)
+        worker.run(stop)
+    finally:
+        runtime.close()
+    return 0
