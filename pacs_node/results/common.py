@@ -1,0 +1,153 @@
+"""Pieces every result object shares: the evidence header, this node's identity, box geometry."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from highdicom import ContributingEquipment
+from highdicom.sr import (
+    DeviceObserverIdentifyingAttributes,
+    ObservationContext,
+    ObserverContext,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from pacs_node.results.options import ResultOptions
+from pacs_node.results.uids import derived_uid
+from pipelines.interface import ImageResult, RegionResult
+
+log = logging.getLogger(__name__)
+
+# Type 2 attributes of the Patient and General Study modules that highdicom reads from the evidence;
+# a source missing one gets it empty (zero length) instead of failing the whole job.
+_TYPE2_HEADER = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                 "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+#: Optional Patient / Patient Study / General Study attributes carried over into every result, so
+#: that the result sits in the PACS study exactly like the image it describes.
+COPIED_ATTRIBUTES = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+                     "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
+                     "EthnicGroup", "StudyDescription", "ProcedureCodeSequence",
+                     "ReferencedStudySequence", "PatientIdentityRemoved",
+                     "DeidentificationMethod")
+
+_REQUIRED_SOURCE = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                    "Rows", "Columns")
+
+
+def evidence_header(source: Dataset, result: ImageResult) -> Dataset:
+    """A pixel-free copy of ``source`` usable as highdicom evidence.
+
+    Raises ``ValueError`` when the source cannot be referenced (missing UIDs) or the result was
+    computed on a differently sized image, which would put every box in the wrong place."""
+    missing = [k for k in _REQUIRED_SOURCE if k not in source or source[k].value in (None, "")]
+    if missing:
+        raise ValueError(f"source dataset lacks {', '.join(missing)}: cannot reference it")
+    if (int(source.Rows), int(source.Columns)) != (result.source_rows, result.source_columns):
+        raise ValueError(
+            f"result is for a {result.source_columns}x{result.source_rows} image but the source is "
+            f"{source.Columns}x{source.Rows} (columns x rows)"
+        )
+    header = Dataset()
+    for element in source:
+        if element.tag.group in (0x7FE0,) or element.keyword in ("PixelData", "FloatPixelData",
+                                                                  "DoubleFloatPixelData"):
+            continue
+        header.add(element)
+    for keyword in _TYPE2_HEADER:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
+
+
+def copy_patient_study(source: Dataset, target: Dataset) -> None:
+    """Copy the optional patient/study attributes highdicom does not carry over."""
+    for keyword in COPIED_ATTRIBUTES:
+        if keyword in source and keyword not in target:
+            target[keyword] = source[keyword]
+
+
+def device_observer(options: ResultOptions) -> ObserverContext:
+    """TID 1004 Device Observer: this node, identified the same way in every object it makes."""
+    uid = options.device_uid or derived_uid("device", options.device_name, options.device_serial_number)
+    return ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=uid,
+            name=options.device_name,
+            manufacturer_name=options.manufacturer,
+            model_name=options.model_name,
+            serial_number=options.device_serial_number,
+        ),
+    )
+
+
+def observation_context(options: ResultOptions) -> ObservationContext:
+    return ObservationContext(observer_device_context=device_observer(options))
+
+
+def contributing_equipment(options: ResultOptions, result: ImageResult) -> list[ContributingEquipment]:
+    """The node as processing equipment (PS3.3 C.12.1 Contributing Equipment Sequence)."""
+    return [
+        ContributingEquipment(
+            manufacturer=options.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=options.model_name,
+            software_versions=options.software_versions,
+            device_serial_number=options.device_serial_number,
+            institution_name=options.institution_name,
+            contribution_description=f"AI analysis by {result.model_name} {result.model_version}",
+        )
+    ]
+
+
+def equipment_kwargs(options: ResultOptions) -> dict[str, str]:
+    """General Equipment module attributes for a highdicom SOP class constructor."""
+    kwargs = {
+        "manufacturer": options.manufacturer,
+        "manufacturer_model_name": options.model_name,
+        "software_versions": options.software_versions,
+        "device_serial_number": options.device_serial_number,
+    }
+    if options.institution_name:
+        kwargs["institution_name"] = options.institution_name
+    return kwargs
+
+
+def clipped_box(region: RegionResult, rows: int, columns: int) -> tuple[float, float, float, float]:
+    """The region's box clipped to the source grid ``[0, columns] x [0, rows]``.
+
+    SCOORD and PIXEL graphic coordinates put (0, 0) at the top-left corner of the top-left pixel and
+    (Columns, Rows) at the bottom-right corner of the bottom-right one (PS3.3 C.18.6.1.1), so that is
+    the whole valid range. A model box spilling over the edge is clipped rather than rejected."""
+    x0, y0, x1, y1 = (float(v) for v in region.box)
+    if not all(np.isfinite([x0, y0, x1, y1])):
+        raise ValueError(f"region {region.name!r} has a non-finite box {region.box}")
+    x0, x1 = sorted((min(max(x0, 0.0), columns), min(max(x1, 0.0), columns)))
+    y0, y1 = sorted((min(max(y0, 0.0), rows), min(max(y1, 0.0), rows)))
+    if (x0, y0, x1, y1) != tuple(float(v) for v in region.box):
+        log.debug("region %s box %s clipped to the %dx%d grid", region.name, region.box, columns, rows)
+    return x0, y0, x1, y1
+
+
+def rectangle_polyline(box: tuple[float, float, float, float]) -> np.ndarray:
+    """A closed POLYLINE (first point repeated last) tracing the box, as (column, row) pairs."""
+    x0, y0, x1, y1 = box
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+
+
+def not_for_clinical_use_notice(result: ImageResult) -> str:
+    return (f"NOT FOR CLINICAL USE: produced by {result.model_name} {result.model_version}, "
+            "a model not approved for diagnosis.")
+
+
+def instance_number(source: Dataset) -> int:
+    """The result's Instance Number within its series: the source's, so results of several images
+    of a study keep the images' order."""
+    try:
+        number = int(source.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        number = 1
+    return max(number, 1)

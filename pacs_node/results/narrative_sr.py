@@ -1,0 +1,149 @@
+"""The narrative report SR: TID 2000 Basic Diagnostic Imaging Report in an Enhanced SR.
+
+This is what a PACS without AI-result support shows a radiologist: the generated report as text,
+in a Findings section (and Impressions when the bundle writes one). Each region sentence is a
+separate Finding that is INFERRED FROM the region's box (a 2D SCOORD SELECTED FROM the source
+image), so a viewer that follows the relationships can point at the region a sentence is about.
+highdicom has no TID 2000 builder; the tree is assembled from its typed content items.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from highdicom.sr import (
+    CodeContentItem,
+    ContainerContentItem,
+    ContentSequence,
+    EnhancedSR,
+    GraphicTypeValues,
+    ImageContentItem,
+    LanguageOfContentItemAndDescendants,
+    ScoordContentItem,
+    SourceImageForRegion,
+    TextContentItem,
+)
+from highdicom.sr.enum import RelationshipTypeValues
+from highdicom.sr.templates import DEFAULT_LANGUAGE
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from pacs_node.results import vocabulary as voc
+from pacs_node.results.common import (
+    clipped_box,
+    contributing_equipment,
+    copy_patient_study,
+    equipment_kwargs,
+    instance_number,
+    not_for_clinical_use_notice,
+    observation_context,
+    rectangle_polyline,
+)
+from pacs_node.results.options import ResultOptions
+from pacs_node.results.uids import result_series_uid, result_uid
+from pipelines.interface import ImageResult, RegionResult
+
+KIND = "narrative-sr"
+TITLE = codes.LN.DiagnosticImagingReport
+IMAGE_REGION = codes.DCM.ImageRegion
+
+_CONTAINS = RelationshipTypeValues.CONTAINS
+
+
+def _region_scoord(source: Dataset, region: RegionResult) -> ScoordContentItem:
+    box = clipped_box(region, int(source.Rows), int(source.Columns))
+    scoord = ScoordContentItem(
+        name=IMAGE_REGION,
+        graphic_type=GraphicTypeValues.POLYLINE,
+        graphic_data=rectangle_polyline(box),
+        relationship_type=RelationshipTypeValues.INFERRED_FROM,
+    )
+    scoord.ContentSequence = ContentSequence([SourceImageForRegion.from_source_image(source)])
+    return scoord
+
+
+def _best_illustration(source: Dataset) -> ImageContentItem:
+    """TID 2001 row 1: the image that best illustrates the finding (CID 7003)."""
+    return ImageContentItem(
+        name=codes.DCM.BestIllustrationOfFinding,
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        relationship_type=RelationshipTypeValues.INFERRED_FROM,
+    )
+
+
+def _sentences(result: ImageResult) -> OrderedDict[str, list[RegionResult]]:
+    """Unique sentences in report order, each with the regions that produced it."""
+    by_sentence: OrderedDict[str, list[RegionResult]] = OrderedDict()
+    for region in result.selected_regions:
+        if region.sentence and region.sentence.strip():
+            by_sentence.setdefault(region.sentence.strip(), []).append(region)
+    return by_sentence
+
+
+def _findings_section(source: Dataset, result: ImageResult) -> ContainerContentItem:
+    section = ContainerContentItem(name=codes.LN.Findings, relationship_type=_CONTAINS)
+    items = ContentSequence()
+    by_sentence = _sentences(result)
+    report = result.report.strip()
+    if report and report != " ".join(by_sentence):
+        # The report is more than its region sentences (e.g. post-processed): keep it verbatim.
+        items.append(TextContentItem(name=codes.DCM.Finding, value=report, relationship_type=_CONTAINS))
+    for sentence, regions in by_sentence.items():
+        finding = TextContentItem(name=codes.DCM.Finding, value=sentence, relationship_type=_CONTAINS)
+        # TID 2001 has no row for a bare SCOORD; the image reference is the template-conformant
+        # pointer, the SCOORDs (one per region that produced the sentence) say where on it.
+        finding.ContentSequence = ContentSequence(
+            [_best_illustration(source), *(_region_scoord(source, r) for r in regions)]
+        )
+        items.append(finding)
+    if not items:
+        items.append(TextContentItem(name=codes.DCM.Finding,
+                                     value="The algorithm reported no findings for this image.",
+                                     relationship_type=_CONTAINS))
+    section.ContentSequence = items
+    return section
+
+
+def _impression_section(text: str) -> ContainerContentItem:
+    section = ContainerContentItem(name=codes.LN.Impressions, relationship_type=_CONTAINS)
+    section.ContentSequence = ContentSequence(
+        [TextContentItem(name=codes.DCM.Impression, value=text, relationship_type=_CONTAINS)]
+    )
+    return section
+
+
+def build_narrative_sr(source: Dataset, result: ImageResult, options: ResultOptions) -> EnhancedSR:
+    """The narrative report SR for one image. ``source`` is the evidence header."""
+    root = ContainerContentItem(name=TITLE, template_id="2000")
+    content = ContentSequence()
+    content.extend(LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
+    content.extend(observation_context(options))
+    content.append(CodeContentItem(name=codes.DCM.ProcedureReported, value=voc.CHEST_RADIOGRAPH,
+                                   relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD))
+    if not result.clinical_use:
+        content.append(TextContentItem(name=codes.DCM.Comment, value=not_for_clinical_use_notice(result),
+                                       relationship_type=_CONTAINS))
+    content.append(_findings_section(source, result))
+    if result.impression and result.impression.strip():
+        content.append(_impression_section(result.impression.strip()))
+    root.ContentSequence = content
+
+    description = "AI report" if result.clinical_use else "AI report - NOT FOR CLINICAL USE"
+    sr = EnhancedSR(
+        evidence=[source],
+        content=root,
+        series_instance_uid=result_series_uid(source.StudyInstanceUID, result.model_name,
+                                              result.model_version, KIND),
+        series_number=options.narrative_series_number,
+        sop_instance_uid=result_uid(source.SOPInstanceUID, result.model_name, result.model_version, KIND),
+        instance_number=instance_number(source),
+        is_complete=True,
+        is_final=False,
+        series_description=description,
+        performed_procedure_codes=[voc.CHEST_RADIOGRAPH],
+        contributing_equipment=contributing_equipment(options, result),
+        **equipment_kwargs(options),
+    )
+    copy_patient_study(source, sr)
+    return sr
