@@ -1,0 +1,181 @@
+"""From a DICOM dataset to the square, normalised tensor the models see, and the way back for boxes.
+
+Steps, in the order the DICOM standard's grayscale pipeline defines them (PS3.3 C.11, C.7.6.3.1.2):
+
+1. decode the pixel data in any transfer syntax pydicom has a handler for (native, RLE, JPEG, JPEG-LS,
+   JPEG 2000 through the pylibjpeg plugins);
+2. Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence);
+3. VOI: the first VOI LUT of the dataset, else its first window (LINEAR, LINEAR_EXACT or SIGMOID), else the
+   0.5-99.5 percentile range of the image, so a missing window never yields a black or white image;
+4. MONOCHROME1 is inverted so that, as for MONOCHROME2, bright means dense;
+5. the longest side is resized (antialiased) to the model size, the other keeps the aspect ratio, and the
+   image is centred on a black square (as RGRG's LongestMaxSize + PadIfNeeded);
+6. ``(x - mean) / std``.
+
+:class:`BoxTransform` remembers step 5 so that boxes found in model pixels map back to source pixels.
+Anything undecodable or not a single-frame grayscale image raises
+:class:`pipelines.interface.PreprocessError` with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.multival import MultiValue
+import torch
+import torch.nn.functional as F
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from pipelines.interface import PreprocessError
+
+_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class BoxTransform:
+    """Source image -> model input geometry. Coordinates are pixel-edge based (0 = top-left corner of the
+    top-left pixel), x = column, y = row: the DICOM SCOORD convention used by ``RegionResult.box``."""
+
+    source_rows: int
+    source_columns: int
+    scale_x: float  # model pixels per source pixel
+    scale_y: float
+    offset_x: float  # padding on the left / top, model pixels
+    offset_y: float
+
+    def to_source(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``[..., 4]`` model-pixel boxes (x1, y1, x2, y2) -> source pixels, clipped to the image."""
+        shift = boxes.new_tensor([self.offset_x, self.offset_y, self.offset_x, self.offset_y])
+        scale = boxes.new_tensor([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
+        out = (boxes - shift) / scale
+        limit = boxes.new_tensor([self.source_columns, self.source_rows, self.source_columns, self.source_rows])
+        return torch.minimum(out.clamp(min=0.0), limit)
+
+    def to_model(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_source` (for training targets given in source pixels)."""
+        shift = boxes.new_tensor([self.offset_x, self.offset_y, self.offset_x, self.offset_y])
+        scale = boxes.new_tensor([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
+        return boxes * scale + shift
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    tensor: torch.Tensor  # [1, S, S] float32, normalised
+    transform: BoxTransform
+
+
+# -- DICOM -> [0, 1] grayscale ------------------------------------------------------------------------------
+
+def dicom_to_unit(ds: pydicom.Dataset) -> np.ndarray:
+    """Decoded, LUT-applied, MONOCHROME2-oriented image as float32 ``[rows, cols]`` in [0, 1]."""
+    if "PixelData" not in ds:
+        raise PreprocessError("dataset has no Pixel Data")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise PreprocessError(f"Photometric Interpretation {photometric or '(absent)'} is not grayscale "
+                              "(MONOCHROME1/2 expected)")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise PreprocessError(f"Samples per Pixel is {ds.SamplesPerPixel}, a grayscale image has 1")
+    bits = int(ds.get("BitsAllocated", 0))
+    if bits not in (8, 16):
+        raise PreprocessError(f"Bits Allocated {bits} is not supported (8 or 16)")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows < 2 or cols < 2:
+        raise PreprocessError(f"image size {rows}x{cols} is not usable")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise PreprocessError(f"multi-frame image ({ds.NumberOfFrames} frames): one radiograph per instance expected")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # pydicom/plugins raise many types for truncated or corrupt streams
+        name = syntax.name if syntax is not None else "unknown transfer syntax"
+        raise PreprocessError(f"cannot decode pixel data ({name}): {exc}") from None
+    if raw.shape != (rows, cols):
+        raise PreprocessError(f"decoded pixel array has shape {raw.shape}, Rows/Columns say {(rows, cols)}")
+    try:
+        values = apply_modality_lut(raw, ds).astype(np.float32, copy=False)
+        unit = _apply_voi(values, ds)
+    except PreprocessError:
+        raise
+    except Exception as exc:  # malformed LUT / window attributes
+        raise PreprocessError(f"cannot apply the modality/VOI LUT: {exc}") from None
+    if not np.isfinite(unit).all():
+        raise PreprocessError("pixel values are not finite after the LUTs")
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return np.ascontiguousarray(unit, dtype=np.float32)
+
+
+def _first(value) -> float:
+    return float(value[0] if isinstance(value, MultiValue) else value)
+
+
+def _apply_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    if ds.get("VOILUTSequence"):
+        item = ds.VOILUTSequence[0]
+        out_bits = int(item.LUTDescriptor[2])
+        lut = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
+        return np.clip(lut / float(2**out_bits - 1), 0.0, 1.0)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
+        if function == "SIGMOID":
+            if w <= 0:
+                raise PreprocessError(f"Window Width {w} must be positive")
+            return (1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))).astype(np.float32)
+        if function == "LINEAR_EXACT":
+            if w <= 0:
+                raise PreprocessError(f"Window Width {w} must be positive")
+            return np.clip((values - c) / w + 0.5, 0.0, 1.0)
+        if w < 1:
+            raise PreprocessError(f"Window Width {w} must be >= 1 for a LINEAR window")
+        if w == 1:  # the standard's degenerate case: a threshold at c - 0.5
+            return (values > c - 0.5).astype(np.float32)
+        return np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+    lo, hi = np.percentile(values, _PERCENTILES)
+    if hi <= lo:
+        raise PreprocessError("image has no contrast (all pixels equal)")
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+# -- [0, 1] grayscale -> model input ------------------------------------------------------------------------
+
+def fit_to_model(unit: np.ndarray | torch.Tensor, size: int, mean: float, std: float) -> Preprocessed:
+    """Resize the longest side to ``size``, centre on a black square, normalise."""
+    image = torch.as_tensor(unit, dtype=torch.float32)
+    rows, cols = image.shape
+    scale = size / max(rows, cols)
+    new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
+    resized = F.interpolate(image[None, None], size=(new_rows, new_cols), mode="bilinear", align_corners=False,
+                            antialias=True)[0, 0]
+    top, left = (size - new_rows) // 2, (size - new_cols) // 2
+    canvas = torch.zeros((1, size, size), dtype=torch.float32)
+    canvas[0, top:top + new_rows, left:left + new_cols] = resized.clamp_(0.0, 1.0)
+    transform = BoxTransform(rows, cols, new_cols / cols, new_rows / rows, float(left), float(top))
+    return Preprocessed((canvas - mean) / std, transform)
+
+
+def preprocess(ds: pydicom.Dataset, size: int, mean: float, std: float) -> Preprocessed:
+    """One dataset to a model input; :class:`PreprocessError` if it cannot be used."""
+    return fit_to_model(dicom_to_unit(ds), size, mean, std)
+
+
+def preprocess_many(datasets: Sequence[pydicom.Dataset], size: int, mean: float, std: float,
+                    workers: int = 4) -> list[Preprocessed | PreprocessError]:
+    """:func:`preprocess` over a batch in a thread pool (decoders and numpy release the GIL); a dataset that
+    fails yields its :class:`PreprocessError` in its slot."""
+
+    def one(ds: pydicom.Dataset) -> Preprocessed | PreprocessError:
+        try:
+            return preprocess(ds, size, mean, std)
+        except PreprocessError as exc:
+            return exc
+
+    if len(datasets) <= 1 or workers <= 1:
+        return [one(ds) for ds in datasets]
+    with ThreadPoolExecutor(max_workers=min(workers, len(datasets)), thread_name_prefix="preprocess") as pool:
+        return list(pool.map(one, datasets))
