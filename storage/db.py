@@ -21,16 +21,18 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, CursorResult, Engine, Result, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from storage.schema import Base
 
 #: How long a SQLite writer waits for the lock before giving up (seconds).
 SQLITE_BUSY_TIMEOUT_S = 60.0
@@ -70,7 +72,7 @@ def make_engine(url: str) -> Engine:
 
 def _make_sqlite_engine(url: str, database: str | None) -> Engine:
     in_memory = not database or database == ":memory:" or database.startswith("file::memory:")
-    if not in_memory:
+    if database and not in_memory:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
@@ -126,22 +128,28 @@ def make_sessionmaker(engine: Engine, *, immediate: bool = False) -> sessionmake
     return sessionmaker(bind=bind, expire_on_commit=False)
 
 
-def insert_if_absent(session: Session, model: type, values: dict[str, Any], key: str) -> bool:
+def insert_if_absent(session: Session, model: type[Base], values: dict[str, Any], key: str) -> bool:
     """``INSERT ... ON CONFLICT (key) DO NOTHING`` for ``model`` in the caller's transaction; whether a row
     was inserted.
 
     A duplicate neither raises nor aborts the transaction (after an IntegrityError PostgreSQL refuses
     every further statement in it), and two processes inserting the same key at once cannot both win.
     """
-    table = model.__table__
+    table = cast(Table, model.__table__)
     dialect = session.get_bind(model).dialect
     dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
     if dialect_insert is None:
         raise NotImplementedError(f"no idempotent insert for the {dialect.name!r} dialect")
-    statement = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
+    statement = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])  # type: ignore[attr-defined]
     if dialect.insert_returning:  # rowcount of an INSERT is not reliable on every driver
         return session.execute(statement.returning(*table.primary_key.columns)).first() is not None
-    return session.execute(statement).rowcount == 1  # SQLite before 3.35
+    return rowcount(session.execute(statement)) == 1  # SQLite before 3.35
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched. (``Session.execute`` is typed as returning a plain ``Result``;
+    for those statements it is a ``CursorResult``.)"""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _alembic_config(connection: Connection) -> Config:

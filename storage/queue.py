@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import insert_if_absent, make_sessionmaker
+from storage.db import insert_if_absent, make_sessionmaker, rowcount
 from storage.schema import Job, JobKind, JobState, utcnow
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class JobQueue:
                 .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_owner == worker_id)
                 .values(lease_expires_at=now + self.lease, updated_at=now)
             )
-            return result.rowcount == 1
+            return rowcount(result) == 1
 
     def complete(self, job_id: int, worker_id: str, payload_update: Mapping[str, Any] | None = None) -> bool:
         """Mark ``job_id`` done, merging ``payload_update`` into its payload; ``False`` if the lease was lost."""
@@ -320,7 +320,7 @@ class JobQueue:
                 .values(state=JobState.CANCELLED.value, lease_owner=None, lease_expires_at=None,
                         finished_at=now, updated_at=now)
             )
-            return result.rowcount == 1
+            return rowcount(result) == 1
 
     def purge(self, older_than: timedelta, states: Iterable[JobState | str] = FINISHED_STATES) -> int:
         """Delete jobs in ``states`` last changed more than ``older_than`` ago; returns how many."""
@@ -330,7 +330,7 @@ class JobQueue:
         with self._write.begin() as session:
             cutoff = self._clock() - older_than
             result = session.execute(delete(Job).where(Job.state.in_(values), Job.updated_at < cutoff))
-            return result.rowcount
+            return rowcount(result)
 
     # -- looking ---------------------------------------------------------------------------------
 
@@ -402,7 +402,7 @@ class JobQueue:
                         lease_expires_at=None, finished_at=None, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
-            return result.rowcount
+            return rowcount(result)
 
 
 def _locked(query: Select, *, skip_locked: bool = True) -> Select:

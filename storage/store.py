@@ -22,7 +22,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -154,16 +154,10 @@ class InstanceStore:
 
     def discard(self, temp: BinaryIO) -> None:
         """Close and remove a temp file that will not be committed (idempotent, never raises)."""
-        try:
+        with suppress(OSError):
             temp.close()
-        except OSError:
-            pass
-        try:
+        with suppress(OSError):  # already gone, or undeletable: then the doctor finds it as a leftover
             os.unlink(temp.name)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            pass  # the doctor finds it as a temp leftover
 
     def delete(self, relpath: str) -> bool:
         """Remove the file at ``relpath`` (after its row is gone); ``False`` if it was not there.

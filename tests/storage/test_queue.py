@@ -94,7 +94,8 @@ def test_claim_takes_priority_then_age_and_only_the_asked_kinds(
     assert keys == ["urgent", "old", "new"]
     assert all(job.attempts == 1 and job.kind == "analyse" for job in claimed)
     record = queue.get(claimed[0].id)
-    assert (record.state, record.lease_owner, record.lease_expires_at) == ("running", "w1", clock.now + timedelta(seconds=300))
+    lease_end = clock.now + timedelta(seconds=300)
+    assert (record.state, record.lease_owner, record.lease_expires_at) == ("running", "w1", lease_end)
     assert record.started_at == clock.now
     [export] = queue.claim("w2", [JobKind.EXPORT])
     assert (export.destination, export.kind) == ("pacs", "export")
