@@ -1,0 +1,165 @@
+"""Turn an RGRG full-model checkpoint (Tanida et al., CVPR 2023; ttanida/rgrg) into a paper-preset bundle.
+
+RGRG's ``ReportGenerationModel.state_dict()`` (saved under ``"model"`` in its training checkpoints) has four
+parts; this is how each maps onto :class:`pipelines.models.CRRGModel`:
+
+``object_detector.*`` -> ``detector.*``
+    Same torchvision names for ``backbone.0..7`` (ResNet-50, 1-channel conv1), ``rpn.head.*`` (the pre-0.13
+    ``rpn.head.conv.{weight,bias}`` become ``rpn.head.conv.0.0.*``) and ``roi_heads.box_head|box_predictor``;
+    ``roi_heads.dim_reduction`` (2048 -> 1024) becomes ``region_proj``.
+``binary_classifier_region_selection.classifier.*`` -> ``selector.classifier.*``
+``binary_classifier_region_abnormal.classifier.*`` -> ``abnormality.classifier.*``
+``language_model.*`` -> ``decoder.*``
+    ``gpt_with_lm_head.transformer.*`` -> ``lm.transformer.*``; each layer's pseudo self-attention
+    ``attn.uk`` / ``attn.uv`` become rows of ``prefix_kv``; ``feature_space_transformation_nn`` ->
+    ``feature_proj``. RGRG adds ``wte(position_ids)`` (not ``wpe``) as position embedding, so the imported
+    ``wpe`` is the first ``n_positions`` rows of ``wte``: the imported model computes what RGRG computed.
+    The aliases RGRG's module also registers (``language_model.gpt.*``, ``.wte``, ``.gpt2_blocks.*``, ...)
+    and the causal-mask buffers are ignored.
+
+RGRG has no CLIP classifier: the bundle's CLIP is the given open_clip state dict, or random weights, and the
+manifest says which (``training.clip``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipelines.bundle import save_bundle
+from pipelines.models.config import ModelConfig, paper
+from pipelines.models.crrg import CRRGModel
+from pipelines.tokenizer import gpt2_tokenizer
+
+DET, SEL, ABN, LM = ("object_detector.", "binary_classifier_region_selection.",
+                     "binary_classifier_region_abnormal.", "language_model.")
+_GPT = LM + "gpt_with_lm_head."
+_LAYER = re.compile(re.escape(_GPT) + r"transformer\.h\.(\d+)\.")
+
+
+class RGRGImportError(ValueError):
+    """The checkpoint is not an RGRG full model as this importer knows it; the message names the key."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """The model state dict of an RGRG checkpoint file (``{"model": state_dict, ...}`` or a bare one)."""
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise RGRGImportError(f"{path}: not a state dict or a checkpoint with a 'model' state dict")
+    return dict(state)
+
+
+def _need(state: Mapping[str, Tensor], key: str) -> Tensor:
+    if key not in state:
+        raise RGRGImportError(f"RGRG checkpoint lacks {key!r}")
+    return state[key]
+
+
+def config_from_checkpoint(state: Mapping[str, Tensor], base: ModelConfig | None = None,
+                           decoder_heads: int = 16) -> ModelConfig:
+    """``base`` (default: the paper preset) with the sizes read off the checkpoint's tensor shapes.
+    GPT-2's head count is not visible in any shape; RGRG uses 16."""
+    base = base or paper()
+    wte = _need(state, _GPT + "transformer.wte.weight")
+    layers = {int(m.group(1)) for k in state if (m := _LAYER.match(k))}
+    if not layers or layers != set(range(max(layers) + 1)):
+        raise RGRGImportError("RGRG checkpoint: language model layers are missing or not numbered 0..L-1")
+    return base.replace(
+        feature_dim=_need(state, DET + "roi_heads.dim_reduction.weight").shape[0],
+        box_head_dim=_need(state, DET + "roi_heads.box_head.fc6.weight").shape[0],
+        mlp_hidden=tuple(_need(state, f"{SEL}classifier.{i}.weight").shape[0] for i in (0, 2)),
+        vocab_size=wte.shape[0],
+        decoder_width=wte.shape[1],
+        decoder_layers=max(layers) + 1,
+        decoder_heads=decoder_heads,
+        decoder_positions=_need(state, _GPT + "transformer.wpe.weight").shape[0],
+    )
+
+
+def convert_state(state: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, dict[str, Tensor]]:
+    """RGRG names -> ``{module: state_dict}`` for ``detector``, ``selector``, ``abnormality``, ``decoder``."""
+    det: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(DET):
+            continue
+        name = key[len(DET):]
+        if name.startswith("roi_heads.dim_reduction."):
+            name = "region_proj." + name.rsplit(".", 1)[1]
+        elif name in ("rpn.head.conv.weight", "rpn.head.conv.bias"):
+            name = "rpn.head.conv.0.0." + name.rsplit(".", 1)[1]
+        det[name] = value
+    sel = {k[len(SEL):]: v for k, v in state.items() if k.startswith(SEL) and ".loss_fn." not in k}
+    abn = {k[len(ABN):]: v for k, v in state.items() if k.startswith(ABN) and ".loss_fn." not in k}
+
+    dec: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(_GPT + "transformer."):
+            continue
+        name = key[len(_GPT):]
+        if re.search(r"\.attn\.(uk|uv|causal_mask|mask_out_value|bias|masked_bias)\b", name):
+            continue  # prefix projections handled below; masks are buffers we do not need
+        dec["lm." + name] = value
+    wte = dec["lm.transformer.wte.weight"]
+    if cfg.decoder_positions > wte.shape[0]:
+        raise RGRGImportError("RGRG position embeddings are wte rows: decoder_positions exceeds vocab_size")
+    dec["lm.transformer.wpe.weight"] = wte[: cfg.decoder_positions].clone()  # RGRG: wte(position_ids)
+    lm_head = state.get(_GPT + "lm_head.weight")
+    if lm_head is not None and not torch.equal(lm_head, wte):
+        raise RGRGImportError(f"{_GPT}lm_head.weight is not tied to wte: unsupported")
+    prefix = f"{_GPT}transformer.h.{{}}.attn.{{}}.{{}}"
+    for part in ("weight", "bias"):
+        rows = [_need(state, prefix.format(i, proj, part)) for proj in ("uk", "uv") for i in range(cfg.decoder_layers)]
+        dec[f"prefix_kv.{part}"] = torch.cat(rows, dim=0)
+    for idx in (0, 2):
+        for part in ("weight", "bias"):
+            dec[f"feature_proj.{idx}.{part}"] = _need(state, f"{LM}feature_space_transformation_nn.{idx}.{part}")
+    return {"detector": det, "selector": sel, "abnormality": abn, "decoder": dec}
+
+
+def build_model(state: Mapping[str, Tensor], cfg: ModelConfig,
+                clip_state: Mapping[str, Tensor] | None = None) -> CRRGModel:
+    """A :class:`CRRGModel` carrying the checkpoint's weights; every RGRG tensor must find its place."""
+    model = CRRGModel.from_config(cfg)
+    for module, tensors in convert_state(state, cfg).items():
+        target = getattr(model, module)
+        expected = target.state_dict()
+        for key, value in tensors.items():
+            if key not in expected:
+                raise RGRGImportError(f"RGRG tensor for {module}.{key} has no counterpart in the {cfg.preset} model")
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise RGRGImportError(f"RGRG tensor for {module}.{key} has shape {list(value.shape)}, "
+                                   f"the model needs {list(expected[key].shape)}")
+        result = target.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=False)
+        missing = [k for k in result.missing_keys if not (module == "decoder" and k == "lm.lm_head.weight")]
+        if missing:
+            raise RGRGImportError(f"RGRG checkpoint has nothing for {module}.{missing[0]}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if clip_state is not None:
+        model.clip.model.load_state_dict(dict(clip_state))
+    return model
+
+
+def import_rgrg(checkpoint: str | Path, out_dir: str | Path, *, vocab_json: str | Path, merges_txt: str | Path,
+                name: str = "rgrg-import", version: str = "1", base: ModelConfig | None = None,
+                clip_state: Mapping[str, Tensor] | None = None, dtype: torch.dtype = torch.float16,
+                state: Mapping[str, Tensor] | None = None) -> Path:
+    """Checkpoint file (or an in-memory ``state``) -> bundle directory. Returns ``out_dir``."""
+    state = dict(state) if state is not None else read_checkpoint(checkpoint)
+    cfg = config_from_checkpoint(state, base)
+    model = build_model(state, cfg, clip_state)
+    tokenizer = gpt2_tokenizer(vocab_json, merges_txt)
+    training: dict[str, Any] = {
+        "source": f"RGRG full-model checkpoint {Path(str(checkpoint)).name}",
+        "clip": "weights supplied at import" if clip_state is not None else "random initialisation (RGRG has no CLIP)",
+    }
+    return save_bundle(
+        model, cfg, out_dir, name=name, version=version, tokenizer=tokenizer,
+        intended_use="Research reproduction of RGRG region-guided report generation; not for clinical use.",
+        clinical_use=False, training=training, dtype=dtype,
+    )
