@@ -37,6 +37,9 @@ from storage.schema import Base
 #: How long a SQLite writer waits for the lock before giving up (seconds).
 SQLITE_BUSY_TIMEOUT_S = 60.0
 
+#: How long connecting to PostgreSQL may take before it counts as down (seconds).
+PG_CONNECT_TIMEOUT_S = 10
+
 #: Execution option that makes the SQLite ``begin`` handler emit ``BEGIN IMMEDIATE``.
 _IMMEDIATE = "storage_sqlite_immediate"
 
@@ -62,7 +65,10 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         engine = _make_sqlite_engine(url, parsed.database)
     elif parsed.get_backend_name() == "postgresql":
-        engine = create_engine(url, pool_pre_ping=True)
+        # A database host that stopped answering must cost an error after seconds, not a hung worker
+        # (unless the URL sets its own ?connect_timeout=).
+        timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        engine = create_engine(url, pool_pre_ping=True, connect_args=timeout)
     else:
         raise ValueError(f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
                          "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")

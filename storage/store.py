@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 #: Errors that mean "no space": the disk is full or a quota is exhausted.
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -98,7 +98,7 @@ class InstanceStore:
         try:
             return open(self._tmp / name, "x+b")  # noqa: SIM115 (ownership passes to the caller)
         except OSError as exc:
-            raise _full_or(exc, self._tmp / name) from exc
+            _raise_full_or(exc, self._tmp / name)
 
     @contextmanager
     def temp(self) -> Iterator[BinaryIO]:
@@ -109,7 +109,7 @@ class InstanceStore:
             yield file
         except OSError as exc:
             self.discard(file)
-            raise _full_or(exc, Path(file.name)) from exc
+            _raise_full_or(exc, Path(file.name))
         except BaseException:
             self.discard(file)
             raise
@@ -140,7 +140,7 @@ class InstanceStore:
             _fsync_dir(final.parent)
         except OSError as exc:
             self.discard(temp)
-            raise _full_or(exc, final) from exc
+            _raise_full_or(exc, final)
         except BaseException:
             self.discard(temp)
             raise
@@ -262,11 +262,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _full_or(exc: OSError, path: Path) -> OSError:
-    """``StoreFullError`` for a no-space error, ``exc`` itself otherwise."""
-    if isinstance(exc, StoreFullError) or exc.errno not in _FULL_ERRNOS:
-        return exc
-    return StoreFullError(exc.errno, f"instance store is full ({os.strerror(exc.errno)})", str(path))
+def _raise_full_or(exc: OSError, path: Path) -> NoReturn:
+    """Raise ``StoreFullError`` for a no-space error, ``exc`` itself otherwise."""
+    if exc.errno in _FULL_ERRNOS and not isinstance(exc, StoreFullError):
+        raise StoreFullError(exc.errno, f"instance store is full ({os.strerror(exc.errno)})", str(path)) from exc
+    raise exc
 
 
 def _writer_is_gone(name: str) -> bool:
