@@ -59,6 +59,7 @@ class Listener:
         add_scp_contexts(self.ae)
         self._qr_handlers = self._attach_query_retrieve()
         self._server: ThreadedAssociationServer | None = None
+        self._previous_tempdir: str | None = None
 
     def _attach_query_retrieve(self) -> list[tuple[evt.EventType, object]]:
         """Q/R SCP handlers and contexts from ``pacs_node.qr``, when that module is present."""
@@ -67,7 +68,7 @@ class Listener:
         except ImportError as exc:
             log.info("query/retrieve not available (%s); serving C-ECHO and C-STORE only", exc)
             return []
-        service = QueryRetrieveService(self.settings, self.rt)
+        service = QueryRetrieveService.from_runtime(self.settings, self.rt)
         service.add_contexts(self.ae)
         return list(service.handlers())
 
@@ -81,6 +82,9 @@ class Listener:
             log.warning("association from %s at %s rejected: calling AE not allowed", ae_title, host)
             metrics.ASSOCIATIONS_REJECTED.labels("calling_ae").inc()
             event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNISED)
+            # As pynetdicom's own rejections do: stop the DUL only after it has sent the A-ASSOCIATE-RJ,
+            # so the caller reads a rejection rather than a dropped connection.
+            event.assoc.kill()
 
     def _on_echo(self, event: Event) -> int:
         return 0x0000
@@ -98,6 +102,7 @@ class Listener:
         incoming = self.rt.incoming_dir
         # pynetdicom creates its chunked-receive files with tempfile.NamedTemporaryFile in tempfile's
         # directory; putting that inside the store keeps the final rename on one filesystem.
+        self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(incoming)
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -113,3 +118,4 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            tempfile.tempdir = self._previous_tempdir

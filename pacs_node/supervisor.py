@@ -38,10 +38,10 @@ class Supervisor:
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "pacs_node", "worker", "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", "pacs_node"]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
-        return cmd
+        return cmd + ["worker", "--parent-pid", str(os.getpid())]
 
     def _spawn(self, slot: int) -> None:
         proc = subprocess.Popen(self._command())  # noqa: S603 (our own interpreter and module)

@@ -1,0 +1,241 @@
+"""Helpers for the node's tests: DCMTK tools, generated radiographs, a ``pacs-node serve`` subprocess,
+a DCMTK ``storescp`` receiver, and the CLI with ``--json``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from tests.support import REPO, free_port
+
+
+@functools.cache
+def _dcmtk_path(name: str) -> str | None:
+    # pynetdicom installs console scripts called storescu/storescp/echoscu too; the tests want DCMTK's.
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory) / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        try:
+            version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (version.stdout + version.stderr).lower():
+            return str(candidate)
+    return None
+
+
+def dcmtk(name: str) -> str:
+    """Path of the DCMTK program ``name``, or skip the test."""
+    path = _dcmtk_path(name)
+    if path is None:
+        pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk, see .ci/run)")
+    return path
+
+
+def make_cr(path: Path, *, modality: str = "CR", body_part: str | None = "CHEST", rows: int = 64,
+            cols: int = 64, study_uid: str | None = None, seed: int = 0,
+            sop_class: str = "1.2.840.10008.5.1.4.1.1.1") -> pydicom.Dataset:
+    """A small synthetic radiograph (uncompressed, MONOCHROME2, 12 bits) written to ``path``."""
+    rng = np.random.default_rng(seed)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Synthetic^Phantom"
+    ds.PatientID = f"SYN{seed:05d}"
+    ds.StudyDate, ds.StudyTime = "20260101", "120000"
+    ds.AccessionNumber = f"A{seed:05d}"
+    ds.Modality = modality
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
+    ds.StudyDescription = "Synthetic test image"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def write_config(directory: Path, text: str) -> Path:
+    path = directory / "pacs-node.toml"
+    path.write_text(text)
+    return path
+
+
+def base_config(data_dir: Path, port: int, http_port: int, *, extra: str = "") -> str:
+    return f"""
+[node]
+ae_title = "PACSNODE"
+port = {port}
+bind = "127.0.0.1"
+data_dir = "{data_dir}"
+[store]
+min_free_bytes = 0
+[pipeline]
+bundle = "fake"
+max_batch_latency_s = 0.05
+[worker]
+count = 1
+lease_seconds = 6
+poll_interval_s = 0.1
+[retention]
+interval_s = 1
+[http]
+port = {http_port}
+{extra}
+"""
+
+
+def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Node:
+    """A ``pacs-node serve`` subprocess with its own config and data dir."""
+
+    directory: Path
+    config: Path
+    port: int
+    http_port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> Node:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
+        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pacs_node", "--config", str(self.config), "serve"],
+            cwd=self.directory, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        log.close()
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
+        result = subprocess.run(
+            [sys.executable, "-m", "pacs_node", "--config", str(self.config), *args],
+            cwd=self.directory, capture_output=True, text=True, env=env, timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"pacs-node {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def wait_jobs(self, predicate, timeout: float = 90.0) -> list[dict[str, Any]]:  # noqa: ANN001
+        """Poll ``queue ls --json`` until ``predicate(jobs)`` holds."""
+        deadline = time.monotonic() + timeout
+        jobs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            jobs = self.cli_json("queue", "ls", "--limit", "10000")
+            if predicate(jobs):
+                return jobs
+            time.sleep(0.5)
+        raise AssertionError(f"jobs never reached the expected state: {jobs}\n--- node log ---\n{self.log()[-5000:]}")
+
+
+@dataclass
+class StoreSCP:
+    """DCMTK ``storescp`` writing what it receives to ``directory``."""
+
+    directory: Path
+    port: int
+    ae_title: str = "RECEIVER"
+    proc: subprocess.Popen | None = None
+
+    def start(self, *extra: str) -> StoreSCP:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.directory), *extra, str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, timeout=20, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, timeout=5)
+
+    def received(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p) for p in sorted(self.directory.iterdir()) if p.is_file()]
+
+
+def storescu(port: int, files: list[Path], *options: str, calling: str = "MODALITY",
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk("storescu"), "-aet", calling, "-aec", "PACSNODE", *options, "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def echoscu(port: int, calling: str = "MODALITY") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("echoscu"), "-aet", calling, "-aec", "PACSNODE", "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def new_ports() -> tuple[int, int, int]:
+    """Three distinct free loopback ports (listener, HTTP, receiver)."""
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    return tuple(ports)  # type: ignore[return-value]

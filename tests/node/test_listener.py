@@ -1,0 +1,176 @@
+"""The listener in this process, spoken to by DCMTK and pynetdicom peers over loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+from sqlalchemy import func, select
+
+from pacs_node.config import Settings
+from pacs_node.listener import Listener
+from pacs_node.runtime import Runtime
+from storage.schema import Instance, Job
+from storage.store import StoreFullError
+from tests.node.helpers import dcmtk, echoscu, make_cr, storescu
+from tests.support import free_port
+
+
+def _settings(tmp_path: Path, **sections: dict) -> Settings:
+    return Settings(
+        node={"ae_title": "PACSNODE", "port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var"},
+        allowed_callers=[{"ae_title": "MODALITY"}, {"ae_title": "PYSCU", "host": "127.0.0.1"},
+                         {"ae_title": "ELSEWHERE", "host": "10.9.9.9"}],
+        store={"min_free_bytes": 0},
+        pipeline={"bundle": "fake"},
+        **sections,
+    )
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Settings, Runtime]]:
+    settings = _settings(tmp_path)
+    runtime = Runtime.open(settings)
+    listener = Listener(settings, runtime)
+    listener.start()
+    yield settings, runtime
+    listener.stop()
+    runtime.close()
+
+
+def _counts(runtime: Runtime) -> tuple[int, int]:
+    with runtime.read_session() as session:
+        return (session.scalar(select(func.count()).select_from(Instance)),
+                session.scalar(select(func.count()).select_from(Job)))
+
+
+def _send_with_pynetdicom(port: int, path: Path, sop_class: str = ComputedRadiographyImageStorage) -> int:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        assert assoc.send_c_echo().Status == 0  # the association survives whatever the store did
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_echo_and_allow_list(node: tuple[Settings, Runtime]) -> None:
+    settings, _ = node
+    dcmtk("echoscu")
+    assert echoscu(settings.node.port, calling="MODALITY").returncode == 0
+    refused = echoscu(settings.node.port, calling="INTRUDER")
+    assert refused.returncode != 0
+    assert "Rejected" in refused.stdout + refused.stderr
+    # an allowed AE title calling from the wrong host is refused too
+    assert echoscu(settings.node.port, calling="ELSEWHERE").returncode != 0
+
+
+def test_store_j2k_as_received_once_with_one_job(node: tuple[Settings, Runtime], real_dicom_dir: Path) -> None:
+    settings, runtime = node
+    source = real_dicom_dir / "RG1_J2KR.dcm"
+    for _ in range(2):  # the second send is a duplicate: acknowledged, stored once, no second job
+        sent = storescu(settings.node.port, [source], "-xv")
+        assert sent.returncode == 0, sent.stderr
+    original = pydicom.dcmread(source)
+    with runtime.read_session() as session:
+        rows = session.scalars(select(Instance)).all()
+        jobs = session.scalars(select(Job)).all()
+    assert len(rows) == 1 and len(jobs) == 1
+    row, job = rows[0], jobs[0]
+    assert (row.sop_instance_uid, row.transfer_syntax_uid) == (original.SOPInstanceUID, original.file_meta.TransferSyntaxUID)
+    assert (row.disposition, row.calling_ae) == ("queued", "MODALITY")
+    assert (job.kind, job.state, job.dedupe_key) == ("analyse", "queued", f"analyse:{original.SOPInstanceUID}")
+    stored = pydicom.dcmread(runtime.store.path(row.path))
+    assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID  # not transcoded
+    assert stored.PixelData == original.PixelData
+    assert os.listdir(runtime.incoming_dir) == []  # no temp file left behind
+
+
+def test_non_chest_is_acknowledged_and_recorded_not_processed(node: tuple[Settings, Runtime], tmp_path: Path) -> None:
+    settings, runtime = node
+    hand = tmp_path / "hand.dcm"
+    ds = make_cr(hand, body_part="HAND")
+    assert _send_with_pynetdicom(settings.node.port, hand) == 0
+    with runtime.read_session() as session:
+        row = session.scalars(select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)).one()
+    assert row.disposition == "not_processed" and "HAND" in row.reason
+    assert runtime.store.path(row.path).is_file()
+    assert _counts(runtime) == (1, 0)
+
+
+def test_discard_policy_keeps_only_the_record(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, policy={"non_chest": "discard"})
+    runtime = Runtime.open(settings)
+    listener = Listener(settings, runtime)
+    listener.start()
+    try:
+        hand = tmp_path / "hand.dcm"
+        make_cr(hand, body_part="KNEE")
+        assert _send_with_pynetdicom(settings.node.port, hand) == 0
+        with runtime.read_session() as session:
+            row = session.scalars(select(Instance)).one()
+        assert row.path == "" and "discarded" in row.reason
+        assert list(runtime.store.iter_files()) == []
+    finally:
+        listener.stop()
+        runtime.close()
+
+
+def test_unparseable_dataset_fails_and_the_listener_stays_up(node: tuple[Settings, Runtime], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, runtime = node
+    garbage = tmp_path / "garbage.dcm"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(garbage, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(f, meta)
+        f.write(os.urandom(4096))
+    # send the raw bytes as they are (pynetdicom would otherwise refuse to encode a broken dataset)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    status = _send_with_pynetdicom(settings.node.port, garbage)
+    assert 0xC000 <= status <= 0xCFFF
+    assert _counts(runtime) == (0, 0)
+    assert os.listdir(runtime.incoming_dir) == []
+    dcmtk("echoscu")
+    assert echoscu(settings.node.port).returncode == 0
+
+
+def test_full_store_answers_a700_and_writes_nothing(node: tuple[Settings, Runtime], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, runtime = node
+    image = tmp_path / "cr.dcm"
+    make_cr(image)
+
+    # ENOSPC in the middle of the commit cannot be caused on demand here; the store raises what it
+    # raises on a full disk.
+    def full(temp, relpath):  # noqa: ANN001
+        runtime.store.discard(temp)
+        raise StoreFullError(28, "instance store is full", relpath)
+
+    monkeypatch.setattr(runtime.store, "commit", full)
+    assert _send_with_pynetdicom(settings.node.port, image) == 0xA700
+    assert _counts(runtime) == (0, 0)
+    assert list(runtime.store.iter_files()) == [] and os.listdir(runtime.incoming_dir) == []
+    monkeypatch.undo()
+
+    # below the free-space watermark the node refuses before writing anything
+    monkeypatch.setattr(runtime.store, "min_free_bytes", runtime.store.free_bytes() + 10**12)
+    assert _send_with_pynetdicom(settings.node.port, image) == 0xA700
+    monkeypatch.setattr(runtime.store, "min_free_bytes", 0)
+    assert _send_with_pynetdicom(settings.node.port, image) == 0  # space is back: accepted
+    assert _counts(runtime) == (1, 1)
