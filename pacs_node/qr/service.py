@@ -1,0 +1,255 @@
+"""The Query/Retrieve SCP: C-FIND, C-MOVE and C-GET (Patient Root and Study Root) over every stored
+instance, received or produced by this node.
+
+``QueryRetrieveService`` only provides pynetdicom event handlers and presentation contexts; the
+listener owns the one AE and binds them next to its C-ECHO/C-STORE handlers, so Q/R shares the
+listener's port, calling-AE allow-list and association limits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID
+from pynetdicom import AE, build_context, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_node.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from pacs_node.qr.find import entity_rows, matching_keys, response_identifier
+from pacs_node.qr.matching import Level, QueryError, identifier_conditions, query_level
+from storage.schema import Instance
+from storage.store import InstanceStore
+
+if TYPE_CHECKING:
+    from pacs_node.config import Settings
+    from pacs_node.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_PATIENT_ROOT = frozenset({PatientRootQueryRetrieveInformationModelFind,
+                           PatientRootQueryRetrieveInformationModelMove,
+                           PatientRootQueryRetrieveInformationModelGet})
+_QR_CLASSES = (*_PATIENT_ROOT, StudyRootQueryRetrieveInformationModelFind,
+               StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet)
+
+# Statuses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4).
+PENDING = 0xFF00
+CANCEL = 0xFE00
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC001
+OUT_OF_RESOURCES_MATCHES = 0xA701  # C-MOVE/C-GET: more matches than one response can count
+
+_MAX_SUBOPERATIONS = 65535  # the counters in a C-MOVE/C-GET response are US
+_MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class Match:
+    """One instance to retrieve."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+
+
+def _levels(sop_class_uid: str) -> tuple[Level, ...]:
+    if sop_class_uid in _PATIENT_ROOT:
+        return tuple(Level)
+    return (Level.STUDY, Level.SERIES, Level.IMAGE)
+
+
+class QueryRetrieveService:
+    """C-FIND/C-MOVE/C-GET handlers over ``storage.schema.Instance``.
+
+    ``peers`` maps a peer name to ``(ae_title, host, port)``: the only C-MOVE destinations. A move to
+    any other AE title fails with 0xA801 (Move Destination unknown), so a caller cannot make the node
+    send images to an address of its choosing.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], store: InstanceStore,
+                 peers: Mapping[str, tuple[str, str, int]], *, ae_title: str | None = None,
+                 max_matches: int = 10000) -> None:
+        self.sessions = sessions
+        self.store = store
+        self.peers = dict(peers)
+        self.ae_title = ae_title
+        self.max_matches = max_matches
+
+    @classmethod
+    def from_runtime(cls, settings: Settings, runtime: Runtime) -> QueryRetrieveService:
+        """The service as the listener builds it: configured peers, the runtime's store and sessions."""
+        peers = {name: (p.ae_title, p.host, p.port) for name, p in settings.peers.items()}
+        return cls(runtime.sessions, runtime.store, peers, ae_title=settings.node.ae_title)
+
+    # -- wiring -----------------------------------------------------------------------------------
+
+    def handlers(self) -> list[tuple[evt.EventType, Any]]:
+        return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
+
+    @staticmethod
+    def add_contexts(ae: AE) -> None:
+        """Q/R information models, and the storage classes with the SCP role a C-GET requestor asks
+        for (it receives our C-STOREs on its own association)."""
+        for sop_class in _QR_CLASSES:
+            ae.add_supported_context(sop_class)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES), scu_role=False, scp_role=True)
+
+    # -- C-FIND -----------------------------------------------------------------------------------
+
+    def on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        try:
+            identifier = event.identifier
+            level = query_level(identifier, _levels(sop_class))
+        except QueryError as exc:
+            log.warning("C-FIND from %s refused: %s", _caller(event), exc)
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        except Exception as exc:  # an undecodable identifier
+            log.warning("C-FIND from %s: cannot decode the identifier (%s)", _caller(event), exc)
+            yield UNABLE_TO_PROCESS, None
+            return
+        try:
+            with self.sessions() as session:
+                keys = matching_keys(session, identifier, level, self.max_matches)
+                rows = list(entity_rows(session, level, keys))
+        except SQLAlchemyError:
+            log.exception("C-FIND from %s: database error", _caller(event))
+            yield UNABLE_TO_PROCESS, None
+            return
+        if len(keys) >= self.max_matches:
+            log.warning("C-FIND from %s at %s level: results capped at %d", _caller(event), level.value,
+                        self.max_matches)
+        log.info("C-FIND from %s at %s level: %d match(es)", _caller(event), level.value, len(rows))
+        for row in rows:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, response_identifier(identifier, level, row, self.ae_title)
+
+    # -- C-MOVE / C-GET ---------------------------------------------------------------------------
+
+    def _matches(self, event: Event) -> list[Match]:
+        identifier = event.identifier
+        level = query_level(identifier, _levels(str(event.request.AffectedSOPClassUID)))
+        with self.sessions() as session:
+            dialect = session.get_bind().dialect.name
+            conditions = identifier_conditions(identifier, level, dialect)
+            if not conditions:
+                # Retrieving everything is never what a PACS means; require at least one key.
+                raise QueryError("C-MOVE/C-GET identifier has no matching key")
+            rows = session.execute(
+                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
+                       Instance.path)
+                .where(*conditions)
+                .order_by(Instance.study_instance_uid, Instance.series_instance_uid,
+                          Instance.instance_number, Instance.id)
+            ).all()
+        return [Match(*row) for row in rows]
+
+    def _datasets(self, event: Event, matches: list[Match]) -> Iterator[tuple[int, Dataset | None]]:
+        for match in matches:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            try:
+                dataset = dcmread(self.store.path(match.path))
+            except Exception as exc:  # missing or unreadable file: a failed sub-operation, not an abort
+                log.error("cannot read stored instance %s (%s): %s", match.sop_instance_uid, match.path, exc)
+                dataset = Dataset()
+                dataset.SOPInstanceUID = match.sop_instance_uid  # listed in Failed SOP Instance UID List
+            yield PENDING, dataset
+
+    def on_get(self, event: Event) -> Iterator[Any]:
+        try:
+            matches = self._matches(event)
+        except QueryError as exc:
+            log.warning("C-GET from %s refused: %s", _caller(event), exc)
+            yield 1
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        except SQLAlchemyError:
+            log.exception("C-GET from %s: database error", _caller(event))
+            yield 1
+            yield UNABLE_TO_PROCESS, None
+            return
+        if len(matches) > _MAX_SUBOPERATIONS:
+            yield 1
+            yield OUT_OF_RESOURCES_MATCHES, None
+            return
+        log.info("C-GET from %s: %d instance(s)", _caller(event), len(matches))
+        yield len(matches)
+        yield from self._datasets(event, matches)
+
+    def destination(self, ae_title: str) -> tuple[str, int] | None:
+        """Host and port of the configured peer with this AE title (exact, then case-insensitive)."""
+        title = ae_title.strip()
+        for exact in (True, False):
+            for peer_ae, host, port in self.peers.values():
+                if (peer_ae.strip() == title) if exact else (peer_ae.strip().upper() == title.upper()):
+                    return host, int(port)
+        return None
+
+    def on_move(self, event: Event) -> Iterator[Any]:
+        raw = event.move_destination
+        ae_title = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+        destination = self.destination(ae_title)
+        if destination is None:
+            log.warning("C-MOVE from %s to unknown destination %r", _caller(event), ae_title.strip())
+            yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+            return
+        try:
+            matches = self._matches(event)
+            error = None
+        except QueryError as exc:
+            matches, error = [], (IDENTIFIER_DOES_NOT_MATCH, str(exc))
+        except SQLAlchemyError as exc:
+            matches, error = [], (UNABLE_TO_PROCESS, str(exc))
+        contexts = _storage_contexts(matches)
+        yield destination[0], destination[1], {"contexts": contexts} if contexts else {}
+        if error is not None:
+            log.warning("C-MOVE from %s refused: %s", _caller(event), error[1])
+            yield 1
+            yield error[0], None
+            return
+        if len(matches) > _MAX_SUBOPERATIONS:
+            yield 1
+            yield OUT_OF_RESOURCES_MATCHES, None
+            return
+        log.info("C-MOVE from %s to %s: %d instance(s)", _caller(event), ae_title.strip(), len(matches))
+        yield len(matches)
+        yield from self._datasets(event, matches)
+
+
+def _storage_contexts(matches: list[Match]) -> list[Any]:
+    """One requested context per (SOP class, stored transfer syntax): instances are sent exactly as
+    stored, never transcoded, so the destination must accept that exact syntax."""
+    pairs = sorted({(m.sop_class_uid, m.transfer_syntax_uid) for m in matches})
+    if len(pairs) > _MAX_CONTEXTS:
+        log.warning("C-MOVE needs %d presentation contexts; only the first %d are proposed",
+                    len(pairs), _MAX_CONTEXTS)
+    return [build_context(UID(sop), [UID(ts)]) for sop, ts in pairs[:_MAX_CONTEXTS]]
+
+
+def _caller(event: Event) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except AttributeError:
+        return "?"

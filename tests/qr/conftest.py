@@ -1,0 +1,151 @@
+"""A small archive (SQLite + instance store) with two patients' chest radiographs and this node's
+results for them, and a Q/R SCP serving it on loopback with the production handlers."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+
+from pacs_node.instances import instance_fields
+from pacs_node.qr import QueryRetrieveService
+from pacs_node.results import ResultOptions, build_result_objects
+from pipelines.interface import FakePipeline
+from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
+from storage.repository import add_instance
+from storage.schema import Disposition, Origin
+from storage.store import InstanceStore
+from tests.support import free_port
+
+QR_AET = "QRSCP"
+
+
+def dcmtk(name: str) -> str:
+    """A DCMTK program. pynetdicom installs same-named Python apps (findscu, getscu...) that may come
+    first on PATH, so the OFFIS binary is looked for by its version banner."""
+    candidates = [Path("/usr/bin") / name, Path("/usr/local/bin") / name]
+    found = shutil.which(name)
+    if found:
+        candidates.append(Path(found))
+    for path in candidates:
+        if path.is_file():
+            banner = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
+            if "dcmtk" in (banner.stdout + banner.stderr).lower():
+                return str(path)
+    pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk)")
+
+
+def make_cr(*, patient_id: str, patient_name: str, study_uid: str, study_date: str,
+            accession: str, rows: int = 64, columns: int = 48) -> Dataset:
+    """A tiny but complete CR image (MONOCHROME2, 12 bits stored)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID, ds.PatientName = patient_id, patient_name
+    ds.PatientBirthDate, ds.PatientSex = "19600101", "F"
+    ds.StudyDate, ds.StudyTime = study_date, "101500"
+    ds.AccessionNumber, ds.StudyID = accession, "1"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CHEST PA"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CR", 1, 1
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]
+    ds.ContentDate, ds.ContentTime = study_date, "101500"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(rows * columns, dtype=np.uint16) % 4096).tobytes()
+    return ds
+
+
+@dataclass
+class Archive:
+    root: Path
+    store: InstanceStore
+    sessions: object
+    studies: dict[str, list[Dataset]] = field(default_factory=dict)  # study UID -> all its objects
+
+    def add(self, ds: Dataset, origin: Origin, source_uid: str | None = None) -> None:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        fields = instance_fields(ds)
+        relpath = self.store.relpath_for(fields["study_instance_uid"], fields["series_instance_uid"],
+                                         fields["sop_instance_uid"])
+        self.store.write_bytes(relpath, buffer.getvalue())
+        with self.sessions() as session, session.begin():
+            add_instance(session, **fields, path=relpath, size_bytes=len(buffer.getvalue()),
+                         origin=origin,
+                         disposition=Disposition.RESULT if origin is Origin.RESULT else Disposition.QUEUED,
+                         source_sop_instance_uid=source_uid)
+        self.studies.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+
+
+@pytest.fixture(scope="package")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    root = tmp_path_factory.mktemp("archive")
+    url = sqlite_url(root / "node.sqlite3")
+    upgrade(url)
+    engine = make_engine(url)
+    archive = Archive(root, InstanceStore(root / "store"), make_sessionmaker(engine))
+    images = [
+        make_cr(patient_id="P-001", patient_name="Doe^Jane", study_uid=generate_uid(),
+                study_date="20240115", accession="ACC1"),
+        make_cr(patient_id="P-002", patient_name="Roe^Richard", study_uid=generate_uid(),
+                study_date="20240320", accession="ACC2"),
+    ]
+    pipeline = FakePipeline()
+    for image, result in zip(images, pipeline.analyse(images), strict=True):
+        archive.add(image, Origin.RECEIVED)
+        for obj in build_result_objects(image, result, ResultOptions()):
+            archive.add(obj, Origin.RESULT, source_uid=str(image.SOPInstanceUID))
+    yield archive
+    engine.dispose()
+
+
+@dataclass
+class Scp:
+    port: int
+    service: QueryRetrieveService
+    peers: dict[str, tuple[str, str, int]]
+
+
+@pytest.fixture(scope="package")
+def store_scp_port() -> int:
+    """Port reserved for the C-MOVE destination (a storescp a test starts, AE title STORESCP)."""
+    return free_port()
+
+
+@pytest.fixture(scope="package")
+def orthanc_ports() -> tuple[int, int]:
+    """(DICOM, HTTP) ports reserved for the Orthanc the PACS-flow test starts (AE title ORTHANC)."""
+    return free_port(), free_port()
+
+
+@pytest.fixture(scope="package")
+def qr_scp(archive: Archive, store_scp_port: int, orthanc_ports: tuple[int, int]) -> Iterator[Scp]:
+    peers = {"storescp": ("STORESCP", "127.0.0.1", store_scp_port),
+             "orthanc": ("ORTHANC", "127.0.0.1", orthanc_ports[0])}
+    service = QueryRetrieveService(archive.sessions, archive.store, peers, ae_title=QR_AET)
+    ae = AE(ae_title=QR_AET)
+    service.add_contexts(ae)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=service.handlers())
+    yield Scp(port, service, peers)
+    server.shutdown()
