@@ -58,14 +58,3 @@ def test_concurrent_upgrades_do_not_collide(db_url: str) -> None:
         thread.join()
     assert errors == []
     assert current_revision(db_url) == head_revision()
-
-
-def test_sqlite_engine_is_configured_for_durability(sqlite_db: str) -> None:
-    engine = make_engine(sqlite_db)
-    try:
-        with engine.connect() as connection:
-            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
-            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
-    finally:
-        engine.dispose()
