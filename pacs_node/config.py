@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 #: Where ``pacs-node`` looks for its config file when neither ``--config`` nor ``PACS_NODE_CONFIG`` says.
@@ -40,11 +40,27 @@ class Section(BaseModel):
 
 
 class TLSConfig(Section):
-    """TLS for an association with a peer; paths are PEM files."""
+    """TLS for an association with a peer; paths are PEM files. ``cert_file``/``key_file`` are ours,
+    for a peer that wants mutual TLS."""
 
     ca_file: Path
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: Password of an encrypted ``key_file`` (never logged or printed).
+    key_password: SecretStr | None = None
+    #: Check that the peer's certificate names ``host`` (turn off only for certificates without it).
+    check_hostname: bool = True
+
+
+class ListenerTLSConfig(Section):
+    """DICOM TLS on the listener's port (``[node.tls]``): every association must be TLS then."""
+
+    cert_file: Path
+    key_file: Path
+    #: Password of an encrypted ``key_file`` (never logged or printed).
+    key_password: SecretStr | None = None
+    #: When set, callers must present a certificate signed by this CA (mutual TLS).
+    ca_file: Path | None = None
 
 
 class NodeConfig(Section):
@@ -56,6 +72,8 @@ class NodeConfig(Section):
     max_pdu: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
     #: Concurrent associations the listener serves.
     max_associations: Annotated[int, Field(ge=1)] = 16
+    #: DICOM TLS for every association on ``port``; absent means plain TCP.
+    tls: ListenerTLSConfig | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -358,6 +376,11 @@ bind = "0.0.0.0"               # address to listen on
 data_dir = "var"               # SQLite database and instance store live here by default
 max_pdu = 4194304              # largest PDU we accept (bytes)
 max_associations = 16
+# [node.tls]                   # example: DICOM TLS on the port above (mutual TLS when ca_file is set)
+# cert_file = "/etc/pacs-node/node.pem"
+# key_file = "/etc/pacs-node/node.key"
+# key_password = "..."         # only for an encrypted key; never logged
+# ca_file = "/etc/pacs-node/callers-ca.pem"
 
 # Peers we send results to (and can echo): [peers.<name>]
 # [peers.pacs]                 # example
