@@ -1,0 +1,217 @@
+"""Ingest benchmark: how fast the node's listener files chest radiographs, against DCMTK and the disk.
+
+In one run, on one filesystem, with the same cached inputs (``--count`` uncompressed 16-bit images of
+``--rows`` x ``--cols``):
+
+* ``dd if=/dev/zero bs=4M conv=fsync`` of the same number of bytes: the disk's durable write bandwidth,
+  the ceiling for anything that fsyncs;
+* DCMTK ``storescp`` (no fsync; ``--fork`` for concurrent senders; its largest PDU);
+* the node (``pacs-node serve``: SQLite, fsync of file, directory and database per instance before the
+  success status; no workers, so the pipeline does not compete for the CPU);
+
+each receiver fed by one DCMTK ``storescu`` association and by ``--senders`` concurrent ones. Prints one
+JSON line and a table: images/s, MB/s (10^6 bytes of DICOM files per second of wall time from the
+first association to the last acknowledgement), node/storescp and node/dd ratios.
+
+    python -m bench.ingest --count 40 --rows 3000 --cols 2500
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.common import (
+    CACHE,
+    BenchError,
+    Node,
+    StoreSCP,
+    chest_image_files,
+    device_words,
+    emit,
+    fresh_dir,
+    machine,
+    storescu_command,
+)
+
+MB = 1e6
+#: The node's configuration for the run: a fake pipeline and no worker processes, so nothing but the
+#: listener (and its fsyncs) uses the CPU and the disk.
+NODE_TOML = """\
+[pipeline]
+bundle = "fake"
+[worker]
+count = 0
+"""
+
+
+@dataclass
+class Measurement:
+    receiver: str
+    senders: int
+    seconds: float
+    images: int
+    bytes: int
+
+    @property
+    def images_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / MB / self.seconds
+
+
+def dd_fsync(directory: Path, nbytes: int) -> float:
+    """Seconds ``dd conv=fsync`` takes to write at least ``nbytes`` (4 MiB blocks) into ``directory``."""
+    block = 4 * 1024 * 1024
+    count = max(1, math.ceil(nbytes / block))
+    target = directory / "dd.bin"
+    os.sync()
+    start = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", f"bs={block}", f"count={count}", "conv=fsync"],
+                   check=True, capture_output=True)
+    seconds = time.monotonic() - start
+    target.unlink()
+    return seconds * nbytes / (count * block)  # seconds for exactly nbytes at the measured rate
+
+
+def send(port: int, called: str, files: list[Path], senders: int) -> float:
+    """Wall seconds for ``senders`` concurrent storescu associations to send ``files`` (split evenly)."""
+    commands = [storescu_command(port, files[i::senders], called) for i in range(min(senders, len(files)))]
+    os.sync()  # start with a quiet disk: the previous phase's dirty pages are not this phase's cost
+    start = time.monotonic()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for cmd in commands]
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            errors.append(err.decode(errors="replace")[-2000:])
+    seconds = time.monotonic() - start
+    if errors:
+        raise BenchError("storescu failed:\n" + "\n".join(errors))
+    return seconds
+
+
+def _files_under(root: Path) -> int:
+    """Committed files under ``root``, ignoring dot directories (the node's temp area)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        total += len(filenames)
+    return total
+
+
+def measure_storescp(work: Path, files: list[Path], nbytes: int, senders: int) -> Measurement:
+    out = fresh_dir(work, "storescp")
+    with StoreSCP(out, fork=senders > 1) as scp:
+        seconds = send(scp.port, scp.ae_title, files, senders)
+    received = _files_under(out)
+    if received != len(files):
+        raise BenchError(f"storescp stored {received} of {len(files)} files")
+    return Measurement("storescp", senders, seconds, len(files), nbytes)
+
+
+def measure_node(work: Path, files: list[Path], nbytes: int, senders: int) -> Measurement:
+    node = Node(fresh_dir(work, "node"), NODE_TOML)
+    with node:
+        seconds = send(node.port, node.ae_title, files, senders)
+    stored = _files_under(node.data_dir / "store")
+    if stored != len(files):
+        raise BenchError(f"the node stored {stored} of {len(files)} files\n{node.log_tail()}")
+    return Measurement("node", senders, seconds, len(files), nbytes)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=40, help="images per phase (default 40)")
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--cols", type=int, default=2500)
+    p.add_argument("--senders", type=int, default=4, help="concurrent storescu for the parallel phase (default 4)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of every phase; the median is reported")
+    p.add_argument("--workdir", type=Path, default=CACHE / "ingest-run",
+                   help="where the receivers write (the filesystem under test); emptied per phase")
+    p.add_argument("--cache", type=Path, default=CACHE, help="where generated inputs are kept between runs")
+    args = p.parse_args(argv)
+    for name in ("count", "rows", "cols", "senders", "repeat"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.rows < 64:
+        p.error("--rows must be >= 64 (the phantom generator's minimum)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    files = chest_image_files(args.count, args.rows, args.cols, cache=args.cache)
+    nbytes = sum(f.stat().st_size for f in files)
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+
+    dd_runs: list[float] = []
+    runs: dict[tuple[str, int], list[Measurement]] = {}
+    sender_counts = sorted({1, args.senders})
+    for _ in range(args.repeat):
+        dd_runs.append(nbytes / MB / dd_fsync(work, nbytes))
+        for senders in sender_counts:
+            for measure in (measure_storescp, measure_node):
+                m = measure(work, files, nbytes, senders)
+                runs.setdefault((m.receiver, senders), []).append(m)
+    for name in ("storescp", "node"):
+        fresh_dir(work, name)  # leave no gigabytes behind
+
+    def median(receiver: str, senders: int) -> Measurement:
+        ms = sorted(runs[(receiver, senders)], key=lambda m: m.seconds)
+        return ms[len(ms) // 2]
+
+    dd_mb_s = statistics.median(dd_runs)
+    results = [median(r, s) for s in sender_counts for r in ("storescp", "node")]
+    by = {(m.receiver, m.senders): m for m in results}
+    par = args.senders
+    ratios = {
+        "node_vs_storescp_1_sender": by[("node", 1)].mb_s / by[("storescp", 1)].mb_s,
+        f"node_vs_storescp_{par}_senders": by[("node", par)].mb_s / by[("storescp", par)].mb_s,
+        f"node_{par}_senders_vs_dd_fsync": by[("node", par)].mb_s / dd_mb_s,
+    }
+    info = machine()
+    result = {
+        "bench": "ingest",
+        "device": device_words(info),
+        "machine": info,
+        "count": args.count,
+        "rows": args.rows,
+        "cols": args.cols,
+        "total_bytes": nbytes,
+        "repeat": args.repeat,
+        "dd_fsync_mb_s": round(dd_mb_s, 1),
+        "results": [{**asdict(m), "images_s": round(m.images_s, 2), "mb_s": round(m.mb_s, 1)} for m in results],
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "goals": {
+            "node_1_sender_at_least_1.2x_storescp": ratios["node_vs_storescp_1_sender"] >= 1.2,
+            f"node_{par}_senders_at_least_80pct_of_dd": ratios[f"node_{par}_senders_vs_dd_fsync"] >= 0.8,
+        },
+    }
+    rows = [("dd conv=fsync", "-", "-", f"{dd_mb_s:.1f}", "")]
+    rows += [(m.receiver, m.senders, f"{m.images_s:.2f}", f"{m.mb_s:.1f}",
+              f"{m.mb_s / dd_mb_s:.2f}") for m in results]
+    emit(result, ("receiver", "senders", "images/s", "MB/s", "of dd"), rows,
+         title=f"ingest: {args.count} x {args.rows}x{args.cols} 16-bit ({nbytes / MB:.0f} MB) on "
+               f"{result['device']}; median of {args.repeat}")
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"bench.ingest: {exc}", file=sys.stderr)
+        sys.exit(2)
