@@ -14,13 +14,14 @@ from pathlib import Path
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node import metrics
+from pacs_node.acceptor import GuardedAssociationServer, start_guarded_server
 from pacs_node.config import Settings
 from pacs_node.contexts import add_scp_contexts
 from pacs_node.ingest import Caller, Ingestor
 from pacs_node.runtime import Runtime
+from pacs_node.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Listener:
         self.ae.maximum_associations = settings.node.max_associations
         add_scp_contexts(self.ae)
         self._qr_handlers = self._attach_query_retrieve()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
         self._previous_tempdir: str | None = None
 
     def _attach_query_retrieve(self) -> list[tuple[evt.EventType, object]]:
@@ -111,8 +112,14 @@ class Listener:
             *self._qr_handlers,
         ]
         bind = (self.settings.node.bind, self.settings.node.port)
-        self._server = self.ae.start_server(bind, block=False, evt_handlers=handlers)
-        log.info("listening as %s on %s:%d", self.settings.node.ae_title, *bind)
+        tls = self.settings.node.tls
+        self._server = start_guarded_server(
+            self.ae, bind, ssl_context=server_context(tls) if tls is not None else None,
+            evt_handlers=handlers, max_pdu=self.settings.node.max_pdu,
+        )
+        log.info("listening as %s on %s:%d%s", self.settings.node.ae_title, *bind,
+                 " (DICOM TLS, client certificates required)" if tls and tls.ca_file
+                 else " (DICOM TLS)" if tls else "")
 
     def stop(self) -> None:
         if self._server is not None:
