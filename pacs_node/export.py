@@ -24,6 +24,7 @@ from sqlalchemy import select
 from pacs_node import metrics
 from pacs_node.config import Peer, Settings
 from pacs_node.runtime import Runtime
+from pacs_node.tls import TLSConfigError, peer_tls_args
 from storage.queue import ClaimedJob
 from storage.schema import Instance, JobKind, utcnow
 
@@ -41,12 +42,11 @@ class ExportError(Exception):
 
 
 def tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
-    if peer.tls is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(peer.tls.ca_file))
-    if peer.tls.cert_file is not None:
-        context.load_cert_chain(str(peer.tls.cert_file), str(peer.tls.key_file) if peer.tls.key_file else None)
-    return context, peer.host
+    """pynetdicom's ``tls_args`` for ``peer``; unusable TLS settings fail the send with the key named."""
+    try:
+        return peer_tls_args(peer)
+    except TLSConfigError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def make_scu(settings: Settings) -> AE:
