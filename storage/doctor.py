@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.queue import JobQueue
@@ -29,6 +29,8 @@ from storage.store import InstanceStore
 
 log = logging.getLogger(__name__)
 
+#: ``Instance.path`` of a row whose file was not kept on purpose (an instance discarded by policy).
+_NO_FILE = ""
 _UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value, JobState.DEAD.value)
 
 
@@ -74,30 +76,39 @@ class Doctor:
         self.grace_s = grace_s
 
     def check(self) -> DoctorReport:
-        """Find every inconsistency; changes nothing."""
+        """Find every inconsistency; changes nothing. Memory stays bounded by one hash shard of the store,
+        not the whole store: files are matched to rows shard by shard, and rows are checked for their
+        file as a stream."""
         report = DoctorReport()
+        young = time.time() - self.grace_s
         with self._sessions() as session:
-            rows = session.execute(select(Instance.sop_instance_uid, Instance.path, Instance.size_bytes)).all()
-            now = utcnow()
+            for shard in self.store.top_level():
+                known = {
+                    path: (uid, size)
+                    for uid, path, size in session.execute(
+                        select(Instance.sop_instance_uid, Instance.path, Instance.size_bytes).where(
+                            or_(Instance.path == shard, Instance.path.startswith(f"{shard}/", autoescape=True))
+                        )
+                    )
+                }
+                for relpath, size, mtime in self.store.iter_files(shard):
+                    row = known.get(relpath)
+                    if row is None:
+                        if mtime < young:
+                            report.orphan_files.append(relpath)
+                    elif size != row[1]:
+                        report.size_mismatches.append(SizeMismatch(row[0], relpath, row[1], size))
+            rows = session.execute(
+                select(Instance.sop_instance_uid, Instance.path)
+                .where(Instance.path != _NO_FILE)
+                .order_by(Instance.path)
+                .execution_options(yield_per=1000)
+            )
+            report.missing_files = [MissingFile(uid, path) for uid, path in rows if not _exists(self.store, path)]
             report.stuck_jobs = list(session.scalars(
-                select(Job.id).where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+                select(Job.id).where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow())
                 .order_by(Job.id)
             ))
-        by_path = {path: (uid, size) for uid, path, size in rows}
-        seen: set[str] = set()
-        young = time.time() - self.grace_s
-        for relpath, size, mtime in self.store.iter_files():
-            row = by_path.get(relpath)
-            if row is None:
-                if mtime < young:
-                    report.orphan_files.append(relpath)
-                continue
-            seen.add(relpath)
-            if size != row[1]:
-                report.size_mismatches.append(SizeMismatch(row[0], relpath, row[1], size))
-        for relpath, (uid, _size) in sorted(by_path.items()):
-            if relpath not in seen and not _exists(self.store, relpath):
-                report.missing_files.append(MissingFile(uid, relpath))
         report.temp_leftovers = [str(leftover.path) for leftover in self.store.temp_leftovers(self.grace_s)]
         return report
 

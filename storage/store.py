@@ -202,20 +202,34 @@ class InstanceStore:
 
     # -- looking (the doctor) --------------------------------------------------------------------
 
-    def iter_files(self) -> Iterator[tuple[str, int, float]]:
-        """Every committed file as ``(relpath, size_bytes, mtime)``; temp and orphan areas excluded."""
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            if dirpath == str(self.root):
-                dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+    def top_level(self) -> list[str]:
+        """Names at the root other than the temp and orphan areas: the hash shards the files live in."""
+        return sorted(name for name in os.listdir(self.root) if not name.startswith("."))
+
+    def iter_files(self, under: str | None = None) -> Iterator[tuple[str, int, float]]:
+        """Every committed file as ``(relpath, size_bytes, mtime)``, in path order; temp and orphan areas
+        excluded. ``under`` limits the walk to one ``top_level()`` entry (the doctor goes shard by shard
+        so its memory does not grow with the store)."""
+        if under is None:
+            for name in self.top_level():
+                yield from self.iter_files(name)
+            return
+        start = self.path(under)
+        if start.is_file():
+            yield from self._file_entry(str(start))
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
             dirnames.sort()
             for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                try:
-                    info = os.lstat(full)
-                except FileNotFoundError:
-                    continue  # deleted while we walked
-                if stat.S_ISREG(info.st_mode):
-                    yield os.path.relpath(full, self.root).replace(os.sep, "/"), info.st_size, info.st_mtime
+                yield from self._file_entry(os.path.join(dirpath, name))
+
+    def _file_entry(self, full: str) -> Iterator[tuple[str, int, float]]:
+        try:
+            info = os.lstat(full)
+        except FileNotFoundError:
+            return  # deleted while we walked
+        if stat.S_ISREG(info.st_mode):
+            yield os.path.relpath(full, self.root).replace(os.sep, "/"), info.st_size, info.st_mtime
 
     def temp_leftovers(self, older_than_s: float = 3600.0) -> list[TempLeftover]:
         """Temp files that will never be committed: their writer on this host is gone, or they are older

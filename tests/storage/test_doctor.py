@@ -45,8 +45,13 @@ def test_a_consistent_node_is_healthy(setup) -> None:
     sessions, store, queue, _ = setup
     with sessions.begin() as session:
         _register(session, store, queue, f"{SERIES}.1")
+        # an instance recorded but not kept (discarded by policy) has no file on purpose
+        add_instance(session, sop_instance_uid=f"{SERIES}.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                     transfer_syntax_uid="1.2.840.10008.1.2.1", study_instance_uid=STUDY,
+                     series_instance_uid=SERIES, path="", size_bytes=0, disposition="not_processed")
     report = Doctor(sessions, store, queue).check()
     assert report.ok, report
+    assert Doctor(sessions, store, queue).repair().actions == []
 
 
 def test_finds_and_repairs_every_kind_of_damage(setup) -> None:
