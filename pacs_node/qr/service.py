@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -222,8 +223,10 @@ class QueryRetrieveService:
             matches, error = [], (IDENTIFIER_DOES_NOT_MATCH, str(exc))
         except SQLAlchemyError as exc:
             matches, error = [], (UNABLE_TO_PROCESS, str(exc))
-        contexts = _storage_contexts(matches)
-        yield destination[0], destination[1], {"contexts": contexts} if contexts else {}
+        # pynetdicom associates with the destination before it takes a failure status, and an
+        # association needs one context: Verification stands in when there is nothing to send.
+        contexts = _storage_contexts(matches) or [build_context(Verification)]
+        yield destination[0], destination[1], {"contexts": contexts}
         if error is not None:
             log.warning("C-MOVE from %s refused: %s", _caller(event), error[1])
             yield 1
