@@ -97,7 +97,7 @@ def dicom_to_unit(ds: pydicom.Dataset) -> np.ndarray:
     if raw.shape != (rows, cols):
         raise PreprocessError(f"decoded pixel array has shape {raw.shape}, Rows/Columns say {(rows, cols)}")
     try:
-        values = apply_modality_lut(raw, ds).astype(np.float32, copy=False)
+        values = apply_modality_lut(raw, ds)  # still integer unless rescaled: a VOI LUT indexes with it
         unit = _apply_voi(values, ds)
     except PreprocessError:
         raise
@@ -120,6 +120,7 @@ def _apply_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
         out_bits = int(item.LUTDescriptor[2])
         lut = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
         return np.clip(lut / float(2**out_bits - 1), 0.0, 1.0)
+    values = values.astype(np.float32, copy=False)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
