@@ -23,7 +23,8 @@ from __future__ import annotations
 import builtins
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -185,8 +186,7 @@ class JobQueue:
         if not kinds or limit < 1:
             return []
         claimed: list[ClaimedJob] = []
-        with self._write.begin() as session:
-            now = self._clock()
+        with self._writing() as (session, now):
             while len(claimed) < limit:
                 candidates = session.scalars(
                     _locked(
@@ -220,8 +220,7 @@ class JobQueue:
 
     def heartbeat(self, job_id: int, worker_id: str) -> bool:
         """Extend ``worker_id``'s lease on ``job_id``; ``False`` when the lease was lost (stop working)."""
-        with self._write.begin() as session:
-            now = self._clock()
+        with self._writing() as (session, now):
             result = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_owner == worker_id)
@@ -231,11 +230,10 @@ class JobQueue:
 
     def complete(self, job_id: int, worker_id: str, payload_update: Mapping[str, Any] | None = None) -> bool:
         """Mark ``job_id`` done, merging ``payload_update`` into its payload; ``False`` if the lease was lost."""
-        with self._write.begin() as session:
+        with self._writing() as (session, now):
             job = self._owned(session, job_id, worker_id)
             if job is None:
                 return False
-            now = self._clock()
             if payload_update:
                 job.payload = {**(job.payload or {}), **payload_update}
             job.state = JobState.DONE.value
@@ -251,7 +249,7 @@ class JobQueue:
         attempts or not retryable. Returns the job's state afterwards; if the lease was lost the job is
         left alone and its current state (another owner's) is returned.
         """
-        with self._write.begin() as session:
+        with self._writing() as (session, now):
             job = self._owned(session, job_id, worker_id)
             if job is None:
                 current = session.get(Job, job_id)
@@ -259,7 +257,6 @@ class JobQueue:
                     raise JobNotFound(job_id)
                 log.warning("job %s: %s lost its lease before failing it; failure not recorded", job_id, worker_id)
                 return JobState(current.state)
-            now = self._clock()
             error = error[:MAX_ERROR_CHARS]
             if not retryable or job.attempts >= job.max_attempts:
                 self._bury(job, now, error)
@@ -285,8 +282,7 @@ class JobQueue:
         """Return jobs whose lease expired to the queue (``failed``, due now) or bury them (``dead``) if
         that was their last attempt. ``claim`` does this on the fly; housekeeping calls it so that counts
         and the doctor show the truth. Returns how many jobs were reclaimed or buried."""
-        with self._write.begin() as session:
-            now = self._clock()
+        with self._writing() as (session, now):
             jobs = session.scalars(_locked(select(Job).where(self._expired(now)))).all()
             for job in jobs:
                 message = f"lease of {job.lease_owner} expired"
@@ -312,8 +308,7 @@ class JobQueue:
     def cancel(self, job_id: int) -> bool:
         """Cancel a job that is not finished. A running job's worker loses its lease, so its
         ``complete``/``fail`` will be refused (work it already did, such as a sent C-STORE, stays done)."""
-        with self._write.begin() as session:
-            now = self._clock()
+        with self._writing() as (session, now):
             result = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state.in_([*_WAITING, JobState.RUNNING.value, JobState.DEAD.value]))
@@ -327,8 +322,8 @@ class JobQueue:
         values = [_value(state, JobState) for state in states]
         if not values:
             return 0
-        with self._write.begin() as session:
-            cutoff = self._clock() - older_than
+        with self._writing() as (session, now):
+            cutoff = now - older_than
             result = session.execute(delete(Job).where(Job.state.in_(values), Job.updated_at < cutoff))
             return rowcount(result)
 
@@ -367,6 +362,14 @@ class JobQueue:
 
     # -- internals -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _writing(self) -> Iterator[tuple[Session, datetime]]:
+        """A write transaction and its "now", read only once the transaction holds the write lock (on
+        SQLite a claimer may wait for it), so leases and due times are measured from when it acts."""
+        with self._write.begin() as session:
+            session.connection()  # emits BEGIN (IMMEDIATE on SQLite), waiting for the lock if need be
+            yield session, self._clock()
+
     def _due(self, now: datetime):  # noqa: ANN202 (SQL expression)
         return or_(and_(Job.state.in_(_WAITING), Job.not_before <= now), self._expired(now))
 
@@ -393,8 +396,7 @@ class JobQueue:
         log.warning("job %s (%s) is dead after %s attempt(s)", job.id, job.kind, job.attempts)
 
     def _requeue(self, condition) -> int:  # noqa: ANN001 (SQL expression)
-        with self._write.begin() as session:
-            now = self._clock()
+        with self._writing() as (session, now):
             result = session.execute(
                 update(Job)
                 .where(condition, Job.state.in_([*_WAITING, JobState.DEAD.value, JobState.CANCELLED.value]))
