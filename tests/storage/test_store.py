@@ -12,6 +12,8 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from storage.store import ORPHAN_DIR, TEMP_DIR, InstanceStore, StoreFullError
 
@@ -195,3 +197,18 @@ def test_watermark(tmp_path: Path) -> None:
     assert not InstanceStore(tmp_path / "s", min_free_bytes=store.free_bytes() + 1).has_room(0)
     with pytest.raises(ValueError, match="min_free_bytes"):
         InstanceStore(tmp_path / "s", min_free_bytes=-1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(study=st.text(max_size=80), series=st.text(max_size=80), sop=st.text(max_size=80),
+       other=st.text(max_size=80))
+def test_any_uid_text_maps_inside_the_store_and_distinct_sops_stay_distinct(
+    tmp_path_factory: pytest.TempPathFactory, study: str, series: str, sop: str, other: str
+) -> None:
+    store = InstanceStore(tmp_path_factory.getbasetemp() / "property-store")
+    relpath = store.relpath_for(study, series, sop)
+    assert store.path(relpath).is_relative_to(store.root)  # path() refuses anything else
+    assert len(relpath.split("/")) == 5
+    if other != sop:
+        assert store.relpath_for(study, series, other) != relpath
+
