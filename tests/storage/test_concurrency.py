@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import multiprocessing
 import queue as stdlib_queue
+import signal
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -63,3 +67,37 @@ def test_four_worker_processes_do_every_job_exactly_once(db_url: str, sessions: 
         assert job.payload == {"done_by": owner[job.id]}
         assert job.attempts == (2 if job.id in orphaned else 1)
     assert queue.counts()["done"] == JOBS
+
+
+_DIES_HOLDING_THE_CLAIM_LOCK = """
+import os, signal, sys, time
+from storage.db import make_engine, make_sessionmaker
+from storage.schema import Job
+from sqlalchemy import select
+sessions = make_sessionmaker(make_engine(sys.argv[1]), immediate=True)
+with sessions.begin() as session:
+    session.scalars(select(Job).with_for_update()).all()  # holds the SQLite write lock / the PostgreSQL row locks
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_worker_killed_inside_its_claim_transaction_blocks_nobody(
+    db_url: str, sessions: sessionmaker[Session]
+) -> None:
+    queue = JobQueue(sessions)
+    with sessions.begin() as session:
+        queue.enqueue(session, kind="analyse", sop_instance_uid="1.2.3", dedupe_key="analyse:1.2.3")
+    holder = subprocess.Popen([sys.executable, "-c", _DIES_HOLDING_THE_CLAIM_LOCK, db_url], stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        [job] = queue.claim("survivor", ["analyse"])
+        assert job.attempts == 1
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        holder.stdout.close()
