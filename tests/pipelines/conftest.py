@@ -27,7 +27,8 @@ SENTENCES = [
 def tiny_config(tokenizer) -> ModelConfig:
     special = tokenizer.eos_token_id
     return preset("tiny").replace(vocab_size=len(tokenizer), bos_token_id=special, eos_token_id=special,
-                                  pad_token_id=special, decoder_positions=32)
+                                  pad_token_id=special, decoder_positions=32,
+                                  max_sentence_tokens=8)
 
 
 def exercised_model(cfg: ModelConfig, seed: int = 0) -> CRRGModel:
