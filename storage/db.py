@@ -30,6 +30,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, CursorResult, Engine, Result, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.schema import Base
@@ -42,6 +43,8 @@ PG_CONNECT_TIMEOUT_S = 10
 
 #: Execution option that makes the SQLite ``begin`` handler emit ``BEGIN IMMEDIATE``.
 _IMMEDIATE = "storage_sqlite_immediate"
+
+_USAGE = "use sqlite:///PATH or postgresql+psycopg://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -61,7 +64,11 @@ def make_engine(url: str) -> Engine:
     forked child process (without closing the parent's connections), so a worker forked from the
     listener opens its own connections instead of sharing the parent's sockets or file handles.
     """
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # SQLAlchemy's message repeats the whole string, password included.
+        raise ValueError(f"not a database URL: {_USAGE}") from None
     if parsed.get_backend_name() == "sqlite":
         engine = _make_sqlite_engine(url, parsed.database)
     elif parsed.get_backend_name() == "postgresql":
@@ -70,8 +77,7 @@ def make_engine(url: str) -> Engine:
         timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
         engine = create_engine(url, pool_pre_ping=True, connect_args=timeout)
     else:
-        raise ValueError(f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
-                         "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        raise ValueError(f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: {_USAGE}")
     _dispose_after_fork(engine)
     return engine
 

@@ -29,6 +29,9 @@ def test_unsupported_database_is_refused_without_leaking_the_password() -> None:
     with pytest.raises(ValueError, match="unsupported database URL") as raised:
         make_engine("mysql://admin:s3cret@db/pacs")
     assert "s3cret" not in str(raised.value)
+    with pytest.raises(ValueError, match="not a database URL") as raised:
+        make_engine("postgres ql://admin:s3cret@db/pacs")
+    assert "s3cret" not in str(raised.value)
 
 
 def test_sqlite_engine_is_configured_for_durability(sqlite_db: str) -> None:
