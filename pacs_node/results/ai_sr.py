@@ -52,10 +52,10 @@ KIND = "ai-sr"
 TITLE = codes.cid7021.ImagingMeasurementReport
 
 
-def algorithm_identification(result: ImageResult, options: ResultOptions) -> AlgorithmIdentification:
-    """TID 4019. The version names the bundle too: a version string alone does not say which model."""
-    parameters = [f"threshold {label}={options.threshold(label):g}" for label in CHEXPERT_LABELS]
-    parameters.append(f"clinical_use={'true' if result.clinical_use else 'false'}")
+def algorithm_identification(result: ImageResult, parameters: list[str]) -> AlgorithmIdentification:
+    """TID 4019. The version names the bundle too: a version string alone does not say which model.
+    Each group lists only the parameters that shaped it (its threshold), which keeps the tree small."""
+    parameters = [*parameters, f"clinical_use={'true' if result.clinical_use else 'false'}"]
     if not result.clinical_use:
         parameters.append(not_for_clinical_use_notice(result))
     return AlgorithmIdentification(
@@ -65,14 +65,16 @@ def algorithm_identification(result: ImageResult, options: ResultOptions) -> Alg
     )
 
 
-def _classification_groups(source: Dataset, result: ImageResult, options: ResultOptions,
-                           algorithm: AlgorithmIdentification) -> list[MeasurementsAndQualitativeEvaluations]:
+def _classification_groups(source: Dataset, result: ImageResult,
+                           options: ResultOptions) -> list[MeasurementsAndQualitativeEvaluations]:
     groups = []
     uid = source.SOPInstanceUID
     for label in CHEXPERT_LABELS:
         probability = float(result.label_probs[label])
         finding = voc.finding_code(label)
-        present = probability >= options.threshold(label)
+        threshold = options.threshold(label)
+        present = probability >= threshold
+        algorithm = algorithm_identification(result, [f"threshold={threshold:g}"])
         groups.append(
             MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(
@@ -82,8 +84,7 @@ def _classification_groups(source: Dataset, result: ImageResult, options: Result
                 finding_type=finding,
                 algorithm_id=algorithm,
                 measurements=[
-                    Measurement(name=voc.PROBABILITY, value=probability, unit=voc.UNITLESS,
-                                algorithm_id=algorithm)
+                    Measurement(name=voc.PROBABILITY, value=probability, unit=voc.UNITLESS)
                 ],
                 qualitative_evaluations=[
                     QualitativeEvaluation(name=finding, value=voc.PRESENT if present else voc.ABSENT)
@@ -130,13 +131,12 @@ def _region_groups(source: Dataset, result: ImageResult,
 
 def build_ai_findings_sr(source: Dataset, result: ImageResult, options: ResultOptions) -> Comprehensive3DSR:
     """The AI findings SR for one image. ``source`` is the evidence header (see ``evidence_header``)."""
-    algorithm = algorithm_identification(result, options)
     report = MeasurementReport(
         observation_context=observation_context(options),
         procedure_reported=voc.CHEST_RADIOGRAPH,
         imaging_measurements=[
-            *_classification_groups(source, result, options, algorithm),
-            *_region_groups(source, result, algorithm),
+            *_classification_groups(source, result, options),
+            *_region_groups(source, result, algorithm_identification(result, [])),
         ],
         title=TITLE,
     )

@@ -10,12 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pydicom.uid import generate_uid
+from pynetdicom import AE
 
 from pacs_node.instances import instance_fields
 from pacs_node.qr import QueryRetrieveService
@@ -25,6 +23,7 @@ from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
 from storage.repository import add_instance
 from storage.schema import Disposition, Origin
 from storage.store import InstanceStore
+from tests.results.synthetic import make_cr
 from tests.support import free_port
 
 QR_AET = "QRSCP"
@@ -43,36 +42,6 @@ def dcmtk(name: str) -> str:
             if "dcmtk" in (banner.stdout + banner.stderr).lower():
                 return str(path)
     pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk)")
-
-
-def make_cr(*, patient_id: str, patient_name: str, study_uid: str, study_date: str,
-            accession: str, rows: int = 64, columns: int = 48) -> Dataset:
-    """A tiny but complete CR image (MONOCHROME2, 12 bits stored)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID, ds.PatientName = patient_id, patient_name
-    ds.PatientBirthDate, ds.PatientSex = "19600101", "F"
-    ds.StudyDate, ds.StudyTime = study_date, "101500"
-    ds.AccessionNumber, ds.StudyID = accession, "1"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "CHEST PA"
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CR", 1, 1
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.PatientOrientation = ["L", "F"]
-    ds.ContentDate, ds.ContentTime = study_date, "101500"
-    ds.Rows, ds.Columns = rows, columns
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.arange(rows * columns, dtype=np.uint16) % 4096).tobytes()
-    return ds
 
 
 @dataclass

@@ -13,7 +13,6 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from tests.qr.conftest import QR_AET, Archive, Scp, dcmtk
-from tests.support import free_port
 
 
 def received(directory: Path) -> dict[str, Dataset]:
@@ -97,7 +96,8 @@ def test_move_to_unknown_destination_is_a801(archive: Archive, qr_scp: Scp) -> N
     query = Dataset()
     query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", uid
     try:
-        statuses = [s.Status for s, _ in assoc.send_c_move(query, "NOSUCHAE", StudyRootQueryRetrieveInformationModelMove)]
+        responses = assoc.send_c_move(query, "NOSUCHAE", StudyRootQueryRetrieveInformationModelMove)
+        statuses = [s.Status for s, _ in responses]
     finally:
         assoc.release()
     assert statuses == [0xA801]
@@ -110,7 +110,8 @@ def test_move_without_keys_is_refused(qr_scp: Scp, storescp: Path) -> None:
     query = Dataset()
     query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ""
     try:
-        statuses = [s.Status for s, _ in assoc.send_c_move(query, "STORESCP", StudyRootQueryRetrieveInformationModelMove)]
+        responses = assoc.send_c_move(query, "STORESCP", StudyRootQueryRetrieveInformationModelMove)
+        statuses = [s.Status for s, _ in responses]
     finally:
         assoc.release()
     assert statuses[-1] == 0xA900
