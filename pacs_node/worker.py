@@ -29,9 +29,11 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 
-from pacs_node import metrics
+from pacs_node import __version__, metrics
 from pacs_node.config import Device, Settings
 from pacs_node.instances import instance_fields
+from pacs_node.results import build_result_objects
+from pacs_node.results.options import ResultOptions
 from pacs_node.routing import RouteKey, destinations
 from pacs_node.runtime import Runtime
 from pipelines.interface import FakePipeline, ImageResult, Pipeline, PipelineError
@@ -74,11 +76,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
     )
 
 
-def result_options(settings: Settings):  # noqa: ANN201 (type lives in pacs_node.results)
-    from pacs_node.results.options import ResultOptions
-
-    from pacs_node import __version__
-
+def result_options(settings: Settings) -> ResultOptions:
     return ResultOptions(
         kos_threshold=settings.results.kos_threshold,
         make_kos=settings.results.kos,
@@ -118,6 +116,11 @@ class _Heartbeat:
         with self._lock:
             self.job_ids = set(job_ids)
 
+    def release(self, job_id: int) -> None:
+        """Stop renewing a job that is finished (done or failed): its lease is no longer ours."""
+        with self._lock:
+            self.job_ids.discard(job_id)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             with self._lock:
@@ -144,9 +147,7 @@ class Worker:
         self.pipeline = pipeline
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._options = result_options(settings)
-        from pacs_node.results import build_result_objects
-
-        self._build = build_result_objects
+        self._heartbeat: _Heartbeat | None = None
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ class Worker:
         """Work until ``stop`` is set (a batch in progress is finished first)."""
         lease = self.settings.worker.lease_seconds
         with _Heartbeat(self.rt, self.worker_id, max(lease / 3.0, 1.0)) as heartbeat:
+            self._heartbeat = heartbeat
             while not stop.is_set():
                 try:
                     jobs = self.claim_batch(stop)
@@ -221,6 +223,7 @@ class Worker:
                 log.exception("job %d: storing its results failed", w.job.id)
                 self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
                 continue
+            self._finished(w.job.id)
             if self.rt.queue.complete(w.job.id, self.worker_id, {"results": produced}):
                 self._observe_latency(w.job.id)
                 log.info("job %d done: %d result object(s)", w.job.id, len(produced))
@@ -240,7 +243,7 @@ class Worker:
     def _store_results(self, w: _Work, result: ImageResult) -> list[str]:
         """Write every result object to the store, then record them and their export jobs in one
         transaction; returns their SOP Instance UIDs."""
-        objects = self._build(w.dataset, result, self._options)
+        objects = build_result_objects(w.dataset, result, self._options)
         source_uid = str(w.dataset.SOPInstanceUID)
         rows = []
         for obj in objects:
@@ -279,7 +282,12 @@ class Worker:
                     )
         return [fields["sop_instance_uid"] for fields, _, _ in rows]
 
+    def _finished(self, job_id: int) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.release(job_id)
+
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
+        self._finished(job.id)
         metrics.JOBS_FAILED.labels(job.kind).inc()
         state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable)
         log.warning("job %d failed (attempt %d/%d, now %s): %s", job.id, job.attempts, job.max_attempts,

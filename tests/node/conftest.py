@@ -35,12 +35,13 @@ host = "127.0.0.1"
 port = {ports[2]}
 """
 
-    def factory(extra: str = "", *, start: bool = True, with_peer: bool = True) -> Node:
+    def factory(extra: str = "", *, start: bool = True, with_peer: bool = True,
+                env: dict[str, str] | None = None) -> Node:
         directory = tmp_path / f"node{len(nodes)}"
         directory.mkdir()
         config = write_config(directory, base_config(directory / "var", ports[0], ports[1],
                                                      extra=(peer if with_peer else "") + extra))
-        node = Node(directory, config, ports[0], ports[1], directory / "serve.log")
+        node = Node(directory, config, ports[0], ports[1], directory / "serve.log", env=dict(env or {}))
         nodes.append(node)
         return node.start() if start else node
 

@@ -3,11 +3,13 @@ a DCMTK ``storescp`` receiver, and the CLI with ``--json``."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -181,15 +183,27 @@ class Node:
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
+    @property
+    def database(self) -> Path:
+        return self.directory / "var" / "node.sqlite3"
+
+    def query(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        """Read the node's SQLite database directly (cheaper than a CLI process per poll)."""
+        with contextlib.closing(sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=30)) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(row) for row in db.execute(sql, params)]
+
     def wait_jobs(self, predicate, timeout: float = 90.0) -> list[dict[str, Any]]:  # noqa: ANN001
-        """Poll ``queue ls --json`` until ``predicate(jobs)`` holds."""
+        """Poll the jobs table until ``predicate(jobs)`` holds; returns the jobs (newest first, as
+        ``queue ls --json`` lists them)."""
         deadline = time.monotonic() + timeout
         jobs: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
-            jobs = self.cli_json("queue", "ls", "--limit", "10000")
-            if predicate(jobs):
-                return jobs
-            time.sleep(0.5)
+            if self.database.exists():
+                jobs = self.query("SELECT * FROM jobs ORDER BY id DESC")
+                if predicate(jobs):
+                    return jobs
+            time.sleep(0.3)
         raise AssertionError(f"jobs never reached the expected state: {jobs}\n--- node log ---\n{self.log()[-5000:]}")
 
 

@@ -1,0 +1,97 @@
+"""End to end with real peers: DCMTK storescu -> ``pacs-node serve`` -> worker -> DCMTK storescp."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+
+from tests.node.helpers import Node, StoreSCP, make_cr, storescu
+from tests.support import SHARED
+
+pytest.importorskip("pacs_node.results", reason="the result builders (pacs_node.results) are not installed")
+
+
+def referenced_uids(ds: Dataset) -> set[str]:
+    found: set[str] = set()
+
+    def visit(d: Dataset) -> None:
+        for elem in d:
+            if elem.keyword == "ReferencedSOPInstanceUID":
+                found.add(str(elem.value))
+            elif elem.VR == "SQ":
+                for item in elem.value:
+                    visit(item)
+
+    visit(ds)
+    return found
+
+
+def _analysed_and_exported(jobs: list[dict]) -> bool:
+    analyse = [j for j in jobs if j["kind"] == "analyse"]
+    exports = [j for j in jobs if j["kind"] == "export"]
+    return bool(analyse) and all(j["state"] == "done" for j in analyse) and bool(exports) \
+        and all(j["state"] == "done" for j in exports)
+
+
+def _run_e2e(node: Node, receiver: StoreSCP, source: Path, *storescu_options: str) -> Dataset:
+    sent = pydicom.dcmread(source, stop_before_pixels=True)
+    # The sender's AE title is the configured peer "receiver": results go back to the sender by default.
+    result = storescu(node.port, [source], *storescu_options, calling="RECEIVER")
+    assert result.returncode == 0, result.stderr
+
+    node.wait_jobs(_analysed_and_exported, timeout=240)
+    jobs = node.cli_json("queue", "ls")
+    assert [j["state"] for j in jobs if j["kind"] == "analyse"] == ["done"]
+    assert all(j["state"] == "done" for j in jobs)
+
+    received = receiver.received()
+    assert received, "nothing arrived at the receiver"
+    for obj in received:
+        assert obj.StudyInstanceUID == sent.StudyInstanceUID
+        assert sent.SOPInstanceUID in referenced_uids(obj), f"{obj.SOPClassUID.name} does not reference the image"
+    classes = {obj.SOPClassUID.name for obj in received}
+    assert any("SR" in name for name in classes), classes
+
+    summary = node.cli_json("results", str(sent.StudyInstanceUID))
+    assert summary[0]["sop_instance_uid"] == sent.SOPInstanceUID
+    assert {r["sop_instance_uid"] for r in summary[0]["results"]} == {o.SOPInstanceUID for o in received}
+    return sent
+
+
+def test_radiograph_reported_back_to_sender(make_node: Callable[..., Node], receiver: StoreSCP,
+                                            tmp_path: Path) -> None:
+    """The real JPEG 2000 chest CR from ../shared when present, else a generated CR."""
+    real = SHARED / "data" / "real-dicom" / "RG1_J2KR.dcm"
+    if real.is_file():
+        source, options = real, ("-xv",)  # storescu proposes JPEG 2000 lossless: stored as received
+    else:
+        source, options = tmp_path / "cr.dcm", ()
+        make_cr(source, rows=256, cols=256)
+    node = make_node()
+    sent = _run_e2e(node, receiver, source, *options)
+
+    health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/healthz", timeout=10))
+    assert health["ok"] is True
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10).read().decode()
+    assert 'pacs_node_instances_received_total{outcome="stored"} 1.0' in metrics
+    assert 'pacs_node_queue_jobs{kind="analyse",state="done"} 1.0' in metrics
+    assert 'pacs_node_job_seconds_count{kind="analyse"} 1.0' in metrics
+    # no patient name or ID in the node's log
+    log = node.log()
+    assert str(sent.PatientName) not in log and str(sent.PatientID) not in log
+
+
+def test_demo_bundle_end_to_end(make_node: Callable[..., Node], receiver: StoreSCP, real_dicom_dir: Path) -> None:
+    from pacs_node.config import demo_bundle_path
+
+    if not (demo_bundle_path() / "manifest.json").is_file():
+        pytest.skip("the demo bundle (pipelines/bundles/demo) has not been built yet")
+    pytest.importorskip("pipelines.engine", reason="the inference engine is not installed yet")
+    node = make_node(env={"PACS_NODE__PIPELINE__BUNDLE": "", "PACS_NODE__PIPELINE__DEVICE": "cpu"})
+    _run_e2e(node, receiver, real_dicom_dir / "RG1_UNCR.dcm")
