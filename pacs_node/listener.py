@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from pathlib import Path
 
 from pynetdicom import AE, _config, evt
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 _config.STORE_RECV_CHUNKED_DATASET = True
 # pynetdicom logs C-FIND/C-MOVE identifiers (patient names and IDs) unless told not to.
 _config.LOG_REQUEST_IDENTIFIERS = False
+
+#: How often arriving files are pushed towards the disk (see ``InstanceStore.start_temp_writeback``).
+_WRITEBACK_INTERVAL_S = 0.01
 
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
@@ -61,6 +65,8 @@ class Listener:
         self._qr_handlers = self._attach_query_retrieve()
         self._server: GuardedAssociationServer | None = None
         self._previous_tempdir: str | None = None
+        self._stop_writeback = threading.Event()
+        self._writeback = threading.Thread(target=self._push_writeback, name="writeback", daemon=True)
 
     def _attach_query_retrieve(self) -> list[tuple[evt.EventType, object]]:
         """Q/R SCP handlers and contexts from ``pacs_node.qr``, when that module is present."""
@@ -97,6 +103,15 @@ class Listener:
             Path(event.dataset_path), str(event.request.AffectedSOPInstanceUID), caller
         )
 
+    def _push_writeback(self) -> None:
+        """Keep the disk writing images while they are still arriving, so the fsync before each
+        success status waits for the last few milliseconds of data, not the whole image."""
+        while not self._stop_writeback.wait(_WRITEBACK_INTERVAL_S):
+            try:
+                self.rt.store.start_temp_writeback()
+            except OSError as exc:  # only an optimisation: it must never stop the receiving
+                log.debug("writeback hint failed: %s", exc)
+
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -117,6 +132,7 @@ class Listener:
             self.ae, bind, ssl_context=server_context(tls) if tls is not None else None,
             evt_handlers=handlers, max_pdu=self.settings.node.max_pdu,
         )
+        self._writeback.start()
         log.info("listening as %s on %s:%d%s", self.settings.node.ae_title, *bind,
                  " (DICOM TLS, client certificates required)" if tls and tls.ca_file
                  else " (DICOM TLS)" if tls else "")
@@ -126,3 +142,4 @@ class Listener:
             self._server.shutdown()
             self._server = None
             tempfile.tempdir = self._previous_tempdir
+        self._stop_writeback.set()
