@@ -62,7 +62,8 @@ def echo(settings: Settings, peer: Peer) -> int:
     ae.add_requested_context(Verification)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(peer))
     if not assoc.is_established:
-        raise ExportError(f"no association with {peer.ae_title}@{peer.host}:{peer.port}")
+        raise ExportError(f"no association with {peer.ae_title}@{peer.host}:{peer.port} "
+                          "(connection refused, rejected, aborted or timed out)")
     try:
         status = assoc.send_c_echo()
         if not status:
@@ -88,9 +89,16 @@ def send_datasets(settings: Settings, peer: Peer, datasets: list[Dataset],
     for sop_class, syntaxes in wanted.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(peer))
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if not assoc.is_established:
-        how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "refused or timed out"
-        raise ExportError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {how}")
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # Negotiation worked but the peer supports none of the classes: retrying cannot help.
+            refused = ", ".join(sorted({cx.abstract_syntax.name for cx in assoc.rejected_contexts}))
+            raise ExportError(f"{where} accepts none of the SOP classes {refused}", retryable=False)
+        if assoc.is_rejected:
+            raise ExportError(f"{where} rejected the association (is our AE title {settings.node.ae_title} "
+                              "known to it?)")
+        raise ExportError(f"no association with {where} (connection refused, aborted or timed out)")
     try:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         statuses = []

@@ -1,0 +1,184 @@
+"""The worker and the exporter in this process, with pynetdicom receivers on loopback."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+)
+from sqlalchemy import select, update
+
+from pacs_node.config import Settings
+from pacs_node.export import Exporter
+from pacs_node.runtime import Runtime
+from pipelines.interface import FakePipeline
+from storage.repository import add_instance
+from storage.schema import Instance, Job, JobKind
+from tests.node.helpers import make_cr
+from tests.support import free_port
+
+pytest.importorskip("pacs_node.results", reason="the result builders (pacs_node.results) are not installed")
+from pacs_node.worker import Worker  # noqa: E402 (needs pacs_node.results)
+
+
+class Receiver:
+    """A pynetdicom C-STORE SCP that, like many PACSs, knows Comprehensive SR but not its 3D variant."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[pydicom.Dataset] = []
+        ae = AE(ae_title="OLDPACS")
+        for sop_class in (ComprehensiveSRStorage, EnhancedSRStorage, KeyObjectSelectionDocumentStorage,
+                          GrayscaleSoftcopyPresentationStateStorage):
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.received.append(event.dataset)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    scp = Receiver()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, receiver: Receiver) -> Iterator[Runtime]:
+    settings = Settings(
+        node={"data_dir": tmp_path / "var"},
+        store={"min_free_bytes": 0},
+        pipeline={"bundle": "fake", "max_batch_latency_s": 0},
+        peers={"oldpacs": {"ae_title": "OLDPACS", "host": "127.0.0.1", "port": receiver.port},
+               "down": {"ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}},
+        routing={"always": ["down", "oldpacs"]},
+        export={"timeout_s": 5, "concurrency": 2},
+        worker={"poll_interval_s": 0.05},
+    )
+    rt = Runtime.open(settings)
+    yield rt
+    rt.close()
+
+
+def receive(rt: Runtime, ds: pydicom.Dataset) -> None:
+    """File ``ds`` as the listener would: store, Instance row, analyse job."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    relpath = rt.store.relpath_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    rt.store.write_bytes(relpath, buffer.getvalue())
+    with rt.write_session() as session, session.begin():
+        add_instance(session, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                     transfer_syntax_uid=ExplicitVRLittleEndian, study_instance_uid=ds.StudyInstanceUID,
+                     series_instance_uid=ds.SeriesInstanceUID, path=relpath, size_bytes=len(buffer.getvalue()),
+                     origin="received", disposition="queued", calling_ae="MODALITY", modality="CR")
+        rt.queue.enqueue(session, kind=JobKind.ANALYSE, sop_instance_uid=ds.SOPInstanceUID,
+                         dedupe_key=f"analyse:{ds.SOPInstanceUID}", max_attempts=3)
+
+
+def jobs(rt: Runtime, kind: str) -> list[Job]:
+    with rt.read_session() as session:
+        return list(session.scalars(select(Job).where(Job.kind == kind).order_by(Job.id)))
+
+
+def run_worker_once(rt: Runtime) -> None:
+    worker = Worker(rt.settings, rt, FakePipeline(), worker_id="test-worker")
+    claimed = worker.claim_batch(threading.Event())
+    assert claimed
+    worker.process(claimed)
+
+
+def test_results_are_routed_and_a_dead_peer_blocks_no_one(runtime: Runtime, receiver: Receiver,
+                                                          tmp_path: Path) -> None:
+    source = make_cr(tmp_path / "cr.dcm")
+    receive(runtime, source)
+    run_worker_once(runtime)
+    assert [j.state for j in jobs(runtime, "analyse")] == ["done"]
+
+    with runtime.read_session() as session:
+        results = session.scalars(select(Instance).where(Instance.origin == "result")).all()
+    assert results and all(r.source_sop_instance_uid == source.SOPInstanceUID for r in results)
+    exports = jobs(runtime, "export")
+    assert sorted((e.sop_instance_uid, e.destination) for e in exports) == sorted(
+        (r.sop_instance_uid, peer) for r in results for peer in ("down", "oldpacs"))
+
+    exporter = Exporter(runtime.settings, runtime, worker_id="test-export")
+    exporter.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = {(e.destination, e.state) for e in jobs(runtime, "export")}
+            if all(state == "done" for dest, state in states if dest == "oldpacs") and \
+                    ("down", "queued") not in states and ("down", "running") not in states:
+                break
+            time.sleep(0.2)
+    finally:
+        exporter.stop()
+
+    by_dest: dict[str, list[Job]] = {}
+    for e in jobs(runtime, "export"):
+        by_dest.setdefault(e.destination, []).append(e)
+    assert {e.state for e in by_dest["oldpacs"]} == {"done"}
+    # the dead peer's jobs are waiting for their retry (backoff), with the reason
+    assert {e.state for e in by_dest["down"]} == {"failed"}
+    assert all("DOWN@127.0.0.1" in e.last_error for e in by_dest["down"])
+
+    # the receiver refused Comprehensive 3D SR in negotiation and got the Comprehensive SR copy
+    classes = [ds.SOPClassUID for ds in receiver.received]
+    assert Comprehensive3DSRStorage not in classes
+    with runtime.read_session() as session:
+        made_3d = session.scalar(select(Instance.id).where(Instance.sop_class_uid == Comprehensive3DSRStorage))
+    if made_3d is not None:
+        assert ComprehensiveSRStorage in classes
+    assert len(receiver.received) == len(by_dest["oldpacs"])
+
+
+def test_an_image_the_pipeline_cannot_read_is_dead_with_the_reason(runtime: Runtime, tmp_path: Path) -> None:
+    source = make_cr(tmp_path / "cr.dcm")
+    del source.PixelData  # the fake pipeline, like the real one, refuses an image without pixels
+    receive(runtime, source)
+    run_worker_once(runtime)
+    (job,) = jobs(runtime, "analyse")
+    assert job.state == "dead" and job.attempts == 1  # not retryable: the same bytes fail the same way
+    assert "pixel data" in job.last_error
+    assert jobs(runtime, "export") == []
+
+
+def test_a_job_run_twice_produces_its_results_once(runtime: Runtime, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that died after storing results but before completing its job: the job comes back
+    (lease expiry, simulated here) and the rerun adds nothing."""
+    source = make_cr(tmp_path / "cr.dcm")
+    receive(runtime, source)
+    monkeypatch.setattr(runtime.queue, "complete", lambda *a, **k: False)  # "dies" before completing
+    run_worker_once(runtime)
+    monkeypatch.undo()
+    with runtime.read_session() as session:
+        before = sorted(session.scalars(select(Instance.sop_instance_uid)).all())
+    exports_before = len(jobs(runtime, "export"))
+    with runtime.write_session() as session, session.begin():
+        session.execute(update(Job).where(Job.kind == "analyse").values(state="queued", lease_owner=None))
+    run_worker_once(runtime)
+    with runtime.read_session() as session:
+        after = sorted(session.scalars(select(Instance.sop_instance_uid)).all())
+    assert len(before) > 1 and after == before
+    assert len(jobs(runtime, "export")) == exports_before
+    assert [j.state for j in jobs(runtime, "analyse")] == ["done"]
