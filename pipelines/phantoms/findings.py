@@ -39,18 +39,18 @@ KINDS = tuple(LABELS_OF)
 #: how often each kind appears in an image that is not drawn normal
 PREVALENCE: dict[str, float] = {
     "cardiomegaly": 0.2,
-    "widened_mediastinum": 0.12,
+    "widened_mediastinum": 0.14,
     "effusion": 0.2,
-    "pneumothorax": 0.12,
+    "pneumothorax": 0.2,
     "consolidation": 0.16,
     "opacity": 0.12,
-    "nodule": 0.15,
-    "atelectasis": 0.14,
-    "edema": 0.1,
+    "nodule": 0.18,
+    "atelectasis": 0.16,
+    "edema": 0.14,
     "et_tube": 0.12,
     "central_line": 0.14,
 }
-NORMAL_FRACTION = 0.3  # images with no pathology at all (devices may still be present)
+NORMAL_FRACTION = 0.25  # images with no pathology at all (devices may still be present)
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def sample_findings(rng: np.random.Generator, a: Anatomy) -> tuple[Anatomy, tupl
                 if side == 0:
                     continue
                 severity = ("small", "large")[rng.integers(2)]
-                gap, reach = {"small": ((0.07, 0.1), (0.25, 0.35)), "large": ((0.2, 0.26), (0.75, 0.9))}[severity]
+                gap, reach = {"small": ((0.09, 0.12), (0.3, 0.4)), "large": ((0.2, 0.26), (0.75, 0.9))}[severity]
                 findings.append(Finding(kind, side, None, severity,
                                         {"gap": rng.uniform(*gap), "reach": rng.uniform(*reach)}))
             case "consolidation" | "opacity" | "nodule" | "atelectasis":
@@ -202,7 +202,7 @@ def sample_findings(rng: np.random.Generator, a: Anatomy) -> tuple[Anatomy, tupl
                 severity = ""
                 if kind == "nodule":
                     severity = ("small", "medium", "mass")[rng.integers(3)]
-                    radius = {"small": (0.032, 0.042), "medium": (0.055, 0.07), "mass": (0.09, 0.11)}[severity]
+                    radius = {"small": (0.045, 0.055), "medium": (0.07, 0.085), "mass": (0.1, 0.12)}[severity]
                     geometry["r"] = rng.uniform(*radius)
                 elif kind == "atelectasis":
                     geometry.update(angle=rng.uniform(-0.3, 0.3), length=rng.uniform(0.22, 0.32),

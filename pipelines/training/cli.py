@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 from pathlib import Path
 
 import typer
@@ -28,7 +27,7 @@ def train(
     data: str = typer.Option("phantoms:seed=0,count=4000", "--data",
                              help="Training data: phantoms:seed=S,count=N or mimic:ROOT[,split=train]."),
     preset: str = typer.Option("demo", help="Model preset: paper, demo or tiny."),
-    compact: bool = typer.Option(True, help="Apply the size overrides that keep a demo bundle committable."),
+    demo_overrides: bool = typer.Option(True, help="Apply DEMO_OVERRIDES (compact, phantom-fit architecture)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     workers: int = typer.Option(2, help="Processes preparing the data."),
     seed: int = typer.Option(0, help="Random seed of the run."),
@@ -46,7 +45,7 @@ def train(
     """Train (or resume) every stage, optionally export the bundle."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = TrainSettings(run_dir=out, train_data=data, preset=preset, compact=compact, device=device,
+        settings = TrainSettings(run_dir=out, train_data=data, preset=preset, demo_overrides=demo_overrides, device=device,
                                  workers=workers, seed=seed, vocab_size=vocab_size, progress=not quiet)
         chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
         unknown = [s for s in chosen if s not in STAGES]
@@ -65,15 +64,7 @@ def train(
         losses = trainer.run()
         typer.echo(json.dumps({"final_loss": losses}))
         if export is not None:
-            reproduce = shlex.join([
-                "pacs-node", "train", "--out", "runs/demo", "--data", data, "--preset", preset,
-                *([] if compact else ["--no-compact"]), "--seed", str(seed), "--vocab-size", str(vocab_size),
-                "--steps", ",".join(f"{k}={v.steps}" for k, v in settings.plans.items()),
-                "--seconds", ",".join(f"{k}={v.seconds:g}" for k, v in settings.plans.items() if v.seconds),
-                "--batch", ",".join(f"{k}={v.batch_size}" for k, v in settings.plans.items()),
-                "--export", "pipelines/bundles/demo", "--name", name, "--version", version,
-            ])
-            path = trainer.export(export, name=name, version=version, reproduce=reproduce)
+            path = trainer.export(export, name=name, version=version)
             typer.echo(f"bundle written: {path}")
     finally:
         trainer.close()

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,17 +66,19 @@ DEFAULT_PLANS: dict[str, StagePlan] = {
     "labels": StagePlan(steps=1500, lr=5e-4, batch_size=64),
 }
 
-#: Architecture changes applied on top of a preset so the exported bundle stays small enough to commit
-#: (<= 25 MB in fp16): a 256-wide box head on 5x5 RoIs, a 2-layer decoder, and a small ResNet CLIP whose
-#: text tower (only needed for contrastive training) is narrow. The bundle records the resulting config.
-COMPACT_OVERRIDES: dict[str, Any] = {
+#: Architecture changes applied on top of a preset for the demo bundle, which the bundle records in its
+#: config: small enough to commit (<= 25 MB in fp16) - a 256-wide box head on 5x5 RoIs, a 2-layer decoder,
+#: a small ResNet CLIP (trains from scratch far faster than a ViT) whose text tower, needed only for
+#: contrastive training, is narrow - and anchor shapes down to the spine's and trachea's 1:10.
+DEMO_OVERRIDES: dict[str, Any] = {
+    "anchor_aspect_ratios": (0.2, 0.4, 1.0, 2.5, 5.0, 10.0),
     "box_head_dim": 256,
     "roi_output_size": 5,
     "decoder_layers": 2,
     "clip_label_head": True,
     "clip_model": {
         "embed_dim": 128,
-        "vision_cfg": {"image_size": 160, "layers": [1, 1, 1, 1], "width": 16},
+        "vision_cfg": {"image_size": 224, "layers": [1, 1, 1, 1], "width": 16},
         "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
     },
 }
@@ -86,7 +89,7 @@ class TrainSettings:
     run_dir: Path
     train_data: str = "phantoms:seed=0,count=4000"
     preset: str = "demo"
-    compact: bool = True
+    demo_overrides: bool = True
     device: str = "auto"
     workers: int = 2
     seed: int = 0
@@ -138,8 +141,8 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------------------
     def prepare(self) -> None:
         base = preset(self.s.preset)
-        if self.s.compact:
-            base = base.replace(**COMPACT_OVERRIDES)
+        if self.s.demo_overrides:
+            base = base.replace(**DEMO_OVERRIDES)
         self.cache = _Cache.build(ModelInputSet(self.source, base.image_size, base.image_mean, base.image_std),
                                   self.s.workers, self.s.progress)
         tok_path = self.run_dir / "tokenizer.json"
@@ -229,6 +232,7 @@ class Trainer:
             step = plan.steps
         bar.close()
         self._log(stage=stage, step=step, loss=loss_value, event="stage_end", elapsed_s=round(time.monotonic() - t0, 2))
+        self.state.setdefault("trained_steps", {})[stage] = step
         return loss_value
 
     # -- stages -----------------------------------------------------------------------------------------
@@ -325,19 +329,35 @@ class Trainer:
         self.log_file.close()
 
     # -- export -----------------------------------------------------------------------------------------
-    def export(self, out_dir: str | Path, *, name: str, version: str, reproduce: str,
-               intended_use: str | None = None) -> Path:
+    def reproduce_command(self, name: str, version: str) -> str:
+        """The command that retrains this bundle step for step: the steps each stage actually ran (a
+        time budget, if one stopped it, is replaced by that count so the command is hardware-independent)."""
+        done = self.state.get("trained_steps", {})
+        s = self.s
+        return shlex.join([
+            "pacs-node", "train", "--out", "runs/demo", "--data", s.train_data, "--preset", s.preset,
+            *([] if s.demo_overrides else ["--no-demo-overrides"]), "--seed", str(s.seed), "--vocab-size", str(s.vocab_size),
+            "--stages", ",".join(s.stages),
+            "--steps", ",".join(f"{k}={done.get(k, s.plans[k].steps)}" for k in s.stages),
+            "--batch", ",".join(f"{k}={s.plans[k].batch_size}" for k in s.stages),
+            "--lr", ",".join(f"{k}={s.plans[k].lr:g}" for k in s.stages),
+            "--export", "pipelines/bundles/demo", "--name", name, "--version", version,
+        ])
+
+    def export(self, out_dir: str | Path, *, name: str, version: str, intended_use: str | None = None) -> Path:
         """Write the trained model as a bundle (fp16 weights); refuses while stages are unfinished."""
         missing = [s for s in self.s.stages if s not in self.state["done"]]
         if missing:
             raise RuntimeError(f"cannot export {self.run_dir}: stages not finished: {', '.join(missing)}")
+        reproduce = self.reproduce_command(name, version)
         training = {
             "data": self.source.describe(),
             "synthetic": self.s.train_data.startswith("phantoms"),
             "trained_on": ("synthetic chest radiograph phantoms (pipelines.phantoms); no patient data"
                            if self.s.train_data.startswith("phantoms") else self.s.train_data),
             "stages": {k: dataclasses.asdict(v) for k, v in self.s.plans.items() if k in self.s.stages},
-            "compact_overrides": self.s.compact,
+            "trained_steps": dict(self.state.get("trained_steps", {})),
+            "demo_overrides": self.s.demo_overrides,
             "seed": self.s.seed,
             "reproduce": reproduce,
         }
