@@ -70,6 +70,7 @@ def config_from_checkpoint(state: Mapping[str, Tensor], base: ModelConfig | None
     layers = {int(m.group(1)) for k in state if (m := _LAYER.match(k))}
     if not layers or layers != set(range(max(layers) + 1)):
         raise RGRGImportError("RGRG checkpoint: language model layers are missing or not numbered 0..L-1")
+    positions = _need(state, _GPT + "transformer.wpe.weight").shape[0]
     return base.replace(
         feature_dim=_need(state, DET + "roi_heads.dim_reduction.weight").shape[0],
         box_head_dim=_need(state, DET + "roi_heads.box_head.fc6.weight").shape[0],
@@ -78,7 +79,8 @@ def config_from_checkpoint(state: Mapping[str, Tensor], base: ModelConfig | None
         decoder_width=wte.shape[1],
         decoder_layers=max(layers) + 1,
         decoder_heads=decoder_heads,
-        decoder_positions=_need(state, _GPT + "transformer.wpe.weight").shape[0],
+        decoder_positions=positions,
+        max_sentence_tokens=min(base.max_sentence_tokens, positions - 1),
     )
 
 
@@ -125,8 +127,9 @@ def convert_state(state: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, di
 def build_model(state: Mapping[str, Tensor], cfg: ModelConfig,
                 clip_state: Mapping[str, Tensor] | None = None) -> CRRGModel:
     """A :class:`CRRGModel` carrying the checkpoint's weights; every RGRG tensor must find its place."""
+    converted = convert_state(state, cfg)  # fails fast on a missing key, before building a large model
     model = CRRGModel.from_config(cfg)
-    for module, tensors in convert_state(state, cfg).items():
+    for module, tensors in converted.items():
         target = getattr(model, module)
         expected = target.state_dict()
         for key, value in tensors.items():
