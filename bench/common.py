@@ -198,12 +198,14 @@ def storescu_command(port: int, files: Sequence[Path], called: str, calling: str
 # -- inputs ---------------------------------------------------------------------------------------
 
 
-def chest_image_files(count: int, rows: int, cols: int, *, cache: Path = CACHE) -> list[Path]:
+def chest_image_files(count: int, rows: int, cols: int, *, cache: Path = CACHE, first: int = 0) -> list[Path]:
     """``count`` uncompressed 16-bit chest radiographs of ``rows`` x ``cols``, each its own study, made
     once from one phantom and cached under ``cache`` (the pixels are a phantom's, cropped or padded to
-    the requested width; only the UIDs differ between files)."""
+    the requested width; only the UIDs differ between files). Image ``i`` always has the same UIDs;
+    ``first`` picks where the numbering starts, so two benchmarks can use disjoint sets."""
     directory = cache / f"chest-{rows}x{cols}"
-    files = [directory / f"{i:05d}.dcm" for i in range(count)]
+    indices = range(first, first + count)
+    files = [directory / f"{i:05d}.dcm" for i in indices]
     if all(f.is_file() for f in files):
         return files
     import numpy as np
@@ -219,7 +221,7 @@ def chest_image_files(count: int, rows: int, cols: int, *, cache: Path = CACHE) 
     fitted[:, :width] = pixels[:, :width]
     ds.Rows, ds.Columns = rows, cols
     ds.PixelData = fitted.tobytes()
-    for i, path in enumerate(files):
+    for i, path in zip(indices, files):
         if path.is_file():
             continue
         ds.StudyInstanceUID = generate_uid(entropy_srcs=["bench-study", str(rows), str(cols), str(i)])
