@@ -10,6 +10,8 @@ It is never used for real reports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor
 from pipelines.accel.decoder import StaticGreedyDecoder
 from pipelines.accel.detector import FastDetector
 from pipelines.constants import NUM_REGIONS
+from pipelines.models.detector import Detections
 
 
 @dataclass(frozen=True)
@@ -44,31 +47,50 @@ def select_regions(selector_logits: Tensor, detected: Tensor, threshold: float, 
     return torch.zeros_like(detected).scatter_(1, top, True)
 
 
+def run_stages(engine, images: Tensor, detect: Callable[[Tensor], Detections],
+               decode: Callable[[Tensor], Tensor], workload: Workload | None = None,
+               timer: Callable[[str], AbstractContextManager] | None = None):
+    """The body of :meth:`pipelines.engine.Engine.infer` with the detector and decoder passed in, so that the
+    stock and the fast path (and the benchmark's per-stage timer) run one and the same composition."""
+    from pipelines.engine import RawOutput  # the engine imports this module to route its hot path
+
+    m, stage = engine.model, timer or (lambda _name: nullcontext())
+    with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=engine.autocast):
+        with stage("detector"):
+            det = detect(images)
+        with stage("selector"):
+            feats = det.features
+            selected = select_regions(m.selector(feats), det.detected, engine.selection_threshold, workload)
+            abnormal = m.abnormality(feats).float().sigmoid()
+            chosen = feats[selected]
+        with stage("decoder"):
+            token_ids = decode(chosen)
+        with stage("clip"):
+            label_probs = m.clip.label_probs(images)
+    return RawOutput(det.boxes.float(), det.detected, selected, abnormal, token_ids, label_probs.float())
+
+
 class FastInference:
-    """``infer(images[B,1,S,S], workload=None) -> RawOutput`` for an :class:`~pipelines.engine.Engine`."""
+    """``infer(images[B,1,S,S], workload=None) -> RawOutput`` for an :class:`~pipelines.engine.Engine`.
+
+    The decoder's matrix products use bfloat16 when the engine autocasts, else the weights' dtype."""
 
     def __init__(self, engine, cuda_graphs: bool = True) -> None:
         self.engine = engine
         model = engine.model
         self.detector = FastDetector(model.detector)
-        self.decoder = StaticGreedyDecoder(model.decoder, cuda_graphs=cuda_graphs)
+        self.decoder = StaticGreedyDecoder(model.decoder, torch.bfloat16 if engine.autocast else None,
+                                           cuda_graphs=cuda_graphs)
+
+    def decode(self, features: Tensor, workload: Workload | None = None) -> Tensor:
+        eng = self.engine
+        if workload is not None:
+            return self.decoder.generate(features, workload.tokens, stop_at_eos=False)
+        if eng.num_beams == 1:
+            return self.decoder.generate(features, eng.max_new_tokens)
+        return eng.model.decoder.generate(features, eng.max_new_tokens, eng.num_beams)
 
     @torch.inference_mode()
-    def infer(self, images: Tensor, workload: Workload | None = None):
-        from pipelines.engine import RawOutput  # the engine imports this module to route its hot path
-
-        eng, m = self.engine, self.engine.model
-        with torch.autocast(eng.device.type, dtype=torch.bfloat16, enabled=eng.autocast):
-            det = self.detector.detect(images)
-            feats = det.features
-            selected = select_regions(m.selector(feats), det.detected, eng.selection_threshold, workload)
-            abnormal = m.abnormality(feats).float().sigmoid()
-            chosen = feats[selected]
-            if workload is not None:
-                token_ids = self.decoder.generate(chosen, workload.tokens, stop_at_eos=False)
-            elif eng.num_beams == 1:
-                token_ids = self.decoder.generate(chosen, eng.max_new_tokens)
-            else:
-                token_ids = m.decoder.generate(chosen, eng.max_new_tokens, eng.num_beams)
-            label_probs = m.clip.label_probs(images)
-        return RawOutput(det.boxes.float(), det.detected, selected, abnormal, token_ids, label_probs.float())
+    def infer(self, images: Tensor, workload: Workload | None = None, timer=None):
+        return run_stages(self.engine, images, self.detector.detect, lambda f: self.decode(f, workload),
+                          workload, timer)

@@ -1,0 +1,393 @@
+"""Throughput of the report pipeline: the stock engine path against the fast path, with a fixed workload.
+
+Builds a preset with random weights (no bundle needed), forces the workload (exactly ``--regions`` selected
+regions per image, exactly ``--tokens`` greedy steps per region; see :class:`pipelines.accel.Workload`) and
+measures, on the same random inputs:
+
+* ``engine``: :func:`pipelines.accel.engine.run_stages` with the stock detector and decoder — the body of
+  :meth:`pipelines.engine.Engine.infer`, i.e. the unoptimised engine path;
+* ``fast``: :class:`pipelines.accel.FastInference` (what ``Engine.infer`` routes to on CUDA);
+* images/s (host copies of each batch's results included), per-stage ms per image, and the matrix FLOPs per
+  image (``--count-flops``), plus CPU preprocessing of chest-sized 16-bit DICOMs (``--preprocess-images``);
+* equivalence, fast vs engine on the same images: in float32 (autocast and TF32 off) and in the production
+  dtype; the engine against itself at batch 1 gives the rounding noise floor of the production dtype;
+* ``../shared/bench/reference_pipeline.py``'s ``naive`` and ``batched`` modes as subprocesses of this same
+  command (``--reference``; on by default on CUDA when the script is there).
+
+Prints one JSON line, then a table. Examples::
+
+    python -m bench.pipeline --device cpu --preset tiny --images 16 --batch 8
+    python -m bench.pipeline --device cuda --preset paper --images 2048 --batch 256 --engine-images 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # also runnable as ``python bench/pipeline.py``
+    sys.path.insert(0, str(REPO))
+
+from pipelines.accel import FastInference, Workload  # noqa: E402
+from pipelines.accel.engine import run_stages  # noqa: E402
+from pipelines.bundle import DEFAULT_THRESHOLDS, Bundle  # noqa: E402
+from pipelines.engine import Engine, RawOutput  # noqa: E402
+from pipelines.models.config import preset  # noqa: E402
+from pipelines.models.crrg import CRRGModel  # noqa: E402
+
+DEFAULT_REFERENCE = REPO.parent / "shared" / "bench" / "reference_pipeline.py"
+STAGES = ("detector", "selector", "decoder", "clip")
+
+
+# -- setup ------------------------------------------------------------------------------------------------
+
+def build_engine(preset_name: str, device: str, batch: int, seed: int) -> Engine:
+    """A random-weight model of ``preset_name`` wrapped as a bundle-less :class:`Engine`."""
+    torch.manual_seed(seed)
+    cfg = preset(preset_name)
+    model = CRRGModel.from_config(cfg)
+    manifest = {"name": f"bench-{preset_name}-random", "version": "0", "clinical_use": False,
+                "decoding": {"num_beams": 1, "max_new_tokens": cfg.max_sentence_tokens}}
+    bundle = Bundle(Path("<random weights>"), manifest, cfg, model, None, dict(DEFAULT_THRESHOLDS))  # type: ignore[arg-type]
+    return Engine(bundle, device, batch)
+
+
+def make_images(n: int, size: int, mean: float, std: float, device: torch.device, seed: int) -> torch.Tensor:
+    """Smooth random images (not white noise: detectors and ViTs behave differently on it), normalised."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    coarse = torch.rand((n, 1, max(size // 16, 2), max(size // 16, 2)), generator=g)
+    fine = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    unit = (0.8 * fine + 0.2 * torch.rand((n, 1, size, size), generator=g)).clamp(0, 1)
+    return ((unit - mean) / std).to(device)
+
+
+def engine_path(engine: Engine, workload: Workload) -> Callable[..., RawOutput]:
+    m = engine.model
+
+    @torch.inference_mode()
+    def infer(images: torch.Tensor, timer=None) -> RawOutput:
+        return run_stages(engine, images, m.detector, lambda f: m.decoder.generate(f, workload.tokens, 1),
+                          workload, timer)
+
+    return infer
+
+
+def fast_path(fast: FastInference, workload: Workload) -> Callable[..., RawOutput]:
+    return lambda images, timer=None: fast.infer(images, workload, timer)
+
+
+# -- measuring ----------------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(infer: Callable[..., RawOutput], images: torch.Tensor, batch: int, repeats: int = 1
+               ) -> dict[str, float]:
+    """Images/s over ``images`` in batches (first batch run twice beforehand as warm-up: kernel selection,
+    graph capture), results copied to the host per batch as the worker does."""
+    dev = images.device
+    for _ in range(2):
+        infer(images[:batch]).to("cpu")
+    sync(dev)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(0, images.shape[0], batch):
+            infer(images[i:i + batch]).to("cpu")
+        sync(dev)
+        rates.append(images.shape[0] / (time.perf_counter() - t0))
+    return {"images_per_s": round(float(np.median(rates)), 2), "runs": [round(r, 2) for r in rates], "batch": batch,
+            "images": int(images.shape[0])}
+
+
+class StageTimer:
+    """``timer(stage)`` context: device-synchronised wall time per stage, summed over calls."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.ms[name] += (time.perf_counter() - t0) * 1000.0
+
+
+def stage_ms(infer: Callable[..., RawOutput], images: torch.Tensor, batch: int) -> dict[str, float]:
+    """Per-image milliseconds of each stage (synchronising between stages, so slightly above the overlap-free
+    sum of a real run); the first batch is a warm-up."""
+    timer = StageTimer(images.device)
+    infer(images[:batch], None)
+    for i in range(0, images.shape[0], batch):
+        infer(images[i:i + batch], timer)
+    return {k: round(timer.ms[k] / images.shape[0], 4) for k in STAGES}
+
+
+def flops_per_image(infer: Callable[..., RawOutput], images: torch.Tensor) -> dict[str, float]:
+    """Counted matrix FLOPs (convolutions, matmuls, attention) per image and stage, in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def counter(name: str) -> Iterator[None]:
+        with FlopCounterMode(display=False) as fc:
+            yield
+        totals[name] += fc.get_total_flops()
+
+    infer(images, counter)
+    return {k: round(totals[k] / images.shape[0] / 1e9, 3) for k in STAGES}
+
+
+def preprocess_rate(n: int, rows: int, cols: int, size: int, workers: int) -> dict[str, float]:
+    """CPU preprocessing (decode, VOI window, MONOCHROME1 inversion, resize, pad) of native 16-bit images."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pipelines.preprocess import preprocess_many
+
+    rng = np.random.default_rng(0)
+    datasets = []
+    for _ in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        ds.PixelData = rng.integers(0, 4096, (rows, cols), dtype=np.uint16).tobytes()
+        datasets.append(ds)
+    preprocess_many(datasets[:2], size, 0.5, 0.25, workers=workers)
+    t0 = time.perf_counter()
+    out = preprocess_many(datasets, size, 0.5, 0.25, workers=workers)
+    elapsed = time.perf_counter() - t0
+    failed = [o for o in out if isinstance(o, Exception)]
+    if failed:
+        raise RuntimeError(f"preprocessing failed: {failed[0]}")
+    return {"images_per_s": round(n / elapsed, 2), "ms_per_image": round(elapsed * 1000 / n, 2), "workers": workers,
+            "rows": rows, "cols": cols}
+
+
+# -- equivalence --------------------------------------------------------------------------------------------
+
+def compare(a: RawOutput, b: RawOutput) -> dict[str, Any]:
+    """How far ``b`` is from ``a``: boxes (px), masks, and greedy sequences matched by (image, region)."""
+    a, b = a.to("cpu"), b.to("cpu")
+    box_err = (a.boxes - b.boxes).abs().amax(-1)
+    rows_a = {tuple(k): i for i, k in enumerate(a.selected.nonzero().tolist())}
+    rows_b = {tuple(k): i for i, k in enumerate(b.selected.nonzero().tolist())}
+    common = sorted(set(rows_a) & set(rows_b))
+    same = 0
+    for key in common:
+        sa, sb = _strip(a.token_ids[rows_a[key]]), _strip(b.token_ids[rows_b[key]])
+        same += int(torch.equal(sa, sb))
+    return {
+        "boxes": int(box_err.numel()),
+        "boxes_within_1px": round(float((box_err <= 1.0).float().mean()), 4),
+        "box_max_px": round(float(box_err.max()), 3) if box_err.numel() else 0.0,
+        "detected_equal": round(float((a.detected == b.detected).float().mean()), 4),
+        "selected_equal": round(float((a.selected == b.selected).float().mean()), 4),
+        "sequences": len(common),
+        "sequences_identical": round(same / len(common), 4) if common else 1.0,
+        "label_prob_max_diff": round(float((a.label_probs - b.label_probs).abs().max()), 5),
+    }
+
+
+def _strip(ids: torch.Tensor) -> torch.Tensor:
+    """A sequence up to and including its first EOS (PAD = EOS after it)."""
+    hits = (ids == 50256).nonzero()
+    return ids[: int(hits[0, 0]) + 1] if len(hits) else ids
+
+
+def batched(infer: Callable[..., RawOutput], images: torch.Tensor, batch: int) -> RawOutput:
+    parts = [infer(images[i:i + batch]).to("cpu") for i in range(0, images.shape[0], batch)]
+    width = max(p.token_ids.shape[1] for p in parts)
+    ids = [torch.nn.functional.pad(p.token_ids, (0, width - p.token_ids.shape[1]), value=50256) for p in parts]
+    return RawOutput(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                       ("boxes", "detected", "selected", "abnormal_probs")), torch.cat(ids),
+                     torch.cat([p.label_probs for p in parts]))
+
+
+def equivalence(engine: Engine, workload: Workload, images: torch.Tensor, batch: int, engine_batch: int
+                ) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    dev = engine.device
+    if dev.type == "cuda":  # float32 first: autocast and TF32 off, so only summation order differs
+        autocast, tf32 = engine.autocast, torch.backends.cuda.matmul.allow_tf32
+        engine.autocast = False
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            ref = batched(engine_path(engine, workload), images, engine_batch)
+            out["float32"] = compare(ref, batched(fast_path(FastInference(engine), workload), images, batch))
+        finally:
+            engine.autocast = autocast
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    label = "bfloat16" if engine.autocast else "float32"
+    ref = batched(engine_path(engine, workload), images, engine_batch)
+    out[label] = compare(ref, batched(fast_path(FastInference(engine), workload), images, batch))
+    out[f"{label}_engine_batch1_vs_batched"] = compare(ref, batched(engine_path(engine, workload), images, 1))
+    natural = images[: min(4, images.shape[0])]  # no workload: thresholds and EOS as in production
+    out[f"{label}_natural_workload"] = compare(engine.infer(natural), FastInference(engine).infer(natural))
+    return out
+
+
+# -- reference script -----------------------------------------------------------------------------------
+
+def run_reference(script: Path, mode: str, images: int, batch: int, regions: int, tokens: int,
+                  timeout: float) -> dict[str, Any]:
+    """One mode of the peer reference script, as a subprocess (it parses arguments at import time)."""
+    cmd = [sys.executable, str(script), "--images", str(images), "--batch", str(batch), "--regions", str(regions),
+           "--tokens", str(tokens), "--modes", mode]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"mode": mode, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+
+
+# -- main -------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="paper", choices=("paper", "demo", "tiny"))
+    p.add_argument("--images", type=int, default=1024, help="images timed on the fast path")
+    p.add_argument("--batch", type=int, default=256, help="fast-path batch")
+    p.add_argument("--engine-images", type=int, default=64, help="images timed on the engine path")
+    p.add_argument("--engine-batch", type=int, default=32, help="engine-path batch")
+    p.add_argument("--regions", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes of the fast path (median reported)")
+    p.add_argument("--check-images", type=int, default=16, help="images in the equivalence checks (0: skip)")
+    p.add_argument("--count-flops", action="store_true")
+    p.add_argument("--preprocess-images", type=int, default=0, help="chest-sized DICOMs to preprocess (0: skip)")
+    p.add_argument("--reference", default="auto", help="reference_pipeline.py path, 'auto' or 'none'")
+    p.add_argument("--reference-naive-images", type=int, default=16)
+    p.add_argument("--reference-batched-images", type=int, default=128)
+    p.add_argument("--no-cuda-graphs", action="store_true", help="fast path without CUDA graphs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="also write the JSON result here")
+    a = p.parse_args(argv)
+
+    dev = torch.device(a.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    workload = Workload(a.regions, a.tokens)
+    t_build = time.perf_counter()
+    engine = build_engine(a.preset, a.device, a.engine_batch, a.seed)
+    cfg = engine.cfg
+    fast = FastInference(engine, cuda_graphs=not a.no_cuda_graphs)
+    build_s = time.perf_counter() - t_build
+    images = make_images(max(a.images, a.engine_images, a.check_images), cfg.image_size, cfg.image_mean,
+                         cfg.image_std, dev, a.seed)
+    result: dict[str, Any] = {
+        "bench": "pipeline", "preset": a.preset, "device": _device_name(dev), "torch": torch.__version__,
+        "regions": a.regions, "tokens": a.tokens, "dtype": "bfloat16" if engine.autocast else "float32",
+        "build_s": round(build_s, 1), "host": platform.node(), "cuda_graphs": fast.decoder.cuda_graphs,
+    }
+    ref_script = _reference_script(a.reference, dev)
+    if ref_script is not None:  # first, while the GPU holds nothing of ours beyond the weights
+        result["reference"] = {
+            "naive": run_reference(ref_script, "naive", a.reference_naive_images, 1, a.regions, a.tokens, 300),
+            "batched": run_reference(ref_script, "batched", a.reference_batched_images, a.engine_batch, a.regions,
+                                     a.tokens, 300),
+        }
+    eng_infer, fast_infer = engine_path(engine, workload), fast_path(fast, workload)
+    result["engine"] = throughput(eng_infer, images[: a.engine_images], a.engine_batch)
+    result["fast"] = throughput(fast_infer, images[: a.images], a.batch, a.repeats)
+    result["engine"]["stage_ms"] = stage_ms(eng_infer, images[: a.engine_batch * 2], a.engine_batch)
+    result["fast"]["stage_ms"] = stage_ms(fast_infer, images[: a.batch * 2], a.batch)
+    result["speedup_fast_vs_engine"] = round(result["fast"]["images_per_s"] / result["engine"]["images_per_s"], 2)
+    for mode in ("naive", "batched"):
+        ref = result.get("reference", {}).get(mode, {})
+        if ref.get("images_per_s"):
+            result[f"speedup_fast_vs_reference_{mode}"] = round(result["fast"]["images_per_s"] / ref["images_per_s"], 1)
+    if a.count_flops:
+        few = images[:2]
+        result["engine"]["gflop_per_image"] = flops_per_image(eng_infer, few)
+        result["fast"]["gflop_per_image"] = flops_per_image(fast_path(FastInference(engine, cuda_graphs=False),
+                                                                      workload), few)
+    if a.check_images:
+        result["equivalence"] = equivalence(engine, workload, images[: a.check_images], a.batch,
+                                            a.engine_batch)
+    if a.preprocess_images:
+        result["preprocess"] = preprocess_rate(a.preprocess_images, 3000, 2500, cfg.image_size, os.cpu_count() or 1)
+    if dev.type == "cuda":
+        result["max_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    print(json.dumps(result), flush=True)
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
+    _table(result)
+    return result
+
+
+def _reference_script(arg: str, dev: torch.device) -> Path | None:
+    if arg == "none":
+        return None
+    if arg == "auto":
+        return DEFAULT_REFERENCE if DEFAULT_REFERENCE.is_file() and dev.type == "cuda" else None
+    path = Path(arg)
+    if not path.is_file():
+        raise SystemExit(f"--reference: {path} does not exist")
+    return path
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _table(r: dict[str, Any]) -> None:
+    print(f"\n{r['preset']} preset, random weights, {r['regions']} regions x {r['tokens']} tokens per image, "
+          f"{r['dtype']}, {r['device']}")
+    rows = []
+    for name, label in (("naive", "reference naive"), ("batched", "reference batched")):
+        ref = r.get("reference", {}).get(name)
+        if ref:
+            rows.append((label, ref.get("batch", "-"), ref.get("images_per_s", ref.get("error")), {}))
+    for name in ("engine", "fast"):
+        rows.append((f"{name} path", r[name]["batch"], round(r[name]["images_per_s"], 2), r[name]["stage_ms"]))
+    print(f"{'path':<20}{'batch':>6}{'images/s':>11}" + "".join(f"{s + ' ms':>13}" for s in STAGES))
+    for label, batch, ips, stages in rows:
+        print(f"{label:<20}{batch!s:>6}{ips!s:>11}" + "".join(f"{stages.get(s, ''):>13}" for s in STAGES))
+    extra = {k: v for k, v in r.items() if k.startswith("speedup")}
+    if extra:
+        print("  ".join(f"{k.removeprefix('speedup_')}: {v}x" for k, v in extra.items()))
+    if "gflop_per_image" in r["fast"]:
+        for name in ("engine", "fast"):
+            g = r[name]["gflop_per_image"]
+            print(f"{name} GFLOP/image: " + ", ".join(f"{k} {v}" for k, v in g.items()) + f"; total {sum(g.values()):.1f}")
+    for label, eq in r.get("equivalence", {}).items():
+        print(f"equivalence {label}: " + ", ".join(f"{k}={v}" for k, v in eq.items()))
+    if "preprocess" in r:
+        pre = r["preprocess"]
+        print(f"preprocess {pre['rows']}x{pre['cols']} 16-bit on {pre['workers']} threads: "
+              f"{pre['images_per_s']} images/s")
+
+
+if __name__ == "__main__":
+    main()
