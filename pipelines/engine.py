@@ -6,7 +6,7 @@ CLIP on ``B`` images — with no Python loop over images, regions or boxes and a
 end. :meth:`Engine.infer_reference` is the deliberately naive equivalent (one image, one region at a time)
 that the optimised path is checked and benchmarked against.
 
-On CUDA the models run under bf16 autocast; on CPU in fp32. ``deterministic=True`` seeds torch and switches
+On CUDA the models run under bf16 autocast; on CPU in fp32 (``precision`` overrides either way). ``deterministic=True`` seeds torch and switches
 on deterministic algorithms (a process-wide setting) for reproducible tests.
 """
 
@@ -68,9 +68,11 @@ class Engine:
     """Runs a loaded :class:`~pipelines.bundle.Bundle` on batches of :class:`Preprocessed` images."""
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", batch_size: int = 8,
-                 deterministic: bool = False, num_beams: int | None = None) -> None:
+                 deterministic: bool = False, num_beams: int | None = None, precision: str = "auto") -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', not {precision!r}")
         if deterministic:
             set_deterministic()
         self.bundle = bundle
@@ -82,7 +84,8 @@ class Engine:
         self.num_beams = int(num_beams if num_beams is not None else decoding.get("num_beams", 1))
         self.max_new_tokens = int(decoding.get("max_new_tokens", self.cfg.max_sentence_tokens))
         self.selection_threshold = float(bundle.thresholds["selection"])
-        self.autocast = self.device.type == "cuda"
+        #: bf16 autocast around the models: on CUDA by default ("auto"), on request elsewhere
+        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
 
     # -- tensors in, tensors out ----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -107,3 +107,18 @@ def test_real_rg1_in_three_transfer_syntaxes_through_the_pipeline(tiny_bundle, r
         assert all(0 <= r.box[2] <= 1841 and 0 <= r.box[3] <= 1955 for r in result.regions)
     assert uncr.regions == j2kr.regions and uncr.report == j2kr.report  # identical input tensors
     assert uncr.label_probs == j2kr.label_probs
+
+
+def test_bf16_autocast_path_runs(tiny_bundle):
+    """The CUDA precision, exercised on the CPU so that dtype mistakes show up without a GPU."""
+    fp32 = Engine(load_bundle(tiny_bundle), device="cpu", batch_size=4)
+    bf16 = Engine(load_bundle(tiny_bundle), device="cpu", batch_size=4, precision="bf16")
+    assert bf16.autocast and not fp32.autocast
+    images = torch.stack([p.tensor for p in _prepared(fp32, 3, seed=2)])
+    for num_beams in (1, 2):
+        bf16.num_beams = num_beams
+        out = bf16.infer(images)
+        assert out.boxes.dtype == out.label_probs.dtype == out.abnormal_probs.dtype == torch.float32
+        assert out.token_ids.shape[0] == int(out.selected.sum()) > 0
+    reference = fp32.infer(images)
+    assert torch.allclose(out.label_probs, reference.label_probs, atol=0.05)
