@@ -496,3 +496,4 @@ def _register_optional(module: str, names: tuple[str, ...]) -> None:
 
 _register_optional("pacs_node.cli.models", ("models",))
 _register_optional("pacs_node.cli.training", ("train", "evaluate", "phantoms"))
+_register_optional("pacs_node.cli.doctor", ("doctor",))
