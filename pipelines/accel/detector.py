@@ -38,10 +38,14 @@ BOX_HEAD_CHUNK = 32
 class FastDetector:
     """``detect(images[B,1,S,S]) -> Detections`` for a :class:`RegionDetector` in eval mode."""
 
-    def __init__(self, detector: RegionDetector) -> None:
+    def __init__(self, detector: RegionDetector, channels_last: bool = False) -> None:
         if detector.training:
             raise ValueError("FastDetector needs the detector in eval mode")
         self.det = detector
+        #: NHWC convolutions (cuDNN's fastest tensor-core layout); converts the backbone's weights in place.
+        self.channels_last = channels_last
+        if channels_last:
+            detector.backbone.to(memory_format=torch.channels_last)
         pool = detector.roi_heads.box_roi_pool
         self.out_size = int(pool.output_size[0])
         self.sampling = int(pool.sampling_ratio)
@@ -62,6 +66,8 @@ class FastDetector:
     @torch.inference_mode()
     def detect(self, images: Tensor) -> Detections:
         det = self.det
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         maps = det.feature_maps(images)
         if not self.supported(maps):
             return det.detect(maps, det._image_list(images))

@@ -75,10 +75,10 @@ class FastInference:
 
     The decoder's matrix products use bfloat16 when the engine autocasts, else the weights' dtype."""
 
-    def __init__(self, engine, cuda_graphs: bool = True) -> None:
+    def __init__(self, engine, cuda_graphs: bool = True, channels_last: bool = False) -> None:
         self.engine = engine
         model = engine.model
-        self.detector = FastDetector(model.detector)
+        self.detector = FastDetector(model.detector, channels_last)
         self.decoder = StaticGreedyDecoder(model.decoder, torch.bfloat16 if engine.autocast else None,
                                            cuda_graphs=cuda_graphs)
 
