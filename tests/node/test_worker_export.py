@@ -182,3 +182,21 @@ def test_a_job_run_twice_produces_its_results_once(runtime: Runtime, tmp_path: P
     assert len(before) > 1 and after == before
     assert len(jobs(runtime, "export")) == exports_before
     assert [j.state for j in jobs(runtime, "analyse")] == ["done"]
+
+
+def test_batches_fill_up_to_the_batch_size_while_the_latency_cap_lasts(runtime: Runtime, tmp_path: Path) -> None:
+    settings = runtime.settings.model_copy(update={"pipeline": runtime.settings.pipeline.model_copy(
+        update={"batch_size": 2, "max_batch_latency_s": 30.0})})
+    worker = Worker(settings, runtime, FakePipeline(), worker_id="batcher")
+    receive(runtime, make_cr(tmp_path / "a.dcm", seed=1))
+    # a second image arrives while the first waits for company: both run in one batch
+    later = threading.Timer(0.2, receive, args=(runtime, make_cr(tmp_path / "b.dcm", seed=2)))
+    later.start()
+    batch = worker.claim_batch(threading.Event())
+    later.join()
+    assert len(batch) == 2
+    # a full batch never waits; the rest stays queued for the next one
+    for i in range(3):
+        receive(runtime, make_cr(tmp_path / f"c{i}.dcm", seed=10 + i))
+    assert len(worker.claim_batch(threading.Event())) == 2
+    assert [j.state for j in jobs(runtime, "analyse")].count("queued") == 1
