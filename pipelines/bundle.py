@@ -280,18 +280,20 @@ def verify_bundle(bundle_dir: str | Path) -> list[str]:
 
 # -- loading ------------------------------------------------------------------------------------------------
 
+def _refuse(root: Path, problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BundleError(f"{root}: {problems[0]}{more}")
+
+
 def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Check and load a bundle; the model is returned in eval mode on ``device``."""
     root = Path(bundle_dir)
     manifest = read_manifest(root)
     cfg = _config(manifest, root)
-    problems = _file_problems(root, manifest)
-    if problems:
-        raise BundleError(f"{root}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    _refuse(root, _file_problems(root, manifest))
     model = CRRGModel.from_config(cfg)
-    problems = _weight_problems(root, manifest, model)
-    if problems:
-        raise BundleError(f"{root}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    _refuse(root, _weight_problems(root, manifest, model))
     for module, fname in manifest["weights"].items():
         target = getattr(model, module)
         state = load_file(str(root / fname))

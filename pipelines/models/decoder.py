@@ -129,14 +129,12 @@ class ReportDecoder(nn.Module):
         seqs = torch.empty((n * k, 0), dtype=torch.long, device=device)
         rows = torch.arange(n, device=device).unsqueeze(1) * k
         mask = torch.ones((n * k, steps + 1), dtype=torch.long, device=device)
+        vocab = self.gpt2_config.vocab_size
+        frozen = torch.full((1, vocab), float("-inf"), device=device)  # a finished beam's only continuation
+        frozen[0, self.pad] = 0.0
         for step in range(steps):
             logp = self._step(token, cache, torch.full((n * k, 1), step, device=device), mask[:, : step + 2])
-            logp = logp[:, -1].float()
-            logp = logp.log_softmax(-1)
-            vocab = logp.shape[-1]
-            frozen = torch.full_like(logp, float("-inf"))
-            frozen[:, self.pad] = 0.0
-            logp = torch.where(done.unsqueeze(1), frozen, logp)
+            logp = torch.where(done.unsqueeze(1), frozen, logp[:, -1].float().log_softmax(-1))
             cand = (scores.view(-1, 1) + logp).view(n, k * vocab)
             scores, idx = cand.topk(k, dim=1)
             src = (rows + idx // vocab).view(-1)

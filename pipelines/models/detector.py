@@ -190,11 +190,13 @@ def top1_per_class(logits: Tensor, regression: Tensor, proposals: list[Tensor], 
     top_score, top_idx = votes.max(dim=1)  # [B, 29]
     detected = top_score >= 0
 
-    total = max(sum(counts), 1)
+    n_props = sum(counts)
     offsets = torch.tensor([0] + counts[:-1], device=logits.device).cumsum(0)
-    flat = (offsets.unsqueeze(1) + top_idx).clamp_(max=total - 1)  # [B, 29], padded winners are masked below
-    all_props = torch.cat(proposals) if sum(counts) else logits.new_zeros((1, 4))
-    all_regr = regression.view(-1, NUM_CLASSES, 4) if sum(counts) else logits.new_zeros((1, NUM_CLASSES, 4))
+    flat = (offsets.unsqueeze(1) + top_idx).clamp_(max=max(n_props - 1, 0))  # [B, 29]; losers masked below
+    if n_props:
+        all_props, all_regr = torch.cat(proposals), regression.view(-1, NUM_CLASSES, 4)
+    else:  # nothing to decode: placeholders that the fallback box replaces
+        all_props, all_regr = logits.new_zeros((1, 4)), logits.new_zeros((1, NUM_CLASSES, 4))
     deltas = all_regr[flat, classes + 1]  # [B, 29, 4]: the regression of the winning class
     decoded = box_coder.decode_single(deltas.reshape(-1, 4).float(), all_props[flat].reshape(-1, 4).float())
     decoded = clip_boxes_to_image(decoded, (image_size, image_size)).view(b, NUM_REGIONS, 4)
