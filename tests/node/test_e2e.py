@@ -87,6 +87,34 @@ def test_radiograph_reported_back_to_sender(make_node: Callable[..., Node], rece
     assert str(sent.PatientName) not in log and str(sent.PatientID) not in log
 
 
+def _tiny_random_bundle(out: Path) -> Path:
+    """A ``tiny``-preset bundle with random weights: the real engine end to end, in seconds on a CPU."""
+    torch = pytest.importorskip("torch")
+    from pipelines.bundle import save_bundle
+    from pipelines.models import CRRGModel, preset
+    from pipelines.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["The heart size is normal.", "There is no pleural effusion.",
+                           "The lungs are clear.", "No pneumothorax is seen."] * 4, vocab_size=300, min_frequency=1)
+    special = tokenizer.eos_token_id
+    cfg = preset("tiny").replace(vocab_size=len(tokenizer), bos_token_id=special, eos_token_id=special,
+                                 pad_token_id=special)
+    torch.manual_seed(0)
+    save_bundle(CRRGModel.from_config(cfg).eval(), cfg, out, name="node-test-tiny", version="0",
+                tokenizer=tokenizer, intended_use="node tests only: random weights", clinical_use=False,
+                training={"data": "none (random weights)"})
+    return out
+
+
+def test_real_engine_with_a_tiny_bundle(make_node: Callable[..., Node], receiver: StoreSCP, tmp_path: Path) -> None:
+    pytest.importorskip("pipelines.engine", reason="the inference engine is not installed yet")
+    bundle = _tiny_random_bundle(tmp_path / "bundle")
+    image = tmp_path / "cr.dcm"
+    make_cr(image, rows=512, cols=512)
+    node = make_node(env={"PACS_NODE__PIPELINE__BUNDLE": str(bundle), "PACS_NODE__PIPELINE__DEVICE": "cpu"})
+    _run_e2e(node, receiver, image)
+
+
 def test_demo_bundle_end_to_end(make_node: Callable[..., Node], receiver: StoreSCP, real_dicom_dir: Path) -> None:
     from pacs_node.config import demo_bundle_path
 
