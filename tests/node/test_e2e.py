@@ -106,20 +106,17 @@ def _tiny_random_bundle(out: Path) -> Path:
     return out
 
 
-def test_real_engine_with_a_tiny_bundle(make_node: Callable[..., Node], receiver: StoreSCP, tmp_path: Path) -> None:
+def test_real_engine_end_to_end(make_node: Callable[..., Node], receiver: StoreSCP, tmp_path: Path) -> None:
+    """The real inference engine in the worker: the demo bundle (the default ``pipeline.bundle``) on the
+    real CR when both exist, else a tiny random-weights bundle on a generated CR."""
     pytest.importorskip("pipelines.engine", reason="the inference engine is not installed yet")
-    bundle = _tiny_random_bundle(tmp_path / "bundle")
-    image = tmp_path / "cr.dcm"
-    make_cr(image, rows=512, cols=512)
-    node = make_node(env={"PACS_NODE__PIPELINE__BUNDLE": str(bundle), "PACS_NODE__PIPELINE__DEVICE": "cpu"})
-    _run_e2e(node, receiver, image)
-
-
-def test_demo_bundle_end_to_end(make_node: Callable[..., Node], receiver: StoreSCP, real_dicom_dir: Path) -> None:
     from pacs_node.config import demo_bundle_path
 
-    if not (demo_bundle_path() / "manifest.json").is_file():
-        pytest.skip("the demo bundle (pipelines/bundles/demo) has not been built yet")
-    pytest.importorskip("pipelines.engine", reason="the inference engine is not installed yet")
-    node = make_node(env={"PACS_NODE__PIPELINE__BUNDLE": "", "PACS_NODE__PIPELINE__DEVICE": "cpu"})
-    _run_e2e(node, receiver, real_dicom_dir / "RG1_UNCR.dcm")
+    real = SHARED / "data" / "real-dicom" / "RG1_UNCR.dcm"
+    if (demo_bundle_path() / "manifest.json").is_file() and real.is_file():
+        bundle, image = "", real  # empty: the default, i.e. the demo bundle
+    else:
+        bundle, image = str(_tiny_random_bundle(tmp_path / "bundle")), tmp_path / "cr.dcm"
+        make_cr(image, rows=512, cols=512)
+    node = make_node(env={"PACS_NODE__PIPELINE__BUNDLE": bundle, "PACS_NODE__PIPELINE__DEVICE": "cpu"})
+    _run_e2e(node, receiver, image)
