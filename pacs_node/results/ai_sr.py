@@ -34,6 +34,7 @@ from pydicom.sr.codedict import codes
 
 from pacs_node.results import vocabulary as voc
 from pacs_node.results.common import (
+    character_set_kwargs,
     clipped_box,
     contributing_equipment,
     copy_patient_study,
@@ -155,6 +156,7 @@ def build_ai_findings_sr(source: Dataset, result: ImageResult, options: ResultOp
         coding_schemes=list(voc.CODING_SCHEMES),
         contributing_equipment=contributing_equipment(options, result),
         **equipment_kwargs(options),
+        **character_set_kwargs(source, result),
     )
     copy_patient_study(source, sr)
     return sr

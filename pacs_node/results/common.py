@@ -52,14 +52,24 @@ def evidence_header(source: Dataset, result: ImageResult) -> Dataset:
         )
     header = Dataset()
     for element in source:
-        if element.tag.group in (0x7FE0,) or element.keyword in ("PixelData", "FloatPixelData",
-                                                                  "DoubleFloatPixelData"):
+        if element.tag.group == 0x7FE0:  # pixel data of any kind: evidence needs the header only
             continue
         header.add(element)
     for keyword in _TYPE2_HEADER:
         if keyword not in header:
             setattr(header, keyword, None)
     return header
+
+
+def character_set_kwargs(source: Dataset, result: ImageResult) -> dict[str, object]:
+    """Keep the source's Specific Character Set unless the model's text needs more than ASCII, then
+    use UTF-8 (ISO_IR 192): names decoded from the source re-encode losslessly in UTF-8, and a
+    sentence with "é" or "≥" must not be written in a character set that cannot hold it."""
+    generated = [result.report, result.impression or "", result.model_name, result.model_version,
+                 *(r.sentence or "" for r in result.regions)]
+    if all(text.isascii() for text in generated):
+        return {}
+    return {"specific_character_set": "ISO_IR 192"}
 
 
 def copy_patient_study(source: Dataset, target: Dataset) -> None:

@@ -16,6 +16,7 @@ from highdicom.pr import (
 from pydicom import Dataset
 
 from pacs_node.results.common import (
+    character_set_kwargs,
     clipped_box,
     contributing_equipment,
     copy_patient_study,
@@ -69,6 +70,7 @@ def build_gsps(source: Dataset, result: ImageResult,
         presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=lut_shape),
         contributing_equipment=contributing_equipment(options, result),
         **equipment_kwargs(options),
+        **character_set_kwargs(source, result),
     )
     gsps.SeriesDescription = "AI regions" if result.clinical_use else "AI regions - NOT FOR CLINICAL USE"
     # General Series Laterality (2C): dciodvfy requires it on PR; copy the image's, else empty.

@@ -11,6 +11,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from pacs_node.results.common import (
+    character_set_kwargs,
     contributing_equipment,
     copy_patient_study,
     device_observer,
@@ -59,6 +60,7 @@ def build_kos(source: Dataset, result: ImageResult, options: ResultOptions) -> K
         manufacturer=options.manufacturer,
         institution_name=options.institution_name,
         contributing_equipment=contributing_equipment(options, result),
+        **character_set_kwargs(source, result),
     )
     kos.SeriesDescription = "AI key images" if result.clinical_use else "AI key images - NOT FOR CLINICAL USE"
     copy_patient_study(source, kos)

@@ -30,6 +30,7 @@ from pydicom.sr.codedict import codes
 
 from pacs_node.results import vocabulary as voc
 from pacs_node.results.common import (
+    character_set_kwargs,
     clipped_box,
     contributing_equipment,
     copy_patient_study,
@@ -144,6 +145,7 @@ def build_narrative_sr(source: Dataset, result: ImageResult, options: ResultOpti
         performed_procedure_codes=[voc.CHEST_RADIOGRAPH],
         contributing_equipment=contributing_equipment(options, result),
         **equipment_kwargs(options),
+        **character_set_kwargs(source, result),
     )
     copy_patient_study(source, sr)
     return sr

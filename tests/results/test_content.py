@@ -297,3 +297,25 @@ def test_region_result_contract_is_what_we_read() -> None:
     """Guards the fields this package relies on, so an interface change fails here first."""
     fields = {f.name for f in dataclasses.fields(RegionResult)}
     assert {"name", "box", "selected", "sentence"} <= fields
+
+
+def test_non_ascii_text_switches_to_utf8(result: ImageResult) -> None:
+    import io
+
+    from pydicom import dcmread
+
+    source = make_cr(patient_id="P-8", patient_name="Müller^Jürgen", study_uid=generate_uid(),
+                     study_date="20240101", accession="A8", rows=200, columns=160)
+    source.SpecificCharacterSet = "ISO_IR 100"
+    sentence = "Heart size ≥ upper limit of normal."
+    regions = tuple(dataclasses.replace(r, sentence=sentence) if r.name == "cardiac silhouette" else r
+                    for r in result.regions)
+    report = narrative(source, dataclasses.replace(result, regions=regions))
+    assert report.SpecificCharacterSet == "ISO_IR 192"
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    again = dcmread(buffer)
+    assert sentence in texts(again) and str(again.PatientName) == "Müller^Jürgen"
+    plain = narrative(source, result)
+    assert plain.SpecificCharacterSet == "ISO_IR 100"  # ASCII model text keeps the source's

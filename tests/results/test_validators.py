@@ -74,15 +74,16 @@ def validate_with_dciodvfy(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def synthetic_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The other shape of results: MONOCHROME2 source, clinical-use bundle, impression, duplicate
-    sentences, a per-finding threshold, and a box spilling over the edge."""
-    source = make_cr(patient_id="P-7", patient_name="Synthetic^Seven", study_uid=generate_uid(),
+    sentences, non-ASCII text, a per-finding threshold, and a box spilling over the edge."""
+    source = make_cr(patient_id="P-7", patient_name="Sÿnthetic^Seven", study_uid=generate_uid(),
                      study_date="20240505", accession="A7", rows=300, columns=240)
     result = FakePipeline().analyse([source])[0]
     regions = list(result.regions)
     regions[0] = dataclasses.replace(regions[0], box=(-5.0, -5.0, 300.0, 400.0), sentence="Clear lung.")
     regions[8] = dataclasses.replace(regions[8], sentence="Clear lung.")
+    regions[24] = dataclasses.replace(regions[24], sentence="Heart size ≥ normal.")  # UTF-8 path
     result = dataclasses.replace(result, regions=tuple(regions), clinical_use=True,
-                                 report="Clear lung. The cardiac silhouette is unremarkable.",
+                                 report="Clear lung. Heart size ≥ normal.",
                                  impression="Normal chest.")
     objects = build_result_objects(source, result, ResultOptions(
         kos_threshold=0.95, per_finding_thresholds={"Pneumothorax": 0.01}, institution_name="Test Hospital"))
