@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 
 from tests.node.helpers import Node, StoreSCP, base_config, dcmtk, new_ports, write_config
+from tests.storage.conftest import pg_server, pg_url  # noqa: F401 (fixtures: a private PostgreSQL schema)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """``database.url`` for the node: a SQLite file, or a private PostgreSQL schema (skipped with the
+    reason when PostgreSQL is unreachable)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'var' / 'node.sqlite3'}"
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

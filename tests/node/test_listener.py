@@ -24,9 +24,10 @@ from tests.node.helpers import dcmtk, echoscu, make_cr, storescu
 from tests.support import free_port
 
 
-def _settings(tmp_path: Path, **sections: dict) -> Settings:
+def _settings(tmp_path: Path, database_url: str = "", **sections: dict) -> Settings:
     return Settings(
         node={"ae_title": "PACSNODE", "port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var"},
+        database={"url": database_url},
         allowed_callers=[{"ae_title": "MODALITY"}, {"ae_title": "PYSCU", "host": "127.0.0.1"},
                          {"ae_title": "ELSEWHERE", "host": "10.9.9.9"}],
         store={"min_free_bytes": 0},
@@ -36,8 +37,8 @@ def _settings(tmp_path: Path, **sections: dict) -> Settings:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Settings, Runtime]]:
-    settings = _settings(tmp_path)
+def node(tmp_path: Path, database_url: str) -> Iterator[tuple[Settings, Runtime]]:
+    settings = _settings(tmp_path, database_url)
     runtime = Runtime.open(settings)
     listener = Listener(settings, runtime)
     listener.start()
@@ -66,6 +67,7 @@ def _send_with_pynetdicom(port: int, path: Path, sop_class: str = ComputedRadiog
         assoc.release()
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_echo_and_allow_list(node: tuple[Settings, Runtime]) -> None:
     settings, _ = node
     dcmtk("echoscu")
@@ -128,6 +130,7 @@ def test_discard_policy_keeps_only_the_record(tmp_path: Path) -> None:
         runtime.close()
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_unparseable_dataset_fails_and_the_listener_stays_up(node: tuple[Settings, Runtime], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     settings, runtime = node
@@ -150,6 +153,7 @@ def test_unparseable_dataset_fails_and_the_listener_stays_up(node: tuple[Setting
     assert echoscu(settings.node.port).returncode == 0
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_full_store_answers_a700_and_writes_nothing(node: tuple[Settings, Runtime], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     settings, runtime = node

@@ -63,9 +63,10 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, receiver: Receiver) -> Iterator[Runtime]:
+def runtime(tmp_path: Path, receiver: Receiver, database_url: str) -> Iterator[Runtime]:
     settings = Settings(
         node={"data_dir": tmp_path / "var"},
+        database={"url": database_url},
         store={"min_free_bytes": 0},
         pipeline={"bundle": "fake", "max_batch_latency_s": 0},
         peers={"oldpacs": {"ae_title": "OLDPACS", "host": "127.0.0.1", "port": receiver.port},
@@ -151,6 +152,7 @@ def test_results_are_routed_and_a_dead_peer_blocks_no_one(runtime: Runtime, rece
     assert len(receiver.received) == len(by_dest["oldpacs"])
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_an_image_the_pipeline_cannot_read_is_dead_with_the_reason(runtime: Runtime, tmp_path: Path) -> None:
     source = make_cr(tmp_path / "cr.dcm")
     del source.PixelData  # the fake pipeline, like the real one, refuses an image without pixels
@@ -184,6 +186,7 @@ def test_a_job_run_twice_produces_its_results_once(runtime: Runtime, tmp_path: P
     assert [j.state for j in jobs(runtime, "analyse")] == ["done"]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_batches_fill_up_to_the_batch_size_while_the_latency_cap_lasts(runtime: Runtime, tmp_path: Path) -> None:
     settings = runtime.settings.model_copy(update={"pipeline": runtime.settings.pipeline.model_copy(
         update={"batch_size": 2, "max_batch_latency_s": 30.0})})
