@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 
 import numpy as np
 from highdicom import ContributingEquipment
@@ -54,11 +56,32 @@ def evidence_header(source: Dataset, result: ImageResult) -> Dataset:
     for element in source:
         if element.tag.group == 0x7FE0:  # pixel data of any kind: evidence needs the header only
             continue
-        header.add(element)
+        header.add(copy.copy(element))  # own elements: normalising must not touch the caller's dataset
     for keyword in _TYPE2_HEADER:
         if keyword not in header:
             setattr(header, keyword, None)
+    _normalise_header(header)
     return header
+
+
+_SEXES = ("M", "F", "O")
+
+
+def _digits(value: object) -> str:
+    return re.sub(r"[^0-9.]", "", str(value or ""))
+
+
+def _normalise_header(header: Dataset) -> None:
+    """Values real modalities send that highdicom (rightly) refuses to write: ``U`` or lower-case sex,
+    ``1960-01-01`` dates, ``10:15:00`` times. A value that has a standard spelling gets it; one that
+    has none becomes empty (unknown), never the reason a patient's results are not delivered."""
+    sex = str(header.get("PatientSex") or "").strip().upper()
+    header.PatientSex = sex if sex in _SEXES else None
+    for keyword in ("PatientBirthDate", "StudyDate"):
+        value = _digits(header.get(keyword)).replace(".", "")
+        header[keyword].value = value if re.fullmatch(r"\d{8}", value) else None
+    time = _digits(header.get("StudyTime"))
+    header.StudyTime = time if re.fullmatch(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", time) else None
 
 
 def character_set_kwargs(source: Dataset, result: ImageResult) -> dict[str, object]:

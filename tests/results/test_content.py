@@ -319,3 +319,19 @@ def test_non_ascii_text_switches_to_utf8(result: ImageResult) -> None:
     assert sentence in texts(again) and str(again.PatientName) == "Müller^Jürgen"
     plain = narrative(source, result)
     assert plain.SpecificCharacterSet == "ISO_IR 100"  # ASCII model text keeps the source's
+
+
+@pytest.mark.parametrize(
+    ("keyword", "sent", "written"),
+    [("PatientSex", "U", ""), ("PatientSex", "f", "F"), ("PatientBirthDate", "1960-01-31", "19600131"),
+     ("StudyDate", "2024.01.15", "20240115"), ("StudyDate", "unknown", ""), ("StudyTime", "10:15", "1015"),
+     ("StudyTime", "101500.123", "101500.123")],
+)
+def test_nonconformant_header_values_do_not_stop_results(result: ImageResult, keyword: str, sent: str,
+                                                         written: str) -> None:
+    source = make_cr(patient_id="P-6", patient_name="Odd^Header", study_uid=generate_uid(),
+                     study_date="20240101", accession="A6", rows=200, columns=160)
+    setattr(source, keyword, sent)
+    report = narrative(source, result)
+    assert str(report.get(keyword) or "") == written
+    assert str(source.get(keyword)) == sent  # the caller's dataset is not touched
