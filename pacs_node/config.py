@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -136,7 +136,7 @@ class StoreConfig(Section):
     min_free_bytes: Annotated[int, Field(ge=0)] = 1024**3
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
@@ -179,7 +179,7 @@ class RetentionConfig(Section):
     interval_s: Annotated[float, Field(gt=0)] = 30.0
 
 
-class NonChestAction(str, Enum):
+class NonChestAction(StrEnum):
     KEEP = "keep"
     DISCARD = "discard"
 
@@ -351,7 +351,8 @@ def load_settings(path: Path | None = None) -> Settings:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist (write one with `pacs-node config init`)")
+            raise ConfigError(f"config file {path} does not exist (write one with `pacs-node config init`)") \
+                from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     try:
@@ -387,7 +388,8 @@ max_associations = 16
 # ae_title = "MAINPACS"
 # host = "10.1.0.10"
 # port = 104
-# tls = { ca_file = "/etc/pacs-node/ca.pem", cert_file = "/etc/pacs-node/node.pem", key_file = "/etc/pacs-node/node.key" }
+# tls = { ca_file = "/etc/pacs-node/ca.pem", cert_file = "/etc/pacs-node/node.pem",
+#         key_file = "/etc/pacs-node/node.key" }
 
 # [[allowed_callers]]          # example
 # ae_title = "CR_ROOM1"

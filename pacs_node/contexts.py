@@ -8,10 +8,11 @@ radiologist's PACS holds. Decoding happens later, in the worker.
 from __future__ import annotations
 
 from pydicom.uid import (
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -20,22 +21,21 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
 )
 from pynetdicom import AE
 from pynetdicom.sop_class import (
-    ComprehensiveSRStorage,
-    Comprehensive3DSRStorage,
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForProcessing,
-    DigitalXRayImageStorageForPresentation,
-    EnhancedSRStorage,
     BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedSRStorage,
     GrayscaleSoftcopyPresentationStateStorage,
     KeyObjectSelectionDocumentStorage,
-    SecondaryCaptureImageStorage,
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
     Verification,
 )
 

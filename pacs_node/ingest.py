@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 
 
@@ -98,8 +97,10 @@ class Ingestor:
             return OUT_OF_RESOURCES
 
         size = temp_path.stat().st_size
-        if not self.rt.store.has_room(size):
-            log.error("refusing instance from %s (0x%04X): the store would have less than "
+        # The dataset already occupies its space (received into the store's temp directory) and filing
+        # it is a rename, so what is free now is what will be free after: do not count it twice.
+        if not self.rt.store.has_room(0):
+            log.error("refusing instance from %s (0x%04X): the store has less than "
                       "store.min_free_bytes = %d bytes free", caller.ae_title, OUT_OF_RESOURCES,
                       self.settings.store.min_free_bytes)
             metrics.INSTANCES_RECEIVED.labels("failed").inc()

@@ -15,6 +15,7 @@ worker died half-way and that runs again produces the same objects once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import logging
@@ -212,7 +213,7 @@ class Worker:
             for w in work:
                 self._fail(w.job, f"pipeline returned {len(outcomes)} results for {len(work)} images", retryable=True)
             return
-        for w, outcome in zip(work, outcomes):
+        for w, outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, PipelineError):
                 log.warning("job %d: the pipeline cannot analyse this image: %s", w.job.id, outcome)
                 self._fail(w.job, str(outcome), retryable=False)
@@ -307,10 +308,8 @@ def _exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
     """A worker started by ``serve`` stops when ``serve`` is gone (even after ``kill -9``), so a restarted
     ``serve`` never finds stale workers from its previous life. On Linux the kernel signals us at once
     (``PR_SET_PDEATHSIG``); polling ``getppid`` covers other systems and a parent that died before."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the polling below still works
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
     while not stop.is_set():
         if os.getppid() != parent_pid:
             log.warning("parent process %d is gone; stopping", parent_pid)

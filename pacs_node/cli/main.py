@@ -16,7 +16,7 @@ from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -57,7 +57,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 @app.callback()
 def main(
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="TOML configuration file.", envvar="PACS_NODE_CONFIG")
+        Path | None, typer.Option("--config", "-c", help="TOML configuration file.", envvar="PACS_NODE_CONFIG")
     ] = None,
 ) -> None:
     _State.config_path = config
@@ -134,7 +134,7 @@ def serve() -> None:
 
 @app.command()
 def worker(
-    parent_pid: Annotated[Optional[int], typer.Option(hidden=True, help="Set by `serve`.")] = None,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True, help="Set by `serve`.")] = None,
 ) -> None:
     """Run one analysis worker process (``serve`` starts ``worker.count`` of these itself)."""
     from pacs_node.logs import setup_logging
@@ -183,7 +183,7 @@ def echo(peer: Annotated[str, typer.Argument(help="Peer name from the config, or
     except ExportError as exc:
         if as_json:
             print_json({"peer": peer, "ok": False, "error": str(exc)})
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         fail(str(exc))
     if as_json:
         print_json({"peer": peer, "ok": status == 0, "status": status})
@@ -213,7 +213,7 @@ def send(peer: Annotated[str, typer.Argument(help="Peer name from the config, or
         statuses = send_datasets(s, target, datasets)
     except ExportError as exc:
         fail(str(exc))
-    rows = [{"file": str(path), "status": status} for path, status in zip(files, statuses)]
+    rows = [{"file": str(path), "status": status} for path, status in zip(files, statuses, strict=True)]
     if as_json:
         print_json(rows)
     else:
@@ -243,8 +243,9 @@ def _job_table(jobs: list[Any]) -> Table:
 @queue_app.command("ls")
 @_db_errors
 def queue_ls(
-    state: Annotated[Optional[str], typer.Option(help="Only jobs in this state (queued, running, done, failed, dead, cancelled).")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="Only jobs of this kind (analyse, export).")] = None,
+    state: Annotated[str | None, typer.Option(
+        help="Only jobs in this state (queued, running, done, failed, dead, cancelled).")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only jobs of this kind (analyse, export).")] = None,
     limit: Annotated[int, typer.Option(help="Newest N jobs.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
@@ -280,7 +281,7 @@ def queue_show(job_id: int, as_json: JsonOpt = False) -> None:
 @queue_app.command("retry")
 @_db_errors
 def queue_retry(
-    job_id: Annotated[Optional[int], typer.Argument(help="The job to retry.")] = None,
+    job_id: Annotated[int | None, typer.Argument(help="The job to retry.")] = None,
     all_failed: Annotated[bool, typer.Option("--all-failed", help="Retry every failed and dead job.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

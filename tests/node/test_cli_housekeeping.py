@@ -126,7 +126,8 @@ def test_housekeeping_reclaims_and_purges(runtime: Runtime) -> None:
     with runtime.write_session() as session, session.begin():  # two instances are past retention
         session.execute(update(Instance).where(Instance.sop_instance_uid.in_(["1.2.3.0", "1.2.3.1"]))
                         .values(received_at=utcnow() - timedelta(days=31)))
-        session.execute(update(Job).where(Job.id.in_(ids)).values(state="done", updated_at=utcnow() - timedelta(days=8)))
+        session.execute(update(Job).where(Job.id.in_(ids))
+                        .values(state="done", updated_at=utcnow() - timedelta(days=8)))
     paths = {uid: runtime.store.path(runtime.store.relpath_for("1.2.3", "1.2.3.0", uid))
              for uid in ("1.2.3.0", "1.2.3.1", "1.2.3.2")}
     assert purge_instances(runtime.settings, runtime) == 2

@@ -91,7 +91,8 @@ def test_store_j2k_as_received_once_with_one_job(node: tuple[Settings, Runtime],
         jobs = session.scalars(select(Job)).all()
     assert len(rows) == 1 and len(jobs) == 1
     row, job = rows[0], jobs[0]
-    assert (row.sop_instance_uid, row.transfer_syntax_uid) == (original.SOPInstanceUID, original.file_meta.TransferSyntaxUID)
+    assert row.sop_instance_uid == original.SOPInstanceUID
+    assert row.transfer_syntax_uid == original.file_meta.TransferSyntaxUID
     assert (row.disposition, row.calling_ae) == ("queued", "MODALITY")
     assert (job.kind, job.state, job.dedupe_key) == ("analyse", "queued", f"analyse:{original.SOPInstanceUID}")
     stored = pydicom.dcmread(runtime.store.path(row.path))
