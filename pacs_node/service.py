@@ -49,6 +49,12 @@ def serve(settings: Settings, config_path: Path | None) -> int:
     _remove_stale_temp_files(runtime)
     if not settings.allowed_callers and settings.allow_any_caller:
         log.warning("no allowed_callers configured: accepting associations from any AE")
+    bundle = settings.bundle_path
+    if bundle is not None and not (bundle / "manifest.json").is_file():
+        # Receiving must not depend on the model: images are stored and queued, and analysed once a
+        # bundle is in place (the workers keep retrying to load it).
+        log.error("pipeline.bundle: %s is not a model bundle (no manifest.json); images will be stored "
+                  "and queued but not analysed until it is", bundle)
 
     listener = Listener(settings, runtime)
     listener.start()
