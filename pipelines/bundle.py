@@ -236,7 +236,7 @@ def _weight_problems(bundle_dir: Path, manifest: dict[str, Any], model: CRRGMode
         tied = _tied_keys(getattr(model, module))
         try:
             with safe_open(str(bundle_dir / fname), framework="pt") as fh:
-                shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+                shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             problems.append(f"{fname}: unreadable safetensors file ({exc})")
             continue

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from pydicom.multival import MultiValue
 import torch
 import torch.nn.functional as F
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from pipelines.interface import PreprocessError

@@ -8,6 +8,14 @@ from pipelines.models.decoder import ReportDecoder
 from pipelines.models.detector import Detections, RegionDetector
 
 __all__ = [
-    "ChestCLIP", "ConfigError", "CRRGModel", "Detections", "MODULES", "ModelConfig", "RegionDetector",
-    "RegionMLP", "ReportDecoder", "preset",
+    "MODULES",
+    "CRRGModel",
+    "ChestCLIP",
+    "ConfigError",
+    "Detections",
+    "ModelConfig",
+    "RegionDetector",
+    "RegionMLP",
+    "ReportDecoder",
+    "preset",
 ]

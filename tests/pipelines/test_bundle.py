@@ -56,7 +56,7 @@ def test_round_trip_keeps_weights(tiny_bundle, tiny_tokenizer):
 def test_save_refuses_to_overwrite_and_mismatched_tokenizer(tiny_bundle, tiny_tokenizer, tmp_path):
     cfg = tiny_config(tiny_tokenizer)
     model = exercised_model(cfg)
-    kwargs = dict(name="x", version="1", tokenizer=tiny_tokenizer, intended_use="t", clinical_use=False)
+    kwargs = {"name": "x", "version": "1", "tokenizer": tiny_tokenizer, "intended_use": "t", "clinical_use": False}
     with pytest.raises(BundleError, match="already exists"):
         save_bundle(model, cfg, tiny_bundle, **kwargs)
     with pytest.raises(BundleError, match="vocab_size"):

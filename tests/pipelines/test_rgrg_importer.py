@@ -8,6 +8,7 @@ position embeddings.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -34,7 +35,7 @@ def synthetic_rgrg_state(seed: int = 0) -> dict[str, torch.Tensor]:
     for key, value in nn.Sequential(*list(net.children())[:-2]).state_dict().items():
         sd[f"object_detector.backbone.{key}"] = value
     anchors = 10 * 16
-    r = lambda *shape: torch.randn(*shape) * 0.02  # noqa: E731
+    r = lambda *shape: torch.randn(*shape) * 0.02
     sd |= {
         "object_detector.rpn.head.conv.weight": r(2048, 2048, 3, 3),  # pre-0.13 torchvision RPNHead names
         "object_detector.rpn.head.conv.bias": r(2048),
@@ -55,7 +56,7 @@ def synthetic_rgrg_state(seed: int = 0) -> dict[str, torch.Tensor]:
     }
     for head in ("binary_classifier_region_selection", "binary_classifier_region_abnormal"):
         widths = (D, *MLP, 1)
-        for i, (w_in, w_out) in enumerate(zip(widths, widths[1:])):
+        for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
             sd[f"{head}.classifier.{2 * i}.weight"] = torch.randn(w_out, w_in)
             sd[f"{head}.classifier.{2 * i}.bias"] = torch.randn(w_out)
     wte = torch.randn(VOCAB, E) * 0.5
@@ -122,16 +123,22 @@ def rgrg_decoder_logits(sd, features, input_ids):
 def imported(tmp_path_factory, gpt2_bpe_dir):
     state = synthetic_rgrg_state()
     out = tmp_path_factory.mktemp("rgrg") / "bundle"
-    base = paper().replace(clip_model=tiny().clip_model)  # RGRG has no CLIP: keep the random one small
+    # RGRG has no CLIP: keep the random one small; fewer proposals keep the CPU forward pass quick
+    base = paper().replace(clip_model=tiny().clip_model, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50)
     import_rgrg("synthetic.pth", out, vocab_json=gpt2_bpe_dir / "vocab.json", merges_txt=gpt2_bpe_dir / "merges.txt",
                 base=base, state=state, dtype=torch.float32)
     return state, out
 
 
-def test_imported_bundle_verifies_and_records_its_origin(imported):
+@pytest.fixture(scope="module")
+def loaded(imported):
+    return load_bundle(imported[1])
+
+
+def test_imported_bundle_verifies_and_records_its_origin(imported, loaded):
     _, out = imported
     assert verify_bundle(out) == []
-    bundle = load_bundle(out)
+    bundle = loaded
     cfg = bundle.config
     assert cfg.preset == "paper" and cfg.detector_backbone == "resnet50" and cfg.image_size == 512
     assert (cfg.feature_dim, cfg.box_head_dim, cfg.decoder_width, cfg.decoder_layers) == (D, REP, E, LAYERS)
@@ -140,9 +147,9 @@ def test_imported_bundle_verifies_and_records_its_origin(imported):
     assert "RGRG has no CLIP" in bundle.manifest["training"]["clip"]
 
 
-def test_detector_and_classifier_weights_land_in_place(imported):
-    state, out = imported
-    model = load_bundle(out).model
+def test_detector_and_classifier_weights_land_in_place(imported, loaded):
+    state, _ = imported
+    model = loaded.model
     det = model.detector
     assert torch.equal(det.backbone[0].weight, state["object_detector.backbone.0.weight"])
     assert torch.equal(det.backbone[7][2].conv3.weight, state["object_detector.backbone.7.2.conv3.weight"])
@@ -153,17 +160,18 @@ def test_detector_and_classifier_weights_land_in_place(imported):
     x = torch.randn(5, D)
     for module, head in ((model.selector, "binary_classifier_region_selection"),
                          (model.abnormality, "binary_classifier_region_abnormal")):
-        w = lambda i, part: state[f"{head}.classifier.{i}.{part}"]  # noqa: E731
-        expected = F.linear(F.relu(F.linear(F.relu(F.linear(x, w(0, "weight"), w(0, "bias"))),
-                                            w(2, "weight"), w(2, "bias"))), w(4, "weight"), w(4, "bias"))
+        expected = x
+        for i in (0, 2, 4):
+            expected = F.linear(expected, state[f"{head}.classifier.{i}.weight"], state[f"{head}.classifier.{i}.bias"])
+            expected = F.relu(expected) if i < 4 else expected
         assert torch.allclose(module(x), expected.squeeze(-1), atol=1e-5)
     with torch.no_grad():
         det(torch.randn(1, 1, 512, 512))  # the imported detector runs at the paper resolution
 
 
-def test_decoder_computes_what_rgrg_computes(imported):
-    state, out = imported
-    decoder = load_bundle(out).model.decoder
+def test_decoder_computes_what_rgrg_computes(imported, loaded):
+    state, _ = imported
+    decoder = loaded.model.decoder
     features = torch.randn(3, D)
     ids = torch.randint(0, VOCAB, (3, 7))
     ids[:, 0] = 50256  # BOS
