@@ -321,6 +321,7 @@ def test_non_ascii_text_switches_to_utf8(result: ImageResult) -> None:
     assert plain.SpecificCharacterSet == "ISO_IR 100"  # ASCII model text keeps the source's
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the values are invalid on purpose
 @pytest.mark.parametrize(
     ("keyword", "sent", "written"),
     [("PatientSex", "U", ""), ("PatientSex", "f", "F"), ("PatientBirthDate", "1960-01-31", "19600131"),
