@@ -20,8 +20,10 @@ from pacs_node import metrics
 from pacs_node.acceptor import GuardedAssociationServer, start_guarded_server
 from pacs_node.config import Settings
 from pacs_node.contexts import add_scp_contexts
-from pacs_node.ingest import Caller, Ingestor
+from pacs_node.ingest import OUT_OF_RESOURCES, Caller, Ingestor
 from pacs_node.runtime import Runtime
+from pacs_node.spool import install as install_spool
+from pacs_node.spool import spool_failure
 from pacs_node.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 _config.STORE_RECV_CHUNKED_DATASET = True
 # pynetdicom logs C-FIND/C-MOVE identifiers (patient names and IDs) unless told not to.
 _config.LOG_REQUEST_IDENTIFIERS = False
+# A write error while spooling (disk full) becomes a 0xA700 answer instead of a dead association.
+install_spool()
 
 #: How often arriving files are pushed towards the disk (see ``InstanceStore.start_temp_writeback``).
 _WRITEBACK_INTERVAL_S = 0.01
@@ -99,9 +103,14 @@ class Listener:
     def _on_store(self, event: Event) -> int:
         requestor = event.assoc.requestor
         caller = Caller(ae_title=str(requestor.ae_title).strip(), host=requestor.address)
-        return self.ingestor.ingest(
-            Path(event.dataset_path), str(event.request.AffectedSOPInstanceUID), caller
-        )
+        path = Path(event.dataset_path)
+        failure = spool_failure(path)
+        if failure is not None:  # the disk filled (or failed) while the dataset arrived
+            log.error("could not receive instance from %s (0x%04X): %s", caller.ae_title, OUT_OF_RESOURCES, failure)
+            metrics.INSTANCES_RECEIVED.labels("failed").inc()
+            path.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        return self.ingestor.ingest(path, str(event.request.AffectedSOPInstanceUID), caller)
 
     def _push_writeback(self) -> None:
         """Keep the disk writing images while they are still arriving, so the fsync before each
