@@ -1,5 +1,6 @@
 """Command line for training, evaluation and phantoms: ``python -m pipelines.training ...``, and the same
-commands under ``pacs-node`` (``pacs_node/cli/training.py`` registers these functions)."""
+commands under ``pacs-node`` (``pacs_node/cli/training.py`` registers these functions). Only typer is
+imported at module level: the model stack loads when a command runs, so the node's CLI stays fast."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import typer
 
-from pipelines.training.trainer import STAGES, Trainer, TrainSettings, parse_stage_values
+#: stage names, spelled out here so that building the CLI does not import torch (see trainer.STAGES)
+STAGES = ("detector", "heads", "decoder", "clip", "labels")
 
 app = typer.Typer(help="Train and evaluate CRRG-CLIP bundles; write synthetic phantoms.", no_args_is_help=True)
 phantoms_app = typer.Typer(help="Synthetic chest radiograph phantoms (marked synthetic).", no_args_is_help=True)
@@ -43,6 +45,8 @@ def train(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Train (or resume) every stage, optionally export the bundle."""
+    from pipelines.training.trainer import Trainer, TrainSettings, parse_stage_values
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = TrainSettings(run_dir=out, train_data=data, preset=preset, demo_overrides=demo_overrides, device=device,
