@@ -139,7 +139,7 @@ def stage_ms(infer: Callable[..., RawOutput], images: torch.Tensor, batch: int) 
     infer(images[:batch], None)
     for i in range(0, images.shape[0], batch):
         infer(images[i:i + batch], timer)
-    return {k: round(timer.ms[k] / images.shape[0], 4) for k in STAGES}
+    return {k: round(v / images.shape[0], 4) for k, v in timer.ms.items()}
 
 
 def flops_per_image(infer: Callable[..., RawOutput], images: torch.Tensor) -> dict[str, float]:
@@ -314,20 +314,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     ref_script = _reference_script(a.reference, dev)
     if ref_script is not None:  # first, while the GPU holds nothing of ours beyond the weights
-        result["reference"] = {
+        section(result, "reference", lambda: {
             "naive": run_reference(ref_script, "naive", a.reference_naive_images, 1, a.regions, a.tokens, 300),
             "batched": run_reference(ref_script, "batched", a.reference_batched_images, a.engine_batch, a.regions,
                                      a.tokens, 300),
-        }
+        })
     eng_infer, fast_infer = engine_path(engine, workload), fast_path(fast, workload)
     result["engine"] = throughput(eng_infer, images[: a.engine_images], a.engine_batch)
-    by_batch = {b: throughput(fast_infer, images[: a.images], b, a.repeats) for b in batches}
+    result["engine"]["stage_ms"] = stage_ms(eng_infer, images[: a.engine_batch * 2], a.engine_batch)
+    _partial("engine", result["engine"])
+    by_batch = {}
+    for b in batches:
+        by_batch[b] = throughput(fast_infer, images[: a.images], b, a.repeats)
+        _partial(f"fast batch {b}", by_batch[b])
     a.batch = max(by_batch, key=lambda b: by_batch[b]["images_per_s"])
     result["fast"] = by_batch[a.batch]
     if len(by_batch) > 1:
         result["fast_images_per_s_by_batch"] = {b: r["images_per_s"] for b, r in by_batch.items()}
-    result["engine"]["stage_ms"] = stage_ms(eng_infer, images[: a.engine_batch * 2], a.engine_batch)
     result["fast"]["stage_ms"] = stage_ms(fast_infer, images[: a.batch * 2], a.batch)
+    _partial("fast stages", result["fast"]["stage_ms"])
     result["speedup_fast_vs_engine"] = round(result["fast"]["images_per_s"] / result["engine"]["images_per_s"], 2)
     for mode in ("naive", "batched"):
         ref = result.get("reference", {}).get(mode, {})
@@ -335,18 +340,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result[f"speedup_fast_vs_reference_{mode}"] = round(result["fast"]["images_per_s"] / ref["images_per_s"], 1)
     if a.count_flops:
         few = images[:2]
-        result["engine"]["gflop_per_image"] = flops_per_image(eng_infer, few)
-        result["fast"]["gflop_per_image"] = flops_per_image(fast_path(FastInference(engine, cuda_graphs=False),
-                                                                      workload), few)
+        section(result, "gflop_per_image", lambda: {
+            "engine": flops_per_image(eng_infer, few),
+            "fast": flops_per_image(fast_path(FastInference(engine, cuda_graphs=False), workload), few)})
     if a.check_images:
-        result["equivalence"] = equivalence(engine, workload, images[: a.check_images], a.batch,
-                                            a.engine_batch)
+        section(result, "equivalence", lambda: equivalence(engine, workload, images[: a.check_images], a.batch,
+                                                           a.engine_batch))
     if a.preprocess_images:
-        result["preprocess"] = preprocess_rate(a.preprocess_images, 3000, 2500, cfg.image_size, os.cpu_count() or 1)
+        section(result, "preprocess", lambda: preprocess_rate(a.preprocess_images, 3000, 2500, cfg.image_size,
+                                                               os.cpu_count() or 1))
     if a.channels_last:
-        nhwc = fast_path(FastInference(engine, not a.no_cuda_graphs, channels_last=True), workload)
-        result["fast_channels_last"] = throughput(nhwc, images[: a.images], a.batch, a.repeats)
-        result["fast_channels_last"]["stage_ms"] = stage_ms(nhwc, images[: a.batch * 2], a.batch)
+        def nhwc_run() -> dict[str, Any]:
+            nhwc = fast_path(FastInference(engine, not a.no_cuda_graphs, channels_last=True), workload)
+            out = throughput(nhwc, images[: a.images], a.batch, a.repeats)
+            out["stage_ms"] = stage_ms(nhwc, images[: a.batch * 2], a.batch)
+            return out
+        section(result, "fast_channels_last", nhwc_run)
     if dev.type == "cuda":
         result["max_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     print(json.dumps(result), flush=True)
@@ -354,6 +363,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a.out.write_text(json.dumps(result, indent=2) + "\n")
     _table(result)
     return result
+
+
+def section(result: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
+    """An optional part of the run: its failure is recorded in the result instead of losing the others."""
+    try:
+        result[name] = fn()
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
+        result[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    _partial(name, result[name])
+
+
+def _partial(name: str, value: Any) -> None:
+    """Progress on stderr, so a run cut short still shows what it measured."""
+    print(f"# {name}: {json.dumps(value)}", file=sys.stderr, flush=True)
 
 
 def _reference_script(arg: str, dev: torch.device) -> Path | None:
@@ -382,7 +405,7 @@ def _table(r: dict[str, Any]) -> None:
         if ref:
             rows.append((label, ref.get("batch", "-"), ref.get("images_per_s", ref.get("error")), {}))
     for name in ("engine", "fast", "fast_channels_last"):
-        if name in r:
+        if "images_per_s" in r.get(name, {}):
             rows.append((f"{name} path", r[name]["batch"], r[name]["images_per_s"], r[name]["stage_ms"]))
     print(f"{'path':<26}{'batch':>6}{'images/s':>11}" + "".join(f"{s + ' ms':>13}" for s in STAGES))
     for label, batch, ips, stages in rows:
@@ -390,13 +413,14 @@ def _table(r: dict[str, Any]) -> None:
     extra = {k: v for k, v in r.items() if k.startswith("speedup")}
     if extra:
         print("  ".join(f"{k.removeprefix('speedup_')}: {v}x" for k, v in extra.items()))
-    if "gflop_per_image" in r["fast"]:
+    if "error" not in r.get("gflop_per_image", {"error": 1}):
         for name in ("engine", "fast"):
-            g = r[name]["gflop_per_image"]
+            g = r["gflop_per_image"][name]
             print(f"{name} GFLOP/image: " + ", ".join(f"{k} {v}" for k, v in g.items()) + f"; total {sum(g.values()):.1f}")
     for label, eq in r.get("equivalence", {}).items():
-        print(f"equivalence {label}: " + ", ".join(f"{k}={v}" for k, v in eq.items()))
-    if "preprocess" in r:
+        print(f"equivalence {label}: " + (", ".join(f"{k}={v}" for k, v in eq.items()) if isinstance(eq, dict)
+                                          else str(eq)))
+    if "images_per_s" in r.get("preprocess", {}):
         pre = r["preprocess"]
         print(f"preprocess {pre['rows']}x{pre['cols']} 16-bit on {pre['workers']} threads: "
               f"{pre['images_per_s']} images/s")

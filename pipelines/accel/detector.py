@@ -20,6 +20,8 @@ paper's ResNet-50, the tests' small CNN); FPN backbones fall back to the stock p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -64,19 +66,27 @@ class FastDetector:
 
     # -- forward ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def detect(self, images: Tensor) -> Detections:
-        det = self.det
+    def detect(self, images: Tensor, timer: Callable[[str], AbstractContextManager] | None = None) -> Detections:
+        """``timer(name)``, when given, wraps each sub-stage (benchmark profiling)."""
+        det, stage = self.det, timer or (lambda _name: nullcontext())
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        maps = det.feature_maps(images)
+        with stage("det.backbone"):
+            maps = det.feature_maps(images)
         if not self.supported(maps):
             return det.detect(maps, det._image_list(images))
         fmap = maps["0"]
-        proposals, valid = self.proposals(images, fmap)
-        logits, regression = self.box_head(fmap, proposals, valid)
-        boxes, scores, detected = _top1_padded(logits, regression, proposals, valid, det.roi_heads.box_coder,
-                                               det.image_size)
-        return Detections(boxes, scores, detected, self.region_features(fmap, boxes))
+        with stage("det.rpn"):
+            proposals, valid = self.proposals(images, fmap)
+        with stage("det.box_head"):
+            logits, regression = self.box_head(fmap, proposals, valid)
+        with stage("det.top1_features"):
+            boxes, scores, detected = _top1_padded(logits, regression, proposals, valid, det.roi_heads.box_coder,
+                                                   det.image_size)
+            features = self.region_features(fmap, boxes)
+        return Detections(boxes, scores, detected, features)
+
+    detect.timed = True  # type: ignore[attr-defined]  # run_stages passes its timer through
 
     def proposals(self, images: Tensor, fmap: Tensor) -> tuple[Tensor, Tensor]:
         """RPN proposals as ``boxes[B,P,4]`` plus ``valid[B,P]``, each image's kept boxes first in the order

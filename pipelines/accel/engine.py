@@ -57,7 +57,7 @@ def run_stages(engine, images: Tensor, detect: Callable[[Tensor], Detections],
     m, stage = engine.model, timer or (lambda _name: nullcontext())
     with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=engine.autocast):
         with stage("detector"):
-            det = detect(images)
+            det = detect(images, timer) if timer is not None and getattr(detect, "timed", False) else detect(images)
         with stage("selector"):
             feats = det.features
             selected = select_regions(m.selector(feats), det.detected, engine.selection_threshold, workload)
@@ -79,8 +79,8 @@ class FastInference:
         self.engine = engine
         model = engine.model
         self.detector = FastDetector(model.detector, channels_last)
-        self.decoder = StaticGreedyDecoder(model.decoder, torch.bfloat16 if engine.autocast else None,
-                                           cuda_graphs=cuda_graphs)
+        dtype = torch.bfloat16 if engine.autocast else model.decoder.lm.lm_head.weight.dtype
+        self.decoder = StaticGreedyDecoder(model.decoder, dtype, cuda_graphs=cuda_graphs)
 
     def decode(self, features: Tensor, workload: Workload | None = None) -> Tensor:
         eng = self.engine
