@@ -153,7 +153,7 @@ def build_ai_findings_sr(source: Dataset, result: ImageResult, options: ResultOp
         is_complete=True,
         is_final=False,
         series_description=description,
-        coding_schemes=list(voc.CODING_SCHEMES),
+        coding_schemes=voc.coding_schemes(),
         contributing_equipment=contributing_equipment(options, result),
         **equipment_kwargs(options),
         **character_set_kwargs(source, result),

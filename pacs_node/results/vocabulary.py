@@ -1,17 +1,18 @@
 """Coded concepts used by the result objects.
 
-Standard codes come from pydicom's copy of the DICOM/SNOMED CT tables, never typed from memory, so a
-meaning always matches what validators expect. Concepts the standard has no code for (most CheXpert
-labels, some Chest ImaGenome regions) get codes in two private coding schemes, declared in each
-object's Coding Scheme Identification Sequence as PS3.3 C.12.1.1.2 asks for "99"-prefixed schemes.
-Private code values are the 1-based position in the shared vocabularies (``CXP01`` = first CheXpert
-label, ``CIG01`` = first region), which ``pipelines.constants`` keeps stable.
+Standard codes come from pydicom's copy of the DICOM/SNOMED CT tables rather than being typed in, so
+a meaning always matches what validators expect (the one exception, the procedure code, says why).
+Concepts the standard has no code for (most CheXpert labels, some Chest ImaGenome regions) get codes
+in two private coding schemes, declared in the object's Coding Scheme Identification Sequence as
+PS3.3 C.12.1.1.2 asks for "99"-prefixed schemes. Private code values are the 1-based position in
+the shared vocabularies (``CXP01`` = first CheXpert label, ``CIG01`` = first region), which
+``pipelines.constants`` keeps stable.
 """
 
 from __future__ import annotations
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
-from highdicom.sr import CodedConcept, FindingSite
+from highdicom.sr import FindingSite
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -20,18 +21,23 @@ from pipelines.constants import CHEXPERT_LABELS, REGIONS
 FINDINGS_SCHEME = "99CHEXPERT"
 REGIONS_SCHEME = "99CXRIMAGENOME"
 
-CODING_SCHEMES = (
-    CodingSchemeIdentificationItem(
-        designator=FINDINGS_SCHEME,
-        name="CheXpert observation labels (Irvin et al. 2019)",
-        responsible_organization="pacs-node project",
-    ),
-    CodingSchemeIdentificationItem(
-        designator=REGIONS_SCHEME,
-        name="Chest ImaGenome anatomical regions (Wu et al. 2021)",
-        responsible_organization="pacs-node project",
-    ),
-)
+
+
+def coding_schemes() -> list[CodingSchemeIdentificationItem]:
+    """Fresh Coding Scheme Identification items for one object (items are datasets: never share one
+    between two objects' sequences)."""
+    return [
+        CodingSchemeIdentificationItem(
+            designator=FINDINGS_SCHEME,
+            name="CheXpert observation labels (Irvin et al. 2019)",
+            responsible_organization="pacs-node project",
+        ),
+        CodingSchemeIdentificationItem(
+            designator=REGIONS_SCHEME,
+            name="Chest ImaGenome anatomical regions (Wu et al. 2021)",
+            responsible_organization="pacs-node project",
+        ),
+    ]
 
 #: The procedure every result reports on (SNOMED CT 399208008 |Plain chest X-ray (procedure)|; not in
 #: pydicom's tables, which only carry codes some DICOM context group uses).
@@ -106,7 +112,3 @@ def region_finding_sites(name: str) -> list[FindingSite]:
     if anatomy is None:
         return []
     return [FindingSite(anatomic_location=anatomy[0], laterality=laterality)]
-
-
-def as_concept(code: Code) -> CodedConcept:
-    return CodedConcept(code.value, code.scheme_designator, code.meaning)
