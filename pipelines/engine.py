@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pydicom
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.constants import CHEXPERT_LABELS, NUM_REGIONS, REGIONS
@@ -105,17 +106,13 @@ class Engine:
     def infer_reference(self, images: torch.Tensor) -> RawOutput:
         """Unoptimised reference: one image and one selected region at a time, same arithmetic."""
         parts = [self._reference_one(images[i:i + 1]) for i in range(images.shape[0])]
-        width = max((p.token_ids.shape[1] for p in parts), default=0)
-        pad = self.cfg.pad_token_id
-        ids = [torch.nn.functional.pad(p.token_ids, (0, width - p.token_ids.shape[1]), value=pad) for p in parts]
-        return RawOutput(
-            torch.cat([p.boxes for p in parts]), torch.cat([p.detected for p in parts]),
-            torch.cat([p.selected for p in parts]), torch.cat([p.abnormal_probs for p in parts]),
-            torch.cat(ids) if ids else torch.empty((0, 0), dtype=torch.long, device=images.device),
-            torch.cat([p.label_probs for p in parts]),
-        )
+        sentences = [s for *_, image_sentences in parts for s in image_sentences]
+        token_ids = (pad_sequence(sentences, batch_first=True, padding_value=self.cfg.pad_token_id) if sentences
+                     else torch.empty((0, 0), dtype=torch.long, device=images.device))
+        boxes, detected, selected, abnormal, label_probs = (torch.cat(column) for column in zip(*(p[:5] for p in parts)))
+        return RawOutput(boxes, detected, selected, abnormal, token_ids, label_probs)
 
-    def _reference_one(self, image: torch.Tensor) -> RawOutput:
+    def _reference_one(self, image: torch.Tensor):
         m = self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             det = m.detector(image)
@@ -128,12 +125,8 @@ class Engine:
                 if det.detected[0, r] and m.selector(feat).float().sigmoid()[0] > self.selection_threshold:
                     selected[0, r] = True
                     sentences.append(m.decoder.generate(feat, self.max_new_tokens, self.num_beams)[0])
-            width = max((len(s) for s in sentences), default=0)
-            ids = torch.full((len(sentences), width), self.cfg.pad_token_id, dtype=torch.long, device=image.device)
-            for i, s in enumerate(sentences):
-                ids[i, : len(s)] = s
-            label_probs = m.clip.label_probs(image)
-        return RawOutput(det.boxes.float(), det.detected, selected, abnormal, ids, label_probs.float())
+            label_probs = m.clip.label_probs(image).float()
+        return det.boxes.float(), det.detected, selected, abnormal, label_probs, sentences
 
     # -- preprocessed images in, results out ----------------------------------------------------------------
     def run(self, batch: Sequence[Preprocessed], reference: bool = False) -> list[ImageResult]:
