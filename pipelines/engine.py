@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.constants import CHEXPERT_LABELS, NUM_REGIONS, REGIONS
 from pipelines.interface import ImageResult, PipelineError, PreprocessError, RegionResult
-from pipelines.preprocess import Preprocessed, preprocess_many
+from pipelines.preprocess import Preprocessed, boxes_to_source, preprocess_many
 from pipelines.tokenizer import decode_sentences
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Engine:
 
     def _assemble(self, chunk: Sequence[Preprocessed], raw: RawOutput, timings: dict[str, float]
                   ) -> list[ImageResult]:
-        boxes = _to_source(raw.boxes, [p.transform for p in chunk]).tolist()
+        boxes = boxes_to_source(raw.boxes, [p.transform for p in chunk]).tolist()
         sentences = iter(decode_sentences(self.bundle.tokenizer, raw.token_ids, self.cfg.eos_token_id))
         selected, detected = raw.selected.tolist(), raw.detected.tolist()
         abnormal, label_probs = raw.abnormal_probs.tolist(), raw.label_probs.tolist()
@@ -166,15 +166,6 @@ class Engine:
                 timings_ms=dict(timings),
             ))
         return out
-
-
-def _to_source(boxes: torch.Tensor, transforms) -> torch.Tensor:
-    """``[B,29,4]`` model-pixel boxes -> source pixels, one vectorised op for the whole batch."""
-    shift = torch.tensor([[t.offset_x, t.offset_y, t.offset_x, t.offset_y] for t in transforms]).unsqueeze(1)
-    scale = torch.tensor([[t.scale_x, t.scale_y, t.scale_x, t.scale_y] for t in transforms]).unsqueeze(1)
-    limit = torch.tensor([[t.source_columns, t.source_rows] * 2 for t in transforms],
-                         dtype=torch.float32).unsqueeze(1)
-    return torch.minimum(((boxes - shift) / scale).clamp(min=0.0), limit)
 
 
 def assemble_report(sentences) -> str:

@@ -49,17 +49,23 @@ class BoxTransform:
 
     def to_source(self, boxes: torch.Tensor) -> torch.Tensor:
         """``[..., 4]`` model-pixel boxes (x1, y1, x2, y2) -> source pixels, clipped to the image."""
-        shift = boxes.new_tensor([self.offset_x, self.offset_y, self.offset_x, self.offset_y])
-        scale = boxes.new_tensor([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
-        out = (boxes - shift) / scale
-        limit = boxes.new_tensor([self.source_columns, self.source_rows, self.source_columns, self.source_rows])
-        return torch.minimum(out.clamp(min=0.0), limit)
+        return boxes_to_source(boxes.unsqueeze(0), [self])[0]
 
     def to_model(self, boxes: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_source` (for training targets given in source pixels)."""
         shift = boxes.new_tensor([self.offset_x, self.offset_y, self.offset_x, self.offset_y])
         scale = boxes.new_tensor([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
         return boxes * scale + shift
+
+
+def boxes_to_source(boxes: torch.Tensor, transforms: Sequence[BoxTransform]) -> torch.Tensor:
+    """:meth:`BoxTransform.to_source` for a batch: ``boxes[B, ..., 4]`` with one transform per image, in one
+    vectorised operation."""
+    params = torch.tensor([[t.offset_x, t.offset_y, t.scale_x, t.scale_y, t.source_columns, t.source_rows]
+                           for t in transforms], dtype=boxes.dtype, device=boxes.device)
+    shape = (len(transforms),) + (1,) * (boxes.dim() - 2) + (4,)
+    shift, scale, limit = (params[:, [i, i + 1, i, i + 1]].view(shape) for i in (0, 2, 4))
+    return torch.minimum(((boxes - shift) / scale).clamp(min=0.0), limit)
 
 
 @dataclass(frozen=True)
