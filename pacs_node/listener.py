@@ -39,6 +39,7 @@ install_spool()
 #: How often arriving files are pushed towards the disk (see ``InstanceStore.start_temp_writeback``).
 _WRITEBACK_INTERVAL_S = 0.01
 
+_ASSOCIATE_RQ_TIMEOUT_S = 10.0
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
 _DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
@@ -65,6 +66,10 @@ class Listener:
         self.ae = AE(ae_title=settings.node.ae_title)
         self.ae.maximum_pdu_size = settings.node.max_pdu
         self.ae.maximum_associations = settings.node.max_associations
+        # pynetdicom's acceptor waits this long for an A-ASSOCIATE-RQ even after the peer has hung up, so
+        # every connection that never sends a valid one (a port scan, garbage) holds an association slot
+        # for it: 30 s by default. A real peer sends its request within milliseconds of connecting.
+        self.ae.acse_timeout = _ASSOCIATE_RQ_TIMEOUT_S
         add_scp_contexts(self.ae)
         self._qr_handlers = self._attach_query_retrieve()
         self._server: GuardedAssociationServer | None = None
