@@ -117,7 +117,7 @@ class StaticGreedyDecoder:
             q, k, v = (t.view(rows, heads, 1, -1) for t in qkv.split(d.width, dim=-1))
             st.keys[i, :, :, step + 1].copy_(k.squeeze(2))
             st.values[i, :, :, step + 1].copy_(v.squeeze(2))
-            o = F.scaled_dot_product_attention(q, st.keys[i, :, :, : step + 2], st.values[i, :, :, : step + 2])
+            o = _attend(q, st.keys[i, :, :, : step + 2], st.values[i, :, :, : step + 2])
             x = x + torch.addmm(layer.proj_b, o.reshape(rows, d.width), layer.proj_w)
             h = torch.addmm(layer.fc_b, layer.ln_2(x).to(self.dtype), layer.fc_w)
             x = x + torch.addmm(layer.out_b, layer.act(h), layer.out_w)
@@ -191,6 +191,16 @@ class StaticGreedyDecoder:
         if stop_at_eos:
             out = _trim_after_all_ended(out, d.eos, d.pad)
         return out
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """One query per sequence against its cache: two batched products that read the cache once.
+
+    ``scaled_dot_product_attention``'s fused kernels are built for many query rows; with one row per
+    (sequence, head) they work on mostly padded tiles (docs/performance.md has the measured difference).
+    Softmax in float32, probabilities rounded to the value dtype as the fused kernels do."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    return torch.matmul(scores.softmax(-1).to(values.dtype), values)
 
 
 def _trim_after_all_ended(ids: Tensor, eos: int, pad: int) -> Tensor:

@@ -7,12 +7,14 @@ paper's ResNet-50, the tests' small CNN); FPN backbones fall back to the stock p
    (several host synchronisations each). Here the per-image top-k is decoded, clipped and suppressed for the
    whole batch at once: greedy NMS is the unique fixed point of ``keep[i] = no kept j before i overlaps i``,
    reached by a few vectorised iterations on a ``[B, K, K]`` overlap matrix.
-2. **The box head's first layer without the pooled tensor.** RoIAlign is linear in the feature map and
-   separable in y and x (each bin's 2x2 bilinear samples), and ``fc6`` is linear in RoIAlign's output, so
-   ``fc6(roi_align(F, box)) = A(box) @ G`` with ``G = F^T W6`` computed once per image (``[H*W*s*s, rep]``)
-   and ``A(box) = wy (x) wx`` the box's bilinear weights. For the paper preset (1,000 proposals, 2048 x 8 x 8
-   RoIs, 16 x 16 map) that is 102 instead of 268 GFLOP per image, and the 131-million-element pooled tensor
-   (0.5 GB per image, in float32 where torchvision's RoIAlign runs) never exists.
+2. **The box head's first layer without the pooled tensor, when that is cheaper.** RoIAlign is linear in
+   the feature map and separable in y and x (each bin's 2x2 bilinear samples), and ``fc6`` is linear in
+   RoIAlign's output, so ``fc6(roi_align(F, box)) = A(box) @ G`` with ``G = F^T W6`` computed once per image
+   (``[H*W*s*s, rep]``) and ``A(box) = wy (x) wx`` the box's bilinear weights. ``G`` costs a fixed 34 G
+   multiply-adds per paper image, the stock path 134 M per proposal: with 1,000 proposals after NMS (a
+   trained RPN keeps hundreds) ``G`` does 102 instead of 268 GFLOP and the 131-million-element pooled tensor
+   (0.5 GB per image in float32) never exists; below ~290 proposals (random weights keep a few dozen) the
+   stock RoIAlign + fc6 is cheaper and is used.
 3. **Region features by the same identity**: the spatial mean of a box's RoIAlign is one weight per
    feature-map cell, so the 29 region features are one ``[29, H*W] @ [H*W, C]`` product per image.
 """
@@ -40,10 +42,14 @@ BOX_HEAD_CHUNK = 32
 class FastDetector:
     """``detect(images[B,1,S,S]) -> Detections`` for a :class:`RegionDetector` in eval mode."""
 
-    def __init__(self, detector: RegionDetector, channels_last: bool = False) -> None:
+    def __init__(self, detector: RegionDetector, channels_last: bool = False, box_head_mode: str = "auto") -> None:
         if detector.training:
             raise ValueError("FastDetector needs the detector in eval mode")
+        if box_head_mode not in ("auto", "g", "roi"):
+            raise ValueError("box_head_mode must be 'auto', 'g' or 'roi'")
         self.det = detector
+        #: ``g``: fc6 through ``G``; ``roi``: torchvision's RoIAlign then fc6; ``auto``: the cheaper one.
+        self.box_head_mode = box_head_mode
         #: NHWC convolutions (cuDNN's fastest tensor-core layout); converts the backbone's weights in place.
         self.channels_last = channels_last
         if channels_last:
@@ -112,7 +118,28 @@ class FastDetector:
         return boxes[rows, order], keep[rows, order]
 
     def box_head(self, fmap: Tensor, proposals: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Class logits ``[B*P,30]`` and box regression ``[B*P,120]`` for every (padded) proposal."""
+        """Class logits ``[B*P,30]`` and box regression ``[B*P,120]`` for every (padded) proposal.
+
+        ``G`` costs ``H*W*C*s*s*rep`` multiply-adds per image whatever the number of proposals, the stock
+        RoIAlign + fc6 ``P*C*s*s*rep``: the cheaper of the two is used (trained RPNs keep hundreds of
+        proposals after NMS; random weights a few dozen)."""
+        heads, det = self.det.roi_heads, self.det
+        b, c, h, w = fmap.shape
+        s, p = self.out_size, proposals.shape[1]
+        use_g = p * (c - h * w) > h * w * c if self.box_head_mode == "auto" else self.box_head_mode == "g"
+        if use_g:
+            return self._box_head_g(fmap, proposals)
+        flat = valid.flatten()
+        rois = proposals.reshape(-1, 4)[flat]
+        pooled = heads.box_roi_pool({"0": fmap}, list(rois.split(valid.sum(1).tolist())),
+                                    [(det.image_size, det.image_size)] * b)
+        logits, regression = heads.box_predictor(heads.box_head(pooled))
+        out_logits = logits.new_zeros((b * p, logits.shape[1]))
+        out_regression = regression.new_zeros((b * p, regression.shape[1]))
+        out_logits[flat], out_regression[flat] = logits, regression
+        return out_logits, out_regression
+
+    def _box_head_g(self, fmap: Tensor, proposals: Tensor) -> tuple[Tensor, Tensor]:
         heads, det = self.det.roi_heads, self.det
         b, c, h, w = fmap.shape
         s = self.out_size

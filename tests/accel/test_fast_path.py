@@ -71,12 +71,13 @@ def test_separable_weights_reproduce_roi_align():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_fast_detector_equals_stock_detector(model, seed):
+@pytest.mark.parametrize("mode", ["g", "roi", "auto"])
+@pytest.mark.parametrize("seed", range(2))
+def test_fast_detector_equals_stock_detector(model, seed, mode):
     images = _images(5, seed)
     with torch.inference_mode():
         ref = model.detector(images)
-        fast = FastDetector(model.detector)
+        fast = FastDetector(model.detector, box_head_mode=mode)
         maps = model.detector.feature_maps(images)
         proposals, _ = model.detector.rpn(model.detector._image_list(images), maps)
         boxes, valid = fast.proposals(images, maps["0"])
