@@ -1,0 +1,66 @@
+"""The benchmarks run end to end at a tiny size, so they cannot rot between the runs that measure.
+
+They start real processes (``pacs-node serve``, DCMTK ``storescp``/``storescu``) over loopback, exactly as
+a measuring run does; only the sizes are small. Figures are not asserted (speed is not a unit-test
+property), only that each benchmark completes and reports what it promises.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import BenchError, dcmtk
+from tests.support import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _dcmtk() -> None:
+    for tool in ("storescp", "storescu"):
+        try:
+            dcmtk(tool)
+        except BenchError as exc:
+            pytest.skip(str(exc))
+
+
+def run_bench(module: str, *args: str, timeout: float = 300) -> dict:
+    """Run ``python -m bench.<module> args``; its JSON line, parsed (the table follows it)."""
+    result = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"bench.{module} failed:\n{result.stdout}\n{result.stderr}"
+    first = result.stdout.splitlines()[0]
+    assert "images/s" in result.stdout or "p50" in result.stdout  # the human table is there too
+    return json.loads(first)
+
+
+def test_ingest_bench_runs_tiny(tmp_path: Path) -> None:
+    out = run_bench("ingest", "--count", "3", "--rows", "64", "--cols", "48", "--senders", "2",
+                    "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
+    assert out["bench"] == "ingest" and out["count"] == 3
+    assert {(r["receiver"], r["senders"]) for r in out["results"]} == {
+        ("storescp", 1), ("node", 1), ("storescp", 2), ("node", 2)}
+    assert all(r["images"] == 3 and r["mb_s"] >= 0 for r in out["results"])
+    assert out["dd_fsync_mb_s"] > 0
+    assert set(out["ratios"]) == {"node_vs_storescp_1_sender", "node_vs_storescp_2_senders",
+                                  "node_2_senders_vs_dd_fsync"}
+    assert "CPU" in out["device"]
+    # nothing left behind in the work directory but empty receiver directories
+    assert not [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
+
+
+def test_e2e_bench_runs_tiny_with_the_fake_pipeline(tmp_path: Path) -> None:
+    out = run_bench("e2e", "--bundle", "fake", "--rows", "64", "--cols", "48", "--light", "2", "--burst", "2",
+                    "--loaded", "2", "--max-batch-latency", "0.05", "--timeout", "120",
+                    "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
+    assert out["bench"] == "e2e"
+    assert out["pipeline"].startswith("FAKE")  # the output says plainly that no model ran
+    assert out["max_throughput_images_s"] > 0
+    for phase in out["latency"].values():
+        assert phase["n"] == 2
+        assert 0 < phase["p50_s"] <= phase["p95_s"] <= phase["p99_s"] <= phase["max_s"]
