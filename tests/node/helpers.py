@@ -203,6 +203,10 @@ class Node:
                 jobs = self.query("SELECT * FROM jobs ORDER BY id DESC")
                 if predicate(jobs):
                     return jobs
+                dead = [j for j in jobs if j["state"] == "dead"]
+                if dead:  # will never be done: fail now, with the reason
+                    raise AssertionError(f"job {dead[0]['id']} is dead: {dead[0]['last_error']}\n"
+                                         f"--- node log ---\n{self.log()[-5000:]}")
             time.sleep(0.3)
         raise AssertionError(f"jobs never reached the expected state: {jobs}\n--- node log ---\n{self.log()[-5000:]}")
 
