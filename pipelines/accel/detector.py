@@ -22,6 +22,7 @@ paper's ResNet-50, the tests' small CNN); FPN backbones fall back to the stock p
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -33,7 +34,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import clip_boxes_to_image
 
 from pipelines.constants import NUM_REGIONS
-from pipelines.models.detector import Detections, RegionDetector
+from pipelines.models.detector import Detections, RegionDetector, _check_images
 
 #: Images per chunk in the box head (bounds the ``G`` and ``A`` working set: ~70 MB per paper image in bf16).
 BOX_HEAD_CHUNK = 32
@@ -42,7 +43,8 @@ BOX_HEAD_CHUNK = 32
 class FastDetector:
     """``detect(images[B,1,S,S]) -> Detections`` for a :class:`RegionDetector` in eval mode."""
 
-    def __init__(self, detector: RegionDetector, channels_last: bool = False, box_head_mode: str = "auto") -> None:
+    def __init__(self, detector: RegionDetector, channels_last: bool = False, box_head_mode: str = "auto",
+                 fuse_batch_norm: bool = True) -> None:
         if detector.training:
             raise ValueError("FastDetector needs the detector in eval mode")
         if box_head_mode not in ("auto", "g", "roi"):
@@ -50,10 +52,14 @@ class FastDetector:
         self.det = detector
         #: ``g``: fc6 through ``G``; ``roi``: torchvision's RoIAlign then fc6; ``auto``: the cheaper one.
         self.box_head_mode = box_head_mode
-        #: NHWC convolutions (cuDNN's fastest tensor-core layout); converts the backbone's weights in place.
+        #: A private copy of the backbone with eval-mode batch norm folded into the convolutions (one pass
+        #: over each activation fewer), NHWC when ``channels_last`` (cuDNN's tensor-core layout).
+        self.backbone = _fused_copy(detector.backbone) if fuse_batch_norm else detector.backbone
         self.channels_last = channels_last
         if channels_last:
-            detector.backbone.to(memory_format=torch.channels_last)
+            if self.backbone is detector.backbone:
+                raise ValueError("channels_last needs fuse_batch_norm (it converts the private copy)")
+            self.backbone.to(memory_format=torch.channels_last)
         pool = detector.roi_heads.box_roi_pool
         self.out_size = int(pool.output_size[0])
         self.sampling = int(pool.sampling_ratio)
@@ -78,7 +84,9 @@ class FastDetector:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with stage("det.backbone"):
-            maps = det.feature_maps(images)
+            _check_images(images, det.image_size)
+            out = self.backbone(images)
+            maps = out if isinstance(out, OrderedDict) else OrderedDict([("0", out)])
         if not self.supported(maps):
             return det.detect(maps, det._image_list(images))
         fmap = maps["0"]
@@ -167,6 +175,16 @@ class FastDetector:
         cell = (wy.mean(1).unsqueeze(2) * wx.mean(1).unsqueeze(1)).view(b, NUM_REGIONS, h * w)  # [B,29,HW]
         pooled = torch.bmm(cell, fmap.float().flatten(2).transpose(1, 2))  # [B,29,C], float32 like RoIAlign
         return self.det.region_proj(pooled.to(fmap.dtype))
+
+
+def _fused_copy(backbone: torch.nn.Module) -> torch.nn.Module:
+    """``backbone`` with Conv2d+BatchNorm2d pairs folded (torch.fx); the original when it cannot be traced."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(backbone, inplace=False)
+    except Exception:  # noqa: BLE001 - e.g. control flow fx cannot trace: the unfused module computes the same
+        return backbone
 
 
 def roi_align_weights(boxes: Tensor, scale: float, height: int, width: int, bins: int, sampling: int

@@ -75,10 +75,11 @@ class FastInference:
 
     The decoder's matrix products use bfloat16 when the engine autocasts, else the weights' dtype."""
 
-    def __init__(self, engine, cuda_graphs: bool = True, channels_last: bool = False) -> None:
+    def __init__(self, engine, cuda_graphs: bool = True, channels_last: bool | None = None) -> None:
         self.engine = engine
         model = engine.model
-        self.detector = FastDetector(model.detector, channels_last)
+        nhwc = engine.device.type == "cuda" if channels_last is None else channels_last
+        self.detector = FastDetector(model.detector, nhwc)
         dtype = torch.bfloat16 if engine.autocast else model.decoder.lm.lm_head.weight.dtype
         self.decoder = StaticGreedyDecoder(model.decoder, dtype, cuda_graphs=cuda_graphs)
 

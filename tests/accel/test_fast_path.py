@@ -90,6 +90,17 @@ def test_fast_detector_equals_stock_detector(model, seed, mode):
     torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-5)
 
 
+def test_nhwc_unfused_and_fused_backbones_agree(model):
+    images = _images(3, 5)
+    with torch.inference_mode():
+        ref = model.detector(images)
+        for fast in (FastDetector(model.detector, channels_last=True),
+                     FastDetector(model.detector, fuse_batch_norm=False)):
+            got = fast.detect(images)
+            assert torch.equal(got.detected, ref.detected)
+            assert (got.boxes - ref.boxes).abs().max() <= 1e-3
+
+
 def test_static_decoder_equals_stock_greedy(model):
     feats = torch.randn((13, model.config.feature_dim), generator=torch.Generator().manual_seed(3))
     dec = model.decoder
