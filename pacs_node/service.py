@@ -56,15 +56,27 @@ def serve(settings: Settings, config_path: Path | None) -> int:
         log.error("pipeline.bundle: %s is not a model bundle (no manifest.json); images will be stored "
                   "and queued but not analysed until it is", bundle)
 
+    # The two ports first: if either is taken, stop before anything else has started.
     listener = Listener(settings, runtime)
-    listener.start()
+    try:
+        listener.start()
+    except OSError as exc:
+        log.error("node.port: cannot listen on %s:%d: %s", settings.node.bind, settings.node.port, exc)
+        runtime.close()
+        return 1
+    http = None
+    if settings.http.port:
+        try:
+            http = HttpServer(runtime, settings.http.bind, settings.http.port)
+        except OSError as exc:
+            log.error("http.port: cannot listen on %s:%d: %s", settings.http.bind, settings.http.port, exc)
+            listener.stop()
+            runtime.close()
+            return 1
+        http.start()
     exporter = Exporter(settings, runtime, worker_id=f"{socket.gethostname()}:serve")
     exporter.start()
     scheduler = start_housekeeping(settings, runtime)
-    http = None
-    if settings.http.port:
-        http = HttpServer(runtime, settings.http.bind, settings.http.port)
-        http.start()
     supervisor = Supervisor(settings.worker.count, config_path)
     supervisor.start()
     log.info("pacs-node ready: %d worker process(es), %d exporter thread(s)",

@@ -135,3 +135,24 @@ def test_housekeeping_reclaims_and_purges(runtime: Runtime) -> None:
         assert session.scalars(select(Instance.sop_instance_uid)).all() == ["1.2.3.2"]
     assert not paths["1.2.3.0"].exists() and not paths["1.2.3.1"].exists() and paths["1.2.3.2"].exists()
     assert purge_jobs(runtime.settings, runtime) == 3
+
+
+def test_serve_names_the_port_it_cannot_listen_on(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "c.toml"
+        config.write_text(f'[node]\nbind = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
+                          '[pipeline]\nbundle = "fake"\n[http]\nport = 0\n')
+        result = subprocess.run([sys.executable, "-m", "pacs_node", "--config", str(config), "serve"],
+                                capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert result.returncode == 1
+    assert f"node.port: cannot listen on 127.0.0.1:{port}" in result.stderr
