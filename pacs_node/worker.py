@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 
 from pacs_node import __version__, metrics
 from pacs_node.config import Device, Settings
@@ -199,20 +200,33 @@ class Worker:
             except Exception as exc:
                 log.exception("job %d: cannot load its instance", job.id)
                 self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
-        if not work:
-            return
+        if work:
+            self._analyse_and_record(work)
+
+    def _analyse_and_record(self, work: list[_Work]) -> None:
         try:
-            outcomes = self.pipeline.analyse([w.dataset for w in work])
+            outcomes = self._analyse(work)
         except Exception as exc:
-            # A batch-level failure (out of memory, a bug) says nothing about any one image: retry all.
-            log.exception("pipeline failed on a batch of %d", len(work))
-            for w in work:
-                self._fail(w.job, f"pipeline: {type(exc).__name__}: {exc}", retryable=True)
+            if len(work) > 1:
+                # A batch-level failure (out of memory, one image that breaks the model) says nothing
+                # about the others: run each alone, so only the image at fault spends its attempts.
+                log.warning("pipeline failed on a batch of %d (%s: %s); retrying the images one by one",
+                            len(work), type(exc).__name__, exc)
+                for w in work:
+                    self._analyse_and_record([w])
+                return
+            log.exception("job %d: the pipeline failed", work[0].job.id)
+            self._fail(work[0].job, f"pipeline: {type(exc).__name__}: {exc}", retryable=True)
             return
+        self._record(work, outcomes)
+
+    def _analyse(self, work: list[_Work]) -> list[ImageResult | PipelineError]:
+        outcomes = self.pipeline.analyse([w.dataset for w in work])
         if len(outcomes) != len(work):
-            for w in work:
-                self._fail(w.job, f"pipeline returned {len(outcomes)} results for {len(work)} images", retryable=True)
-            return
+            raise RuntimeError(f"pipeline returned {len(outcomes)} results for {len(work)} images")
+        return outcomes
+
+    def _record(self, work: list[_Work], outcomes: list[ImageResult | PipelineError]) -> None:
         for w, outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, PipelineError):
                 log.warning("job %d: the pipeline cannot analyse this image: %s", w.job.id, outcome)
@@ -239,6 +253,8 @@ class Worker:
             ds = pydicom.dcmread(path)
         except FileNotFoundError as exc:
             raise PipelineError(f"the instance's file {row.path} is missing from the store") from exc
+        except InvalidDicomError as exc:  # the same bytes will fail the same way: not retryable
+            raise PipelineError(f"the stored file {row.path} is not readable DICOM: {exc}") from exc
         return _Work(job, ds, row.calling_ae)
 
     def _store_results(self, w: _Work, result: ImageResult) -> list[str]:

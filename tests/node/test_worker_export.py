@@ -203,3 +203,32 @@ def test_batches_fill_up_to_the_batch_size_while_the_latency_cap_lasts(runtime: 
         receive(runtime, make_cr(tmp_path / f"c{i}.dcm", seed=10 + i))
     assert len(worker.claim_batch(threading.Event())) == 2
     assert [j.state for j in jobs(runtime, "analyse")].count("queued") == 1
+
+
+class _BreaksOnOneImage(FakePipeline):
+    """A model that crashes (not a PipelineError) on one particular image, taking its batch with it."""
+
+    def __init__(self, poison_uid: str) -> None:
+        self.poison_uid = poison_uid
+
+    def analyse(self, datasets):  # noqa: ANN001, ANN201
+        if any(ds.SOPInstanceUID == self.poison_uid for ds in datasets):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return super().analyse(datasets)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
+def test_one_bad_image_does_not_fail_its_batch(runtime: Runtime, tmp_path: Path) -> None:
+    images = [make_cr(tmp_path / f"{i}.dcm", seed=i) for i in range(3)]
+    for ds in images:
+        receive(runtime, ds)
+    settings = runtime.settings.model_copy(update={"pipeline": runtime.settings.pipeline.model_copy(
+        update={"batch_size": 3})})
+    worker = Worker(settings, runtime, _BreaksOnOneImage(images[1].SOPInstanceUID), worker_id="w")
+    batch = worker.claim_batch(threading.Event())
+    assert len(batch) == 3
+    worker.process(batch)
+    states = {j.sop_instance_uid: (j.state, j.last_error) for j in jobs(runtime, "analyse")}
+    assert states[images[0].SOPInstanceUID][0] == states[images[2].SOPInstanceUID][0] == "done"
+    state, error = states[images[1].SOPInstanceUID]
+    assert state == "failed" and "device-side assert" in error  # retryable: it may be transient
