@@ -22,6 +22,7 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import VR
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -61,6 +62,9 @@ def read_header(path: Path, expected_sop_instance_uid: str | None) -> Dataset:
         for _ in ds:  # force decoding of every top-level element
             pass
         fields = instance_fields(ds)
+        _check_consistency(path, ds)
+    except UnreadableDataset:
+        raise
     except (InvalidDicomError, MissingAttribute) as exc:
         raise UnreadableDataset(str(exc)) from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
@@ -68,6 +72,46 @@ def read_header(path: Path, expected_sop_instance_uid: str | None) -> Dataset:
     if expected_sop_instance_uid and fields["sop_instance_uid"] != expected_sop_instance_uid:
         raise UnreadableDataset("SOP Instance UID in the dataset differs from the C-STORE request's")
     return ds
+
+
+def _looks_explicit(path: Path, ds: Dataset) -> bool | None:
+    """Whether the first element after the file meta carries a VR (``None``: cannot tell) — the test
+    pydicom makes before it silently switches to the other encoding."""
+    group_length = ds.file_meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        return None
+    with open(path, "rb") as f:
+        f.seek(128 + 4 + 12 + int(group_length))  # preamble, "DICM", (0002,0000) UL, the rest of group 2
+        head = f.read(6)
+    if len(head) < 6:
+        return None
+    return head[4:6].decode("latin-1") in VR.__members__
+
+
+def _check_consistency(path: Path, ds: Dataset) -> None:
+    """Refuse what pydicom reads only by guessing, and native pixel data that cannot be complete.
+
+    pydicom silently falls back to implicit VR when a dataset said to be explicit is not: the file would
+    be stored with a transfer syntax that lies, which stricter readers (a PACS, DCMTK) then refuse. And
+    ``stop_before_pixels`` never sees the pixel data, so a file too small for its Rows x Columns is caught
+    here by its size instead of by the worker."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_transfer_syntax:
+        return
+    if not syntax.is_deflated and _looks_explicit(path, ds) is syntax.is_implicit_VR:
+        raise UnreadableDataset(f"dataset encoding does not match its transfer syntax ({syntax.name})")
+    if syntax.is_compressed or "Rows" not in ds or "Columns" not in ds:
+        return
+    try:
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
+    except (TypeError, ValueError) as exc:
+        raise UnreadableDataset(f"image dimensions are not numbers: {exc}") from exc
+    needed = pixels * bits // 8
+    if needed and path.stat().st_size < needed:
+        raise UnreadableDataset(f"the file ({path.stat().st_size} bytes) is too small for its "
+                                f"{ds.Rows} x {ds.Columns} x {bits}-bit pixel data ({needed} bytes)")
 
 
 class Ingestor:
