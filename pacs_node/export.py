@@ -19,6 +19,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy import select
 
 from pacs_node import metrics
@@ -29,8 +30,6 @@ from storage.queue import ClaimedJob
 from storage.schema import Instance, JobKind, utcnow
 
 log = logging.getLogger(__name__)
-
-_SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
 
 
 class ExportError(Exception):
@@ -203,5 +202,5 @@ class Exporter:
             raise ExportError("the result instance is no longer stored", retryable=False)
         ds = pydicom.dcmread(self.runtime.store.path(row.path))
         (status,) = send_datasets(self.settings, peer, [ds], self._fallback)
-        if status not in _SUCCESS_OR_WARNING:
+        if code_to_category(status) not in (STATUS_SUCCESS, STATUS_WARNING):  # a warning is stored too
             raise ExportError(f"{peer.ae_title} answered C-STORE with status 0x{status:04X}")

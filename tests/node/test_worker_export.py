@@ -40,6 +40,7 @@ class Receiver:
     def __init__(self) -> None:
         self.port = free_port()
         self.received: list[pydicom.Dataset] = []
+        self.status = 0x0000  # what it answers to every C-STORE
         ae = AE(ae_title="OLDPACS")
         for sop_class in (ComprehensiveSRStorage, EnhancedSRStorage, KeyObjectSelectionDocumentStorage,
                           GrayscaleSoftcopyPresentationStateStorage):
@@ -48,8 +49,9 @@ class Receiver:
                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
 
     def _on_store(self, event: evt.Event) -> int:
-        self.received.append(event.dataset)
-        return 0x0000
+        if self.status == 0x0000:
+            self.received.append(event.dataset)
+        return self.status
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -232,3 +234,17 @@ def test_one_bad_image_does_not_fail_its_batch(runtime: Runtime, tmp_path: Path)
     assert states[images[0].SOPInstanceUID][0] == states[images[2].SOPInstanceUID][0] == "done"
     state, error = states[images[1].SOPInstanceUID]
     assert state == "failed" and "device-side assert" in error  # retryable: it may be transient
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
+def test_a_refused_c_store_is_retried_later(runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
+    receive(runtime, make_cr(tmp_path / "cr.dcm"))
+    run_worker_once(runtime)
+    receiver.status = 0xA700  # the PACS is out of space
+    exporter = Exporter(runtime.settings, runtime, worker_id="x")
+    claimed = runtime.queue.claim("x", [JobKind.EXPORT], limit=100)
+    job = next(j for j in claimed if j.destination == "oldpacs")
+    exporter.run_job(job, "x")
+    record = runtime.queue.get(job.id)
+    assert record.state == "failed" and "0xA700" in record.last_error and record.not_before > record.updated_at
+    assert receiver.received == []
