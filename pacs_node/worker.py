@@ -46,6 +46,22 @@ from storage.schema import Disposition, JobKind, Origin
 log = logging.getLogger(__name__)
 
 
+#: Most pixels (rows x columns x frames) the worker lets the pipeline decode. The largest detector
+#: panels are about 4300 x 4300 (18.5 MP); a compressed stream claiming far more is a decompression bomb.
+MAX_SOURCE_PIXELS = 80_000_000
+
+
+def check_dimensions(ds: Dataset) -> None:
+    """Refuse, before any pixel is decoded, an image whose declared size would not fit in memory."""
+    try:
+        pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"image dimensions are not numbers: {exc}") from None
+    if pixels > MAX_SOURCE_PIXELS:
+        raise PipelineError(f"image of {pixels:,} pixels ({ds.get('Rows')} x {ds.get('Columns')}) exceeds the "
+                            f"limit of {MAX_SOURCE_PIXELS:,}; not decoded")
+
+
 class PipelineUnavailable(RuntimeError):
     """The configured pipeline cannot be loaded (missing bundle, engine not installed)."""
 
@@ -255,6 +271,7 @@ class Worker:
             raise PipelineError(f"the instance's file {row.path} is missing from the store") from exc
         except InvalidDicomError as exc:  # the same bytes will fail the same way: not retryable
             raise PipelineError(f"the stored file {row.path} is not readable DICOM: {exc}") from exc
+        check_dimensions(ds)
         return _Work(job, ds, row.calling_ae)
 
     def _store_results(self, w: _Work, result: ImageResult) -> list[str]:
