@@ -42,12 +42,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # also runnable as ``python bench/pipeline.py``
     sys.path.insert(0, str(REPO))
 
-from pipelines.accel import FastInference, Workload  # noqa: E402
-from pipelines.accel.engine import run_stages  # noqa: E402
-from pipelines.bundle import DEFAULT_THRESHOLDS, Bundle  # noqa: E402
-from pipelines.engine import Engine, RawOutput  # noqa: E402
-from pipelines.models.config import preset  # noqa: E402
-from pipelines.models.crrg import CRRGModel  # noqa: E402
+from pipelines.accel import FastInference, Workload
+from pipelines.accel.engine import run_stages
+from pipelines.bundle import DEFAULT_THRESHOLDS, Bundle
+from pipelines.engine import Engine, RawOutput
+from pipelines.models.config import preset
+from pipelines.models.crrg import CRRGModel
 
 DEFAULT_REFERENCE = REPO.parent / "shared" / "bench" / "reference_pipeline.py"
 STAGES = ("detector", "selector", "decoder", "clip")
@@ -259,7 +259,7 @@ def run_reference(script: Path, mode: str, images: int, batch: int, regions: int
     cmd = [sys.executable, str(script), "--images", str(images), "--batch", str(batch), "--regions", str(regions),
            "--tokens", str(tokens), "--modes", mode]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _partial("engine", result["engine"])
     by_batch = {}
     for b in batches:
-        section(by_batch, b, lambda: throughput(fast_infer, images[: a.images], b, a.repeats))
+        section(by_batch, b, lambda b=b: throughput(fast_infer, images[: a.images], b, a.repeats))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     timed = {b: r for b, r in by_batch.items() if "images_per_s" in r}

@@ -13,8 +13,8 @@ cost exceeds their GPU time at any batch a hospital sees. This module computes t
 * on CUDA each step is captured once as a CUDA graph (one per step index, sharing one memory pool) and then
   replayed: a token costs one launch instead of hundreds.
 
-Batches are padded to a multiple of :data:`ROW_BUCKET` regions so that a handful of captured graph sets serve
-every batch size; padded rows compute on zero features and are dropped.
+Batches are padded to a power of two (at least :data:`ROW_BUCKET`) regions so that a handful of captured graph
+sets serve every batch size; padded rows compute on zero features and are dropped.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from torch import Tensor
 
 from pipelines.models.decoder import ReportDecoder
 
-#: Region rows are padded up to a multiple of this, bounding how many graph sets are ever captured.
+#: Region rows are padded up to a power of two, at least this, so that a few graph sets serve every batch.
 ROW_BUCKET = 64
 #: How many captured graph sets (one per padded row count and step count) are kept.
-MAX_GRAPH_SETS = 4
+MAX_GRAPH_SETS = 6
 #: With early stopping on, the host checks "all sequences ended" once per this many steps (a sync each).
 EOS_CHECK_EVERY = 8
 
@@ -92,7 +92,11 @@ class StaticGreedyDecoder:
         tr = lm.transformer
         cast = self._cast
         self.wte, self.wpe, self.ln_f = tr.wte.weight, tr.wpe.weight, tr.ln_f
-        self.head_w = cast(lm.lm_head.weight)
+        head = cast(lm.lm_head.weight)
+        self.vocab = head.shape[0]
+        #: lm_head rows padded with zeros to a multiple of 64: GPT-2's 50,257 makes every logits row
+        #: misaligned for the tensor-core GEMMs (padded columns are sliced off before the arg-max).
+        self.head_w = F.pad(head, (0, 0, 0, -self.vocab % 64))
         self.layers = [
             _Layer(b.ln_1, b.ln_2, b.mlp.act, cast(b.attn.c_attn.weight), cast(b.attn.c_attn.bias),
                    cast(b.attn.c_proj.weight), cast(b.attn.c_proj.bias), cast(b.mlp.c_fc.weight),
@@ -121,7 +125,7 @@ class StaticGreedyDecoder:
             x = x + torch.addmm(layer.proj_b, o.reshape(rows, d.width), layer.proj_w)
             h = torch.addmm(layer.fc_b, layer.ln_2(x).to(self.dtype), layer.fc_w)
             x = x + torch.addmm(layer.out_b, layer.act(h), layer.out_w)
-        logits = F.linear(self.ln_f(x).to(self.dtype), self.head_w)
+        logits = F.linear(self.ln_f(x).to(self.dtype), self.head_w)[:, : self.vocab]
         nxt = logits.argmax(-1).masked_fill(st.done, d.pad)
         st.out[:, step] = nxt
         st.done |= nxt == d.eos
@@ -162,7 +166,7 @@ class StaticGreedyDecoder:
         n = features.shape[0]
         if n == 0 or steps == 0:
             return torch.empty((n, 0), dtype=torch.long, device=features.device)
-        rows = -(-n // ROW_BUCKET) * ROW_BUCKET if self.cuda_graphs else n
+        rows = max(ROW_BUCKET, 1 << (n - 1).bit_length()) if self.cuda_graphs else n
         if rows != n:
             features = torch.cat([features, features.new_zeros(rows - n, features.shape[1])])
         # the prefix runs under the caller's autocast, exactly as ReportDecoder.prefix_cache does

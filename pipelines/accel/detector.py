@@ -133,7 +133,7 @@ class FastDetector:
         proposals after NMS; random weights a few dozen)."""
         heads, det = self.det.roi_heads, self.det
         b, c, h, w = fmap.shape
-        s, p = self.out_size, proposals.shape[1]
+        p = proposals.shape[1]
         use_g = p * (c - h * w) > h * w * c if self.box_head_mode == "auto" else self.box_head_mode == "g"
         if use_g:
             return self._box_head_g(fmap, proposals)
@@ -169,7 +169,7 @@ class FastDetector:
 
     def region_features(self, fmap: Tensor, boxes: Tensor) -> Tensor:
         """``[B,29,D]``: ``region_proj`` of each final box's RoIAlign averaged over its bins."""
-        b, c, h, w = fmap.shape
+        b, _, h, w = fmap.shape
         scale = 2.0 ** round(math.log2(h / self.det.image_size))
         wy, wx = roi_align_weights(boxes.reshape(-1, 4).float(), scale, h, w, self.out_size, self.sampling)
         cell = (wy.mean(1).unsqueeze(2) * wx.mean(1).unsqueeze(1)).view(b, NUM_REGIONS, h * w)  # [B,29,HW]
@@ -223,7 +223,7 @@ def greedy_nms(boxes: Tensor, valid: Tensor, threshold: float) -> Tensor:
     The answer is the unique fixed point of that rule (box i depends only on boxes before it), so iterating it
     from "all kept" converges to exactly torchvision's sequential result; each iteration is one batched
     boolean reduction and a chain of k suppressions needs at most k of them."""
-    b, k, _ = boxes.shape
+    k = boxes.shape[1]
     bx = boxes.float()
     area = (bx[..., 2] - bx[..., 0]) * (bx[..., 3] - bx[..., 1])
     lt = torch.maximum(bx[:, :, None, :2], bx[:, None, :, :2])

@@ -52,7 +52,9 @@ def run_stages(engine, images: Tensor, detect: Callable[[Tensor], Detections],
                timer: Callable[[str], AbstractContextManager] | None = None):
     """The body of :meth:`pipelines.engine.Engine.infer` with the detector and decoder passed in, so that the
     stock and the fast path (and the benchmark's per-stage timer) run one and the same composition."""
-    from pipelines.engine import RawOutput  # the engine imports this module to route its hot path
+    from pipelines.engine import (
+        RawOutput,  # the engine imports this module to route its hot path
+    )
 
     m, stage = engine.model, timer or (lambda _name: nullcontext())
     with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=engine.autocast):

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torchvision.ops import nms, roi_align
 
-from pipelines.accel import FastDetector, FastInference, StaticGreedyDecoder, Workload, select_regions
+from pipelines.accel import (
+    FastDetector,
+    FastInference,
+    StaticGreedyDecoder,
+    Workload,
+    select_regions,
+)
 from pipelines.accel.detector import greedy_nms, roi_align_weights
 from pipelines.bundle import DEFAULT_THRESHOLDS, Bundle
 from pipelines.engine import Engine
