@@ -75,13 +75,16 @@ def make_images(n: int, size: int, mean: float, std: float, device: torch.device
     return ((unit - mean) / std).to(device)
 
 
-def engine_path(engine: Engine, workload: Workload) -> Callable[..., RawOutput]:
+def engine_path(engine: Engine, workload: Workload | None) -> Callable[..., RawOutput]:
+    """The stock modules composed as ``Engine.infer`` composes them (which itself routes to the fast path
+    on CUDA); without a workload, thresholds, beams and EOS as configured."""
     m = engine.model
+    steps, beams = (workload.tokens, 1) if workload else (engine.max_new_tokens, engine.num_beams)
 
     @torch.inference_mode()
     def infer(images: torch.Tensor, timer=None) -> RawOutput:
-        return run_stages(engine, images, m.detector, lambda f: m.decoder.generate(f, workload.tokens, 1),
-                          workload, timer)
+        return run_stages(engine, images, m.detector, lambda f: m.decoder.generate(f, steps, beams), workload,
+                          timer)
 
     return infer
 
@@ -247,7 +250,7 @@ def equivalence(engine: Engine, workload: Workload, images: torch.Tensor, batch:
     out[label] = compare(ref, batched(fast_path(FastInference(engine), workload), images, batch))
     out[f"{label}_engine_batch1_vs_batched"] = compare(ref, batched(engine_path(engine, workload), images, 1))
     natural = images[: min(4, images.shape[0])]  # no workload: thresholds and EOS as in production
-    out[f"{label}_natural_workload"] = compare(engine.infer(natural), FastInference(engine).infer(natural))
+    out[f"{label}_natural_workload"] = compare(engine_path(engine, None)(natural), FastInference(engine).infer(natural))
     return out
 
 
