@@ -23,6 +23,7 @@ import pydicom
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from pipelines.accel import FastInference
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.constants import CHEXPERT_LABELS, NUM_REGIONS, REGIONS
 from pipelines.interface import ImageResult, PipelineError, PreprocessError, RegionResult
@@ -87,11 +88,19 @@ class Engine:
         self.selection_threshold = float(bundle.thresholds["selection"])
         #: bf16 autocast around the models: on CUDA by default ("auto"), on request elsewhere
         self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        #: On CUDA with greedy decoding :meth:`infer` runs :class:`pipelines.accel.FastInference` (same
+        #: outputs; static KV cache in CUDA graphs, batched proposal filtering; docs/performance.md).
+        self.fast_path = self.device.type == "cuda" and self.num_beams == 1
+        self._fast: FastInference | None = None
 
     # -- tensors in, tensors out ----------------------------------------------------------------------------
     @torch.inference_mode()
     def infer(self, images: torch.Tensor) -> RawOutput:
         """The batched hot path on ``images[B,1,S,S]`` (already on :attr:`device`)."""
+        if self.fast_path:
+            if self._fast is None:
+                self._fast = FastInference(self)
+            return self._fast.infer(images)
         m = self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             det = m.detector(images)
