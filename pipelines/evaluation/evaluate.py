@@ -19,7 +19,11 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from tqdm import tqdm
 
 from pipelines.constants import CHEXPERT_LABELS, REGIONS
@@ -118,11 +122,10 @@ def evaluate_bundle(bundle: str | Path, dataset: str, out_dir: str | Path, *, de
     metrics = {**info, **scored}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(out / "predictions.jsonl", "w") as fh:
-        for s, r in zip(samples, results):
-            fh.write(json.dumps({"key": s.key, "reference": s.report, "generated": r.report,
+        fh.writelines(json.dumps({"key": s.key, "reference": s.report, "generated": r.report,
                                  "label_probs": r.label_probs,
                                  "labels": {k: (None if np.isnan(v) else float(v))
-                                            for k, v in zip(CHEXPERT_LABELS, s.labels)}}) + "\n")
+                                            for k, v in zip(CHEXPERT_LABELS, s.labels)}}) + "\n" for s, r in zip(samples, results))
     from pipelines.evaluation.plots import plot_examples, plot_roc
 
     plot_roc(probs, labels, CHEXPERT_LABELS, out / "roc.png")

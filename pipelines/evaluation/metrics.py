@@ -76,7 +76,7 @@ def box_iou(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     x2 = np.minimum(pred[..., 2], true[..., 2])
     y2 = np.minimum(pred[..., 3], true[..., 3])
     inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
+    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
     union = area(pred) + area(true) - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, inter / union, 0.0)

@@ -9,13 +9,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Rectangle
+from sklearn.metrics import roc_auc_score, roc_curve
 
-from pipelines.interface import ImageResult  # noqa: E402
-from pipelines.training.data import Sample  # noqa: E402
+from pipelines.interface import ImageResult
+from pipelines.training.data import Sample
 
 
 def plot_roc(probs: np.ndarray, labels: np.ndarray, names: Sequence[str], path: Path) -> None:
@@ -54,7 +54,7 @@ def plot_examples(items: Sequence[tuple[Sample, ImageResult]], path: Path) -> No
                 ax.add_patch(Rectangle((gx1, gy1), gx2 - gx1, gy2 - gy1, fill=False, ec="lime", lw=1.0, ls="--"))
             ax.text(x1 + 2, y1 + 10, region.name, color="yellow", fontsize=6)
         ax.set_axis_off()
-        wrap = lambda t: "\n".join(textwrap.wrap(t, 62))  # noqa: E731
+        wrap = lambda t: "\n".join(textwrap.wrap(t, 62))
         ax.set_title(sample.key, fontsize=9)
         ax.text(0, -0.02, f"generated:\n{wrap(result.report)}\n\nreference:\n{wrap(sample.report)}",
                 transform=ax.transAxes, va="top", fontsize=7, family="monospace")

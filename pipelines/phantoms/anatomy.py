@@ -66,7 +66,7 @@ class Anatomy:
     spine_halfwidth: float
 
     @staticmethod
-    def sample(rng: np.random.Generator) -> "Anatomy":
+    def sample(rng: np.random.Generator) -> Anatomy:
         apex = -0.86 + rng.uniform(-0.04, 0.04)
         dome_r = 0.40 + rng.uniform(-0.06, 0.06)
         return Anatomy(
@@ -120,7 +120,7 @@ def lung_lateral(a: Anatomy, v: np.ndarray, side: int) -> np.ndarray:
     return halfwidth * (0.7 + 0.3 * np.sqrt(np.clip((v - a.apex) / 1.2, 0.0, 1.0)))
 
 
-def _lung(a: Anatomy, u: np.ndarray, v: np.ndarray, side: int) -> np.ndarray:
+def lung_mask(a: Anatomy, u: np.ndarray, v: np.ndarray, side: int) -> np.ndarray:
     """side -1 = right lung (image left), +1 = left lung. A rounded apex, the lateral chest wall, the
     base on the dome; the medial border is the mediastinum and heart."""
     su = side * (u - a.med_shift)
@@ -216,7 +216,7 @@ def region_masks(a: Anatomy, u: np.ndarray, v: np.ndarray) -> dict[str, np.ndarr
     masks: dict[str, np.ndarray] = {}
     d = dome(a, u)
     for side, name in ((-1, "right"), (1, "left")):
-        lung = _lung(a, u, v, side)
+        lung = lung_mask(a, u, v, side)
         top, bottom = lung_bounds(a, side)
         span = bottom - top
         masks[f"{name} lung"] = lung

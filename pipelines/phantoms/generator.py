@@ -13,8 +13,19 @@ import numpy as np
 from scipy import ndimage
 
 from pipelines.constants import CHEXPERT_LABELS, REGIONS
-from pipelines.phantoms.anatomy import Anatomy, Placement, boxes_from_masks, place, region_masks
-from pipelines.phantoms.findings import Finding, abnormal_regions, labels_of, sample_findings
+from pipelines.phantoms.anatomy import (
+    Anatomy,
+    Placement,
+    boxes_from_masks,
+    place,
+    region_masks,
+)
+from pipelines.phantoms.findings import (
+    Finding,
+    abnormal_regions,
+    labels_of,
+    sample_findings,
+)
 from pipelines.phantoms.render import attenuation, expose
 from pipelines.phantoms.report import assemble_report, region_sentences
 

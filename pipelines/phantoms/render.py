@@ -8,7 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipelines.phantoms import anatomy as an
-from pipelines.phantoms.anatomy import Anatomy, Placement
+from pipelines.phantoms.anatomy import Anatomy
 from pipelines.phantoms.findings import Finding
 
 
@@ -42,8 +42,8 @@ def attenuation(a: Anatomy, findings: tuple[Finding, ...], u: np.ndarray, v: np.
     n1 = smooth_noise(rng, shape, 24)
     n2 = smooth_noise(rng, shape, 9)
     body = an.body(a, u, v)
-    lung_r = an._lung(a, u, v, -1)
-    lung_l = an._lung(a, u, v, 1)
+    lung_r = an.lung_mask(a, u, v, -1)
+    lung_l = an.lung_mask(a, u, v, 1)
     lungs = lung_r | lung_l
     att = 0.50 * body + 0.03 * n2 * body
     # lungs: air, with vessel markings radiating from each hilum
@@ -81,7 +81,7 @@ def _pneumothorax_space(a: Anatomy, f: Finding, u: np.ndarray, v: np.ndarray,
                         line: float = 0.0) -> np.ndarray:
     """Air between the chest wall and the collapsed lung's edge, widest at the apex. With ``line`` > 0,
     the band of that width just inside the space's medial edge: the visceral pleural line."""
-    lung = an._lung(a, u, v, f.side)
+    lung = an.lung_mask(a, u, v, f.side)
     top, bottom = an.lung_bounds(a, f.side)
     end = top + f.geometry["reach"] * (bottom - top)
     gap = f.geometry["gap"] * np.sqrt(np.clip((end - v) / (end - top), 0.0, 1.0)) + line

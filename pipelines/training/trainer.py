@@ -40,8 +40,13 @@ from tqdm import tqdm
 
 from pipelines.bundle import save_bundle
 from pipelines.constants import NUM_REGIONS
-from pipelines.models import CRRGModel, ModelConfig, preset
-from pipelines.tokenizer import encode_sentences, load_tokenizer, save_tokenizer, train_bpe
+from pipelines.models import CRRGModel, preset
+from pipelines.tokenizer import (
+    encode_sentences,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe,
+)
 from pipelines.training.data import ModelInputSet, collate, parse_dataset
 
 log = logging.getLogger(__name__)

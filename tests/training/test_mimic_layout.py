@@ -11,7 +11,12 @@ import pytest
 from PIL import Image
 
 from pipelines.constants import CHEXPERT_LABELS, REGIONS
-from pipelines.training.data import DatasetSpecError, ModelInputSet, collate, parse_dataset
+from pipelines.training.data import (
+    DatasetSpecError,
+    ModelInputSet,
+    collate,
+    parse_dataset,
+)
 
 IMAGES = [
     # dicom_id, subject, study, (rows, cols)

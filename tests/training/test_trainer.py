@@ -7,7 +7,13 @@ import json
 import pytest
 
 from pipelines.bundle import load_bundle, verify_bundle
-from pipelines.training.trainer import STAGES, StagePlan, Trainer, TrainSettings, iter_log
+from pipelines.training.trainer import (
+    STAGES,
+    StagePlan,
+    Trainer,
+    TrainSettings,
+    iter_log,
+)
 
 STEPS = 6
 
