@@ -164,7 +164,9 @@ def _throw(port: int, payload: bytes) -> None:
         try:
             sock.sendall(payload)
             sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(2)
+            # The listener answers garbage with an A-ABORT and then waits for *us* to close (DICOM's
+            # Sta13), so read its answer briefly and hang up rather than wait for its end of stream.
+            sock.settimeout(0.25)
             while sock.recv(65536):
                 pass
         except OSError:
