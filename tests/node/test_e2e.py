@@ -58,9 +58,9 @@ def _run_e2e(node: Node, receiver: StoreSCP, source: Path, *storescu_options: st
     classes = {obj.SOPClassUID.name for obj in received}
     assert any("SR" in name for name in classes), classes
 
-    summary = node.cli_json("results", str(sent.StudyInstanceUID))
-    assert summary[0]["sop_instance_uid"] == sent.SOPInstanceUID
-    assert {r["sop_instance_uid"] for r in summary[0]["results"]} == {o.SOPInstanceUID for o in received}
+    stored = node.query("SELECT sop_instance_uid FROM instances WHERE source_sop_instance_uid = ?",
+                        str(sent.SOPInstanceUID))
+    assert {r["sop_instance_uid"] for r in stored} == {o.SOPInstanceUID for o in received}
     return sent
 
 
