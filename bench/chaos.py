@@ -544,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="run in this directory and keep it (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    # SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C: processes stopped, schema dropped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     options = ChaosOptions(senders=args.senders, images=args.images, workers=args.workers,
                            batch=args.batch, pipeline=args.pipeline, seed=args.seed, timeout_s=args.timeout)
     try:
