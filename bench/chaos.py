@@ -139,8 +139,9 @@ class PgSchema:
         from sqlalchemy.engine import make_url
 
         url = make_url(server)
-        self._conninfo = dict(host=url.host, port=url.port or 5432, user=url.username, dbname=url.database,
-                              password=url.password, autocommit=True, connect_timeout=5)
+        self._conninfo = {"host": url.host, "port": url.port or 5432, "user": url.username,
+                          "dbname": url.database, "password": url.password, "autocommit": True,
+                          "connect_timeout": 5}
         self.name = f"chaos_{secrets.token_hex(5)}"
         try:
             with psycopg.connect(**self._conninfo) as connection:
@@ -395,7 +396,7 @@ def run(options: ChaosOptions, work: Path) -> ChaosReport:
         config = work / "pacs-node.toml"
         config.write_text(config_text(work, schema.url, port, receiver_port, options.pipeline))
         upgrade = subprocess.run([sys.executable, "-m", "pacs_node", "--config", str(config), "db", "upgrade"],
-                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                                 check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         if upgrade.returncode != 0:
             raise BenchError(f"db upgrade failed: {upgrade.stderr}")
         files = {f"SENDER{k}": make_images(work / "in" / f"s{k}", options.images, options.seed * 100 + k)
@@ -444,7 +445,7 @@ def run(options: ChaosOptions, work: Path) -> ChaosReport:
         _verify(report, schema.url, work, senders, received_dir)
         doctor = subprocess.run(
             [sys.executable, "-m", "pacs_node", "--config", str(config), "doctor", "--grace", "0s", "--json"],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         report.doctor_ok = doctor.returncode == 0
         if not report.doctor_ok:
             report.failures.append(f"doctor found problems after the run: {doctor.stdout.strip()[:2000]}")

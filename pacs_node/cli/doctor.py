@@ -18,7 +18,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pacs_node.cli.main import JsonOpt, _db_errors, out, parse_duration, print_json, runtime, settings
+from pacs_node.cli.main import (
+    JsonOpt,
+    _db_errors,
+    out,
+    parse_duration,
+    print_json,
+    runtime,
+    settings,
+)
 
 app = typer.Typer(help="Check (and repair) the database against the instance store.")
 
