@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a.batch = max(timed, key=lambda b: timed[b]["images_per_s"])
     result["fast"] = timed[a.batch]
     if len(by_batch) > 1:
-        result["fast_images_per_s_by_batch"] = {b: r.get("images_per_s", r.get("error")) for b, r in by_batch.items()}
+        result["fast_images_per_s_by_batch"] = {str(b): r.get("images_per_s", r.get("error")) for b, r in by_batch.items()}
     result["fast"]["stage_ms"] = stage_ms(fast_infer, images[: a.batch * 2], a.batch)
     _partial("fast stages", result["fast"]["stage_ms"])
     result["speedup_fast_vs_engine"] = round(result["fast"]["images_per_s"] / result["engine"]["images_per_s"], 2)
