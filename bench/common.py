@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[1]
 #: Where generated inputs are cached between runs (regenerating 40 chest-sized phantoms takes minutes).
@@ -44,7 +44,8 @@ def dcmtk(name: str) -> str:
         if not (candidate.is_file() and os.access(candidate, os.X_OK)):
             continue
         try:
-            out = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=10)
+            out = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=10,
+                                 check=False)
         except (OSError, subprocess.TimeoutExpired):
             continue
         if "dcmtk" in (out.stdout + out.stderr).lower():
@@ -62,7 +63,7 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise BenchError(f"process {proc.args[0]!s} exited with {proc.returncode} before listening on {port}")
+            raise BenchError(f"process {proc.pid} exited with {proc.returncode} before listening on {port}")
         with socket.socket() as s:
             s.settimeout(0.5)
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -117,8 +118,9 @@ class StoreSCP:
     def stop(self) -> None:
         stop_process(self.proc, timeout=10)
 
-    def __enter__(self) -> StoreSCP:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -160,7 +162,7 @@ port = 0
         self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "pacs-node.toml"
         config.write_text(self.config_text())
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env.pop("PACS_NODE_CONFIG", None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -182,8 +184,9 @@ port = 0
     def stop(self) -> None:
         stop_process(self.proc)
 
-    def __enter__(self) -> Node:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

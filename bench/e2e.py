@@ -23,6 +23,7 @@ Prints one JSON line and a table: p50/p95/p99 latency per phase (seconds).
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import statistics
 import subprocess
@@ -159,7 +160,8 @@ def images(files: list[Path]) -> list[Image]:
 
 def send_one(node: Node, image: Image) -> float:
     """C-STORE one image on its own association; the wall-clock time of the acknowledgement."""
-    result = subprocess.run(storescu_command(node.port, [image.path], node.ae_title), capture_output=True)
+    result = subprocess.run(storescu_command(node.port, [image.path], node.ae_title), capture_output=True,
+                            check=False)
     acked = time.time()
     if result.returncode != 0:
         raise BenchError(f"storescu failed: {result.stderr.decode(errors='replace')[-2000:]}")
@@ -169,8 +171,8 @@ def send_one(node: Node, image: Image) -> float:
 def percentiles(latencies: list[float]) -> dict[str, float]:
     ordered = sorted(latencies)
 
-    def pct(p: float) -> float:  # nearest rank
-        return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+    def pct(p: float) -> float:  # nearest rank: the smallest value with at least p% of values <= it
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
     return {"n": len(ordered), "p50_s": round(statistics.median(ordered), 3), "p95_s": round(pct(95), 3),
             "p99_s": round(pct(99), 3), "max_s": round(ordered[-1], 3)}
@@ -188,7 +190,7 @@ def light_load(node: Node, arrivals: Arrivals, batch: list[Image], timeout: floa
 def max_throughput(node: Node, arrivals: Arrivals, batch: list[Image], timeout: float) -> float:
     start = time.time()
     result = subprocess.run(storescu_command(node.port, [i.path for i in batch], node.ae_title),
-                            capture_output=True)
+                            capture_output=True, check=False)
     if result.returncode != 0:
         raise BenchError(f"storescu failed: {result.stderr.decode(errors='replace')[-2000:]}")
     arrivals.wait([i.study for i in batch], timeout)

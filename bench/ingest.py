@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     rows = [("dd conv=fsync", "-", "-", f"{dd_mb_s:.1f}", "")]
-    rows += [(m.receiver, m.senders, f"{m.images_s:.2f}", f"{m.mb_s:.1f}",
+    rows += [(m.receiver, str(m.senders), f"{m.images_s:.2f}", f"{m.mb_s:.1f}",
               f"{m.mb_s / dd_mb_s:.2f}") for m in results]
     emit(result, ("receiver", "senders", "images/s", "MB/s", "of dd"), rows,
          title=f"ingest: {args.count} x {args.rows}x{args.cols} 16-bit ({nbytes / MB:.0f} MB) on "
