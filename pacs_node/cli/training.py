@@ -21,7 +21,10 @@ from pipelines.training import cli as _commands
 train_app = typer.Typer(help="Train or resume a CRRG-CLIP model and export a bundle.")
 train_app.callback(invoke_without_command=True)(_commands.train)
 
-evaluate_app = typer.Typer(help="Score a bundle on phantoms or a MIMIC-CXR + Chest ImaGenome tree.")
+# a typer sub-app is a click group, and groups stop reading options at the first argument unless told
+# otherwise: without this ``pacs-node evaluate BUNDLE DATASET --out DIR`` would refuse ``--out``
+evaluate_app = typer.Typer(help="Score a bundle on phantoms or a MIMIC-CXR + Chest ImaGenome tree.",
+                           context_settings={"allow_interspersed_args": True})
 evaluate_app.callback(invoke_without_command=True)(_commands.evaluate)
 
 phantoms_app = _commands.phantoms_app

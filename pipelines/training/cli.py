@@ -85,13 +85,14 @@ def evaluate(
     meteor: bool = typer.Option(True, help="Compute METEOR (needs Java)."),
 ) -> None:
     """Run a bundle over a data set through the node's own inference path and score it."""
+    from pipelines.bundle import BundleError
     from pipelines.evaluation.evaluate import evaluate_bundle
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         metrics = evaluate_bundle(bundle, dataset, out, device=device, batch_size=batch_size, examples=examples,
                                   meteor=meteor)
-    except ValueError as exc:
+    except (ValueError, BundleError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(metrics["summary"], indent=2))
 
