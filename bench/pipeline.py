@@ -23,6 +23,7 @@ Prints one JSON line, then a table. Examples::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -101,7 +102,7 @@ def sync(device: torch.device) -> None:
 
 
 def throughput(infer: Callable[..., RawOutput], images: torch.Tensor, batch: int, repeats: int = 1
-               ) -> dict[str, float]:
+               ) -> dict[str, Any]:
     """Images/s over ``images`` in batches (first batch run twice beforehand as warm-up: kernel selection,
     graph capture), results copied to the host per batch as the worker does."""
     dev = images.device
@@ -226,9 +227,11 @@ def batched(infer: Callable[..., RawOutput], images: torch.Tensor, batch: int) -
     parts = [infer(images[i:i + batch]).to("cpu") for i in range(0, images.shape[0], batch)]
     width = max(p.token_ids.shape[1] for p in parts)
     ids = [torch.nn.functional.pad(p.token_ids, (0, width - p.token_ids.shape[1]), value=50256) for p in parts]
-    return RawOutput(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                       ("boxes", "detected", "selected", "abnormal_probs")), torch.cat(ids),
-                     torch.cat([p.label_probs for p in parts]))
+    def cat(field: str) -> torch.Tensor:
+        return torch.cat([getattr(p, field) for p in parts])
+
+    return RawOutput(cat("boxes"), cat("detected"), cat("selected"), cat("abnormal_probs"), torch.cat(ids),
+                     cat("label_probs"))
 
 
 def equivalence(engine: Engine, workload: Workload, images: torch.Tensor, batch: int, engine_batch: int
@@ -326,9 +329,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["engine"] = throughput(eng_infer, images[: a.engine_images], a.engine_batch)
     result["engine"]["stage_ms"] = stage_ms(eng_infer, images[: a.engine_batch * 2], a.engine_batch)
     _partial("engine", result["engine"])
-    by_batch = {}
+    by_batch: dict[int, dict[str, Any]] = {}
     for b in batches:
-        section(by_batch, b, lambda b=b: throughput(fast_infer, images[: a.images], b, a.repeats))
+        section(by_batch, b, functools.partial(throughput, fast_infer, images[: a.images], b, a.repeats))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     timed = {b: r for b, r in by_batch.items() if "images_per_s" in r}
@@ -406,7 +409,7 @@ def _device_name(dev: torch.device) -> str:
 def _table(r: dict[str, Any]) -> None:
     print(f"\n{r['preset']} preset, random weights, {r['regions']} regions x {r['tokens']} tokens per image, "
           f"{r['dtype']}, {r['device']}")
-    rows = []
+    rows: list[tuple[str, Any, Any, dict[str, float]]] = []
     for name, label in (("naive", "reference naive"), ("batched", "reference batched")):
         ref = r.get("reference", {}).get(name)
         if ref:

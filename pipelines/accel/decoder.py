@@ -19,8 +19,10 @@ sets serve every batch size; padded rows compute on zero features and are droppe
 
 from __future__ import annotations
 
+import typing
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,10 +103,10 @@ class StaticGreedyDecoder:
             _Layer(b.ln_1, b.ln_2, b.mlp.act, cast(b.attn.c_attn.weight), cast(b.attn.c_attn.bias),
                    cast(b.attn.c_proj.weight), cast(b.attn.c_proj.bias), cast(b.mlp.c_fc.weight),
                    cast(b.mlp.c_fc.bias), cast(b.mlp.c_proj.weight), cast(b.mlp.c_proj.bias))
-            for b in tr.h
+            for b in typing.cast(list[Any], list(tr.h))  # transformers' blocks: attributes typed loosely
         ]
         self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
-        self._pool = None
+        self._pool: Any = None  # CUDA graph memory pool shared by every captured step
 
     def _cast(self, t: Tensor) -> Tensor:
         return t.detach().to(self.dtype)

@@ -47,7 +47,7 @@ def select_regions(selector_logits: Tensor, detected: Tensor, threshold: float, 
     return torch.zeros_like(detected).scatter_(1, top, True)
 
 
-def run_stages(engine, images: Tensor, detect: Callable[[Tensor], Detections],
+def run_stages(engine, images: Tensor, detect: Callable[..., Detections],
                decode: Callable[[Tensor], Tensor], workload: Workload | None = None,
                timer: Callable[[str], AbstractContextManager] | None = None):
     """The body of :meth:`pipelines.engine.Engine.infer` with the detector and decoder passed in, so that the
