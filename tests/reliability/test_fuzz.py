@@ -290,6 +290,9 @@ def test_malformed_datasets_are_refused_and_nothing_half_written(listener: Runni
         assert listener.alive()
     print(outcomes)
     _echo_within(listener, 30)
+    logged = listener.log.read_bytes().decode("utf-8", "replace")
+    assert "refused (0xC210)" in logged  # the reasons are logged ...
+    assert "Synthetic^Phantom" not in logged and "SYN00" not in logged  # ... without patient data
     _assert_store_consistent(listener)
 
 
