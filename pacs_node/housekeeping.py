@@ -1,5 +1,5 @@
 """Periodic upkeep inside ``serve`` (apscheduler's BackgroundScheduler): reclaim the jobs of dead
-workers, apply the retention period to instances and results, forget finished jobs.
+workers, remove the temp files they left, apply the retention period to instances and results, forget finished jobs.
 
 Each task catches and logs its own errors: a database hiccup must not stop the scheduler, and the
 next run simply tries again.
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Instances deleted per transaction by retention (keeps each transaction short).
 RETENTION_BATCH = 500
+#: A temp file this old is abandoned even if its writer cannot be checked (another host, pynetdicom's names).
+TEMP_MAX_AGE_S = 6 * 3600.0
 
 
 def reclaim_leases(runtime: Runtime) -> int:
@@ -63,6 +65,22 @@ def purge_jobs(settings: Settings, runtime: Runtime) -> int:
     return n
 
 
+def remove_dead_temp_files(runtime: Runtime) -> int:
+    """Delete the store's temp files whose writer on this host is gone (a worker or listener killed
+    mid-write) or that are older than :data:`TEMP_MAX_AGE_S`: never committed, never acknowledged, so
+    nothing refers to them, and without this they would wait for a person running ``doctor --repair``."""
+    n = 0
+    for leftover in runtime.store.temp_leftovers(older_than_s=TEMP_MAX_AGE_S):
+        try:
+            leftover.path.unlink()
+        except FileNotFoundError:
+            continue
+        n += 1
+    if n:
+        log.warning("removed %d temp file(s) left by writers that died", n)
+    return n
+
+
 def _guarded(name: str, fn, *args) -> None:  # noqa: ANN001
     try:
         fn(*args)
@@ -75,6 +93,9 @@ def start_housekeeping(settings: Settings, runtime: Runtime) -> BackgroundSchedu
     every = settings.retention.interval_s
     scheduler.add_job(_guarded, "interval", seconds=every, args=("reclaim_leases", reclaim_leases, runtime),
                       id="reclaim_leases", max_instances=1, coalesce=True)
+    scheduler.add_job(_guarded, "interval", seconds=every,
+                      args=("remove_dead_temp_files", remove_dead_temp_files, runtime),
+                      id="remove_dead_temp_files", max_instances=1, coalesce=True)
     scheduler.add_job(_guarded, "interval", seconds=max(every, 60.0),
                       args=("purge_instances", purge_instances, settings, runtime),
                       id="purge_instances", max_instances=1, coalesce=True)
