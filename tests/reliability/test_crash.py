@@ -97,3 +97,31 @@ def test_a_decompression_bomb_is_refused_before_decoding(runtime, tmp_path: Path
         results = session.scalar(select(func.count()).select_from(Instance).where(Instance.origin == "result"))
     assert job.state == JobState.DEAD.value and "exceeds the limit" in (job.last_error or "")
     assert results == 0
+
+
+def test_housekeeping_removes_the_temp_file_of_a_killed_writer(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from pacs_node.housekeeping import remove_dead_temp_files
+    from tests.support import REPO
+
+    settings = Settings(node={"data_dir": tmp_path / "var"}, store={"min_free_bytes": 0})
+    rt = Runtime.open(settings)
+    try:
+        script = ("import sys, time; from storage.store import InstanceStore; "
+                  "f = InstanceStore(sys.argv[1]).open_temp(); f.write(b'half'); f.flush(); "
+                  "print(f.name, flush=True); time.sleep(120)")
+        writer = subprocess.Popen([sys.executable, "-c", script, str(rt.store.root)],
+                                  stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert writer.stdout is not None
+        orphaned = Path(writer.stdout.readline().strip())
+        live = rt.store.open_temp()  # this process is alive and still writing
+        assert remove_dead_temp_files(rt) == 0  # both writers alive: nothing touched
+        writer.kill()
+        writer.wait()
+        assert remove_dead_temp_files(rt) == 1
+        assert not orphaned.exists() and Path(live.name).exists()
+        rt.store.discard(live)
+    finally:
+        rt.close()
