@@ -108,12 +108,12 @@ def test_housekeeping_removes_the_temp_file_of_a_killed_writer(tmp_path: Path) -
 
     settings = Settings(node={"data_dir": tmp_path / "var"}, store={"min_free_bytes": 0})
     rt = Runtime.open(settings)
+    script = ("import sys, time; from storage.store import InstanceStore; "
+              "f = InstanceStore(sys.argv[1]).open_temp(); f.write(b'half'); f.flush(); "
+              "print(f.name, flush=True); time.sleep(120)")
+    writer = subprocess.Popen([sys.executable, "-c", script, str(rt.store.root)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        script = ("import sys, time; from storage.store import InstanceStore; "
-                  "f = InstanceStore(sys.argv[1]).open_temp(); f.write(b'half'); f.flush(); "
-                  "print(f.name, flush=True); time.sleep(120)")
-        writer = subprocess.Popen([sys.executable, "-c", script, str(rt.store.root)],
-                                  stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert writer.stdout is not None
         orphaned = Path(writer.stdout.readline().strip())
         live = rt.store.open_temp()  # this process is alive and still writing
@@ -124,4 +124,7 @@ def test_housekeeping_removes_the_temp_file_of_a_killed_writer(tmp_path: Path) -
         assert not orphaned.exists() and Path(live.name).exists()
         rt.store.discard(live)
     finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
         rt.close()
