@@ -12,25 +12,34 @@ import logging
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from pacs_node.config import Settings
+from pacs_node.housekeeping import remove_dead_temp_files
 from pacs_node.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+#: A receive file untouched this long belongs to no live association: the listener drops a peer that
+#: stalls for ``idle_timeout_s`` (60 s), so ten minutes leaves a wide margin on a shared store.
+STALE_RECEIVE_S = 600.0
+
 
 def _remove_stale_temp_files(runtime: Runtime) -> None:
-    """Partial datasets of associations that were cut off by a previous crash: never acknowledged, so
-    safe to delete (the sender did not get a success and will send again)."""
-    for leftover in runtime.store.temp_leftovers(older_than_s=0):
+    """Partial datasets of associations cut off by a crash: never acknowledged, so safe to delete (the
+    sender got no success and sends again). The store may be shared with listeners on other machines,
+    so only files that are provably dead go: the store's own temp files by the rule housekeeping uses
+    (writer gone on this host, or too old), and pynetdicom's receive files (their names carry no
+    writer) once nothing has written to them for far longer than a live association may stall."""
+    remove_dead_temp_files(runtime)
+    cutoff = time.time() - STALE_RECEIVE_S
+    for path in runtime.incoming_dir.glob("tmp*"):
         try:
-            leftover.path.unlink()
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
         except FileNotFoundError:
             continue
-    # pynetdicom's own temp names do not carry a writer pid: at start-up nobody is writing any of them.
-    for path in runtime.incoming_dir.glob("tmp*"):
-        path.unlink(missing_ok=True)
 
 
 def serve(settings: Settings, config_path: Path | None) -> int:
