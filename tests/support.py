@@ -4,8 +4,11 @@ Imported as ``from tests.support import ...`` (pytest puts the repository root o
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,4 +29,30 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         pytest.skip(f"{name} is not installed (apt-get install the package .ci/run names)")
+    return path
+
+
+@functools.cache
+def _dcmtk_path(name: str) -> str | None:
+    # pynetdicom installs console scripts called storescu/storescp/findscu... too, which may come first on
+    # PATH; the tests want DCMTK's, recognised by its version banner. /usr/bin first: probing a pyenv shim
+    # means starting Python, which is slow on a busy machine.
+    dirs = ["/usr/bin", "/usr/local/bin", *os.environ.get("PATH", "").split(os.pathsep)]
+    for candidate in dict.fromkeys(Path(d) / name for d in dirs):
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        try:
+            banner = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (banner.stdout + banner.stderr).lower():
+            return str(candidate)
+    return None
+
+
+def dcmtk(name: str) -> str:
+    """Path of the DCMTK program ``name``, or skip the test with the reason."""
+    path = _dcmtk_path(name)
+    if path is None:
+        pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk, see .ci/run)")
     return path

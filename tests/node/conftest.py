@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.helpers import Node, StoreSCP, base_config, dcmtk, new_ports, write_config
+from tests.node.helpers import Node, StoreSCP, base_config, new_ports, write_config
 from tests.storage.conftest import pg_server, pg_url  # noqa: F401 (fixtures: a private PostgreSQL schema)
+from tests.support import dcmtk
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -4,7 +4,6 @@ a DCMTK ``storescp`` receiver, and the CLI with ``--json``."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -19,35 +18,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.support import REPO, free_port
-
-
-@functools.cache
-def _dcmtk_path(name: str) -> str | None:
-    # pynetdicom installs console scripts called storescu/storescp/echoscu too; the tests want DCMTK's.
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(directory) / name
-        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
-            continue
-        try:
-            version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in (version.stdout + version.stderr).lower():
-            return str(candidate)
-    return None
-
-
-def dcmtk(name: str) -> str:
-    """Path of the DCMTK program ``name``, or skip the test."""
-    path = _dcmtk_path(name)
-    if path is None:
-        pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk, see .ci/run)")
-    return path
+from tests.support import REPO, dcmtk, free_port
 
 
 def make_cr(path: Path, *, modality: str = "CR", body_part: str | None = "CHEST", rows: int = 64,

@@ -17,8 +17,8 @@ from pacs_node.housekeeping import purge_instances, purge_jobs, reclaim_leases
 from pacs_node.runtime import Runtime
 from storage.repository import add_instance
 from storage.schema import Instance, Job, JobKind, utcnow
-from tests.node.helpers import StoreSCP, dcmtk, make_cr
-from tests.support import free_port
+from tests.node.helpers import StoreSCP, make_cr
+from tests.support import dcmtk, free_port
 
 runner = CliRunner()
 

@@ -20,8 +20,8 @@ from pacs_node.listener import Listener
 from pacs_node.runtime import Runtime
 from storage.schema import Instance, Job
 from storage.store import StoreFullError
-from tests.node.helpers import dcmtk, echoscu, make_cr, storescu
-from tests.support import free_port
+from tests.node.helpers import echoscu, make_cr, storescu
+from tests.support import dcmtk, free_port
 
 
 def _settings(tmp_path: Path, database_url: str = "", **sections: dict) -> Settings:

@@ -3,10 +3,7 @@ results for them, and a Q/R SCP serving it on loopback with the production handl
 
 from __future__ import annotations
 
-import functools
 import io
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,30 +25,6 @@ from tests.results.synthetic import make_cr
 from tests.support import free_port
 
 QR_AET = "QRSCP"
-
-
-def dcmtk(name: str) -> str:
-    """A DCMTK program, or skip the test. pynetdicom installs same-named Python apps (findscu, getscu...) that may come
-    first on PATH, so the OFFIS binary is looked for by its version banner."""
-    path = _dcmtk_path(name)
-    if path is None:
-        pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk)")
-    return path
-
-
-@functools.cache
-def _dcmtk_path(name: str) -> str | None:
-    # /usr/bin first: probing a pyenv shim means starting Python, which is slow on a busy machine.
-    candidates = [Path("/usr/bin") / name, Path("/usr/local/bin") / name]
-    found = shutil.which(name)
-    if found:
-        candidates.append(Path(found))
-    for path in candidates:
-        if path.is_file():
-            banner = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
-            if "dcmtk" in (banner.stdout + banner.stderr).lower():
-                return str(path)
-    return None
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from tests.qr.conftest import QR_AET, Archive, Scp, dcmtk
+from tests.qr.conftest import QR_AET, Archive, Scp
+from tests.support import dcmtk
 
 
 def find(scp: Scp, query: Dataset, model=StudyRootQueryRetrieveInformationModelFind) -> tuple[list[Dataset], int]:

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from tests.node.helpers import Node, StoreSCP, base_config, make_cr, new_ports, storescu, write_config
-from tests.qr.conftest import dcmtk
+from tests.support import dcmtk
 
 
 @pytest.fixture

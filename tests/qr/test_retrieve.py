@@ -12,7 +12,8 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from tests.qr.conftest import QR_AET, Archive, Scp, dcmtk
+from tests.qr.conftest import QR_AET, Archive, Scp
+from tests.support import dcmtk
 
 
 def received(directory: Path) -> dict[str, Dataset]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench.chaos import ChaosOptions, run
-from tests.node.helpers import dcmtk
 from tests.storage.conftest import pg_server  # noqa: F401 (fixture: skips when PostgreSQL is unreachable)
+from tests.support import dcmtk
 
 IMAGES = int(os.environ.get("PACS_NODE_CHAOS_IMAGES", "6"))
 

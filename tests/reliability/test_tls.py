@@ -25,9 +25,9 @@ from pacs_node.listener import Listener
 from pacs_node.runtime import Runtime
 from pacs_node.tls import TLSConfigError, server_context
 from storage.schema import Instance
-from tests.node.helpers import StoreSCP, dcmtk, make_cr
+from tests.node.helpers import StoreSCP, make_cr
 from tests.reliability.certs import KEY_PASSWORD, Certs, make_certs
-from tests.support import free_port
+from tests.support import dcmtk, free_port
 
 
 @pytest.fixture(scope="module")
