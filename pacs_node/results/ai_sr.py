@@ -39,13 +39,13 @@ from pacs_node.results.common import (
     contributing_equipment,
     copy_patient_study,
     equipment_kwargs,
-    instance_number,
+    identity_kwargs,
     not_for_clinical_use_notice,
     observation_context,
     rectangle_polyline,
 )
 from pacs_node.results.options import ResultOptions
-from pacs_node.results.uids import derived_uid, result_series_uid, result_uid
+from pacs_node.results.uids import derived_uid
 from pipelines.constants import CHEXPERT_LABELS
 from pipelines.interface import ImageResult
 
@@ -145,11 +145,8 @@ def build_ai_findings_sr(source: Dataset, result: ImageResult, options: ResultOp
     sr = Comprehensive3DSR(
         evidence=[source],
         content=report,
-        series_instance_uid=result_series_uid(source.StudyInstanceUID, result.model_name,
-                                              result.model_version, KIND),
         series_number=options.ai_sr_series_number,
-        sop_instance_uid=result_uid(source.SOPInstanceUID, result.model_name, result.model_version, KIND),
-        instance_number=instance_number(source),
+        **identity_kwargs(source, result, KIND),
         is_complete=True,
         is_final=False,
         series_description=description,

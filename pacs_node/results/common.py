@@ -17,7 +17,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from pacs_node.results.options import ResultOptions
-from pacs_node.results.uids import derived_uid
+from pacs_node.results.uids import derived_uid, result_series_uid, result_uid
 from pipelines.interface import ImageResult, RegionResult
 
 log = logging.getLogger(__name__)
@@ -184,3 +184,14 @@ def instance_number(source: Dataset) -> int:
     except (TypeError, ValueError):
         number = 1
     return max(number, 1)
+
+
+def identity_kwargs(source: Dataset, result: ImageResult, kind: str) -> dict[str, object]:
+    """Series UID, SOP Instance UID and Instance Number of the ``kind`` object made for ``source``: all
+    derived from the source and the bundle, so a re-run or re-send yields the same object, never a copy."""
+    return {
+        "series_instance_uid": result_series_uid(source.StudyInstanceUID, result.model_name,
+                                                 result.model_version, kind),
+        "sop_instance_uid": result_uid(source.SOPInstanceUID, result.model_name, result.model_version, kind),
+        "instance_number": instance_number(source),
+    }

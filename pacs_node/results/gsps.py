@@ -21,11 +21,10 @@ from pacs_node.results.common import (
     contributing_equipment,
     copy_patient_study,
     equipment_kwargs,
-    instance_number,
+    identity_kwargs,
     rectangle_polyline,
 )
 from pacs_node.results.options import ResultOptions
-from pacs_node.results.uids import result_series_uid, result_uid
 from pipelines.interface import ImageResult
 
 KIND = "gsps"
@@ -57,11 +56,8 @@ def build_gsps(source: Dataset, result: ImageResult,
                  else PresentationLUTShapeValues.IDENTITY)
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[source],
-        series_instance_uid=result_series_uid(source.StudyInstanceUID, result.model_name,
-                                              result.model_version, KIND),
         series_number=options.gsps_series_number,
-        sop_instance_uid=result_uid(source.SOPInstanceUID, result.model_name, result.model_version, KIND),
-        instance_number=instance_number(source),
+        **identity_kwargs(source, result, KIND),
         content_label=label,
         content_description=f"{result.model_name} {result.model_version} regions"[:64],
         graphic_annotations=[GraphicAnnotation(referenced_images=[source], graphic_layer=layer,

@@ -15,10 +15,9 @@ from pacs_node.results.common import (
     contributing_equipment,
     copy_patient_study,
     device_observer,
-    instance_number,
+    identity_kwargs,
 )
 from pacs_node.results.options import ResultOptions
-from pacs_node.results.uids import result_series_uid, result_uid
 from pipelines.constants import CHEXPERT_LABELS
 from pipelines.interface import ImageResult
 
@@ -52,11 +51,8 @@ def build_kos(source: Dataset, result: ImageResult, options: ResultOptions) -> K
     kos = KeyObjectSelectionDocument(
         evidence=[source],
         content=content,
-        series_instance_uid=result_series_uid(source.StudyInstanceUID, result.model_name,
-                                              result.model_version, KIND),
         series_number=options.kos_series_number,
-        sop_instance_uid=result_uid(source.SOPInstanceUID, result.model_name, result.model_version, KIND),
-        instance_number=instance_number(source),
+        **identity_kwargs(source, result, KIND),
         manufacturer=options.manufacturer,
         institution_name=options.institution_name,
         contributing_equipment=contributing_equipment(options, result),

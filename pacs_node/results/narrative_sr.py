@@ -35,13 +35,12 @@ from pacs_node.results.common import (
     contributing_equipment,
     copy_patient_study,
     equipment_kwargs,
-    instance_number,
+    identity_kwargs,
     not_for_clinical_use_notice,
     observation_context,
     rectangle_polyline,
 )
 from pacs_node.results.options import ResultOptions
-from pacs_node.results.uids import result_series_uid, result_uid
 from pipelines.interface import ImageResult, RegionResult
 
 KIND = "narrative-sr"
@@ -134,11 +133,8 @@ def build_narrative_sr(source: Dataset, result: ImageResult, options: ResultOpti
     sr = EnhancedSR(
         evidence=[source],
         content=root,
-        series_instance_uid=result_series_uid(source.StudyInstanceUID, result.model_name,
-                                              result.model_version, KIND),
         series_number=options.narrative_series_number,
-        sop_instance_uid=result_uid(source.SOPInstanceUID, result.model_name, result.model_version, KIND),
-        instance_number=instance_number(source),
+        **identity_kwargs(source, result, KIND),
         is_complete=True,
         is_final=False,
         series_description=description,
