@@ -236,12 +236,8 @@ class JobQueue:
                 return False
             if payload_update:
                 job.payload = {**(job.payload or {}), **payload_update}
-            job.state = JobState.DONE.value
-            job.lease_owner = None
-            job.lease_expires_at = None
-            job.last_error = None
+            _end_attempt(job, JobState.DONE, now, error=None)
             job.finished_at = now
-            job.updated_at = now
             return True
 
     def fail(self, job_id: int, worker_id: str, error: str, retryable: bool = True) -> JobState:
@@ -261,12 +257,8 @@ class JobQueue:
             if not retryable or job.attempts >= job.max_attempts:
                 self._bury(job, now, error)
             else:
-                job.state = JobState.FAILED.value
+                _end_attempt(job, JobState.FAILED, now, error)
                 job.not_before = now + timedelta(seconds=self.backoff_delay(job.attempts))
-                job.lease_owner = None
-                job.lease_expires_at = None
-                job.last_error = error
-                job.updated_at = now
             return JobState(job.state)
 
     def backoff_delay(self, attempts: int) -> float:
@@ -289,12 +281,8 @@ class JobQueue:
                 if job.attempts >= job.max_attempts:
                     self._bury(job, now, message + " on the last attempt")
                 else:
-                    job.state = JobState.FAILED.value
+                    _end_attempt(job, JobState.FAILED, now, message)
                     job.not_before = now
-                    job.lease_owner = None
-                    job.lease_expires_at = None
-                    job.last_error = message
-                    job.updated_at = now
             return len(jobs)
 
     def retry(self, job_id: int) -> bool:
@@ -387,12 +375,8 @@ class JobQueue:
 
     @staticmethod
     def _bury(job: Job, now: datetime, error: str) -> None:
-        job.state = JobState.DEAD.value
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.last_error = error
+        _end_attempt(job, JobState.DEAD, now, error)
         job.finished_at = now
-        job.updated_at = now
         log.warning("job %s (%s) is dead after %s attempt(s)", job.id, job.kind, job.attempts)
 
     def _requeue(self, condition) -> int:  # noqa: ANN001 (SQL expression)
@@ -411,3 +395,12 @@ def _locked(query: Select, *, skip_locked: bool = True) -> Select:
     """Row-lock the selected jobs on PostgreSQL (``FOR UPDATE [SKIP LOCKED]``); SQLite ignores the
     clause and relies on the ``BEGIN IMMEDIATE`` write lock the queue's sessions hold instead."""
     return query.with_for_update(skip_locked=skip_locked)
+
+
+def _end_attempt(job: Job, state: JobState, now: datetime, error: str | None) -> None:
+    """Close the running attempt of ``job``: its new state, the lease released, the attempt's error."""
+    job.state = state.value
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.last_error = error
+    job.updated_at = now
