@@ -50,7 +50,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from bench.common import REPO, BenchError, dcmtk, free_port
+from bench.common import REPO, BenchError, dcmtk, free_port, wait_for_port
 
 PG_SERVER = os.environ.get("PACS_NODE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 _SENT = re.compile(r"Sending file: (?P<path>.+)$")
@@ -200,18 +200,11 @@ class Proc:
 
 
 def wait_port(port: int, proc: Proc, timeout: float = 90.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen is not None and proc.popen.poll() is not None:
-            raise BenchError(f"{proc.args[0]} exited with {proc.popen.returncode}; see {proc.log}")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s; see {proc.log}")
+    """``bench.common.wait_for_port`` for a :class:`Proc`, pointing at its log when it fails."""
+    try:
+        wait_for_port(port, proc.popen, timeout)
+    except BenchError as exc:
+        raise BenchError(f"{proc.args[0]}: {exc}; see {proc.log}") from exc
 
 
 def config_text(work: Path, db_url: str, port: int, receiver_port: int, pipeline: str) -> str:
