@@ -4,11 +4,13 @@ Imported as ``from tests.support import ...`` (pytest puts the repository root o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,20 @@ def dcmtk(name: str) -> str:
     if path is None:
         pytest.skip(f"DCMTK {name} is not installed (apt-get install dcmtk, see .ci/run)")
     return path
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A real small filesystem at ``mountpoint``, so "disk full" is the kernel's ENOSPC and not a mock;
+    skips the test where mounting is not permitted."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+                             check=False, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)

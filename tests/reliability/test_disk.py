@@ -7,7 +7,6 @@ file (in the tree or in ``.tmp``) and no row; once space returns, the next image
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pacs_node.runtime import Runtime
 from storage.schema import Instance
 from storage.store import TEMP_DIR
 from tests.node.helpers import make_cr, storescu
-from tests.support import free_port
+from tests.support import free_port, mounted_tmpfs
 
 MiB = 1024 * 1024
 
@@ -30,18 +29,8 @@ MiB = 1024 * 1024
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs for the instance store."""
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)],
-                             check=False, capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "8m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def _start(tmp_path: Path, store: Path, min_free_bytes: int) -> tuple[Settings, Runtime, Listener]:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage.store import ORPHAN_DIR, TEMP_DIR, InstanceStore, StoreFullError
+from tests.support import mounted_tmpfs
 
 STUDY, SERIES, SOP = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.1.1", "1.2.826.0.1.3680043.8.498.1.1.1"
 
@@ -96,18 +97,8 @@ def test_no_space_while_the_caller_writes_is_store_full(store: InstanceStore) ->
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB filesystem, so "disk full" is the kernel's ENOSPC and not a mock."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "2m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def test_real_disk_full_leaves_nothing_and_recovers(tiny_tmpfs: Path) -> None:
