@@ -8,6 +8,10 @@ cost exceeds their GPU time at any batch a hospital sees. This module computes t
 * the same modules (``ln_1``, ``c_attn``, ``c_proj``, ``ln_2``, ``mlp``, ``ln_f``) and the same arithmetic as
   autocast would do (matrix products in the compute dtype, layer norms and the residual stream in float32),
   with the weights cast once instead of once per call;
+* GPT-2's tanh-approximated GELU applied in the ``c_fc`` product's epilogue (``torch._addmm_activation``,
+  cuBLASLt's GELU-bias epilogue on CUDA) instead of transformers' ``NewGELUActivation``, which is seven
+  element-wise kernels over the ``[rows, 4 * width]`` activations, each a full read and write of them; the
+  epilogue computes the same function in float32 and rounds once;
 * a cache preallocated for ``steps + 1`` positions (slot 0 is the region's pseudo-self-attention prefix, slot
   ``s + 1`` the word at position ``s``), written in place, so every step's tensors have fixed addresses;
 * on CUDA each step is captured once as a CUDA graph (one per step index, sharing one memory pool) and then
@@ -38,11 +42,15 @@ MAX_GRAPH_SETS = 6
 EOS_CHECK_EVERY = 8
 
 
+#: ``activation_function`` values that are GELU with the tanh approximation, the epilogue's function.
+TANH_GELU = frozenset({"gelu_new", "gelu_pytorch_tanh"})
+
+
 @dataclass
 class _Layer:
     ln_1: torch.nn.Module
     ln_2: torch.nn.Module
-    act: torch.nn.Module
+    act: torch.nn.Module | None  # None: tanh GELU, fused into the c_fc product
     attn_w: Tensor
     attn_b: Tensor
     proj_w: Tensor
@@ -99,8 +107,9 @@ class StaticGreedyDecoder:
         #: lm_head rows padded with zeros to a multiple of 64: GPT-2's 50,257 makes every logits row
         #: misaligned for the tensor-core GEMMs (padded columns are sliced off before the arg-max).
         self.head_w = F.pad(head, (0, 0, 0, -self.vocab % 64))
+        fused_gelu = lm.config.activation_function in TANH_GELU
         self.layers = [
-            _Layer(b.ln_1, b.ln_2, b.mlp.act, cast(b.attn.c_attn.weight), cast(b.attn.c_attn.bias),
+            _Layer(b.ln_1, b.ln_2, None if fused_gelu else b.mlp.act, cast(b.attn.c_attn.weight), cast(b.attn.c_attn.bias),
                    cast(b.attn.c_proj.weight), cast(b.attn.c_proj.bias), cast(b.mlp.c_fc.weight),
                    cast(b.mlp.c_fc.bias), cast(b.mlp.c_proj.weight), cast(b.mlp.c_proj.bias))
             for b in typing.cast(list[Any], list(tr.h))  # transformers' blocks: attributes typed loosely
@@ -125,8 +134,12 @@ class StaticGreedyDecoder:
             st.values[i, :, :, step + 1].copy_(v.squeeze(2))
             o = _attend(q, st.keys[i, :, :, : step + 2], st.values[i, :, :, : step + 2])
             x = x + torch.addmm(layer.proj_b, o.reshape(rows, d.width), layer.proj_w)
-            h = torch.addmm(layer.fc_b, layer.ln_2(x).to(self.dtype), layer.fc_w)
-            x = x + torch.addmm(layer.out_b, layer.act(h), layer.out_w)
+            a = layer.ln_2(x).to(self.dtype)
+            if layer.act is None:
+                h = torch._addmm_activation(layer.fc_b, a, layer.fc_w, use_gelu=True)  # GELU (tanh) epilogue
+            else:
+                h = layer.act(torch.addmm(layer.fc_b, a, layer.fc_w))
+            x = x + torch.addmm(layer.out_b, h, layer.out_w)
         logits = F.linear(self.ln_f(x).to(self.dtype), self.head_w)[:, : self.vocab]
         nxt = logits.argmax(-1).masked_fill(st.done, d.pad)
         st.out[:, step] = nxt
