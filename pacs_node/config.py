@@ -147,8 +147,10 @@ class PipelineConfig(Section):
     bundle: str = ""
     device: Device = Device.AUTO
     batch_size: Annotated[int, Field(ge=1, le=256)] = 4
-    #: Longest a claimed job waits for its batch to fill before the batch runs anyway.
-    max_batch_latency_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    #: Longest a claimed job waits for its batch to fill before the batch runs anyway. 0: a batch is what
+    #: is due when the worker looks; under load the queue fills while the previous batch runs, so batches
+    #: still fill, and a lone image at a quiet hour does not wait for company that is not coming.
+    max_batch_latency_s: Annotated[float, Field(ge=0, le=60)] = 0.0
     deterministic: bool = False
 
 
@@ -157,7 +159,8 @@ class WorkerConfig(Section):
     count: Annotated[int, Field(ge=0, le=64)] = 1
     lease_seconds: Annotated[int, Field(ge=5)] = 300
     max_attempts: Annotated[int, Field(ge=1)] = 5
-    #: How often an idle worker looks for work.
+    #: How often an idle worker or export thread looks for work it was not rung for (a retry whose backoff
+    #: ended, a job queued by another host sharing the database); on this host a doorbell wakes it at once.
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
 
 
@@ -415,14 +418,14 @@ min_free_bytes = 1073741824    # below this free space new instances are refused
 bundle = ""                    # model bundle directory; empty = the demo bundle; "fake" = test double
 device = "auto"                # auto | cpu | cuda
 batch_size = 4
-max_batch_latency_s = 0.5      # a batch waits at most this long to fill
+max_batch_latency_s = 0.0      # a batch waits at most this long to fill (0: run what is due now)
 deterministic = false
 
 [worker]
 count = 1                      # worker processes started by `serve` (0 = run `pacs-node worker` yourself)
 lease_seconds = 300            # a job whose worker stops heartbeating comes back after this
 max_attempts = 5               # analyse attempts before a job is dead
-poll_interval_s = 0.5
+poll_interval_s = 0.5          # idle re-check; new work on this host rings a doorbell instead
 
 [export]
 retries = 8                    # C-STORE attempts per result and destination (exponential backoff)

@@ -155,17 +155,18 @@ class Exporter:
             thread.join(timeout)
 
     def _loop(self, owner: str) -> None:
-        while not self._stop.is_set():
-            try:
-                jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=1)
-            except Exception:
-                log.exception("export: cannot claim jobs; retrying")
-                self._stop.wait(5)
-                continue
-            if not jobs:
-                self._stop.wait(self.settings.worker.poll_interval_s)
-                continue
-            self.run_job(jobs[0], owner)
+        with self.runtime.doorbell(JobKind.EXPORT).waiter() as waiter:
+            while not self._stop.is_set():
+                try:
+                    jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=1)
+                except Exception:
+                    log.exception("export: cannot claim jobs; retrying")
+                    self._stop.wait(5)
+                    continue
+                if not jobs:
+                    waiter.wait(self.settings.worker.poll_interval_s, self._stop)
+                    continue
+                self.run_job(jobs[0], owner)
 
     def run_job(self, job: ClaimedJob, owner: str) -> None:
         queue = self.runtime.queue

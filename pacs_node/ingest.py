@@ -120,6 +120,7 @@ class Ingestor:
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self.settings = settings
         self.rt = runtime
+        self._analyse_bell = runtime.doorbell(JobKind.ANALYSE)
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.rt.read_session() as session:
@@ -215,6 +216,7 @@ class Ingestor:
         outcome = "stored" if decision.analyse else ("discarded" if discard else "not_processed")
         metrics.INSTANCES_RECEIVED.labels(outcome).inc()
         if decision.analyse:
+            self._analyse_bell.ring()
             log.info("stored %s instance from %s and queued it for analysis", fields["modality"], caller.ae_title)
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)

@@ -1,5 +1,5 @@
 """The node's long-lived resources, built once per process from the settings: database engine and
-sessions, the instance store, the job queue.
+sessions, the instance store, the job queue and its doorbells.
 
 Every process (listener, each worker, a CLI command) builds its own :class:`Runtime`; nothing here is
 shared across ``fork``, which is what lets a worker crash without touching the listener's connections.
@@ -18,9 +18,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_node.config import Settings
+from pacs_node.doorbell import Doorbell
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.queue import JobQueue
-from storage.schema import Job
+from storage.schema import Job, JobKind
 from storage.store import TEMP_DIR, InstanceStore
 
 #: Backoff of failed jobs: first retry after ~this many seconds, doubling, capped.
@@ -75,6 +76,10 @@ class Runtime:
         with self.read_session() as session:
             rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
             return [(kind, state, int(n)) for kind, state, n in rows]
+
+    def doorbell(self, kind: JobKind) -> Doorbell:
+        """The bell of ``kind``'s jobs on this host: ring it after committing such a job, wait on it when idle."""
+        return Doorbell(self.settings.data_dir / "run" / "doorbells", kind.value)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -5,8 +5,10 @@ model that runs out of memory or a native decoder that crashes takes down only t
 leases run out and another worker picks them up.
 
 Batching is dynamic: the worker claims up to ``pipeline.batch_size`` jobs and, if fewer were due, waits
-at most ``pipeline.max_batch_latency_s`` for more before running what it has. A GPU wants full batches,
-a radiographer wants the report now; the latency cap is the compromise the site chooses.
+at most ``pipeline.max_batch_latency_s`` (default 0) for more before running what it has. A GPU wants full
+batches, a radiographer wants the report now: with no wait, images that arrive while a batch runs form
+the next one, so batches fill exactly when the load needs them to. An idle worker sleeps on the
+``analyse`` doorbell (:mod:`pacs_node.doorbell`), which the listener rings after each commit.
 
 Everything a job produces is idempotent (result UIDs are derived from the source SOP Instance UID and
 the bundle, rows are inserted with ON CONFLICT DO NOTHING, export jobs are deduplicated), so a job whose
@@ -166,13 +168,15 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._options = result_options(settings)
         self._heartbeat: _Heartbeat | None = None
+        self._export_bell = runtime.doorbell(JobKind.EXPORT)
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set (a batch in progress is finished first)."""
         lease = self.settings.worker.lease_seconds
-        with _Heartbeat(self.rt, self.worker_id, max(lease / 3.0, 1.0)) as heartbeat:
+        bell = self.rt.doorbell(JobKind.ANALYSE)
+        with _Heartbeat(self.rt, self.worker_id, max(lease / 3.0, 1.0)) as heartbeat, bell.waiter() as waiter:
             self._heartbeat = heartbeat
             while not stop.is_set():
                 try:
@@ -182,7 +186,7 @@ class Worker:
                     stop.wait(5)
                     continue
                 if not jobs:
-                    stop.wait(self.settings.worker.poll_interval_s)
+                    waiter.wait(self.settings.worker.poll_interval_s, stop)
                     continue
                 heartbeat.hold([job.id for job in jobs])
                 self.process(jobs)
@@ -314,6 +318,8 @@ class Worker:
                         dedupe_key=f"export:{fields['sop_instance_uid']}:{peer}",
                         max_attempts=self.settings.export.retries,
                     )
+        if peers:
+            self._export_bell.ring()
         return [fields["sop_instance_uid"] for fields, _, _ in rows]
 
     def _finished(self, job_id: int) -> None:

@@ -290,6 +290,11 @@ def queue_retry(
         fail("give a job ID or --all-failed (not both)", 2)
     rt = runtime(settings())
     n = rt.queue.retry_all_failed() if all_failed else int(rt.queue.retry(job_id))
+    if n:
+        from storage.schema import JobKind
+
+        for kind in JobKind:  # a running node on this host takes them now, not at its next poll
+            rt.doorbell(kind).ring()
     if as_json:
         print_json({"retried": n})
     else:

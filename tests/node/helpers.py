@@ -62,7 +62,7 @@ def write_config(directory: Path, text: str) -> Path:
     return path
 
 
-def base_config(data_dir: Path, port: int, http_port: int, *, extra: str = "") -> str:
+def base_config(data_dir: Path, port: int, http_port: int, *, extra: str = "", poll_interval_s: float = 0.1) -> str:
     return f"""
 [node]
 ae_title = "PACSNODE"
@@ -77,7 +77,7 @@ max_batch_latency_s = 0.05
 [worker]
 count = 1
 lease_seconds = 6
-poll_interval_s = 0.1
+poll_interval_s = {poll_interval_s}
 [retention]
 interval_s = 1
 [http]

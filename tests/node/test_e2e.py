@@ -120,3 +120,18 @@ def test_real_engine_end_to_end(make_node: Callable[..., Node], receiver: StoreS
         make_cr(image, rows=512, cols=512)
     node = make_node(env={"PACS_NODE__PIPELINE__BUNDLE": bundle, "PACS_NODE__PIPELINE__DEVICE": "cpu"})
     _run_e2e(node, receiver, image)
+
+
+def test_new_work_starts_when_it_is_committed_not_at_the_next_poll(make_node: Callable[..., Node],
+                                                                    receiver: StoreSCP, tmp_path: Path) -> None:
+    """Idle workers and export threads look for work once a minute here, yet each image comes back in
+    seconds: the listener's commit rings the ``analyse`` doorbell, the worker's the ``export`` one."""
+    node = make_node(poll_interval_s=60)
+    for i in range(2):  # the second arrives when the worker is surely idle on its bell
+        source = tmp_path / f"cr{i}.dcm"
+        make_cr(source, rows=128, cols=128, seed=i)
+        sent = storescu(node.port, [source], calling="RECEIVER")
+        assert sent.returncode == 0, sent.stderr
+        node.wait_jobs(lambda jobs, n=i + 1: _analysed_and_exported(jobs)
+                       and sum(j["kind"] == "analyse" for j in jobs) == n, timeout=30)
+    assert len(receiver.received()) >= 2
