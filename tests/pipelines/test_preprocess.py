@@ -7,6 +7,7 @@ import pydicom
 import pytest
 import torch
 from pydicom.dataset import FileMetaDataset
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipelines.interface import PreprocessError
@@ -98,6 +99,27 @@ def test_window_modality_lut_and_monochrome1():
     np.testing.assert_allclose(unit, [[0.0, 0.005], [1.0, 1.0]], atol=1e-6)
     ds.PhotometricInterpretation = "MONOCHROME1"
     np.testing.assert_allclose(dicom_to_unit(ds), [[1.0, 0.995], [0.0, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("rescale", [None, (1, 0), (0.5, -1024)])
+def test_the_float32_window_is_the_standards_float64_pipeline(function, photometric, rescale):
+    """The one-affine fast path against pydicom's modality LUT and the window formulas in float64."""
+    pixels = np.random.default_rng(1).integers(0, 2**15, size=(300, 200)).astype(np.uint16)
+    attrs = {"WindowCenter": 9000, "WindowWidth": 12000, "VOILUTFunction": function}
+    if rescale is not None:
+        attrs.update(RescaleSlope=rescale[0], RescaleIntercept=rescale[1])
+    ds = make_ds(pixels, photometric, BitsStored=15, **attrs)
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    c, w = 9000, 12000
+    if function == "LINEAR":
+        expected = np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+    else:
+        expected = np.clip((values - c) / w + 0.5, 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    np.testing.assert_allclose(dicom_to_unit(ds), expected, atol=2e-6)
 
 
 def test_voi_lut_sequence_wins_over_window():
