@@ -238,6 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--burst", type=int, default=12, help="images in the maximum-throughput burst (default 12)")
     p.add_argument("--loaded", type=int, default=20, help="images at --load x the maximum (default 20)")
     p.add_argument("--load", type=float, default=0.8, help="fraction of the maximum throughput (default 0.8)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="pipeline.device (default cpu)")
     p.add_argument("--batch-size", type=int, help="pipeline.batch_size (default: the node's default)")
     p.add_argument("--max-batch-latency", type=float, help="pipeline.max_batch_latency_s (default: the node's)")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for any report (seconds)")
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     all_files = chest_image_files(total, args.rows, args.cols, cache=args.cache, first=10_000)
     work = fresh_dir(args.workdir, "run")
     arrivals = Arrivals(work / "arrivals.log")
-    pipeline_toml = f'[pipeline]\nbundle = "{bundle}"\ndevice = "cpu"\n'
+    pipeline_toml = f'[pipeline]\nbundle = "{bundle}"\ndevice = "{args.device}"\n'
     if args.batch_size:
         pipeline_toml += f"batch_size = {args.batch_size}\n"
     if args.max_batch_latency is not None:
@@ -270,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         toml = f"""{pipeline_toml}
 [worker]
 count = 1
-poll_interval_s = 0.05
 [routing]
 default = "none"
 always = ["results"]
