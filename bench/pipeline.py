@@ -162,6 +162,48 @@ def flops_per_image(infer: Callable[..., RawOutput], images: torch.Tensor) -> di
     return {k: round(totals[k] / images.shape[0] / 1e9, 3) for k in STAGES}
 
 
+def kernel_profile(fn: Callable[[], Any], device: torch.device, top: int = 20) -> list[dict[str, Any]]:
+    """The ``top`` operators and kernels of one call of ``fn`` (after one warm-up call) by self time on the
+    device (the CPU on a CPU): where a stage's milliseconds go, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"name": e.key[:100], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 3)} for e in events]
+
+
+def stage_profiles(engine: Engine, fast: FastInference, images: torch.Tensor, workload: Workload
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """:func:`kernel_profile` of the fast path's detector, decoder (one ``generate`` of ``tokens`` steps over
+    ``images x regions`` rows, without CUDA graphs so that every kernel shows; their device time is the
+    same replayed) and CLIP, each on ``images``."""
+    from pipelines.accel.decoder import StaticGreedyDecoder
+
+    dev = images.device
+    rows = images.shape[0] * workload.regions
+    features = torch.randn(rows, engine.model.decoder.feature_proj[0].in_features, device=dev)
+    eager = StaticGreedyDecoder(engine.model.decoder, fast.decoder.dtype, cuda_graphs=False)
+
+    def under_autocast(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=engine.autocast):
+                return fn()
+        return run
+
+    return {
+        "detector": kernel_profile(under_autocast(lambda: fast.detector.detect(images)), dev),
+        "decoder": kernel_profile(under_autocast(lambda: eager.generate(features, workload.tokens, stop_at_eos=False)),
+                                  dev),
+        "clip": kernel_profile(under_autocast(lambda: engine.model.clip.label_probs(images)), dev),
+    }
+
+
 def preprocess_rate(n: int, rows: int, cols: int, size: int, workers: int) -> dict[str, float]:
     """CPU preprocessing (decode, VOI window, MONOCHROME1 inversion, resize, pad) of native 16-bit images."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -289,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3, help="timed passes of the fast path (median reported)")
     p.add_argument("--check-images", type=int, default=16, help="images in the equivalence checks (0: skip)")
     p.add_argument("--count-flops", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="top kernels by device time of the fast path's detector, decoder and CLIP at --batch")
     p.add_argument("--preprocess-images", type=int, default=0, help="chest-sized DICOMs to preprocess (0: skip)")
     p.add_argument("--reference", default="auto", help="reference_pipeline.py path, 'auto' or 'none'")
     p.add_argument("--reference-naive-images", type=int, default=16)
@@ -353,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         section(result, "gflop_per_image", lambda: {
             "engine": flops_per_image(eng_infer, few),
             "fast": flops_per_image(fast_path(FastInference(engine, cuda_graphs=False), workload), few)})
+    if a.profile:
+        section(result, "profile", lambda: stage_profiles(engine, fast, images[: a.batch], workload))
     if a.check_images:
         section(result, "equivalence", lambda: equivalence(engine, workload, images[: a.check_images], a.batch,
                                                            a.engine_batch))
@@ -430,6 +476,10 @@ def _table(r: dict[str, Any]) -> None:
     for label, eq in r.get("equivalence", {}).items():
         print(f"equivalence {label}: " + (", ".join(f"{k}={v}" for k, v in eq.items()) if isinstance(eq, dict)
                                           else str(eq)))
+    if "error" not in r.get("profile", {"error": 1}):
+        for stage, kernels in r["profile"].items():
+            print(f"profile {stage} (ms per call of the batch, top 8): "
+                  + "; ".join(f"{k['name']} {k['ms']} x{k['calls']}" for k in kernels[:8]))
     if "images_per_s" in r.get("preprocess", {}):
         pre = r["preprocess"]
         print(f"preprocess {pre['rows']}x{pre['cols']} 16-bit on {pre['workers']} threads: "
