@@ -8,7 +8,8 @@ measures, on the same random inputs:
   :meth:`pipelines.engine.Engine.infer`, i.e. the unoptimised engine path;
 * ``fast``: :class:`pipelines.accel.FastInference` (what ``Engine.infer`` routes to on CUDA);
 * images/s (host copies of each batch's results included), per-stage ms per image, and the matrix FLOPs per
-  image (``--count-flops``), plus CPU preprocessing of chest-sized 16-bit DICOMs (``--preprocess-images``);
+  image (``--count-flops``), plus preprocessing of chest-sized 16-bit DICOMs on the host and with the
+  mapping and resize on the device (``--preprocess-images``);
 * equivalence, fast vs engine on the same images: in float32 (autocast and TF32 off) and in the production
   dtype; the engine against itself at batch 1 gives the rounding noise floor of the production dtype;
 * ``../shared/bench/reference_pipeline.py``'s ``naive`` and ``batched`` modes as subprocesses of this same
@@ -204,34 +205,49 @@ def stage_profiles(engine: Engine, fast: FastInference, images: torch.Tensor, wo
     }
 
 
-def preprocess_rate(n: int, rows: int, cols: int, size: int, workers: int) -> dict[str, float]:
-    """CPU preprocessing (decode, VOI window, MONOCHROME1 inversion, resize, pad) of native 16-bit images."""
+def preprocess_rate(n: int, rows: int, cols: int, size: int, workers: int, device: torch.device
+                    ) -> dict[str, Any]:
+    """Preprocessing (decode, VOI window, MONOCHROME1 inversion, resize, pad) of native 16-bit images on
+    ``workers`` threads, measured twice in one run: all on the host, and decode on the host with the rest on
+    ``device`` (what the node does on a GPU host; on a CPU it is the same work done by torch instead of numpy)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
     from pipelines.preprocess import preprocess_many
 
     rng = np.random.default_rng(0)
-    datasets = []
-    for _ in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.WindowCenter, ds.WindowWidth = 2048, 4096
-        ds.PixelData = rng.integers(0, 4096, (rows, cols), dtype=np.uint16).tobytes()
-        datasets.append(ds)
-    preprocess_many(datasets[:2], size, 0.5, 0.25, workers=workers)
-    t0 = time.perf_counter()
-    out = preprocess_many(datasets, size, 0.5, 0.25, workers=workers)
-    elapsed = time.perf_counter() - t0
-    failed = [o for o in out if isinstance(o, Exception)]
-    if failed:
-        raise RuntimeError(f"preprocessing failed: {failed[0]}")
-    return {"images_per_s": round(n / elapsed, 2), "ms_per_image": round(elapsed * 1000 / n, 2), "workers": workers,
-            "rows": rows, "cols": cols}
+    pixels = rng.integers(0, 4096, (rows, cols), dtype=np.uint16).tobytes()
+
+    def datasets() -> list[Dataset]:  # fresh ones: pydicom caches the decoded array on a dataset
+        out = []
+        for _ in range(n):
+            ds = Dataset()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.Rows, ds.Columns = rows, cols
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.WindowCenter, ds.WindowWidth = 2048, 4096
+            ds.PixelData = pixels
+            out.append(ds)
+        return out
+
+    def rate(on: torch.device | None) -> float:
+        preprocess_many(datasets()[:2], size, 0.5, 0.25, workers=workers, device=on)
+        batch = datasets()
+        sync(device)
+        t0 = time.perf_counter()
+        out = preprocess_many(batch, size, 0.5, 0.25, workers=workers, device=on)
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        failed = [o for o in out if isinstance(o, Exception)]
+        if failed:
+            raise RuntimeError(f"preprocessing failed: {failed[0]}")
+        return round(n / elapsed, 2)
+
+    host, on_device = rate(None), rate(device)
+    return {"host_images_per_s": host, "on_device_images_per_s": on_device, "device": str(device),
+            "on_device_vs_host": round(on_device / host, 2), "workers": workers, "rows": rows, "cols": cols}
 
 
 # -- equivalence --------------------------------------------------------------------------------------------
@@ -404,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                            a.engine_batch))
     if a.preprocess_images:
         section(result, "preprocess", lambda: preprocess_rate(a.preprocess_images, 3000, 2500, cfg.image_size,
-                                                               os.cpu_count() or 1))
+                                                               os.cpu_count() or 1, dev))
     if a.nchw:
         def nchw_run() -> dict[str, Any]:
             nchw = fast_path(FastInference(engine, not a.no_cuda_graphs, channels_last=False), workload)
@@ -480,10 +496,11 @@ def _table(r: dict[str, Any]) -> None:
         for stage, kernels in r["profile"].items():
             print(f"profile {stage} (ms per call of the batch, top 8): "
                   + "; ".join(f"{k['name']} {k['ms']} x{k['calls']}" for k in kernels[:8]))
-    if "images_per_s" in r.get("preprocess", {}):
+    if "host_images_per_s" in r.get("preprocess", {}):
         pre = r["preprocess"]
         print(f"preprocess {pre['rows']}x{pre['cols']} 16-bit on {pre['workers']} threads: "
-              f"{pre['images_per_s']} images/s")
+              f"{pre['host_images_per_s']} images/s on the host, {pre['on_device_images_per_s']} with map/resize "
+              f"on {pre['device']} ({pre['on_device_vs_host']}x)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 from pipelines.bundle import load_bundle
 from pipelines.constants import CHEXPERT_LABELS, REGIONS
-from pipelines.engine import Engine, assemble_report, load_pipeline
+from pipelines.engine import CRRGPipeline, Engine, assemble_report, load_pipeline
 from pipelines.interface import ImageResult, PreprocessError
 from pipelines.preprocess import fit_to_model
 from tests.pipelines.test_preprocess import make_ds
@@ -95,6 +95,17 @@ def test_pipeline_puts_errors_in_their_slots(tiny_bundle):
     assert isinstance(out[1], PreprocessError) and "not grayscale" in str(out[1])
     assert out[0].report == out[2].report
     assert set(out[0].timings_ms) >= {"preprocess", "inference"}
+
+
+def test_preprocessing_on_the_engines_device_gives_the_same_results(tiny_bundle):
+    """The GPU host's split (decode on the host, map/resize/pad on the device), exercised on the CPU."""
+    host = load_pipeline(tiny_bundle, device="cpu", batch_size=2, deterministic=True)
+    on_device = CRRGPipeline(host.engine, preprocess_on_device=True)
+    assert host.preprocess_device is None and on_device.preprocess_device == host.engine.device
+    datasets = [make_ds(np.random.default_rng(i).integers(0, 4096, (130, 100)).astype(np.uint16), "MONOCHROME1",
+                        WindowCenter=2000, WindowWidth=3000) for i in range(3)]
+    for a, b in zip(host.analyse(datasets), on_device.analyse(datasets)):
+        assert (a.regions, a.report, a.label_probs) == (b.regions, b.report, b.label_probs)
 
 
 def test_real_rg1_in_three_transfer_syntaxes_through_the_pipeline(tiny_bundle, real_dicom_dir):

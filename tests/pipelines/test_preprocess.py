@@ -159,6 +159,46 @@ def test_unusable_pixel_data_is_a_clear_preprocess_error(mutate, reason):
         preprocess(ds, SIZE, MEAN, STD)
 
 
+def _voi_lut_sequence(ds: pydicom.Dataset) -> None:
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.LUTData = list(range(4095, -1, -1))
+    ds.VOILUTSequence = pydicom.Sequence([item])
+
+
+@pytest.mark.parametrize(
+    "pixels, photometric, attrs",
+    [
+        # 16 bits stored: values >= 32768 travel to the device as negative int16 bits and must come back
+        (np.random.default_rng(2).integers(0, 2**16, (300, 200)).astype(np.uint16), "MONOCHROME1",
+         {"WindowCenter": 40000, "WindowWidth": 30000}),
+        (np.random.default_rng(3).integers(0, 2**12, (200, 310)).astype(np.uint16), "MONOCHROME2",
+         {"BitsStored": 12, "WindowCenter": 2048, "WindowWidth": 4096, "RescaleSlope": 0.5, "RescaleIntercept": -7,
+          "VOILUTFunction": "LINEAR_EXACT"}),
+        (np.random.default_rng(4).integers(0, 256, (150, 150)).astype(np.uint8), "MONOCHROME1",
+         {"WindowCenter": 128, "WindowWidth": 200}),
+        (np.random.default_rng(5).integers(0, 2**12, (120, 90)).astype(np.uint16), "MONOCHROME2",
+         {"BitsStored": 12}),  # no window: percentiles on the host, the identity on the device
+        (np.random.default_rng(6).integers(0, 2**12, (90, 120)).astype(np.uint16), "MONOCHROME2",
+         {"BitsStored": 12, "_voi": _voi_lut_sequence}),
+    ],
+    ids=["uint16-full-range", "rescale-linear-exact", "uint8", "percentiles", "voi-lut"],
+)
+def test_mapping_and_resize_on_a_device_compute_the_host_path(pixels, photometric, attrs):
+    """``preprocess(device=...)`` runs the same float32 operations in the same order as the host path; run on
+    the CPU here, it must give identical tensors (on a GPU the one difference is the resize kernel's
+    summation order)."""
+    attrs = dict(attrs)
+    voi = attrs.pop("_voi", None)
+    ds = make_ds(pixels, photometric, **attrs)
+    if voi is not None:
+        voi(ds)
+    host = preprocess(ds, SIZE, MEAN, STD)
+    device = preprocess(ds, SIZE, MEAN, STD, device=torch.device("cpu"))
+    assert device.transform == host.transform
+    assert torch.equal(device.tensor, host.tensor)
+
+
 def test_batch_helper_keeps_each_error_in_its_slot():
     good = make_ds(np.arange(64 * 80, dtype=np.uint16).reshape(64, 80))
     bad = make_ds(np.arange(64 * 80, dtype=np.uint16).reshape(64, 80), "PALETTE COLOR")
@@ -181,6 +221,12 @@ def test_real_rg1_lossless_copies_give_identical_tensors(rg1):
     assert (out["UNCR"].tensor - out["J2KI"].tensor).abs().max() < 0.1  # lossy, but the same image
     t = out["UNCR"].transform
     assert (t.source_rows, t.source_columns) == (1955, 1841)
+
+
+def test_real_rg1_preprocessed_on_a_device_is_the_host_result(rg1):
+    for ds in rg1.values():
+        assert torch.equal(preprocess(ds, 256, MEAN, STD, device=torch.device("cpu")).tensor,
+                           preprocess(ds, 256, MEAN, STD).tensor)
 
 
 def test_real_rg1_is_inverted_so_that_lungs_are_dark(rg1):
