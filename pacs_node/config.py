@@ -171,6 +171,8 @@ class ExportConfig(Section):
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     #: Sends in flight at once (threads of ``serve``); a peer that hangs holds only one of them.
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    #: Results one thread takes at once and sends on one association per destination.
+    batch_size: Annotated[int, Field(ge=1, le=1000)] = 32
 
 
 class RetentionConfig(Section):
@@ -431,6 +433,7 @@ poll_interval_s = 0.5          # idle re-check; new work on this host rings a do
 retries = 8                    # C-STORE attempts per result and destination (exponential backoff)
 timeout_s = 30.0
 concurrency = 4                # sends in flight at once
+batch_size = 32                # results sent on one association per destination, at most
 
 [retention]
 days = 0                       # delete instances and results older than this; 0 = keep for ever

@@ -1,7 +1,11 @@
 """Sending result objects to their destinations: one durable ``export`` job per (result, peer).
 
-Each send is its own association, made by one of a few exporter threads, so a peer that is down or
-hangs costs that peer's jobs a retry with backoff (``JobQueue.fail``) and never holds up the others.
+An exporter thread claims the due jobs (up to ``export.batch_size``) and sends each destination's share on one
+association: an image's results (the SR, its findings, the presentation state, the key object selection)
+travel together instead of paying an association each, which at GPU throughput would be thousands of
+associations a second. Each job still succeeds or fails on its own C-STORE status, and a few threads
+send at once, so a peer that is down or hangs costs that peer's jobs a retry with backoff
+(``JobQueue.fail``) and never holds up the others.
 A receiver that refuses Comprehensive 3D SR in negotiation (many PACSs predate it) gets the
 Comprehensive SR copy from :func:`pacs_node.results.comprehensive_fallback` instead.
 """
@@ -24,6 +28,7 @@ from sqlalchemy import select
 
 from pacs_node import metrics
 from pacs_node.config import Peer, Settings
+from pacs_node.leases import LeaseKeeper
 from pacs_node.runtime import Runtime
 from pacs_node.tls import TLSConfigError, peer_tls_args
 from storage.queue import ClaimedJob
@@ -73,11 +78,13 @@ def echo(settings: Settings, peer: Peer) -> int:
 
 
 def send_datasets(settings: Settings, peer: Peer, datasets: list[Dataset],
-                  fallback: Callable[[Dataset], Dataset | None] | None = None) -> list[int]:
-    """C-STORE ``datasets`` to ``peer`` in one association; return their statuses.
+                  fallback: Callable[[Dataset], Dataset | None] | None = None) -> list[int | ExportError]:
+    """C-STORE ``datasets`` to ``peer`` in one association; one outcome per dataset, in order: the peer's
+    status, or an :class:`ExportError` for a dataset that could not be sent (its SOP class refused in
+    negotiation: not retryable; the association lost before its turn: retryable).
 
-    A dataset whose SOP class the peer refused in negotiation is replaced by ``fallback(ds)`` when that
-    gives something (a Comprehensive SR for a Comprehensive 3D SR), else fails non-retryably."""
+    A dataset whose SOP class the peer refused is replaced by ``fallback(ds)`` when that gives something (a
+    Comprehensive SR for a Comprehensive 3D SR). Raises :class:`ExportError` when no association is made."""
     ae = make_scu(settings)
     wanted: dict[str, set[str]] = {}
     for ds in datasets:
@@ -100,21 +107,27 @@ def send_datasets(settings: Settings, peer: Peer, datasets: list[Dataset],
         raise ExportError(f"no association with {where} (connection refused, aborted or timed out)")
     try:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-        statuses = []
+        outcomes: list[int | ExportError] = []
         for ds in datasets:
+            if not assoc.is_established:
+                outcomes.append(ExportError(f"the association with {where} ended before this was sent"))
+                continue
             to_send = ds
             if ds.SOPClassUID not in accepted:
                 replacement = fallback(ds) if fallback is not None else None
                 if replacement is None or replacement.SOPClassUID not in accepted:
-                    raise ExportError(f"{peer.ae_title} does not accept SOP class {ds.SOPClassUID}", retryable=False)
+                    outcomes.append(ExportError(f"{peer.ae_title} does not accept SOP class {ds.SOPClassUID}",
+                                                retryable=False))
+                    continue
                 log.info("%s refuses SOP class %s; sending %s instead", peer.ae_title, ds.SOPClassUID,
                          replacement.SOPClassUID)
                 to_send = replacement
             status = assoc.send_c_store(to_send)
             if not status or "Status" not in status:
-                raise ExportError(f"no C-STORE response from {peer.ae_title} (timeout or abort)")
-            statuses.append(int(status.Status))
-        return statuses
+                outcomes.append(ExportError(f"no C-STORE response from {peer.ae_title} (timeout or abort)"))
+                continue
+            outcomes.append(int(status.Status))
+        return outcomes
     finally:
         if assoc.is_established:
             assoc.release()
@@ -155,10 +168,11 @@ class Exporter:
             thread.join(timeout)
 
     def _loop(self, owner: str) -> None:
-        with self.runtime.doorbell(JobKind.EXPORT).waiter() as waiter:
+        lease = self.settings.worker.lease_seconds
+        with LeaseKeeper(self.runtime, owner, lease) as leases, self.runtime.doorbell(JobKind.EXPORT).waiter() as waiter:
             while not self._stop.is_set():
                 try:
-                    jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=1)
+                    jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=self.settings.export.batch_size)
                 except Exception:
                     log.exception("export: cannot claim jobs; retrying")
                     self._stop.wait(5)
@@ -166,26 +180,36 @@ class Exporter:
                 if not jobs:
                     waiter.wait(self.settings.worker.poll_interval_s, self._stop)
                     continue
-                self.run_job(jobs[0], owner)
+                leases.hold([job.id for job in jobs])
+                self.run_jobs(jobs, owner, leases.release)
 
-    def run_job(self, job: ClaimedJob, owner: str) -> None:
+    def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
+        """Send claimed ``jobs``, one association per destination, and settle each job on its own outcome
+        (``settled(job_id)`` after each)."""
+        by_destination: dict[str, list[ClaimedJob]] = {}
+        for job in jobs:
+            by_destination.setdefault(job.destination or "", []).append(job)
+        for destination, group in by_destination.items():
+            try:
+                outcomes = self._send(destination, group)
+            except Exception as exc:
+                log.exception("export to %s failed unexpectedly", destination)
+                outcomes = [ExportError(f"{type(exc).__name__}: {exc}")] * len(group)
+            for job, outcome in zip(group, outcomes, strict=True):
+                settled(job.id)
+                self._settle(job, owner, outcome)
+
+    def _settle(self, job: ClaimedJob, owner: str, outcome: ExportError | None) -> None:
         queue = self.runtime.queue
-        try:
-            self._send(job)
-        except ExportError as exc:
+        if outcome is not None:
             metrics.EXPORT_FAILURES.labels(job.destination or "?").inc()
-            state = queue.fail(job.id, owner, str(exc), retryable=exc.retryable)
+            state = queue.fail(job.id, owner, str(outcome), retryable=outcome.retryable)
             log.warning("export job %d to %s failed (attempt %d/%d, now %s): %s", job.id, job.destination,
-                        job.attempts, job.max_attempts, state.value, exc)
-            return
-        except Exception as exc:
-            metrics.EXPORT_FAILURES.labels(job.destination or "?").inc()
-            log.exception("export job %d to %s failed unexpectedly", job.id, job.destination)
-            queue.fail(job.id, owner, f"{type(exc).__name__}: {exc}", retryable=True)
+                        job.attempts, job.max_attempts, state.value, outcome)
             return
         if queue.complete(job.id, owner, {"sent_at": utcnow().isoformat()}):
             self._observe_latency(job.id)
-            log.info("export job %d: result sent to %s", job.id, job.destination)
+            log.info("export job %d: result %s sent to %s", job.id, job.sop_instance_uid, job.destination)
 
     def _observe_latency(self, job_id: int) -> None:
         record = self.runtime.queue.get(job_id)
@@ -193,15 +217,35 @@ class Exporter:
             metrics.JOB_SECONDS.labels(JobKind.EXPORT.value).observe(
                 (record.finished_at - record.created_at).total_seconds())
 
-    def _send(self, job: ClaimedJob) -> None:
-        peer = self.settings.peers.get(job.destination or "")
+    def _send(self, destination: str, jobs: list[ClaimedJob]) -> list[ExportError | None]:
+        """C-STORE the stored results of ``jobs`` to ``destination`` on one association; per job, None
+        for success (a warning status is stored too) or why it failed."""
+        peer = self.settings.peers.get(destination)
         if peer is None:
-            raise ExportError(f"destination {job.destination!r} is not a configured peer", retryable=False)
+            return [ExportError(f"destination {destination!r} is not a configured peer", retryable=False)] * len(jobs)
         with self.runtime.read_session() as session:
-            row = session.scalars(select(Instance).where(Instance.sop_instance_uid == job.sop_instance_uid)).first()
-        if row is None or not row.path:
-            raise ExportError("the result instance is no longer stored", retryable=False)
-        ds = pydicom.dcmread(self.runtime.store.path(row.path))
-        (status,) = send_datasets(self.settings, peer, [ds], self._fallback)
-        if code_to_category(status) not in (STATUS_SUCCESS, STATUS_WARNING):  # a warning is stored too
-            raise ExportError(f"{peer.ae_title} answered C-STORE with status 0x{status:04X}")
+            rows = session.execute(select(Instance.sop_instance_uid, Instance.path)
+                                   .where(Instance.sop_instance_uid.in_({j.sop_instance_uid for j in jobs}))
+                                   .where(Instance.path.is_not(None))).all()
+        paths = {uid: path for uid, path in rows}
+        outcomes: list[ExportError | None] = [None] * len(jobs)
+        datasets, sending = [], []
+        for i, job in enumerate(jobs):
+            path = paths.get(job.sop_instance_uid)
+            if not path:
+                outcomes[i] = ExportError("the result instance is no longer stored", retryable=False)
+                continue
+            datasets.append(pydicom.dcmread(self.runtime.store.path(path)))
+            sending.append(i)
+        if not datasets:
+            return outcomes
+        try:
+            sent = send_datasets(self.settings, peer, datasets, self._fallback)
+        except ExportError as exc:
+            sent = [exc] * len(datasets)
+        for i, result in zip(sending, sent, strict=True):
+            if isinstance(result, ExportError):
+                outcomes[i] = result
+            elif code_to_category(result) not in (STATUS_SUCCESS, STATUS_WARNING):
+                outcomes[i] = ExportError(f"{peer.ae_title} answered C-STORE with status 0x{result:04X}")
+        return outcomes

@@ -36,6 +36,7 @@ from pydicom.errors import InvalidDicomError
 from pacs_node import __version__, metrics
 from pacs_node.config import Device, Settings
 from pacs_node.instances import instance_fields
+from pacs_node.leases import LeaseKeeper
 from pacs_node.results import build_result_objects
 from pacs_node.results.options import ResultOptions
 from pacs_node.routing import RouteKey, destinations
@@ -113,46 +114,6 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-class _Heartbeat:
-    """Renews the leases of the jobs in hand every third of the lease, in a thread, so a long batch on a
-    slow CPU is not mistaken for a dead worker."""
-
-    def __init__(self, runtime: Runtime, worker_id: str, interval_s: float) -> None:
-        self.rt, self.worker_id, self.interval_s = runtime, worker_id, interval_s
-        self.job_ids: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def hold(self, job_ids: list[int]) -> None:
-        with self._lock:
-            self.job_ids = set(job_ids)
-
-    def release(self, job_id: int) -> None:
-        """Stop renewing a job that is finished (done or failed): its lease is no longer ours."""
-        with self._lock:
-            self.job_ids.discard(job_id)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            with self._lock:
-                held = list(self.job_ids)
-            for job_id in held:
-                try:
-                    if not self.rt.queue.heartbeat(job_id, self.worker_id):
-                        log.warning("lost the lease of job %d", job_id)
-                except Exception:
-                    log.exception("heartbeat of job %d failed", job_id)
-
-
 @dataclass
 class _Work:
     job: ClaimedJob
@@ -167,7 +128,7 @@ class Worker:
         self.pipeline = pipeline
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._options = result_options(settings)
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: LeaseKeeper | None = None
         self._export_bell = runtime.doorbell(JobKind.EXPORT)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -176,7 +137,7 @@ class Worker:
         """Work until ``stop`` is set (a batch in progress is finished first)."""
         lease = self.settings.worker.lease_seconds
         bell = self.rt.doorbell(JobKind.ANALYSE)
-        with _Heartbeat(self.rt, self.worker_id, max(lease / 3.0, 1.0)) as heartbeat, bell.waiter() as waiter:
+        with LeaseKeeper(self.rt, self.worker_id, lease) as heartbeat, bell.waiter() as waiter:
             self._heartbeat = heartbeat
             while not stop.is_set():
                 try:

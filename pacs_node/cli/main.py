@@ -210,18 +210,20 @@ def send(peer: Annotated[str, typer.Argument(help="Peer name from the config, or
         except Exception as exc:
             fail(f"{path}: not a readable DICOM file ({exc})", 2)
     try:
-        statuses = send_datasets(s, target, datasets)
+        outcomes = send_datasets(s, target, datasets)
     except ExportError as exc:
         fail(str(exc))
-    rows = [{"file": str(path), "status": status} for path, status in zip(files, statuses, strict=True)]
+    rows = [{"file": str(path), "status": None if isinstance(outcome, ExportError) else outcome,
+             "error": str(outcome) if isinstance(outcome, ExportError) else None}
+            for path, outcome in zip(files, outcomes, strict=True)]
     if as_json:
         print_json(rows)
     else:
         table = Table("file", "status")
         for row in rows:
-            table.add_row(row["file"], f"0x{row['status']:04X}")
+            table.add_row(row["file"], row["error"] or f"0x{row['status']:04X}")
         out.print(table)
-    raise typer.Exit(0 if all(status == 0 for status in statuses) else 1)
+    raise typer.Exit(0 if all(row["status"] == 0 for row in rows) else 1)
 
 
 # -- the queue -------------------------------------------------------------------------------------

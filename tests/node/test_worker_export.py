@@ -41,17 +41,24 @@ class Receiver:
         self.port = free_port()
         self.received: list[pydicom.Dataset] = []
         self.status = 0x0000  # what it answers to every C-STORE
+        self.status_by_class: dict[str, int] = {}  # ... unless the SOP class has its own answer here
+        self.associations = 0
         ae = AE(ae_title="OLDPACS")
         for sop_class in (ComprehensiveSRStorage, EnhancedSRStorage, KeyObjectSelectionDocumentStorage,
                           GrayscaleSoftcopyPresentationStateStorage):
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                                                    (evt.EVT_ACCEPTED, self._on_accepted)])
 
     def _on_store(self, event: evt.Event) -> int:
-        if self.status == 0x0000:
+        status = self.status_by_class.get(event.request.AffectedSOPClassUID, self.status)
+        if status == 0x0000:
             self.received.append(event.dataset)
-        return self.status
+        return status
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self.associations += 1
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -237,6 +244,25 @@ def test_one_bad_image_does_not_fail_its_batch(runtime: Runtime, tmp_path: Path)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
+def test_an_images_results_share_one_association_and_each_is_settled_on_its_own_status(
+        runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
+    receive(runtime, make_cr(tmp_path / "cr.dcm"))
+    run_worker_once(runtime)
+    receiver.status_by_class[KeyObjectSelectionDocumentStorage] = 0xA700  # out of space for this one only
+    claimed = runtime.queue.claim("x", [JobKind.EXPORT], limit=100)
+    mine = [j for j in claimed if j.destination == "oldpacs"]
+    assert len(mine) >= 3
+    Exporter(runtime.settings, runtime, worker_id="x").run_jobs(mine, "x")
+    assert receiver.associations == 1
+    with runtime.read_session() as session:
+        classes = dict(session.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid)).all())
+    states = {classes[j.sop_instance_uid]: runtime.queue.get(j.id) for j in mine}
+    assert states.pop(KeyObjectSelectionDocumentStorage).state == "failed"
+    assert {record.state for record in states.values()} == {"done"}
+    assert len(receiver.received) == len(mine) - 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_a_refused_c_store_is_retried_later(runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
     receive(runtime, make_cr(tmp_path / "cr.dcm"))
     run_worker_once(runtime)
@@ -244,7 +270,7 @@ def test_a_refused_c_store_is_retried_later(runtime: Runtime, receiver: Receiver
     exporter = Exporter(runtime.settings, runtime, worker_id="x")
     claimed = runtime.queue.claim("x", [JobKind.EXPORT], limit=100)
     job = next(j for j in claimed if j.destination == "oldpacs")
-    exporter.run_job(job, "x")
+    exporter.run_jobs([job], "x")
     record = runtime.queue.get(job.id)
     assert record.state == "failed" and "0xA700" in record.last_error and record.not_before > record.updated_at
     assert receiver.received == []
