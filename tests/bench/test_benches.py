@@ -1,7 +1,7 @@
 """The benchmarks run end to end at a tiny size, so they cannot rot between the runs that measure.
 
-They start real processes (``pacs-node serve``, DCMTK ``storescp``/``storescu``) over loopback, exactly as
-a measuring run does; only the sizes are small. Figures are not asserted (speed is not a unit-test
+They start real processes (``pacs-node serve``, DCMTK ``storescp``/``storescu``, or pynetdicom peers where
+a GPU host has no DCMTK) over loopback, exactly as a measuring run does; only the sizes are small. Figures are not asserted (speed is not a unit-test
 property), only that each benchmark completes and reports what it promises.
 """
 
@@ -20,8 +20,8 @@ from tests.support import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _dcmtk() -> None:
+@pytest.fixture
+def dcmtk_tools() -> None:
     for tool in ("storescp", "storescu"):
         try:
             dcmtk(tool)
@@ -39,6 +39,7 @@ def run_bench(module: str, *args: str, timeout: float = 300) -> dict:
     return json.loads(first)
 
 
+@pytest.mark.usefixtures("dcmtk_tools")
 def test_ingest_bench_runs_tiny(tmp_path: Path) -> None:
     out = run_bench("ingest", "--count", "3", "--rows", "64", "--cols", "48", "--senders", "2",
                     "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
@@ -54,12 +55,17 @@ def test_ingest_bench_runs_tiny(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
 
 
-def test_e2e_bench_runs_tiny_with_the_fake_pipeline(tmp_path: Path) -> None:
+@pytest.mark.parametrize("peers", ["dcmtk", "pynetdicom"])  # pynetdicom: what a GPU host without DCMTK runs
+def test_e2e_bench_runs_tiny_with_the_fake_pipeline(tmp_path: Path, peers: str, request: pytest.FixtureRequest
+                                                    ) -> None:
+    if peers == "dcmtk":
+        request.getfixturevalue("dcmtk_tools")
     out = run_bench("e2e", "--bundle", "fake", "--rows", "64", "--cols", "48", "--light", "2", "--burst", "2",
-                    "--loaded", "2", "--max-batch-latency", "0.05", "--timeout", "120",
+                    "--loaded", "2", "--peers", peers, "--timeout", "120",
                     "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
     assert out["bench"] == "e2e"
     assert out["pipeline"].startswith("FAKE")  # the output says plainly that no model ran
+    assert out["peers"].lower().startswith(peers)
     assert out["max_throughput_images_s"] > 0
     for phase in out["latency"].values():
         assert phase["n"] == 2
