@@ -3,4 +3,5 @@ the interpreter ``serve`` runs under)."""
 
 from pacs_node.cli.main import app
 
-app(prog_name="pacs-node")
+if __name__ == "__main__":  # not when a spawned process (a result builder) imports it
+    app(prog_name="pacs-node")

@@ -162,6 +162,9 @@ class WorkerConfig(Section):
     #: How often an idle worker or export thread looks for work it was not rung for (a retry whose backoff
     #: ended, a job queued by another host sharing the database); on this host a doorbell wakes it at once.
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    #: Processes that build and encode result objects beside each worker (~0.2 s of CPU per image). Unset:
+    #: none when the models run on the CPU, else all cores but two (at most 16); 0 builds in the worker.
+    result_processes: Annotated[int, Field(ge=0, le=64)] | None = None
 
 
 class ExportConfig(Section):
@@ -428,6 +431,7 @@ count = 1                      # worker processes started by `serve` (0 = run `p
 lease_seconds = 300            # a job whose worker stops heartbeating comes back after this
 max_attempts = 5               # analyse attempts before a job is dead
 poll_interval_s = 0.5          # idle re-check; new work on this host rings a doorbell instead
+# result_processes = 8         # builders of result objects per worker (unset: 0 on CPU, cores - 2 on a GPU)
 
 [export]
 retries = 8                    # C-STORE attempts per result and destination (exponential backoff)

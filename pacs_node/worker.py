@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 import logging
 import os
 import signal
@@ -35,9 +34,8 @@ from pydicom.errors import InvalidDicomError
 
 from pacs_node import __version__, metrics
 from pacs_node.config import Device, Settings
-from pacs_node.instances import instance_fields
+from pacs_node.builders import Built, ResultBuilders, auto_processes
 from pacs_node.leases import LeaseKeeper
-from pacs_node.results import build_result_objects
 from pacs_node.results.options import ResultOptions
 from pacs_node.routing import RouteKey, destinations
 from pacs_node.runtime import Runtime
@@ -107,13 +105,6 @@ def result_options(settings: Settings) -> ResultOptions:
     )
 
 
-def encode(ds: Dataset) -> bytes:
-    """``ds`` in the DICOM file format, as it will be stored and sent."""
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 @dataclass
 class _Work:
     job: ClaimedJob
@@ -127,7 +118,10 @@ class Worker:
         self.rt = runtime
         self.pipeline = pipeline
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self._options = result_options(settings)
+        processes = settings.worker.result_processes
+        if processes is None:
+            processes = auto_processes(resolve_device(settings.pipeline.device))
+        self._builders = ResultBuilders(processes, result_options(settings))
         self._heartbeat: LeaseKeeper | None = None
         self._export_bell = runtime.doorbell(JobKind.EXPORT)
 
@@ -137,7 +131,7 @@ class Worker:
         """Work until ``stop`` is set (a batch in progress is finished first)."""
         lease = self.settings.worker.lease_seconds
         bell = self.rt.doorbell(JobKind.ANALYSE)
-        with LeaseKeeper(self.rt, self.worker_id, lease) as heartbeat, bell.waiter() as waiter:
+        with LeaseKeeper(self.rt, self.worker_id, lease) as heartbeat, bell.waiter() as waiter, self._builders:
             self._heartbeat = heartbeat
             while not stop.is_set():
                 try:
@@ -208,13 +202,19 @@ class Worker:
         return outcomes
 
     def _record(self, work: list[_Work], outcomes: list[ImageResult | PipelineError]) -> None:
+        analysed = []
         for w, outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, PipelineError):
                 log.warning("job %d: the pipeline cannot analyse this image: %s", w.job.id, outcome)
                 self._fail(w.job, str(outcome), retryable=False)
-                continue
+            else:
+                analysed.append((w, outcome))
+        built = self._builders.build([(w.dataset, result) for w, result in analysed])
+        for (w, _), objects in zip(analysed, built, strict=True):
             try:
-                produced = self._store_results(w, outcome)
+                if isinstance(objects, Exception):
+                    raise objects
+                produced = self._store_results(w, objects)
             except Exception as exc:
                 log.exception("job %d: storing its results failed", w.job.id)
                 self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
@@ -239,20 +239,18 @@ class Worker:
         check_dimensions(ds)
         return _Work(job, ds, row.calling_ae)
 
-    def _store_results(self, w: _Work, result: ImageResult) -> list[str]:
+    def _store_results(self, w: _Work, objects: list[Built]) -> list[str]:
         """Write every result object to the store, then record them and their export jobs in one
         transaction; returns their SOP Instance UIDs."""
-        objects = build_result_objects(w.dataset, result, self._options)
         source_uid = str(w.dataset.SOPInstanceUID)
         rows = []
         for obj in objects:
-            fields = instance_fields(obj)
+            fields = obj.fields
             relpath = self.rt.store.relpath_for(
                 fields["study_instance_uid"], fields["series_instance_uid"], fields["sop_instance_uid"]
             )
-            data = encode(obj)
-            self.rt.store.write_bytes(relpath, data)
-            rows.append((fields, relpath, len(data)))
+            self.rt.store.write_bytes(relpath, obj.data)
+            rows.append((fields, relpath, len(obj.data)))
         route = RouteKey(
             calling_ae=w.calling_ae,
             modality=str(w.dataset.get("Modality", "") or "") or None,

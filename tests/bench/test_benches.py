@@ -70,3 +70,9 @@ def test_e2e_bench_runs_tiny_with_the_fake_pipeline(tmp_path: Path, peers: str, 
     for phase in out["latency"].values():
         assert phase["n"] == 2
         assert 0 < phase["p50_s"] <= phase["p95_s"] <= phase["p99_s"] <= phase["max_s"]
+
+
+def test_results_bench_runs_tiny() -> None:
+    out = run_bench("results", "--images", "2", "--processes", "0,1")
+    assert out["bench"] == "results" and set(out["by_processes"]) == {"0", "1"}
+    assert all(r["images_per_s"] > 0 and r["objects_per_image"] >= 2 for r in out["by_processes"].values())
