@@ -286,3 +286,38 @@ def fresh_dir(parent: Path, name: str) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+# -- CPU accounting -------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by process ``pid`` itself and by all its descendants alive
+    now, from ``/proc`` (Linux): where a node spends its CPU per image, the listener's process or its
+    workers'. (0, 0) where ``/proc`` is not there."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def own(p: int) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
+
+    def children(p: int) -> list[int]:
+        kids: list[int] = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        return kids
+
+    if not Path(f"/proc/{pid}").exists():
+        return 0.0, 0.0
+    descendants, todo = 0.0, children(pid)
+    while todo:
+        p = todo.pop()
+        descendants += own(p)
+        todo += children(p)
+    return own(pid), descendants

@@ -46,6 +46,7 @@ from bench.common import (
     Node,
     StoreSCP,
     chest_image_files,
+    cpu_seconds,
     dcmtk,
     device_words,
     emit,
@@ -344,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="pipeline.device (default cpu)")
     p.add_argument("--batch-size", type=int, help="pipeline.batch_size (default: the node's default)")
     p.add_argument("--max-batch-latency", type=float, help="pipeline.max_batch_latency_s (default: the node's)")
+    p.add_argument("--result-processes", type=int, help="worker.result_processes (default: the node's)")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for any report (seconds)")
     p.add_argument("--workdir", type=Path, default=CACHE / "e2e-run")
     p.add_argument("--cache", type=Path, default=CACHE)
@@ -374,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         toml = f"""{pipeline_toml}
 [worker]
 count = 1
+{f"result_processes = {args.result_processes}" if args.result_processes is not None else ""}
 [routing]
 default = "none"
 always = ["results"]
@@ -390,7 +393,11 @@ port = {receiver.port}
             try:
                 light_load(peers, node, arrivals, warm, args.timeout)
                 light_lat = light_load(peers, node, arrivals, light, args.timeout)
+                serve_cpu, worker_cpu = cpu_seconds(node.proc.pid)
                 peak = max_throughput(peers, node, arrivals, burst, args.timeout)
+                serve_after, worker_after = cpu_seconds(node.proc.pid)
+                cpu_per_image = {"serve": round((serve_after - serve_cpu) / len(burst), 3),
+                                 "workers": round((worker_after - worker_cpu) / len(burst), 3)}
                 loaded_lat = paced_load(peers, node, arrivals, loaded, args.load * peak, args.timeout)
             except BenchError as exc:
                 raise BenchError(f"{exc}\n--- node log ---\n{node.log_tail()}") from exc
@@ -404,10 +411,14 @@ port = {receiver.port}
         "pipeline": label,
         "bundle": bundle,
         "pipeline_device": args.device,
+        "result_processes": args.result_processes,
         "peers": peers.name,
         "rows": args.rows,
         "cols": args.cols,
         "max_throughput_images_s": round(peak, 3),
+        # CPU seconds per image during the burst: serve (listener, exporter, database) and its workers
+        # (inference, result building); what bounds throughput once the GPU is not the bottleneck
+        "cpu_s_per_image": cpu_per_image,
         "load_fraction": args.load,
         "offered_images_s": round(args.load * peak, 3),
         "latency": phases,
@@ -418,7 +429,8 @@ port = {receiver.port}
     rows = [(name, p["n"], p["p50_s"], p["p95_s"], p["p99_s"], p["max_s"]) for name, p in phases.items()]
     emit(result, ("load", "images", "p50 s", "p95 s", "p99 s", "max s"), rows,
          title=f"e2e: C-STORE ack -> SR at the receiver ({peers.name}); {label} on {args.device}; {args.rows}x{args.cols} 16-bit; "
-               f"max {peak:.2f} images/s; {result['device']}")
+               f"max {peak:.2f} images/s; CPU s per image: serve {cpu_per_image['serve']}, workers "
+               f"{cpu_per_image['workers']}; {result['device']}")
     return 0
 
 
