@@ -184,7 +184,8 @@ class DcmtkPeers:
 
     def receiver(self, directory: Path) -> tuple[StoreSCP, Arrivals]:
         arrivals = LoggedArrivals(directory / "arrivals.log")
-        return StoreSCP(directory / "received", ae_title="RESULTS", extra=["-pm", "+xa", *arrivals.exec_option()]), \
+        return StoreSCP(directory / "received", ae_title="RESULTS", fork=True,
+                        extra=["-pm", "+xa", *arrivals.exec_option()]), \
             arrivals
 
     def send(self, node: Node, batch: list[Image]) -> None:
