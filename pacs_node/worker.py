@@ -216,7 +216,7 @@ class Worker:
                     raise objects
                 produced = self._store_results(w, objects)
             except Exception as exc:
-                log.exception("job %d: storing its results failed", w.job.id)
+                log.exception("job %d: building or storing its results failed", w.job.id)
                 self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
                 continue
             self._finished(w.job.id)
