@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
 
@@ -43,6 +44,32 @@ def test_sqlite_engine_is_configured_for_durability(sqlite_db: str) -> None:
             assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
     finally:
         engine.dispose()
+
+
+def test_first_connections_at_the_same_moment_all_open_a_new_database(tmp_path: Path) -> None:
+    """Six first connections to each of many new files, released together: without the retry around the
+    switch to WAL about one new database in twenty refused a connection with "database is locked"."""
+    failures: list[BaseException] = []
+    for i in range(150):
+        engines = [make_engine(sqlite_url(tmp_path / f"new{i}.sqlite3")) for _ in range(6)]
+        barrier = threading.Barrier(len(engines))
+
+        def connect(engine: Engine) -> None:
+            barrier.wait()
+            try:
+                with engine.connect() as connection:
+                    assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            except BaseException as exc:  # noqa: BLE001 (collected for the assertion)
+                failures.append(exc)
+
+        threads = [threading.Thread(target=connect, args=(engine,)) for engine in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for engine in engines:
+            engine.dispose()
+    assert failures == []
 
 
 def test_immediate_sessions_take_the_write_lock_at_begin(sqlite_db: str) -> None:
