@@ -176,10 +176,10 @@ def _throw(port: int, payload: bytes) -> None:
 @pytest.mark.timeout(max(600, int(CASES * 0.3)))
 def test_hostile_pdus_leave_the_listener_healthy(listener: RunningListener) -> None:
     assert echoscu(listener.port).returncode == 0
-    rss_before = listener.rss()
+    rss_start = listener.rss()
     count = 0
 
-    @settings(max_examples=CASES, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=(CASES + 1) // 2, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(hostile_streams)
     def throw(payload: bytes) -> None:
@@ -190,6 +190,10 @@ def test_hostile_pdus_leave_the_listener_healthy(listener: RunningListener) -> N
         _throw(listener.port, payload)
         assert listener.alive()
 
+    # Two rounds of the same streams: the first brings the allocator and the association threads to their
+    # working size (tens of MiB, more with more threads); a leak grows again in the second, a working set not.
+    throw()
+    rss_before = listener.rss()
     throw()
     # a header announcing 4 GiB followed by a real stream of bytes is cut off, not buffered
     with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as sock:
@@ -204,9 +208,10 @@ def test_hostile_pdus_leave_the_listener_healthy(listener: RunningListener) -> N
     # once those have run out, a normal peer gets in.
     _echo_within(listener, 30)
     rss_after = listener.rss()
-    print(f"{count} hostile PDU streams; listener RSS {rss_before / MiB:.0f} -> {rss_after / MiB:.0f} MiB")
+    print(f"{count} hostile PDU streams; listener RSS {rss_start / MiB:.0f} -> {rss_before / MiB:.0f} after "
+          f"the first round -> {rss_after / MiB:.0f} MiB")
     assert count >= min(CASES, 1000)
-    assert rss_after < rss_before + 64 * MiB
+    assert rss_after < rss_before + 32 * MiB
     _assert_store_consistent(listener)
 
 
