@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification
@@ -235,7 +236,14 @@ class Exporter:
             if not path:
                 outcomes[i] = ExportError("the result instance is no longer stored", retryable=False)
                 continue
-            datasets.append(pydicom.dcmread(self.runtime.store.path(path)))
+            try:
+                datasets.append(pydicom.dcmread(self.runtime.store.path(path)))
+            except InvalidDicomError as exc:  # the same bytes fail the same way; its batch mates still go
+                outcomes[i] = ExportError(f"the stored result {path} is not readable DICOM: {exc}", retryable=False)
+                continue
+            except OSError as exc:
+                outcomes[i] = ExportError(f"cannot read the stored result {path}: {exc}")
+                continue
             sending.append(i)
         if not datasets:
             return outcomes

@@ -263,6 +263,21 @@ def test_an_images_results_share_one_association_and_each_is_settled_on_its_own_
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
+def test_an_unreadable_result_file_fails_alone_and_its_batch_mates_are_sent(
+        runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
+    receive(runtime, make_cr(tmp_path / "cr.dcm"))
+    run_worker_once(runtime)
+    mine = [j for j in runtime.queue.claim("x", [JobKind.EXPORT], limit=100) if j.destination == "oldpacs"]
+    with runtime.read_session() as session:
+        path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == mine[0].sop_instance_uid))
+    runtime.store.path(path).write_bytes(b"not DICOM at all")  # a bad sector, a careless administrator
+    Exporter(runtime.settings, runtime, worker_id="x").run_jobs(mine, "x")
+    first, *rest = (runtime.queue.get(j.id) for j in mine)
+    assert first.state == "dead" and "not readable DICOM" in first.last_error
+    assert {r.state for r in rest} == {"done"} and len(receiver.received) == len(rest)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_a_refused_c_store_is_retried_later(runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
     receive(runtime, make_cr(tmp_path / "cr.dcm"))
     run_worker_once(runtime)
