@@ -1,11 +1,11 @@
 """Sending result objects to their destinations: one durable ``export`` job per (result, peer).
 
-An exporter thread claims the due jobs (up to ``export.batch_size``) and sends each destination's share on one
-association: an image's results (the SR, its findings, the presentation state, the key object selection)
-travel together instead of paying an association each, which at GPU throughput would be thousands of
-associations a second. Each job still succeeds or fails on its own C-STORE status, and a few threads
-send at once, so a peer that is down or hangs costs that peer's jobs a retry with backoff
-(``JobQueue.fail``) and never holds up the others.
+An exporter thread claims the due jobs (up to ``export.batch_size``) and sends each destination's share on
+one association: an image's results (AI findings SR, narrative SR, key object selection, presentation
+state) travel together instead of paying an association each, which at GPU throughput would be thousands
+of associations a second. Each job still succeeds or fails on its own C-STORE status. The destinations of
+a batch are sent to side by side and a few threads claim at once, so a peer that is down or hangs costs
+only that peer's jobs a retry with backoff (``JobQueue.fail``).
 A receiver that refuses Comprehensive 3D SR in negotiation (many PACSs predate it) gets the
 Comprehensive SR copy from :func:`pacs_node.results.comprehensive_fallback` instead.
 """
@@ -16,6 +16,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pydicom
@@ -190,7 +191,8 @@ class Exporter:
         by_destination: dict[str, list[ClaimedJob]] = {}
         for job in jobs:
             by_destination.setdefault(job.destination or "", []).append(job)
-        for destination, group in by_destination.items():
+
+        def send(destination: str, group: list[ClaimedJob]) -> None:
             try:
                 outcomes = self._send(destination, group)
             except Exception as exc:
@@ -199,6 +201,14 @@ class Exporter:
             for job, outcome in zip(group, outcomes, strict=True):
                 settled(job.id)
                 self._settle(job, owner, outcome)
+
+        if len(by_destination) == 1:
+            send(*next(iter(by_destination.items())))
+            return
+        # Each destination on its own thread: a peer that hangs until the timeout must not hold up the others.
+        with ThreadPoolExecutor(len(by_destination), thread_name_prefix="export-to") as pool:
+            for done in [pool.submit(send, destination, group) for destination, group in by_destination.items()]:
+                done.result()
 
     def _settle(self, job: ClaimedJob, owner: str, outcome: ExportError | None) -> None:
         queue = self.runtime.queue

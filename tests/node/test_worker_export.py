@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -260,6 +261,24 @@ def test_an_images_results_share_one_association_and_each_is_settled_on_its_own_
     assert states.pop(KeyObjectSelectionDocumentStorage).state == "failed"
     assert {record.state for record in states.values()} == {"done"}
     assert len(receiver.received) == len(mine) - 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
+def test_a_peer_that_hangs_does_not_hold_up_the_others_in_the_same_batch(
+        runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
+    receive(runtime, make_cr(tmp_path / "cr.dcm"))
+    run_worker_once(runtime)
+    with socket.socket() as hanging:  # "down" now accepts connections and never answers them
+        hanging.bind(("127.0.0.1", runtime.settings.peers["down"].port))
+        hanging.listen(16)
+        claimed = runtime.queue.claim("x", [JobKind.EXPORT], limit=100)
+        assert claimed[0].destination == "down"  # the hanging peer's share comes first in the batch
+        Exporter(runtime.settings, runtime, worker_id="x").run_jobs(claimed, "x")
+    records = [runtime.queue.get(j.id) for j in claimed]
+    sent = [r for r in records if r.destination == "oldpacs"]
+    hung = [r for r in records if r.destination == "down"]
+    assert {r.state for r in sent} == {"done"} and {r.state for r in hung} == {"failed"}
+    assert max(r.finished_at for r in sent) < min(r.updated_at for r in hung)  # sent while "down" still hung
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
