@@ -209,8 +209,9 @@ class PynetdicomPeers:
 
         datasets = [pydicom.dcmread(i.path) for i in batch]  # read before the association: not latency
         ae = AE(ae_title="BENCHSCU")
+        syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets})
         for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
-            ae.add_requested_context(sop_class, [str(ds.file_meta.TransferSyntaxUID) for ds in datasets[:1]])
+            ae.add_requested_context(sop_class, syntaxes)
         assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, max_pdu=0)
         if not assoc.is_established:
             raise BenchError(f"the node refused or dropped the association from {ae.ae_title}")
@@ -429,8 +430,8 @@ port = {receiver.port}
     }
     rows = [(name, p["n"], p["p50_s"], p["p95_s"], p["p99_s"], p["max_s"]) for name, p in phases.items()]
     emit(result, ("load", "images", "p50 s", "p95 s", "p99 s", "max s"), rows,
-         title=f"e2e: C-STORE ack -> SR at the receiver ({peers.name}); {label} on {args.device}; {args.rows}x{args.cols} 16-bit; "
-               f"max {peak:.2f} images/s; CPU s per image: serve {cpu_per_image['serve']}, workers "
+         title=f"e2e: C-STORE ack -> SR at the receiver ({peers.name}); {label} on {args.device}; "
+               f"{args.rows}x{args.cols} 16-bit; max {peak:.2f} images/s; CPU s per image: serve {cpu_per_image['serve']}, workers "
                f"{cpu_per_image['workers']}; {result['device']}")
     return 0
 
