@@ -10,6 +10,7 @@ that holds a CUDA context cannot use it, and a fresh interpreter holds nothing t
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
@@ -41,8 +42,6 @@ class Built:
 
 def encode(ds: Dataset) -> bytes:
     """``ds`` in the DICOM file format, as it will be stored and sent."""
-    import io
-
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

@@ -107,10 +107,9 @@ class Decoded:
     def unit_on(self, device: torch.device) -> torch.Tensor:
         """:meth:`unit` computed on ``device`` (the same float32 operations in the same order). To a GPU the
         host buffer goes through pinned memory, so the copy is DMA that overlaps the next image's decode."""
-        pixels = self.pixels
+        pixels = np.ascontiguousarray(self.pixels)
         unsigned16 = pixels.dtype == np.uint16
         # int16 has every device kernel; uint16 is a "barebones" dtype in torch, so send its bits as int16
-        pixels = np.ascontiguousarray(pixels)
         host = torch.from_numpy(pixels.view(np.int16) if unsigned16 else pixels)
         if device.type == "cuda":
             host = host.pin_memory()
