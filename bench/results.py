@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.images < 1 or any(c < 0 for c in counts):
         p.error("--images must be >= 1 and --processes >= 0")
 
-    from pacs_node.builders import ResultBuilders
+    from pacs_node.results.builder_pool import ResultBuilders
     from pacs_node.results.options import ResultOptions
     from pipelines.interface import FakePipeline, ImageResult
     from pipelines.phantoms.dicom import phantom_dataset

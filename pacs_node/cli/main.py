@@ -71,11 +71,11 @@ def settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def runtime(s: Settings):  # noqa: ANN201 (Runtime; imported lazily to keep `--help` fast)
-    from pacs_node.runtime import Runtime
+def runtime(s: Settings):  # noqa: ANN201 (ServerContext; imported lazily to keep `--help` fast)
+    from pacs_node.ops.context import ServerContext
 
     try:
-        return Runtime.open(s, migrate=False)
+        return ServerContext.open(s, migrate=False)
     except Exception as exc:
         fail(f"cannot open the database or store: {exc}")
 
@@ -120,13 +120,13 @@ def _db_errors(fn):  # noqa: ANN001, ANN202 (decorator)
 @app.command()
 def serve() -> None:
     """Run the node: DICOM listener, worker processes, exporter, housekeeping, /healthz and /metrics."""
-    from pacs_node.logs import setup_logging
-    from pacs_node.runtime import prepare_metrics_dir
+    from pacs_node.ops.logs import setup_logging
+    from pacs_node.ops.context import prepare_metrics_dir
 
     s = settings()
     setup_logging(s.logging.level, process="serve")
     prepare_metrics_dir(s, fresh=True)
-    from pacs_node.service import serve as run
+    from pacs_node.ops.serve import serve as run
 
     config_path = config_path_from_env(_State.config_path)
     raise typer.Exit(run(s, config_path.resolve() if config_path else None))
@@ -137,14 +137,14 @@ def worker(
     parent_pid: Annotated[int | None, typer.Option(hidden=True, help="Set by `serve`.")] = None,
 ) -> None:
     """Run one analysis worker process (``serve`` starts ``worker.count`` of these itself)."""
-    from pacs_node.logs import setup_logging
-    from pacs_node.runtime import prepare_metrics_dir
+    from pacs_node.ops.logs import setup_logging
+    from pacs_node.ops.context import prepare_metrics_dir
 
     s = settings()
     setup_logging(s.logging.level, process="worker")
     if parent_pid is not None:
         prepare_metrics_dir(s, fresh=False)
-    from pacs_node.worker import PipelineUnavailable, run_worker
+    from pacs_node.work.worker import PipelineUnavailable, run_worker
 
     try:
         code = run_worker(s, parent_pid=parent_pid)
@@ -173,8 +173,8 @@ def resolve_peer(s: Settings, name: str) -> Peer:
 def echo(peer: Annotated[str, typer.Argument(help="Peer name from the config, or AE@host:port.")],
          as_json: JsonOpt = False) -> None:
     """C-ECHO a peer."""
-    from pacs_node.export import ExportError
-    from pacs_node.export import echo as c_echo
+    from pacs_node.work.export import ExportError
+    from pacs_node.work.export import echo as c_echo
 
     s = settings()
     target = resolve_peer(s, peer)
@@ -199,7 +199,7 @@ def send(peer: Annotated[str, typer.Argument(help="Peer name from the config, or
     """C-STORE DICOM files to a peer (one association, each file as stored)."""
     import pydicom
 
-    from pacs_node.export import ExportError, send_datasets
+    from pacs_node.work.export import ExportError, send_datasets
 
     s = settings()
     target = resolve_peer(s, peer)

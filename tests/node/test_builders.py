@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs_node.builders import ResultBuilders, auto_processes, pixel_free
+from pacs_node.results.builder_pool import ResultBuilders, auto_processes, pixel_free
 from pacs_node.results.options import ResultOptions
 from pipelines.interface import FakePipeline
 from tests.node.helpers import make_cr

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from pacs_node.cli.main import app
 from pacs_node.config import load_settings
-from pacs_node.housekeeping import purge_instances, purge_jobs, reclaim_leases
-from pacs_node.runtime import Runtime
+from pacs_node.ops.housekeeping import purge_instances, purge_jobs, reclaim_leases
+from pacs_node.ops.context import ServerContext
 from storage.repository import add_instance
 from storage.schema import Instance, Job, JobKind, utcnow
 from tests.node.helpers import StoreSCP, make_cr
@@ -32,8 +32,8 @@ def config(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def runtime(config: Path) -> Iterator[Runtime]:
-    rt = Runtime.open(load_settings(config))
+def runtime(config: Path) -> Iterator[ServerContext]:
+    rt = ServerContext.open(load_settings(config))
     yield rt
     rt.close()
 
@@ -43,7 +43,7 @@ def cli(config: Path, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def seed(rt: Runtime, n: int) -> list[int]:
+def seed(rt: ServerContext, n: int) -> list[int]:
     """``n`` received instances (files in the store) with one analyse job each; returns the job ids."""
     with rt.write_session() as session, session.begin():
         for i in range(n):
@@ -59,7 +59,7 @@ def seed(rt: Runtime, n: int) -> list[int]:
     return [job.id for job in rt.queue.list(limit=n)]
 
 
-def test_queue_commands(config: Path, runtime: Runtime) -> None:
+def test_queue_commands(config: Path, runtime: ServerContext) -> None:
     first, second, third = sorted(seed(runtime, 3))
     code, out = cli(config, "queue", "ls", "--json")
     assert code == 0 and {j["state"] for j in json.loads(out)} == {"queued"}
@@ -114,7 +114,7 @@ def test_echo_and_send_to_a_real_peer(config: Path, tmp_path: Path) -> None:
     assert cli(config, "echo", "nobody")[0] == 2
 
 
-def test_housekeeping_reclaims_and_purges(runtime: Runtime) -> None:
+def test_housekeeping_reclaims_and_purges(runtime: ServerContext) -> None:
     ids = seed(runtime, 3)
     claimed = runtime.queue.claim("dead-worker", [JobKind.ANALYSE], limit=1)
     with runtime.write_session() as session, session.begin():  # the worker died long ago

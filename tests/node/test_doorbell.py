@@ -9,14 +9,14 @@ import sys
 import threading
 from pathlib import Path
 
-from pacs_node.doorbell import Doorbell
+from pacs_node.work.wakeups import Doorbell
 
 REPO = Path(__file__).resolve().parents[2]
 
 WAIT_IN_CHILD = """
 import sys
 from pathlib import Path
-from pacs_node.doorbell import Doorbell
+from pacs_node.work.wakeups import Doorbell
 with Doorbell(Path(sys.argv[1]), "analyse").waiter() as waiter:
     print("waiting", flush=True)
     print("rung" if waiter.wait(120) else "timed out", flush=True)

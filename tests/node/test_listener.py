@@ -16,8 +16,8 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import func, select
 
 from pacs_node.config import Settings
-from pacs_node.listener import Listener
-from pacs_node.runtime import Runtime
+from pacs_node.dicom.server import Listener
+from pacs_node.ops.context import ServerContext
 from storage.schema import Instance, Job
 from storage.store import StoreFullError
 from tests.node.helpers import echoscu, make_cr, storescu
@@ -37,9 +37,9 @@ def _settings(tmp_path: Path, database_url: str = "", **sections: dict) -> Setti
 
 
 @pytest.fixture
-def node(tmp_path: Path, database_url: str) -> Iterator[tuple[Settings, Runtime]]:
+def node(tmp_path: Path, database_url: str) -> Iterator[tuple[Settings, ServerContext]]:
     settings = _settings(tmp_path, database_url)
-    runtime = Runtime.open(settings)
+    runtime = ServerContext.open(settings)
     listener = Listener(settings, runtime)
     listener.start()
     yield settings, runtime
@@ -47,7 +47,7 @@ def node(tmp_path: Path, database_url: str) -> Iterator[tuple[Settings, Runtime]
     runtime.close()
 
 
-def _counts(runtime: Runtime) -> tuple[int, int]:
+def _counts(runtime: ServerContext) -> tuple[int, int]:
     with runtime.read_session() as session:
         return (session.scalar(select(func.count()).select_from(Instance)),
                 session.scalar(select(func.count()).select_from(Job)))
@@ -68,7 +68,7 @@ def _send_with_pynetdicom(port: int, path: Path, sop_class: str = ComputedRadiog
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
-def test_echo_and_allow_list(node: tuple[Settings, Runtime]) -> None:
+def test_echo_and_allow_list(node: tuple[Settings, ServerContext]) -> None:
     settings, _ = node
     dcmtk("echoscu")
     assert echoscu(settings.node.port, calling="MODALITY").returncode == 0
@@ -79,7 +79,7 @@ def test_echo_and_allow_list(node: tuple[Settings, Runtime]) -> None:
     assert echoscu(settings.node.port, calling="ELSEWHERE").returncode != 0
 
 
-def test_store_j2k_as_received_once_with_one_job(node: tuple[Settings, Runtime], real_dicom_dir: Path) -> None:
+def test_store_j2k_as_received_once_with_one_job(node: tuple[Settings, ServerContext], real_dicom_dir: Path) -> None:
     settings, runtime = node
     source = real_dicom_dir / "RG1_J2KR.dcm"
     for _ in range(2):  # the second send is a duplicate: acknowledged, stored once, no second job
@@ -101,7 +101,7 @@ def test_store_j2k_as_received_once_with_one_job(node: tuple[Settings, Runtime],
     assert os.listdir(runtime.incoming_dir) == []  # no temp file left behind
 
 
-def test_non_chest_is_acknowledged_and_recorded_not_processed(node: tuple[Settings, Runtime], tmp_path: Path) -> None:
+def test_non_chest_is_acknowledged_and_recorded_not_processed(node: tuple[Settings, ServerContext], tmp_path: Path) -> None:
     settings, runtime = node
     hand = tmp_path / "hand.dcm"
     ds = make_cr(hand, body_part="HAND")
@@ -115,7 +115,7 @@ def test_non_chest_is_acknowledged_and_recorded_not_processed(node: tuple[Settin
 
 def test_discard_policy_keeps_only_the_record(tmp_path: Path) -> None:
     settings = _settings(tmp_path, policy={"non_chest": "discard"})
-    runtime = Runtime.open(settings)
+    runtime = ServerContext.open(settings)
     listener = Listener(settings, runtime)
     listener.start()
     try:
@@ -132,7 +132,7 @@ def test_discard_policy_keeps_only_the_record(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
-def test_unparseable_dataset_fails_and_the_listener_stays_up(node: tuple[Settings, Runtime], tmp_path: Path,
+def test_unparseable_dataset_fails_and_the_listener_stays_up(node: tuple[Settings, ServerContext], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     settings, runtime = node
     garbage = tmp_path / "garbage.dcm"
@@ -155,7 +155,7 @@ def test_unparseable_dataset_fails_and_the_listener_stays_up(node: tuple[Setting
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
-def test_full_store_answers_a700_and_writes_nothing(node: tuple[Settings, Runtime], tmp_path: Path,
+def test_full_store_answers_a700_and_writes_nothing(node: tuple[Settings, ServerContext], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     settings, runtime = node
     image = tmp_path / "cr.dcm"

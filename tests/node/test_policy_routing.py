@@ -8,8 +8,8 @@ import pytest
 from pydicom import Dataset
 
 from pacs_node.config import Settings
-from pacs_node.policy import decide
-from pacs_node.routing import RouteKey, destinations
+from pacs_node.work.acceptance import decide
+from pacs_node.work.routing import RouteKey, destinations
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"

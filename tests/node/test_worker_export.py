@@ -23,8 +23,8 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select, update
 
 from pacs_node.config import Settings
-from pacs_node.export import Exporter
-from pacs_node.runtime import Runtime
+from pacs_node.work.export import Exporter
+from pacs_node.ops.context import ServerContext
 from pipelines.interface import FakePipeline
 from storage.repository import add_instance
 from storage.schema import Instance, Job, JobKind
@@ -32,7 +32,7 @@ from tests.node.helpers import make_cr
 from tests.support import free_port
 
 pytest.importorskip("pacs_node.results", reason="the result builders (pacs_node.results) are not installed")
-from pacs_node.worker import Worker  # noqa: E402 (needs pacs_node.results)
+from pacs_node.work.worker import Worker  # noqa: E402 (needs pacs_node.results)
 
 
 class Receiver:
@@ -73,7 +73,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, receiver: Receiver, database_url: str) -> Iterator[Runtime]:
+def runtime(tmp_path: Path, receiver: Receiver, database_url: str) -> Iterator[ServerContext]:
     settings = Settings(
         node={"data_dir": tmp_path / "var"},
         database={"url": database_url},
@@ -85,12 +85,12 @@ def runtime(tmp_path: Path, receiver: Receiver, database_url: str) -> Iterator[R
         export={"timeout_s": 5, "concurrency": 2},
         worker={"poll_interval_s": 0.05},
     )
-    rt = Runtime.open(settings)
+    rt = ServerContext.open(settings)
     yield rt
     rt.close()
 
 
-def receive(rt: Runtime, ds: pydicom.Dataset) -> None:
+def receive(rt: ServerContext, ds: pydicom.Dataset) -> None:
     """File ``ds`` as the listener would: store, Instance row, analyse job."""
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -105,19 +105,19 @@ def receive(rt: Runtime, ds: pydicom.Dataset) -> None:
                          dedupe_key=f"analyse:{ds.SOPInstanceUID}", max_attempts=3)
 
 
-def jobs(rt: Runtime, kind: str) -> list[Job]:
+def jobs(rt: ServerContext, kind: str) -> list[Job]:
     with rt.read_session() as session:
         return list(session.scalars(select(Job).where(Job.kind == kind).order_by(Job.id)))
 
 
-def run_worker_once(rt: Runtime) -> None:
+def run_worker_once(rt: ServerContext) -> None:
     worker = Worker(rt.settings, rt, FakePipeline(), worker_id="test-worker")
     claimed = worker.claim_batch(threading.Event())
     assert claimed
     worker.process(claimed)
 
 
-def test_results_are_routed_and_a_dead_peer_blocks_no_one(runtime: Runtime, receiver: Receiver,
+def test_results_are_routed_and_a_dead_peer_blocks_no_one(runtime: ServerContext, receiver: Receiver,
                                                           tmp_path: Path) -> None:
     source = make_cr(tmp_path / "cr.dcm")
     receive(runtime, source)
@@ -163,7 +163,7 @@ def test_results_are_routed_and_a_dead_peer_blocks_no_one(runtime: Runtime, rece
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
-def test_an_image_the_pipeline_cannot_read_is_dead_with_the_reason(runtime: Runtime, tmp_path: Path) -> None:
+def test_an_image_the_pipeline_cannot_read_is_dead_with_the_reason(runtime: ServerContext, tmp_path: Path) -> None:
     source = make_cr(tmp_path / "cr.dcm")
     del source.PixelData  # the fake pipeline, like the real one, refuses an image without pixels
     receive(runtime, source)
@@ -174,7 +174,7 @@ def test_an_image_the_pipeline_cannot_read_is_dead_with_the_reason(runtime: Runt
     assert jobs(runtime, "export") == []
 
 
-def test_a_job_run_twice_produces_its_results_once(runtime: Runtime, tmp_path: Path,
+def test_a_job_run_twice_produces_its_results_once(runtime: ServerContext, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker that died after storing results but before completing its job: the job comes back
     (lease expiry, simulated here) and the rerun adds nothing."""
@@ -197,7 +197,7 @@ def test_a_job_run_twice_produces_its_results_once(runtime: Runtime, tmp_path: P
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
-def test_batches_fill_up_to_the_batch_size_while_the_latency_cap_lasts(runtime: Runtime, tmp_path: Path) -> None:
+def test_batches_fill_up_to_the_batch_size_while_the_latency_cap_lasts(runtime: ServerContext, tmp_path: Path) -> None:
     settings = runtime.settings.model_copy(update={"pipeline": runtime.settings.pipeline.model_copy(
         update={"batch_size": 2, "max_batch_latency_s": 30.0})})
     worker = Worker(settings, runtime, FakePipeline(), worker_id="batcher")
@@ -228,7 +228,7 @@ class _BreaksOnOneImage(FakePipeline):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
-def test_one_bad_image_does_not_fail_its_batch(runtime: Runtime, tmp_path: Path) -> None:
+def test_one_bad_image_does_not_fail_its_batch(runtime: ServerContext, tmp_path: Path) -> None:
     images = [make_cr(tmp_path / f"{i}.dcm", seed=i) for i in range(3)]
     for ds in images:
         receive(runtime, ds)
@@ -246,7 +246,7 @@ def test_one_bad_image_does_not_fail_its_batch(runtime: Runtime, tmp_path: Path)
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_an_images_results_share_one_association_and_each_is_settled_on_its_own_status(
-        runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
+        runtime: ServerContext, receiver: Receiver, tmp_path: Path) -> None:
     receive(runtime, make_cr(tmp_path / "cr.dcm"))
     run_worker_once(runtime)
     receiver.status_by_class[KeyObjectSelectionDocumentStorage] = 0xA700  # out of space for this one only
@@ -265,7 +265,7 @@ def test_an_images_results_share_one_association_and_each_is_settled_on_its_own_
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_a_peer_that_hangs_does_not_hold_up_the_others_in_the_same_batch(
-        runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
+        runtime: ServerContext, receiver: Receiver, tmp_path: Path) -> None:
     receive(runtime, make_cr(tmp_path / "cr.dcm"))
     run_worker_once(runtime)
     with socket.socket() as hanging:  # "down" now accepts connections and never answers them
@@ -283,7 +283,7 @@ def test_a_peer_that_hangs_does_not_hold_up_the_others_in_the_same_batch(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
 def test_an_unreadable_result_file_fails_alone_and_its_batch_mates_are_sent(
-        runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
+        runtime: ServerContext, receiver: Receiver, tmp_path: Path) -> None:
     receive(runtime, make_cr(tmp_path / "cr.dcm"))
     run_worker_once(runtime)
     mine = [j for j in runtime.queue.claim("x", [JobKind.EXPORT], limit=100) if j.destination == "oldpacs"]
@@ -297,7 +297,7 @@ def test_an_unreadable_result_file_fails_alone_and_its_batch_mates_are_sent(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
-def test_a_refused_c_store_is_retried_later(runtime: Runtime, receiver: Receiver, tmp_path: Path) -> None:
+def test_a_refused_c_store_is_retried_later(runtime: ServerContext, receiver: Receiver, tmp_path: Path) -> None:
     receive(runtime, make_cr(tmp_path / "cr.dcm"))
     run_worker_once(runtime)
     receiver.status = 0xA700  # the PACS is out of space

@@ -13,8 +13,8 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from pacs_node.instances import instance_fields
-from pacs_node.qr import QueryRetrieveService
+from pacs_node.work.instance_record import instance_fields
+from pacs_node.dicom.qr import QueryRetrieveService
 from pacs_node.results import ResultOptions, build_result_objects
 from pipelines.interface import FakePipeline
 from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset
 
-from pacs_node.qr.find import entity_rows, matching_keys
-from pacs_node.qr.matching import Level
+from pacs_node.dicom.qr.find import entity_rows, matching_keys
+from pacs_node.dicom.qr.matching import Level
 from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
 from storage.repository import add_instance
 

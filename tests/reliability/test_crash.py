@@ -15,9 +15,9 @@ from pydicom.uid import JPEG2000Lossless
 from sqlalchemy import func, select, update
 
 from pacs_node.config import Settings
-from pacs_node.ingest import Caller, Ingestor
-from pacs_node.runtime import Runtime
-from pacs_node.worker import Worker
+from pacs_node.work.ingest import Caller, Ingestor
+from pacs_node.ops.context import ServerContext
+from pacs_node.work.worker import Worker
 from pipelines.interface import FakePipeline, ImageResult, PipelineError
 from storage.schema import Instance, Job, JobKind, JobState
 from tests.node.helpers import make_cr
@@ -25,18 +25,18 @@ from tests.storage.conftest import db_url, pg_server, pg_url, sqlite_db  # noqa:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, db_url: str) -> Iterator[tuple[Settings, Runtime]]:  # noqa: F811
+def runtime(tmp_path: Path, db_url: str) -> Iterator[tuple[Settings, ServerContext]]:  # noqa: F811
     settings = Settings(
         node={"data_dir": tmp_path / "var"}, database={"url": db_url}, store={"min_free_bytes": 0},
         pipeline={"bundle": "fake"}, worker={"lease_seconds": 5},
         peers={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}}, routing={"always": ["pacs"]},
     )
-    rt = Runtime.open(settings)
+    rt = ServerContext.open(settings)
     yield settings, rt
     rt.close()
 
 
-def _ingest(settings: Settings, rt: Runtime, path: Path) -> str:
+def _ingest(settings: Settings, rt: ServerContext, path: Path) -> str:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     incoming = rt.incoming_dir / "tmp-test.dcm"
     incoming.write_bytes(path.read_bytes())
@@ -44,7 +44,7 @@ def _ingest(settings: Settings, rt: Runtime, path: Path) -> str:
     return str(ds.SOPInstanceUID)
 
 
-def _expire_leases(rt: Runtime) -> None:
+def _expire_leases(rt: ServerContext) -> None:
     """What the clock does to a dead worker's lease, without waiting for it."""
     with rt.write_session() as session, session.begin():
         session.execute(update(Job).where(Job.state == JobState.RUNNING.value)
@@ -104,11 +104,11 @@ def test_housekeeping_removes_the_temp_file_of_a_killed_writer(tmp_path: Path) -
     import subprocess
     import sys
 
-    from pacs_node.housekeeping import remove_dead_temp_files
+    from pacs_node.ops.housekeeping import remove_dead_temp_files
     from tests.support import REPO
 
     settings = Settings(node={"data_dir": tmp_path / "var"}, store={"min_free_bytes": 0})
-    rt = Runtime.open(settings)
+    rt = ServerContext.open(settings)
     script = ("import sys, time; from storage.store import InstanceStore; "
               "f = InstanceStore(sys.argv[1]).open_temp(); f.write(b'half'); f.flush(); "
               "print(f.name, flush=True); time.sleep(120)")

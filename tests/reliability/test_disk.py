@@ -16,8 +16,8 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import func, select
 
 from pacs_node.config import Settings
-from pacs_node.listener import Listener
-from pacs_node.runtime import Runtime
+from pacs_node.dicom.server import Listener
+from pacs_node.ops.context import ServerContext
 from storage.schema import Instance
 from storage.store import TEMP_DIR
 from tests.node.helpers import make_cr, storescu
@@ -33,19 +33,19 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mountpoint
 
 
-def _start(tmp_path: Path, store: Path, min_free_bytes: int) -> tuple[Settings, Runtime, Listener]:
+def _start(tmp_path: Path, store: Path, min_free_bytes: int) -> tuple[Settings, ServerContext, Listener]:
     settings = Settings(
         node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var"},  # database off the tmpfs
         store={"path": store, "min_free_bytes": min_free_bytes},
         pipeline={"bundle": "fake"},
     )
-    runtime = Runtime.open(settings)
+    runtime = ServerContext.open(settings)
     listener = Listener(settings, runtime)
     listener.start()
     return settings, runtime, listener
 
 
-def _rows(runtime: Runtime) -> int:
+def _rows(runtime: ServerContext) -> int:
     with runtime.read_session() as session:
         return int(session.scalar(select(func.count()).select_from(Instance)))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import update
 
 from pacs_node.config import load_settings
-from pacs_node.runtime import Runtime
+from pacs_node.ops.context import ServerContext
 from storage.repository import add_instance
 from storage.schema import Job, JobKind
 from tests.support import REPO
@@ -25,7 +25,7 @@ def _doctor(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           check=False, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def _register(rt: Runtime, sop: str, *, with_file: bool) -> str:
+def _register(rt: ServerContext, sop: str, *, with_file: bool) -> str:
     relpath = rt.store.relpath_for(STUDY, SERIES, sop)
     if with_file:
         rt.store.write_bytes(relpath, b"DICM" * 64)
@@ -40,7 +40,7 @@ def _register(rt: Runtime, sop: str, *, with_file: bool) -> str:
 def test_doctor_reports_then_repairs_what_crashes_leave(tmp_path: Path) -> None:
     config = tmp_path / "pacs-node.toml"
     config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[store]\nmin_free_bytes = 0\n')
-    rt = Runtime.open(load_settings(config))
+    rt = ServerContext.open(load_settings(config))
     try:
         _register(rt, f"{SERIES}.1", with_file=True)  # healthy
         _register(rt, f"{SERIES}.2", with_file=False)  # a row whose file is gone

@@ -19,11 +19,11 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import func, select
 
 from pacs_node.config import Peer, Settings, load_settings
-from pacs_node.export import ExportError, send_datasets
-from pacs_node.health import HttpServer
-from pacs_node.listener import Listener
-from pacs_node.runtime import Runtime
-from pacs_node.tls import TLSConfigError, server_context
+from pacs_node.work.export import ExportError, send_datasets
+from pacs_node.ops.http import HttpServer
+from pacs_node.dicom.server import Listener
+from pacs_node.ops.context import ServerContext
+from pacs_node.dicom.tls import TLSConfigError, server_context
 from storage.schema import Instance
 from tests.node.helpers import StoreSCP, make_cr
 from tests.reliability.certs import KEY_PASSWORD, Certs, make_certs
@@ -36,7 +36,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 
 @pytest.fixture
-def tls_node(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> Iterator[tuple[Settings, Runtime]]:
+def tls_node(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> Iterator[tuple[Settings, ServerContext]]:
     caplog.set_level(logging.DEBUG)
     settings = Settings(
         node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var",
@@ -45,7 +45,7 @@ def tls_node(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> 
         store={"min_free_bytes": 0},
         pipeline={"bundle": "fake"},
     )
-    runtime = Runtime.open(settings)
+    runtime = ServerContext.open(settings)
     listener = Listener(settings, runtime)
     listener.start()
     yield settings, runtime
@@ -54,7 +54,7 @@ def tls_node(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> 
     assert KEY_PASSWORD not in caplog.text
 
 
-def _stored(runtime: Runtime) -> int:
+def _stored(runtime: ServerContext) -> int:
     with runtime.read_session() as session:
         return int(session.scalar(select(func.count()).select_from(Instance)))
 
@@ -67,7 +67,7 @@ def _storescu_tls(port: int, key: Path, cert: Path, ca: Path, files: list[Path])
     )
 
 
-def test_dcmtk_storescu_with_the_right_certificate_stores(tls_node: tuple[Settings, Runtime], certs: Certs,
+def test_dcmtk_storescu_with_the_right_certificate_stores(tls_node: tuple[Settings, ServerContext], certs: Certs,
                                                          tmp_path: Path) -> None:
     settings, runtime = tls_node
     image = tmp_path / "cr.dcm"
@@ -77,7 +77,7 @@ def test_dcmtk_storescu_with_the_right_certificate_stores(tls_node: tuple[Settin
     assert _stored(runtime) == 1
 
 
-def test_dcmtk_refused_with_a_wrong_certificate_or_without_tls(tls_node: tuple[Settings, Runtime], certs: Certs,
+def test_dcmtk_refused_with_a_wrong_certificate_or_without_tls(tls_node: tuple[Settings, ServerContext], certs: Certs,
                                                                tmp_path: Path) -> None:
     settings, runtime = tls_node
     port = settings.node.port
@@ -120,7 +120,7 @@ def _pynetdicom_store(port: int, client: tuple[Path, Path] | None, ca: Path, ima
         assoc.release()
 
 
-def test_pynetdicom_right_and_wrong_certificates(tls_node: tuple[Settings, Runtime], certs: Certs,
+def test_pynetdicom_right_and_wrong_certificates(tls_node: tuple[Settings, ServerContext], certs: Certs,
                                                  tmp_path: Path) -> None:
     settings, runtime = tls_node
     port = settings.node.port
@@ -134,7 +134,7 @@ def test_pynetdicom_right_and_wrong_certificates(tls_node: tuple[Settings, Runti
     assert _stored(runtime) == 1
 
 
-def test_silent_tls_client_does_not_block_others(tls_node: tuple[Settings, Runtime], certs: Certs,
+def test_silent_tls_client_does_not_block_others(tls_node: tuple[Settings, ServerContext], certs: Certs,
                                                  tmp_path: Path) -> None:
     """The handshake happens in the association's thread: a client that connects and says nothing
     does not hold up the accept loop."""
@@ -198,7 +198,7 @@ def test_bad_tls_settings_name_the_key_and_hide_the_password(tmp_path: Path, cer
 def test_http_endpoint_binds_loopback_by_default(tmp_path: Path) -> None:
     settings = Settings(node={"data_dir": tmp_path / "var"}, store={"min_free_bytes": 0}, http={"port": free_port()})
     assert settings.http.bind == "127.0.0.1"
-    runtime = Runtime.open(settings)
+    runtime = ServerContext.open(settings)
     server = HttpServer(runtime, settings.http.bind, settings.http.port)
     server.start()
     try:

@@ -1,8 +1,8 @@
-"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE (and Q/R when ``pacs_node.qr`` is
+"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE (and Q/R when ``pacs_node.dicom.qr`` is
 installed), with the calling-AE allow-list enforced at association time.
 
 Each association runs in its own thread (pynetdicom's threaded server); the C-STORE handler blocks that
-thread until the instance is durable (see :mod:`pacs_node.ingest`), which is the back-pressure a
+thread until the instance is durable (see :mod:`pacs_node.work.ingest`), which is the back-pressure a
 sender should feel when the disk or database is slow.
 """
 
@@ -16,15 +16,15 @@ from pathlib import Path
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 
-from pacs_node import metrics
-from pacs_node.acceptor import GuardedAssociationServer, start_guarded_server
+from pacs_node.ops import metrics
+from pacs_node.dicom.transport import GuardedAssociationServer, start_guarded_server
 from pacs_node.config import Settings
-from pacs_node.contexts import add_scp_contexts
-from pacs_node.ingest import OUT_OF_RESOURCES, Caller, Ingestor
-from pacs_node.runtime import Runtime
-from pacs_node.spool import install as install_spool
-from pacs_node.spool import spool_failure
-from pacs_node.tls import server_context
+from pacs_node.dicom.presentation_contexts import add_scp_contexts
+from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
+from pacs_node.ops.context import ServerContext
+from pacs_node.dicom.spooling import install as install_spool
+from pacs_node.dicom.spooling import spool_failure
+from pacs_node.dicom.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def caller_allowed(settings: Settings, ae_title: str, host: str | None) -> bool:
 class Listener:
     """Owns the AE and its server thread; ``start`` returns once the port is bound."""
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: ServerContext) -> None:
         self.settings = settings
         self.rt = runtime
         self.ingestor = Ingestor(settings, runtime)
@@ -78,9 +78,9 @@ class Listener:
         self._writeback = threading.Thread(target=self._push_writeback, name="writeback", daemon=True)
 
     def _attach_query_retrieve(self) -> list[tuple[evt.EventType, object]]:
-        """Q/R SCP handlers and contexts from ``pacs_node.qr``, when that module is present."""
+        """Q/R SCP handlers and contexts from ``pacs_node.dicom.qr``, when that module is present."""
         try:
-            from pacs_node.qr import QueryRetrieveService
+            from pacs_node.dicom.qr import QueryRetrieveService
         except ImportError as exc:
             log.info("query/retrieve not available (%s); serving C-ECHO and C-STORE only", exc)
             return []

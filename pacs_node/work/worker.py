@@ -8,7 +8,7 @@ Batching is dynamic: the worker claims up to ``pipeline.batch_size`` jobs and, i
 at most ``pipeline.max_batch_latency_s`` (default 0) for more before running what it has. A GPU wants full
 batches, a radiographer wants the report now: with no wait, images that arrive while a batch runs form
 the next one, so batches fill exactly when the load needs them to. An idle worker sleeps on the
-``analyse`` doorbell (:mod:`pacs_node.doorbell`), which the listener rings after each commit.
+``analyse`` doorbell (:mod:`pacs_node.work.wakeups`), which the listener rings after each commit.
 
 Everything a job produces is idempotent (result UIDs are derived from the source SOP Instance UID and
 the bundle, rows are inserted with ON CONFLICT DO NOTHING, export jobs are deduplicated), so a job whose
@@ -32,13 +32,14 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from pacs_node import __version__, metrics
+from pacs_node import __version__
+from pacs_node.ops import metrics
 from pacs_node.config import Device, Settings
-from pacs_node.builders import Built, ResultBuilders, auto_processes
-from pacs_node.leases import LeaseKeeper
+from pacs_node.results.builder_pool import Built, ResultBuilders, auto_processes
+from pacs_node.work.leases import LeaseKeeper
 from pacs_node.results.options import ResultOptions
-from pacs_node.routing import RouteKey, destinations
-from pacs_node.runtime import Runtime
+from pacs_node.work.routing import RouteKey, destinations
+from pacs_node.ops.context import ServerContext
 from pipelines.interface import FakePipeline, ImageResult, Pipeline, PipelineError
 from storage.queue import ClaimedJob
 from storage.repository import add_instance, get_instance
@@ -113,7 +114,7 @@ class _Work:
 
 
 class Worker:
-    def __init__(self, settings: Settings, runtime: Runtime, pipeline: Pipeline, worker_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, runtime: ServerContext, pipeline: Pipeline, worker_id: str | None = None) -> None:
         self.settings = settings
         self.rt = runtime
         self.pipeline = pipeline
@@ -323,7 +324,7 @@ def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
     if parent_pid is not None:
         _watch_parent = threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True)
         _watch_parent.start()
-    runtime = Runtime.open(settings, migrate=False)
+    runtime = ServerContext.open(settings, migrate=False)
     try:
         pipeline = load_pipeline(settings)
         worker = Worker(settings, runtime, pipeline)

@@ -15,13 +15,13 @@ from typing import Any
 
 from sqlalchemy import text
 
-from pacs_node import metrics
-from pacs_node.runtime import Runtime
+from pacs_node.ops import metrics
+from pacs_node.ops.context import ServerContext
 
 log = logging.getLogger(__name__)
 
 
-def health(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
+def health(runtime: ServerContext) -> tuple[bool, dict[str, Any]]:
     """(healthy, details) — each check says what it found, so a failing probe explains itself."""
     checks: dict[str, Any] = {}
     try:
@@ -46,7 +46,7 @@ def health(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
 
 
 class HttpServer:
-    def __init__(self, runtime: Runtime, bind: str, port: int) -> None:
+    def __init__(self, runtime: ServerContext, bind: str, port: int) -> None:
         registry = metrics.scrape_registry(runtime.queue_depth)
 
         class Handler(BaseHTTPRequestHandler):

@@ -28,11 +28,11 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorag
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy import select
 
-from pacs_node import metrics
+from pacs_node.ops import metrics
 from pacs_node.config import Peer, Settings
-from pacs_node.leases import LeaseKeeper
-from pacs_node.runtime import Runtime
-from pacs_node.tls import TLSConfigError, peer_tls_args
+from pacs_node.work.leases import LeaseKeeper
+from pacs_node.ops.context import ServerContext
+from pacs_node.dicom.tls import TLSConfigError, peer_tls_args
 from storage.queue import ClaimedJob
 from storage.schema import Instance, JobKind, utcnow
 
@@ -149,7 +149,7 @@ class Exporter:
     """Threads that claim ``export`` jobs one at a time and send them."""
 
     settings: Settings
-    runtime: Runtime
+    runtime: ServerContext
     worker_id: str
 
     def __post_init__(self) -> None:

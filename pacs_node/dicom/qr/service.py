@@ -30,15 +30,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_node.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
-from pacs_node.qr.find import entity_rows, matching_keys, response_identifier
-from pacs_node.qr.matching import Level, QueryError, identifier_conditions, query_level
+from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
+from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level
 from storage.schema import Instance
 from storage.store import InstanceStore
 
 if TYPE_CHECKING:
     from pacs_node.config import Settings
-    from pacs_node.runtime import Runtime
+    from pacs_node.ops.context import ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class QueryRetrieveService:
         self.max_matches = max_matches
 
     @classmethod
-    def from_runtime(cls, settings: Settings, runtime: Runtime) -> QueryRetrieveService:
+    def from_runtime(cls, settings: Settings, runtime: ServerContext) -> QueryRetrieveService:
         """The service as the listener builds it: configured peers, the runtime's store and sessions."""
         peers = {name: (p.ae_title, p.host, p.port) for name, p in settings.peers.items()}
         return cls(runtime.sessions, runtime.store, peers, ae_title=settings.node.ae_title)

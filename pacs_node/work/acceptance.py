@@ -16,7 +16,7 @@ from pynetdicom.sop_class import (
     DigitalXRayImageStorageForProcessing,
 )
 
-from pacs_node.contexts import IMAGE_SOP_CLASSES, RESULT_SOP_CLASSES
+from pacs_node.dicom.presentation_contexts import IMAGE_SOP_CLASSES, RESULT_SOP_CLASSES
 
 _CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "HEART", "RIB", "RIBS", "CHEST_ABDOMEN", "CHESTABDOMEN"})
 _CHEST_TEXT = re.compile(r"chest|thora|lung|cxr|\bpa\b.*\blat|poumon|brust|t[oó]rax", re.IGNORECASE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from pacs_node.runtime import Runtime
+from pacs_node.ops.context import ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class LeaseKeeper:
     """Renews the leases ``owner`` holds on the jobs in hand every third of the lease, until they are
     released or the keeper is closed."""
 
-    def __init__(self, runtime: Runtime, owner: str, lease_seconds: float) -> None:
+    def __init__(self, runtime: ServerContext, owner: str, lease_seconds: float) -> None:
         self.rt, self.owner, self.interval_s = runtime, owner, max(lease_seconds / 3.0, 1.0)
         self.job_ids: set[int] = set()
         self._lock = threading.Lock()

@@ -13,7 +13,7 @@ from pydicom import Dataset
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
-from pacs_node.qr.matching import ATTRIBUTES, COUNTS, LEVEL_KEY, Level, identifier_conditions
+from pacs_node.dicom.qr.matching import ATTRIBUTES, COUNTS, LEVEL_KEY, Level, identifier_conditions
 from storage.schema import Instance
 
 _CHUNK = 500

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydicom import Dataset
 
-from pacs_node.instances import instance_fields
+from pacs_node.work.instance_record import instance_fields
 from pacs_node.results import build_result_objects
 from pacs_node.results.options import ResultOptions
 from pipelines.interface import ImageResult

@@ -1,7 +1,7 @@
 """The node's long-lived resources, built once per process from the settings: database engine and
 sessions, the instance store, the job queue and its doorbells.
 
-Every process (listener, each worker, a CLI command) builds its own :class:`Runtime`; nothing here is
+Every process (listener, each worker, a CLI command) builds its own :class:`ServerContext`; nothing here is
 shared across ``fork``, which is what lets a worker crash without touching the listener's connections.
 """
 
@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_node.config import Settings
-from pacs_node.doorbell import Doorbell
+from pacs_node.work.wakeups import Doorbell
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.queue import JobQueue
 from storage.schema import Job, JobKind
@@ -30,7 +30,7 @@ BACKOFF_MAX_S = 1800.0
 
 
 @dataclass
-class Runtime:
+class ServerContext:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
@@ -39,7 +39,7 @@ class Runtime:
     queue: JobQueue
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool = True) -> Runtime:
+    def open(cls, settings: Settings, *, migrate: bool = True) -> ServerContext:
         """Connect to the database (bringing its schema to head first, unless ``migrate`` is off) and
         open the instance store."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def prepare_metrics_dir(settings: Settings, *, fresh: bool) -> Path:
     """Point prometheus_client's multiprocess mode at ``<data_dir>/metrics`` (``fresh``: empty it first,
     as ``serve`` does at start, so counters of a previous run do not leak into this one).
 
-    Must run before :mod:`pacs_node.metrics` (and so ``prometheus_client``) is first imported."""
+    Must run before :mod:`pacs_node.ops.metrics` (and so ``prometheus_client``) is first imported."""
     path = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.data_dir / "metrics")
     if fresh and path.is_dir():
         shutil.rmtree(path)

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from pacs_node.config import Settings
-from pacs_node.housekeeping import remove_dead_temp_files
-from pacs_node.runtime import Runtime
+from pacs_node.ops.housekeeping import remove_dead_temp_files
+from pacs_node.ops.context import ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 STALE_RECEIVE_S = 600.0
 
 
-def _remove_stale_temp_files(runtime: Runtime) -> None:
+def _remove_stale_temp_files(runtime: ServerContext) -> None:
     """Partial datasets of associations cut off by a crash: never acknowledged, so safe to delete (the
     sender got no success and sends again). The store may be shared with listeners on other machines,
     so only files that are provably dead go: the store's own temp files by the rule housekeeping uses
@@ -44,17 +44,17 @@ def _remove_stale_temp_files(runtime: Runtime) -> None:
 
 def serve(settings: Settings, config_path: Path | None) -> int:
     # Imported here: metrics must see PROMETHEUS_MULTIPROC_DIR, set by the CLI before this call.
-    from pacs_node.export import Exporter
-    from pacs_node.health import HttpServer
-    from pacs_node.housekeeping import start_housekeeping
-    from pacs_node.listener import Listener
-    from pacs_node.supervisor import Supervisor
+    from pacs_node.work.export import Exporter
+    from pacs_node.ops.http import HttpServer
+    from pacs_node.ops.housekeeping import start_housekeeping
+    from pacs_node.dicom.server import Listener
+    from pacs_node.ops.supervisor import Supervisor
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    runtime = Runtime.open(settings, migrate=True)
+    runtime = ServerContext.open(settings, migrate=True)
     _remove_stale_temp_files(runtime)
     if not settings.allowed_callers and settings.allow_any_caller:
         log.warning("no allowed_callers configured: accepting associations from any AE")

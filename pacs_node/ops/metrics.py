@@ -1,7 +1,7 @@
 """Prometheus metrics of the node.
 
 ``serve`` and the worker processes it starts are separate processes, so counters and histograms use
-prometheus_client's multiprocess mode: :func:`pacs_node.runtime.prepare_metrics_dir` sets
+prometheus_client's multiprocess mode: :func:`pacs_node.ops.context.prepare_metrics_dir` sets
 ``PROMETHEUS_MULTIPROC_DIR`` *before* this module is first imported, and ``/metrics`` aggregates every
 process's files. Queue depth is not counted by anyone: it is read from the database at scrape time, so
 it is right even after a crash.

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from pacs_node import metrics
+from pacs_node.ops import metrics
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from pacs_node.config import Settings
-from pacs_node.runtime import Runtime
+from pacs_node.ops.context import ServerContext
 from storage.queue import FINISHED_STATES
 from storage.repository import delete_instance, instances_older_than
 
@@ -25,14 +25,14 @@ RETENTION_BATCH = 500
 TEMP_MAX_AGE_S = 6 * 3600.0
 
 
-def reclaim_leases(runtime: Runtime) -> int:
+def reclaim_leases(runtime: ServerContext) -> int:
     n = runtime.queue.reclaim_expired()
     if n:
         log.warning("reclaimed %d job(s) whose worker stopped heartbeating", n)
     return n
 
 
-def purge_instances(settings: Settings, runtime: Runtime) -> int:
+def purge_instances(settings: Settings, runtime: ServerContext) -> int:
     """Delete instances (received and results) older than ``retention.days``: rows first, then files,
     so a crash in between leaves orphan files (the doctor's business), never rows without files."""
     if settings.retention.days <= 0:
@@ -56,7 +56,7 @@ def purge_instances(settings: Settings, runtime: Runtime) -> int:
     return total
 
 
-def purge_jobs(settings: Settings, runtime: Runtime) -> int:
+def purge_jobs(settings: Settings, runtime: ServerContext) -> int:
     """Forget done and cancelled jobs after ``retention.job_days`` (dead ones wait for a person)."""
     states = [state for state in FINISHED_STATES if state.value != "dead"]
     n = runtime.queue.purge(timedelta(days=settings.retention.job_days), states)
@@ -65,7 +65,7 @@ def purge_jobs(settings: Settings, runtime: Runtime) -> int:
     return n
 
 
-def remove_dead_temp_files(runtime: Runtime) -> int:
+def remove_dead_temp_files(runtime: ServerContext) -> int:
     """Delete the store's temp files whose writer on this host is gone (a worker or listener killed
     mid-write) or that are older than :data:`TEMP_MAX_AGE_S`: never committed, never acknowledged, so
     nothing refers to them, and without this they would wait for a person running ``doctor --repair``."""
@@ -88,7 +88,7 @@ def _guarded(name: str, fn, *args) -> None:  # noqa: ANN001
         log.exception("housekeeping task %s failed; will run again", name)
 
 
-def start_housekeeping(settings: Settings, runtime: Runtime) -> BackgroundScheduler:
+def start_housekeeping(settings: Settings, runtime: ServerContext) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(daemon=True)
     every = settings.retention.interval_s
     scheduler.add_job(_guarded, "interval", seconds=every, args=("reclaim_leases", reclaim_leases, runtime),

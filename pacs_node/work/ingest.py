@@ -26,11 +26,11 @@ from pydicom.valuerep import VR
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from pacs_node import metrics
+from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
-from pacs_node.instances import MissingAttribute, instance_fields
-from pacs_node.policy import decide
-from pacs_node.runtime import Runtime
+from pacs_node.work.instance_record import MissingAttribute, instance_fields
+from pacs_node.work.acceptance import decide
+from pacs_node.ops.context import ServerContext
 from storage.repository import add_instance
 from storage.schema import Disposition, Instance, JobKind, Origin
 from storage.store import StoreFullError
@@ -117,7 +117,7 @@ def _check_consistency(path: Path, ds: Dataset) -> None:
 class Ingestor:
     """The body of the listener's ``EVT_C_STORE`` handler, independent of pynetdicom's event object."""
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: ServerContext) -> None:
         self.settings = settings
         self.rt = runtime
         self._analyse_bell = runtime.doorbell(JobKind.ANALYSE)
