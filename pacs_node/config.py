@@ -106,6 +106,9 @@ class RoutingRule(Section):
     modality: str | None = None
     station_name: str | None = None
     destinations: list[str] = Field(min_length=1)
+    #: Settle time of studies from matching senders (seconds), instead of ``studies.settle_s``: a room
+    #: that sends each image as it is taken wants longer than a PACS that forwards whole studies.
+    settle_s: Annotated[float, Field(ge=0, le=86400)] | None = None
 
 
 class RoutingConfig(Section):
@@ -198,6 +201,14 @@ class PolicyConfig(Section):
     non_chest: NonChestAction = NonChestAction.KEEP
 
 
+class StudiesConfig(Section):
+    #: A study is analysed once no instance of it has arrived for this long (seconds). A two-view chest
+    #: exam is usually sent within a minute or two (PA, then the lateral, often on separate associations);
+    #: 90 s waits out that gap without holding a single-image study much longer than it takes to read.
+    #: An instance arriving later re-opens the study and a new report supersedes the first.
+    settle_s: Annotated[float, Field(ge=0, le=86400)] = 90.0
+
+
 class ResultsConfig(Section):
     #: A finding counts as present at or above this probability (0..1); a present finding flags the
     #: image in a Key Object Selection.
@@ -247,6 +258,7 @@ class Settings(BaseSettings):
     export: ExportConfig = Field(default_factory=ExportConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    studies: StudiesConfig = Field(default_factory=StudiesConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -411,6 +423,7 @@ always = []                    # peer names that receive every result, e.g. ["ar
 # modality = "CR"
 # station_name = "ER-XRAY"
 # destinations = ["pacs"]
+# settle_s = 300               # example: this sender's studies settle after 5 minutes instead
 
 [database]
 url = ""                       # empty: sqlite file under data_dir; or "postgresql+psycopg://user@host/db"
@@ -446,6 +459,9 @@ interval_s = 30.0              # housekeeping period
 
 [policy]
 non_chest = "keep"             # keep | discard: file of instances that are not chest radiographs
+
+[studies]
+settle_s = 90.0                # a study is analysed once no instance of it arrived for this long
 
 [results]
 kos_threshold = 0.5            # a finding is present at this probability (and flags the image in a KOS)

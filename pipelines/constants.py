@@ -52,3 +52,7 @@ CHEXPERT_LABELS: tuple[str, ...] = (
     "Support Devices",
 )
 NUM_LABELS = len(CHEXPERT_LABELS)
+
+#: The projections a chest model of this project reads (Chest ImaGenome and CheXpert's frontal images),
+#: preferred first: a bundle's manifest may say otherwise in ``views``.
+FRONTAL_VIEWS = ("PA", "AP")

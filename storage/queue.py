@@ -148,11 +148,13 @@ class JobQueue:
         payload: Mapping[str, Any] | None = None,
         max_attempts: int = 5,
         priority: int = 0,
+        not_before: datetime | None = None,
     ) -> bool:
         """Add a job inside the caller's transaction; ``False`` (and no new row) if ``dedupe_key`` exists.
 
         Uses ``INSERT ... ON CONFLICT DO NOTHING``, so a duplicate neither raises nor aborts the caller's
-        transaction (on PostgreSQL an IntegrityError would poison it). Higher ``priority`` runs first.
+        transaction (on PostgreSQL an IntegrityError would poison it). Higher ``priority`` runs first;
+        ``not_before`` (naive UTC) delays it, e.g. until a study has settled.
         """
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts!r}")
@@ -167,11 +169,26 @@ class JobQueue:
             priority=priority,
             attempts=0,
             max_attempts=max_attempts,
-            not_before=now,
+            not_before=not_before or now,
             created_at=now,
             updated_at=now,
         )
         return insert_if_absent(session, Job, values, "dedupe_key")
+
+    def cancel_waiting(self, session: Session, dedupe_prefix: str, keep: str) -> int:
+        """Inside the caller's transaction, cancel the not yet started jobs whose ``dedupe_key`` starts with
+        ``dedupe_prefix``, except ``keep``: the analysis of a study's earlier set of instances, made moot
+        by a later one. Returns how many were cancelled."""
+        now = self._clock()
+        pattern = dedupe_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        result = session.execute(
+            update(Job)
+            .where(Job.dedupe_key.like(pattern, escape="\\"), Job.dedupe_key != keep, Job.state.in_(_WAITING))
+            .values(state=JobState.CANCELLED.value, finished_at=now, updated_at=now,
+                    last_error="superseded by a later instance of the study")
+            .execution_options(synchronize_session=False)
+        )
+        return rowcount(result)
 
     # -- working ---------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ class Disposition(str, enum.Enum):
 
 
 class JobKind(str, enum.Enum):
-    ANALYSE = "analyse"  # run the pipeline on one instance and build its result objects
+    ANALYSE = "analyse"  # run the pipeline on one study's set of instances and build its result objects
     EXPORT = "export"  # C-STORE one result object to one destination
 
 
@@ -100,6 +100,34 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     calling_host: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class StudyState(str, enum.Enum):
+    COLLECTING = "collecting"  # instances arriving; analysed once quiet for the settle time
+    ANALYSED = "analysed"  # the last set of instances has results (a new instance re-opens it)
+
+
+class Study(Base):
+    """One study the node collects for analysis. ``settle_due`` is when it will have been quiet long
+    enough (the analyse job's ``not_before`` is the same instant: the timer lives in the database and
+    survives a restart); ``set_hash`` names the set of instances the pending job will read, and
+    ``analysed_set_hash`` the set the current results were made from, so a set is analysed once."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.COLLECTING.value)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    settle_due: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    set_hash: Mapped[str | None] = mapped_column(String(64))
+    analysed_set_hash: Mapped[str | None] = mapped_column(String(64))
+    #: how many analyses produced results (1 for the first report, 2 once superseded, ...)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    analysed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    #: what the last analysis read and set aside, why, its gate score, the results it made
+    analysis: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Job(Base):

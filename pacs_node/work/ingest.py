@@ -6,8 +6,13 @@ makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
 2. fsync the file, rename it into place, fsync the directory (``InstanceStore.commit``);
-3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, its ``analyse`` job;
+3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, (re-)open its study and
+   enqueue the study's ``analyse`` job, due once the study has been quiet for the settle time;
 4. only then return 0x0000.
+
+A study is analysed once per set of instances: the job's ``dedupe_key`` names the study and the set
+(``analyse:study:<Study Instance UID>:<set hash>``), and the job of the set before this instance, if it
+has not started, is cancelled: the settle timer starts again.
 
 A crash before 4 means the sender saw no success and sends again; a crash after 3 leaves a complete,
 recorded instance. A second copy of a known SOP Instance UID is acknowledged and dropped.
@@ -17,22 +22,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import VR
+
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
 from pacs_node.work.instance_record import MissingAttribute, instance_fields
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
+from pacs_node.work.routing import RouteKey, settle_seconds
 from storage.repository import add_instance
-from storage.schema import Disposition, Instance, JobKind, Origin
+from storage.schema import Disposition, Instance, JobKind, Origin, utcnow
+from storage.studies import instance_set_hash, set_pending, study_image_uids, touch_study
 from storage.store import StoreFullError
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,10 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
+
+
+#: ``dedupe_key`` prefix of a study's analysis jobs: ``analyse:study:<Study Instance UID>:<set hash>``.
+STUDY_JOB_PREFIX = "analyse:study:"
 
 
 class UnreadableDataset(Exception):
@@ -194,13 +208,7 @@ class Ingestor:
                     calling_host=(caller.host or "")[:64] or None,
                 )
                 if inserted and decision.analyse:
-                    self.rt.queue.enqueue(
-                        session,
-                        kind=JobKind.ANALYSE,
-                        dedupe_key=f"analyse:{fields['sop_instance_uid']}",
-                        sop_instance_uid=fields["sop_instance_uid"],
-                        max_attempts=self.settings.worker.max_attempts,
-                    )
+                    self._open_study(session, ds, fields, caller)
         except SQLAlchemyError:
             log.exception("could not record instance from %s (0x%04X)", caller.ae_title, OUT_OF_RESOURCES)
             self._remove_unrecorded(relpath, fields["sop_instance_uid"])
@@ -217,10 +225,34 @@ class Ingestor:
         metrics.INSTANCES_RECEIVED.labels(outcome).inc()
         if decision.analyse:
             self._analyse_bell.ring()
-            log.info("stored %s instance from %s and queued it for analysis", fields["modality"], caller.ae_title)
+            log.info("stored %s instance from %s; its study is analysed once it settles", fields["modality"],
+                     caller.ae_title)
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS
+
+    def _open_study(self, session: Session, ds: Dataset, fields: dict, caller: Caller) -> None:
+        """(Re-)open the instance's study and enqueue the analysis of its new set of instances, due when
+        the study has been quiet for its settle time (in the caller's transaction)."""
+        study = fields["study_instance_uid"]
+        route = RouteKey(calling_ae=caller.ae_title, modality=fields.get("modality"),
+                         station_name=str(ds.get("StationName", "") or "") or None)
+        now = utcnow()
+        due = now + timedelta(seconds=settle_seconds(self.settings, route))
+        touch_study(session, study, now, due)  # first: serialises concurrent arrivals of this study
+        set_hash = instance_set_hash(study_image_uids(session, study))
+        key = f"{STUDY_JOB_PREFIX}{study}:{set_hash}"
+        self.rt.queue.cancel_waiting(session, f"{STUDY_JOB_PREFIX}{study}:", keep=key)
+        self.rt.queue.enqueue(
+            session,
+            kind=JobKind.ANALYSE,
+            dedupe_key=key,
+            sop_instance_uid=fields["sop_instance_uid"],
+            payload={"study_instance_uid": study, "set_hash": set_hash},
+            max_attempts=self.settings.worker.max_attempts,
+            not_before=due,
+        )
+        set_pending(session, study, set_hash)
 
     def _remove_unrecorded(self, relpath: str, sop_instance_uid: str) -> None:
         """Undo the rename when the row could not be written, so the store holds only recorded files

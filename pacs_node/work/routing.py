@@ -50,3 +50,10 @@ def destinations(settings: Settings, key: RouteKey) -> list[str]:
             chosen.append(sender[0])
     chosen.extend(settings.routing.always)
     return list(dict.fromkeys(chosen))
+
+
+def settle_seconds(settings: Settings, key: RouteKey) -> float:
+    """How long a study from this sender must be quiet before it is analysed: the longest ``settle_s``
+    of the matching rules that set one, else ``studies.settle_s``."""
+    own = [rule.settle_s for rule in settings.routing.rules if rule.settle_s is not None and rule_matches(rule, key)]
+    return max(own) if own else settings.studies.settle_s

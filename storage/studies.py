@@ -1,0 +1,91 @@
+"""Queries about studies: collecting a study's instances until it settles, and what its analyses made.
+
+Like :mod:`storage.repository`, every function takes the caller's session and never commits. The listener
+calls :func:`touch_study` in the transaction that records an instance, *before* it reads the study's set of
+instances: the upsert locks the study's row (PostgreSQL) or the database (SQLite's ``BEGIN IMMEDIATE``), so
+two associations delivering images of one study at once are serialised and the second one sees the first
+one's image in the set it enqueues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from storage.schema import Disposition, Instance, Origin, Study, StudyState, utcnow
+
+
+def instance_set_hash(sop_instance_uids: Iterable[str]) -> str:
+    """A name for a set of instances: the same set, in any order, always gets the same one."""
+    digest = hashlib.sha256("\n".join(sorted(set(sop_instance_uids))).encode("ascii", "replace"))
+    return digest.hexdigest()[:32]
+
+
+def touch_study(session: Session, study_instance_uid: str, now: datetime, settle_due: datetime) -> None:
+    """Record that an instance of the study arrived ``now``: create its row or push its settle time out,
+    and (re-)open it for analysis."""
+    table = cast(Table, Study.__table__)
+    dialect = session.get_bind(Study).dialect.name
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no upsert for the {dialect!r} dialect")
+    statement = dialect_insert(table).values(
+        study_instance_uid=study_instance_uid, state=StudyState.COLLECTING.value, first_received_at=now,
+        last_received_at=now, settle_due=settle_due, version=0, analysis={},
+    )
+    statement = statement.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=["study_instance_uid"],
+        set_={"last_received_at": now, "settle_due": settle_due, "state": StudyState.COLLECTING.value},
+    )
+    session.execute(statement)
+
+
+def set_pending(session: Session, study_instance_uid: str, set_hash: str) -> None:
+    """The set of instances the study's pending analysis job will read."""
+    session.execute(update(Study).where(Study.study_instance_uid == study_instance_uid).values(set_hash=set_hash))
+
+
+def study_image_uids(session: Session, study_instance_uid: str) -> list[str]:
+    """The received instances of the study that the acceptance policy took for analysis, oldest first."""
+    return list(session.scalars(
+        select(Instance.sop_instance_uid)
+        .where(Instance.study_instance_uid == study_instance_uid, Instance.origin == Origin.RECEIVED.value,
+               Instance.disposition == Disposition.QUEUED.value)
+        .order_by(Instance.received_at, Instance.id)
+    ))
+
+
+def get_study(session: Session, study_instance_uid: str) -> Study | None:
+    return session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one_or_none()
+
+
+def record_analysis(session: Session, study_instance_uid: str, set_hash: str, analysis: dict[str, Any]) -> int:
+    """Mark ``set_hash`` analysed with ``analysis`` (what was read, set aside, made); returns the study's
+    new version. A set already recorded keeps its version (a job run again after a crash)."""
+    study = session.scalars(
+        select(Study).where(Study.study_instance_uid == study_instance_uid).with_for_update()
+    ).one_or_none()
+    if study is None:  # a job queued before studies were tracked (per-instance analyse job)
+        now = utcnow()
+        study = Study(study_instance_uid=study_instance_uid, state=StudyState.COLLECTING.value, first_received_at=now,
+                      last_received_at=now, settle_due=now, set_hash=set_hash, version=0, analysis={})
+        session.add(study)
+    if study.analysed_set_hash != set_hash:
+        study.version = (study.version or 0) + 1
+    study.analysed_set_hash = set_hash
+    study.analysis = {**analysis, "version": study.version}
+    study.analysed_at = utcnow()
+    if study.set_hash == set_hash:
+        study.state = StudyState.ANALYSED.value
+    return study.version
+
+
+def studies(session: Session, limit: int = 100) -> Sequence[Study]:
+    """The most recently active studies."""
+    return session.scalars(select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(limit)).all()
