@@ -13,7 +13,7 @@ from typing import Protocol
 
 import pydicom
 
-from pipelines.constants import CHEXPERT_LABELS, REGIONS
+from pipelines.constants import CHEXPERT_LABELS, FRONTAL_VIEWS, REGIONS
 
 
 class PipelineError(Exception):
@@ -54,19 +54,37 @@ class ImageResult:
     source_columns: int
     impression: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: the content gate's out-of-distribution score and threshold (None: the bundle has no gate)
+    gate_score: float | None = None
+    gate_threshold: float | None = None
 
     @property
     def selected_regions(self) -> tuple[RegionResult, ...]:
         return tuple(r for r in self.regions if r.selected)
 
 
+@dataclass(frozen=True)
+class NotInterpreted:
+    """The image was read but not interpreted: the content gate found it outside what the models were
+    trained on (a photograph, another body part). Not an error: the node reports that it did not read it."""
+
+    reason: str
+    model_name: str
+    model_version: str
+    clinical_use: bool
+    gate_score: float | None = None
+    gate_threshold: float | None = None
+
+
 class Pipeline(Protocol):
-    """What the worker needs of a model stack."""
+    """What the worker needs of a model stack. ``views``: the projections its models read (the worker
+    never hands it another view)."""
 
     model_name: str
     model_version: str
+    views: tuple[str, ...]
 
-    def analyse(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult | PipelineError]:
+    def analyse(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult | NotInterpreted | PipelineError]:
         """Analyse a batch; a dataset that cannot be processed yields its error in its slot
         instead of failing the whole batch."""
         ...
@@ -79,6 +97,7 @@ class FakePipeline:
     model_name = "fake"
     model_version = "0"
     clinical_use = False
+    views = FRONTAL_VIEWS
 
     def analyse(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult | PipelineError]:
         out: list[ImageResult | PipelineError] = []

@@ -42,9 +42,11 @@ from pacs_node.results.common import (
     identity_kwargs,
     not_for_clinical_use_notice,
     observation_context,
+    previous_versions,
     rectangle_polyline,
 )
 from pacs_node.results.options import ResultOptions
+from pacs_node.results.study import StudyReport
 from pacs_node.results.uids import derived_uid
 from pipelines.constants import CHEXPERT_LABELS
 from pipelines.interface import ImageResult
@@ -130,8 +132,12 @@ def _region_groups(source: Dataset, result: ImageResult,
     return groups
 
 
-def build_ai_findings_sr(source: Dataset, result: ImageResult, options: ResultOptions) -> Comprehensive3DSR:
-    """The AI findings SR for one image. ``source`` is the evidence header (see ``evidence_header``)."""
+def build_ai_findings_sr(study: StudyReport, options: ResultOptions) -> Comprehensive3DSR:
+    """The AI findings SR of one interpreted study: the findings of the image read; the evidence
+    (Current Requested Procedure Evidence Sequence) lists every image of the study, those set aside too.
+    (No TID 1600 Image Library: highdicom's requires pixel spacing that many CR images do not carry.)"""
+    source, result = study.analysed, study.result
+    assert source is not None
     report = MeasurementReport(
         observation_context=observation_context(options),
         procedure_reported=voc.CHEST_RADIOGRAPH,
@@ -143,10 +149,11 @@ def build_ai_findings_sr(source: Dataset, result: ImageResult, options: ResultOp
     )
     description = "AI findings" if result.clinical_use else "AI findings - NOT FOR CLINICAL USE"
     sr = Comprehensive3DSR(
-        evidence=[source],
+        evidence=study.evidence,
         content=report,
         series_number=options.ai_sr_series_number,
-        **identity_kwargs(source, result, KIND),
+        **identity_kwargs(study, KIND),
+        previous_versions=previous_versions(study, KIND),
         is_complete=True,
         is_final=False,
         series_description=description,

@@ -22,14 +22,23 @@ from typing import Any
 from pydicom import Dataset
 
 from pacs_node.work.instance_record import instance_fields
-from pacs_node.results import build_result_objects
+from pacs_node.results import build_study_objects
 from pacs_node.results.options import ResultOptions
-from pipelines.interface import ImageResult
+from pacs_node.results.study import StudyReport
 
 log = logging.getLogger(__name__)
 
 #: Most builder processes ``auto`` starts on a GPU host.
 MAX_AUTO_PROCESSES = 16
+
+
+#: The kind of result object (as the UIDs and the study's record name it) by SOP Class UID.
+KIND_BY_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.88.34": "ai-sr",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.88.22": "narrative-sr",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.59": "kos",  # Key Object Selection Document
+    "1.2.840.10008.5.1.4.1.1.11.1": "gsps",  # Grayscale Softcopy Presentation State
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,10 @@ class Built:
     fields: dict[str, Any]
     data: bytes
 
+    @property
+    def kind(self) -> str:
+        return KIND_BY_CLASS.get(str(self.fields["sop_class_uid"]), "other")
+
 
 def encode(ds: Dataset) -> bytes:
     """``ds`` in the DICOM file format, as it will be stored and sent."""
@@ -47,9 +60,9 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def build_encoded(source: Dataset, result: ImageResult, options: ResultOptions) -> list[Built]:
-    """The result objects of one image, encoded (runs in a builder process)."""
-    return [Built(instance_fields(obj), encode(obj)) for obj in build_result_objects(source, result, options)]
+def build_encoded(study: StudyReport, options: ResultOptions) -> list[Built]:
+    """The result objects of one analysis of a study, encoded (runs in a builder process)."""
+    return [Built(instance_fields(obj), encode(obj)) for obj in build_study_objects(study, options)]
 
 
 def auto_processes(device: str) -> int:
@@ -60,19 +73,10 @@ def auto_processes(device: str) -> int:
     return max(1, min(MAX_AUTO_PROCESSES, (os.cpu_count() or 1) - 2))
 
 
-def pixel_free(ds: Dataset) -> Dataset:
-    """``ds`` without its pixel data (what building needs, and a fraction of what would be pickled)."""
-    header = Dataset()
-    for element in ds:
-        if element.tag.group != 0x7FE0:
-            header.add(element)
-    header.file_meta = ds.file_meta
-    return header
-
-
 class ResultBuilders:
-    """``build([(source, result), ...])`` -> per image, its :class:`Built` objects or the exception that
-    stopped them, in order. ``processes`` 0 builds in this process."""
+    """``build([study_report, ...])`` -> per report, its :class:`Built` objects or the exception that
+    stopped them, in order. ``processes`` 0 builds in this process. The reports hold pixel-free headers
+    only, so little is pickled to a builder process."""
 
     def __init__(self, processes: int, options: ResultOptions) -> None:
         self.processes = processes
@@ -90,16 +94,16 @@ class ResultBuilders:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def build(self, items: list[tuple[Dataset, ImageResult]]) -> list[list[Built] | Exception]:
+    def build(self, items: list[StudyReport]) -> list[list[Built] | Exception]:
         if self.processes == 0 or len(items) == 0:
-            return [self._here(source, result) for source, result in items]
+            return [self._here(study) for study in items]
         pool = self._get_pool()
-        futures = [pool.submit(build_encoded, pixel_free(source), result, self.options) for source, result in items]
+        futures = [pool.submit(build_encoded, study, self.options) for study in items]
         return [self._collect(future) for future in futures]
 
-    def _here(self, source: Dataset, result: ImageResult) -> list[Built] | Exception:
+    def _here(self, study: StudyReport) -> list[Built] | Exception:
         try:
-            return build_encoded(source, result, self.options)
+            return build_encoded(study, self.options)
         except Exception as exc:  # noqa: BLE001 - the caller fails this image's job with it
             return exc
 

@@ -18,7 +18,8 @@ from pydicom.sr.codedict import codes
 
 from pacs_node.results.options import ResultOptions
 from pacs_node.results.uids import derived_uid, result_series_uid, result_uid
-from pipelines.interface import ImageResult, RegionResult
+from pacs_node.results.study import StudyReport
+from pipelines.interface import ImageResult, NotInterpreted, RegionResult
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _REQUIRED_SOURCE = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Series
                     "Rows", "Columns")
 
 
-def evidence_header(source: Dataset, result: ImageResult) -> Dataset:
+def evidence_header(source: Dataset, result: ImageResult | None = None) -> Dataset:
     """A pixel-free copy of ``source`` usable as highdicom evidence.
 
     Raises ``ValueError`` when the source cannot be referenced (missing UIDs) or the result was
@@ -47,7 +48,7 @@ def evidence_header(source: Dataset, result: ImageResult) -> Dataset:
     missing = [k for k in _REQUIRED_SOURCE if k not in source or source[k].value in (None, "")]
     if missing:
         raise ValueError(f"source dataset lacks {', '.join(missing)}: cannot reference it")
-    if (int(source.Rows), int(source.Columns)) != (result.source_rows, result.source_columns):
+    if result is not None and (int(source.Rows), int(source.Columns)) != (result.source_rows, result.source_columns):
         raise ValueError(
             f"result is for a {result.source_columns}x{result.source_rows} image but the source is "
             f"{source.Columns}x{source.Rows} (columns x rows)"
@@ -84,12 +85,15 @@ def _normalise_header(header: Dataset) -> None:
     header.StudyTime = time if re.fullmatch(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", time) else None
 
 
-def character_set_kwargs(source: Dataset, result: ImageResult) -> dict[str, object]:
+def character_set_kwargs(source: Dataset, result: ImageResult | NotInterpreted) -> dict[str, object]:
     """Keep the source's Specific Character Set unless the model's text needs more than ASCII, then
     use UTF-8 (ISO_IR 192): names decoded from the source re-encode losslessly in UTF-8, and a
     sentence with "é" or "≥" must not be written in a character set that cannot hold it."""
-    generated = [result.report, result.impression or "", result.model_name, result.model_version,
-                 *(r.sentence or "" for r in result.regions)]
+    if isinstance(result, NotInterpreted):
+        generated = [result.reason, result.model_name, result.model_version]
+    else:
+        generated = [result.report, result.impression or "", result.model_name, result.model_version,
+                     *(r.sentence or "" for r in result.regions)]
     if all(text.isascii() for text in generated):
         return {}
     return {"specific_character_set": "ISO_IR 192"}
@@ -121,7 +125,7 @@ def observation_context(options: ResultOptions) -> ObservationContext:
     return ObservationContext(observer_device_context=device_observer(options))
 
 
-def contributing_equipment(options: ResultOptions, result: ImageResult) -> list[ContributingEquipment]:
+def contributing_equipment(options: ResultOptions, result: ImageResult | NotInterpreted) -> list[ContributingEquipment]:
     """The node as processing equipment (PS3.3 C.12.1 Contributing Equipment Sequence)."""
     return [
         ContributingEquipment(
@@ -171,27 +175,26 @@ def rectangle_polyline(box: tuple[float, float, float, float]) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
-def not_for_clinical_use_notice(result: ImageResult) -> str:
+def not_for_clinical_use_notice(result: ImageResult | NotInterpreted) -> str:
     return (f"NOT FOR CLINICAL USE: produced by {result.model_name} {result.model_version}, "
             "a model not approved for diagnosis.")
 
 
-def instance_number(source: Dataset) -> int:
-    """The result's Instance Number within its series: the source's, so results of several images
-    of a study keep the images' order."""
-    try:
-        number = int(source.get("InstanceNumber") or 1)
-    except (TypeError, ValueError):
-        number = 1
-    return max(number, 1)
-
-
-def identity_kwargs(source: Dataset, result: ImageResult, kind: str) -> dict[str, object]:
-    """Series UID, SOP Instance UID and Instance Number of the ``kind`` object made for ``source``: all
-    derived from the source and the bundle, so a re-run or re-send yields the same object, never a copy."""
+def identity_kwargs(report: StudyReport, kind: str) -> dict[str, object]:
+    """Series UID, SOP Instance UID and Instance Number of the ``kind`` object of ``report``: derived from
+    the study's analysed set of instances and the bundle, so a re-run or re-send yields the same object,
+    never a copy; the Instance Number is the analysis' version within the study."""
+    outcome = report.outcome
     return {
-        "series_instance_uid": result_series_uid(source.StudyInstanceUID, result.model_name,
-                                                 result.model_version, kind),
-        "sop_instance_uid": result_uid(source.SOPInstanceUID, result.model_name, result.model_version, kind),
-        "instance_number": instance_number(source),
+        "series_instance_uid": result_series_uid(report.first_image.StudyInstanceUID, outcome.model_name,
+                                                 outcome.model_version, kind),
+        "sop_instance_uid": result_uid(report.subject, outcome.model_name, outcome.model_version, kind),
+        "instance_number": max(int(report.version), 1),
     }
+
+
+def previous_versions(report: StudyReport, kind: str) -> list[Dataset] | None:
+    """The ``kind`` object this report replaces, for highdicom's ``previous_versions`` (Predecessor
+    Documents Sequence), or None for a first report."""
+    previous = report.predecessors.get(kind)
+    return [previous] if previous is not None else None

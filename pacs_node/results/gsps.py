@@ -13,7 +13,6 @@ from highdicom.pr import (
     GrayscaleSoftcopyPresentationState,
     TextObject,
 )
-from pydicom import Dataset
 
 from pacs_node.results.common import (
     character_set_kwargs,
@@ -22,18 +21,24 @@ from pacs_node.results.common import (
     copy_patient_study,
     equipment_kwargs,
     identity_kwargs,
+    not_for_clinical_use_notice,
     rectangle_polyline,
 )
 from pacs_node.results.options import ResultOptions
-from pipelines.interface import ImageResult
+from pacs_node.results.study import StudyReport
 
 KIND = "gsps"
 LAYER = "AI_REGIONS"
 
 
-def build_gsps(source: Dataset, result: ImageResult,
-               options: ResultOptions) -> GrayscaleSoftcopyPresentationState | None:
-    """The GSPS for one image, or None when no region was reported."""
+def build_gsps(study: StudyReport, options: ResultOptions) -> GrayscaleSoftcopyPresentationState | None:
+    """The GSPS of the study's analysed image, or None when no region was reported (or the study was not
+    interpreted). Besides the boxes it draws, as text on the display, the bundle's name and, for a bundle
+    not for clinical use, the warning every other result object carries: a viewer that shows the boxes
+    shows the warning with them."""
+    if not study.interpreted:
+        return None
+    source, result = study.analysed, study.result
     regions = result.selected_regions
     if not regions:
         return None
@@ -47,6 +52,10 @@ def build_gsps(source: Dataset, result: ImageResult,
         # Anchor the label at the box's top-left corner, without a drawn anchor line.
         texts.append(TextObject(text_value=region.name, units=AnnotationUnitsValues.PIXEL,
                                 anchor_point=(box[0], box[1]), anchor_point_visible=False))
+    notice = (f"AI: {result.model_name} {result.model_version}" if result.clinical_use
+              else not_for_clinical_use_notice(result))
+    texts.append(TextObject(text_value=notice[:1024], units=AnnotationUnitsValues.DISPLAY,
+                            bounding_box=(0.01, 0.01, 0.99, 0.06)))
     layer = GraphicLayer(layer_name=LAYER, order=1, description="Regions reported by the AI")
     label = "AI_REGIONS" if result.clinical_use else "AI_NOT_CLINICAL"
     # The presentation state pipeline ignores Photometric Interpretation: a MONOCHROME1 radiograph
@@ -57,7 +66,7 @@ def build_gsps(source: Dataset, result: ImageResult,
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[source],
         series_number=options.gsps_series_number,
-        **identity_kwargs(source, result, KIND),
+        **identity_kwargs(study, KIND),
         content_label=label,
         content_description=f"{result.model_name} {result.model_version} regions"[:64],
         graphic_annotations=[GraphicAnnotation(referenced_images=[source], graphic_layer=layer,

@@ -7,7 +7,6 @@ content, which makes this the cheapest classification result a site can act on.
 from __future__ import annotations
 
 from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
-from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from pacs_node.results.common import (
@@ -18,6 +17,7 @@ from pacs_node.results.common import (
     identity_kwargs,
 )
 from pacs_node.results.options import ResultOptions
+from pacs_node.results.study import StudyReport
 from pipelines.constants import CHEXPERT_LABELS
 from pipelines.interface import ImageResult
 
@@ -33,8 +33,12 @@ def flagged_findings(result: ImageResult, options: ResultOptions) -> list[str]:
             if float(result.label_probs[label]) >= options.threshold(label)]
 
 
-def build_kos(source: Dataset, result: ImageResult, options: ResultOptions) -> KeyObjectSelectionDocument | None:
-    """The KOS for one image, or None when no finding reaches its threshold."""
+def build_kos(study: StudyReport, options: ResultOptions) -> KeyObjectSelectionDocument | None:
+    """The KOS flagging the study's analysed image, or None when no finding reaches its threshold (or the
+    study was not interpreted)."""
+    if not study.interpreted:
+        return None
+    source, result = study.analysed, study.result
     findings = flagged_findings(result, options)
     if not findings:
         return None
@@ -52,7 +56,7 @@ def build_kos(source: Dataset, result: ImageResult, options: ResultOptions) -> K
         evidence=[source],
         content=content,
         series_number=options.kos_series_number,
-        **identity_kwargs(source, result, KIND),
+        **identity_kwargs(study, KIND),
         manufacturer=options.manufacturer,
         institution_name=options.institution_name,
         contributing_equipment=contributing_equipment(options, result),

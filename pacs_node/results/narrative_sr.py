@@ -1,9 +1,14 @@
-"""The narrative report SR: TID 2000 Basic Diagnostic Imaging Report in an Enhanced SR.
+"""The narrative report SR: TID 2000 Basic Diagnostic Imaging Report in an Enhanced SR, one per study.
 
 This is what a PACS without AI-result support shows a radiologist: the generated report as text,
 in a Findings section (and Impressions when the bundle writes one). Each region sentence is a
 separate Finding that is INFERRED FROM the region's box (a 2D SCOORD SELECTED FROM the source
 image), so a viewer that follows the relationships can point at the region a sentence is about.
+Comments before the findings say which image of the study was read and why, and why each other image was
+set aside, each INFERRED FROM a reference to its image.
+
+A study the models did not read (no view they read, or the content gate found the image outside what they
+were trained on) gets the same document with one Finding saying so and why: no finding codes, no boxes.
 highdicom has no TID 2000 builder; the tree is assembled from its typed content items.
 """
 
@@ -38,10 +43,12 @@ from pacs_node.results.common import (
     identity_kwargs,
     not_for_clinical_use_notice,
     observation_context,
+    previous_versions,
     rectangle_polyline,
 )
 from pacs_node.results.options import ResultOptions
-from pipelines.interface import ImageResult, RegionResult
+from pacs_node.results.study import StudyReport
+from pipelines.interface import ImageResult, NotInterpreted, RegionResult
 
 KIND = "narrative-sr"
 TITLE = codes.LN.DiagnosticImagingReport
@@ -60,6 +67,36 @@ def _region_scoord(source: Dataset, region: RegionResult) -> ScoordContentItem:
     )
     scoord.ContentSequence = ContentSequence([SourceImageForRegion.from_source_image(source)])
     return scoord
+
+
+def _image_reference(image: Dataset) -> ImageContentItem:
+    return ImageContentItem(
+        name=codes.DCM.SourceImageForImageProcessingOperation,
+        referenced_sop_class_uid=image.SOPClassUID,
+        referenced_sop_instance_uid=image.SOPInstanceUID,
+        relationship_type=RelationshipTypeValues.INFERRED_FROM,
+    )
+
+
+def _image_comments(study: StudyReport) -> list[TextContentItem]:
+    """What was read and what was set aside, with the reasons, each pointing at its image."""
+    items = []
+    lines = ([(study.analysed, f"Image analysed: {study.analysed_reason}.")] if study.analysed is not None else [])
+    lines += [(image, f"Image set aside: {reason}.") for image, reason in study.set_aside]
+    for image, text in lines:
+        item = TextContentItem(name=codes.DCM.Comment, value=text, relationship_type=_CONTAINS)
+        item.ContentSequence = ContentSequence([_image_reference(image)])
+        items.append(item)
+    return items
+
+
+def _not_interpreted_section(study: StudyReport) -> ContainerContentItem:
+    section = ContainerContentItem(name=codes.LN.Findings, relationship_type=_CONTAINS)
+    reason = study.outcome.reason if isinstance(study.outcome, NotInterpreted) else ""
+    section.ContentSequence = ContentSequence([TextContentItem(
+        name=codes.DCM.Finding, value=f"Not interpreted: {reason}. No findings are reported for this study.",
+        relationship_type=_CONTAINS)])
+    return section
 
 
 def _best_illustration(source: Dataset) -> ImageContentItem:
@@ -113,8 +150,9 @@ def _impression_section(text: str) -> ContainerContentItem:
     return section
 
 
-def build_narrative_sr(source: Dataset, result: ImageResult, options: ResultOptions) -> EnhancedSR:
-    """The narrative report SR for one image. ``source`` is the evidence header."""
+def build_narrative_sr(study: StudyReport, options: ResultOptions) -> EnhancedSR:
+    """The narrative report SR of one study (interpreted or not)."""
+    result = study.outcome
     root = ContainerContentItem(name=TITLE, template_id="2000")
     content = ContentSequence()
     content.extend(LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
@@ -124,17 +162,25 @@ def build_narrative_sr(source: Dataset, result: ImageResult, options: ResultOpti
     if not result.clinical_use:
         content.append(TextContentItem(name=codes.DCM.Comment, value=not_for_clinical_use_notice(result),
                                        relationship_type=_CONTAINS))
-    content.append(_findings_section(source, result))
-    if result.impression and result.impression.strip():
-        content.append(_impression_section(result.impression.strip()))
+    content.extend(_image_comments(study))
+    if study.interpreted:
+        content.append(_findings_section(study.analysed, study.result))
+        if study.result.impression and study.result.impression.strip():
+            content.append(_impression_section(study.result.impression.strip()))
+    else:
+        content.append(_not_interpreted_section(study))
     root.ContentSequence = content
 
-    description = "AI report" if result.clinical_use else "AI report - NOT FOR CLINICAL USE"
+    description = "AI report" if study.interpreted else "AI report - NOT INTERPRETED"
+    if not result.clinical_use:
+        description += " - NOT FOR CLINICAL USE"
+    source = study.first_image
     sr = EnhancedSR(
-        evidence=[source],
+        evidence=study.evidence,
         content=root,
         series_number=options.narrative_series_number,
-        **identity_kwargs(source, result, KIND),
+        **identity_kwargs(study, KIND),
+        previous_versions=previous_versions(study, KIND),
         is_complete=True,
         is_final=False,
         series_description=description,

@@ -1,5 +1,13 @@
 """The analysis worker: claims ``analyse`` jobs, runs the pipeline, stores and routes the results.
 
+An ``analyse`` job is one study's set of instances, due once the study has settled
+(:mod:`pacs_node.work.ingest`). The worker reads the headers of every image in the set, classifies their
+views (:mod:`pacs_node.work.views`), hands the pipeline only the best image of a view its bundle reads,
+and makes one set of result objects for the study: they reference every image, the one read and those set
+aside with the reasons. A study analysed before gets new versions that name the ones they replace. A job
+whose set is no longer the study's (an instance arrived after it was queued) is completed without work:
+the job of the newer set does it.
+
 It runs as its own process (``pacs-node worker``, or one of the children ``serve`` supervises), so a
 model that runs out of memory or a native decoder that crashes takes down only this process; its jobs'
 leases run out and another worker picks them up.
@@ -36,14 +44,19 @@ from pacs_node import __version__
 from pacs_node.ops import metrics
 from pacs_node.config import Device, Settings
 from pacs_node.results.builder_pool import Built, ResultBuilders, auto_processes
+from pacs_node.results.common import evidence_header
+from pacs_node.results.study import StudyReport
 from pacs_node.work.leases import LeaseKeeper
 from pacs_node.results.options import ResultOptions
 from pacs_node.work.routing import RouteKey, destinations
+from pacs_node.work.views import Candidate, Choice, View, acquisition_time, choose, classify_view
 from pacs_node.ops.context import ServerContext
-from pipelines.interface import FakePipeline, ImageResult, Pipeline, PipelineError
+from pipelines.constants import FRONTAL_VIEWS
+from pipelines.interface import FakePipeline, ImageResult, NotInterpreted, Pipeline, PipelineError
 from storage.queue import ClaimedJob
 from storage.repository import add_instance, get_instance
 from storage.schema import Disposition, JobKind, Origin
+from storage.studies import get_study, instance_set_hash, record_analysis, study_image_uids
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +121,22 @@ def result_options(settings: Settings) -> ResultOptions:
 
 @dataclass
 class _Work:
+    """One claimed study job, loaded: every image's header and view, the choice, the image to read."""
+
     job: ClaimedJob
-    dataset: Dataset
+    study_uid: str
+    set_hash: str
+    headers: dict[str, Dataset]  # SOP Instance UID -> pixel-free header, every image of the set
+    views: dict[str, View]
+    choice: Choice
+    dataset: Dataset | None  # the chosen image, with its pixels
     calling_ae: str | None
+    version: int
+    predecessors: dict[str, Dataset]
+
+    @property
+    def route_source(self) -> Dataset:
+        return self.dataset if self.dataset is not None else next(iter(self.headers.values()))
 
 
 class Worker:
@@ -170,7 +196,13 @@ class Worker:
         work: list[_Work] = []
         for job in jobs:
             try:
-                work.append(self._load(job))
+                loaded = self._load(job)
+                if loaded is None:
+                    self._finished(job.id)
+                    self.rt.queue.complete(job.id, self.worker_id, {"superseded": True})
+                    log.info("job %d: a later instance changed its study's set; the newer job analyses it", job.id)
+                    continue
+                work.append(loaded)
             except PipelineError as exc:
                 self._fail(job, str(exc), retryable=False)
             except Exception as exc:
@@ -196,26 +228,50 @@ class Worker:
             return
         self._record(work, outcomes)
 
-    def _analyse(self, work: list[_Work]) -> list[ImageResult | PipelineError]:
-        outcomes = self.pipeline.analyse([w.dataset for w in work])
-        if len(outcomes) != len(work):
-            raise RuntimeError(f"pipeline returned {len(outcomes)} results for {len(work)} images")
-        return outcomes
+    def _analyse(self, work: list[_Work]) -> list[ImageResult | NotInterpreted | PipelineError]:
+        """The pipeline on the chosen image of each study that has one; a study without an image of a view
+        the bundle reads is not interpreted, and the pipeline never sees its images."""
+        readable = [w for w in work if w.dataset is not None]
+        outcomes = iter(self.pipeline.analyse([w.dataset for w in readable]) if readable else [])
+        out: list[ImageResult | NotInterpreted | PipelineError] = []
+        for w in work:
+            if w.dataset is None:
+                out.append(NotInterpreted(w.choice.reason, self.pipeline.model_name, self.pipeline.model_version,
+                                          bool(getattr(self.pipeline, "clinical_use", False))))
+                continue
+            outcome = next(outcomes, None)
+            if outcome is None:
+                raise RuntimeError(f"pipeline returned fewer results than the {len(readable)} images it was given")
+            out.append(outcome)
+        if next(outcomes, None) is not None:
+            raise RuntimeError(f"pipeline returned more results than the {len(readable)} images it was given")
+        return out
 
-    def _record(self, work: list[_Work], outcomes: list[ImageResult | PipelineError]) -> None:
-        analysed = []
+    def _report(self, w: _Work, outcome: ImageResult | NotInterpreted) -> StudyReport:
+        analysed = None
+        if w.dataset is not None:
+            analysed = evidence_header(w.dataset, outcome if isinstance(outcome, ImageResult) else None)
+        set_aside = tuple((evidence_header(w.headers[uid]), reason) for uid, reason in w.choice.set_aside.items())
+        return StudyReport(analysed, w.choice.reason, set_aside, outcome, f"{w.study_uid}:{w.set_hash}",
+                           w.version, w.predecessors)
+
+    def _record(self, work: list[_Work], outcomes: list[ImageResult | NotInterpreted | PipelineError]) -> None:
+        analysed: list[tuple[_Work, StudyReport]] = []
         for w, outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, PipelineError):
                 log.warning("job %d: the pipeline cannot analyse this image: %s", w.job.id, outcome)
                 self._fail(w.job, str(outcome), retryable=False)
-            else:
-                analysed.append((w, outcome))
-        built = self._builders.build([(w.dataset, result) for w, result in analysed])
-        for (w, _), objects in zip(analysed, built, strict=True):
+                continue
+            try:
+                analysed.append((w, self._report(w, outcome)))
+            except ValueError as exc:
+                self._fail(w.job, str(exc), retryable=False)
+        built = self._builders.build([report for _, report in analysed])
+        for (w, report), objects in zip(analysed, built, strict=True):
             try:
                 if isinstance(objects, Exception):
                     raise objects
-                produced = self._store_results(w, objects)
+                produced = self._store_results(w, report, objects)
             except Exception as exc:
                 log.exception("job %d: building or storing its results failed", w.job.id)
                 self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
@@ -225,25 +281,67 @@ class Worker:
                 self._observe_latency(w.job.id)
                 log.info("job %d done: %d result object(s)", w.job.id, len(produced))
 
-    def _load(self, job: ClaimedJob) -> _Work:
+    def _load(self, job: ClaimedJob) -> _Work | None:
+        """The study job's images, views and choice; None when the job's set is no longer the study's."""
         with self.rt.read_session() as session:
-            row = get_instance(session, job.sop_instance_uid)
-        if row is None or not row.path:
-            raise PipelineError("the instance is no longer stored")
-        path: Path = self.rt.store.path(row.path)
-        try:
-            ds = pydicom.dcmread(path)
-        except FileNotFoundError as exc:
-            raise PipelineError(f"the instance's file {row.path} is missing from the store") from exc
-        except InvalidDicomError as exc:  # the same bytes will fail the same way: not retryable
-            raise PipelineError(f"the stored file {row.path} is not readable DICOM: {exc}") from exc
-        check_dimensions(ds)
-        return _Work(job, ds, row.calling_ae)
+            study_uid = job.payload.get("study_instance_uid")
+            if study_uid is None:  # queued before studies were collected: the study of its one instance
+                row = get_instance(session, job.sop_instance_uid)
+                if row is None:
+                    raise PipelineError("the instance is no longer stored")
+                study_uid = row.study_instance_uid
+            uids = study_image_uids(session, study_uid)
+            set_hash = instance_set_hash(uids)
+            if job.payload.get("set_hash") not in (None, set_hash):
+                return None
+            rows = {uid: get_instance(session, uid) for uid in uids}
+            study = get_study(session, study_uid)
+            version, predecessors = 1, {}
+            if study is not None and study.analysed_set_hash not in (None, set_hash):
+                version = study.version + 1
+                for kind, uid in (study.analysis or {}).get("results", {}).items():
+                    previous = get_instance(session, uid)
+                    if previous is not None:
+                        predecessors[kind] = _reference(previous)
+            elif study is not None and study.analysed_set_hash == set_hash:
+                version = study.version
+                for kind, uid in (study.analysis or {}).get("supersedes", {}).items():
+                    previous = get_instance(session, uid)
+                    if previous is not None:
+                        predecessors[kind] = _reference(previous)
+        if not uids:
+            raise PipelineError("the study's instances are no longer stored")
+        headers: dict[str, Dataset] = {}
+        for uid, row in rows.items():
+            if row is None or not row.path:
+                continue  # deleted by retention meanwhile: not part of what can be read
+            headers[uid] = self._read(row.path, stop_before_pixels=True)
+        views = {uid: classify_view(ds) for uid, ds in headers.items()}
+        candidates = [Candidate(uid, views[uid], acquisition_time(ds)) for uid, ds in headers.items()]
+        choice = choose(candidates, getattr(self.pipeline, "views", FRONTAL_VIEWS))
+        dataset = None
+        if choice.analysed is not None:
+            row = rows[choice.analysed]
+            assert row is not None
+            dataset = self._read(row.path, stop_before_pixels=False)
+            check_dimensions(dataset)
+        calling_ae = next((r.calling_ae for uid, r in rows.items() if r is not None and uid == choice.analysed),
+                          next((r.calling_ae for r in rows.values() if r is not None), None))
+        return _Work(job, study_uid, set_hash, headers, views, choice, dataset, calling_ae, version, predecessors)
 
-    def _store_results(self, w: _Work, objects: list[Built]) -> list[str]:
-        """Write every result object to the store, then record them and their export jobs in one
-        transaction; returns their SOP Instance UIDs."""
-        source_uid = str(w.dataset.SOPInstanceUID)
+    def _read(self, relpath: str, *, stop_before_pixels: bool) -> Dataset:
+        path: Path = self.rt.store.path(relpath)
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        except FileNotFoundError as exc:
+            raise PipelineError(f"the instance's file {relpath} is missing from the store") from exc
+        except InvalidDicomError as exc:  # the same bytes will fail the same way: not retryable
+            raise PipelineError(f"the stored file {relpath} is not readable DICOM: {exc}") from exc
+
+    def _store_results(self, w: _Work, report: StudyReport, objects: list[Built]) -> list[str]:
+        """Write every result object to the store, then record them, their export jobs and the study's
+        analysis in one transaction; returns their SOP Instance UIDs."""
+        source_uid = str(report.first_image.SOPInstanceUID)
         rows = []
         for obj in objects:
             fields = obj.fields
@@ -254,8 +352,8 @@ class Worker:
             rows.append((fields, relpath, len(obj.data)))
         route = RouteKey(
             calling_ae=w.calling_ae,
-            modality=str(w.dataset.get("Modality", "") or "") or None,
-            station_name=str(w.dataset.get("StationName", "") or "") or None,
+            modality=str(w.route_source.get("Modality", "") or "") or None,
+            station_name=str(w.route_source.get("StationName", "") or "") or None,
         )
         peers = destinations(self.settings, route)
         with self.rt.write_session() as session, session.begin():
@@ -278,6 +376,7 @@ class Worker:
                         dedupe_key=f"export:{fields['sop_instance_uid']}:{peer}",
                         max_attempts=self.settings.export.retries,
                     )
+            record_analysis(session, w.study_uid, w.set_hash, _analysis_record(w, report, objects))
         if peers:
             self._export_bell.ring()
         return [fields["sop_instance_uid"] for fields, _, _ in rows]
@@ -298,6 +397,40 @@ class Worker:
         if record is not None and record.finished_at is not None:
             metrics.JOB_SECONDS.labels(JobKind.ANALYSE.value).observe(
                 (record.finished_at - record.created_at).total_seconds())
+
+
+def _reference(row: object) -> Dataset:
+    """The four attributes a Predecessor Documents Sequence names an earlier result object by."""
+    ds = Dataset()
+    ds.StudyInstanceUID = row.study_instance_uid  # type: ignore[attr-defined]
+    ds.SeriesInstanceUID = row.series_instance_uid  # type: ignore[attr-defined]
+    ds.SOPClassUID = row.sop_class_uid  # type: ignore[attr-defined]
+    ds.SOPInstanceUID = row.sop_instance_uid  # type: ignore[attr-defined]
+    return ds
+
+
+def _analysis_record(w: _Work, report: StudyReport, objects: list[Built]) -> dict:
+    """What the study's row keeps of this analysis (``pacs-node results`` prints it; no patient data)."""
+    outcome = report.outcome
+    images = []
+    for uid, header in w.headers.items():
+        view = w.views[uid]
+        role = "analysed" if uid == w.choice.analysed else "set aside"
+        images.append({"sop_instance_uid": uid, "series_instance_uid": str(header.get("SeriesInstanceUID", "")),
+                       "view": view.name, "view_evidence": view.evidence, "role": role,
+                       "reason": w.choice.reason if role == "analysed" else w.choice.set_aside.get(uid, "")})
+    return {
+        "set_hash": w.set_hash,
+        "model": f"{outcome.model_name} {outcome.model_version}",
+        "images": images,
+        "analysed": w.choice.analysed,
+        "interpreted": report.interpreted,
+        "not_interpreted_reason": None if report.interpreted else getattr(outcome, "reason", None),
+        "gate_score": outcome.gate_score,
+        "gate_threshold": outcome.gate_threshold,
+        "results": {obj.kind: obj.fields["sop_instance_uid"] for obj in objects},
+        "supersedes": {kind: str(ds.SOPInstanceUID) for kind, ds in report.predecessors.items()},
+    }
 
 
 _PR_SET_PDEATHSIG = 1

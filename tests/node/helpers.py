@@ -62,7 +62,8 @@ def write_config(directory: Path, text: str) -> Path:
     return path
 
 
-def base_config(data_dir: Path, port: int, http_port: int, *, extra: str = "", poll_interval_s: float = 0.1) -> str:
+def base_config(data_dir: Path, port: int, http_port: int, *, extra: str = "", poll_interval_s: float = 0.1,
+                settle_s: float = 0.3) -> str:
     return f"""
 [node]
 ae_title = "PACSNODE"
@@ -80,6 +81,8 @@ lease_seconds = 6
 poll_interval_s = {poll_interval_s}
 [retention]
 interval_s = 1
+[studies]
+settle_s = {settle_s}
 [http]
 port = {http_port}
 {extra}

@@ -9,7 +9,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs_node.results.builder_pool import ResultBuilders, auto_processes, pixel_free
+from pacs_node.results.build import single_image_report
+from pacs_node.results.builder_pool import ResultBuilders, auto_processes
 from pacs_node.results.options import ResultOptions
 from pipelines.interface import FakePipeline
 from tests.node.helpers import make_cr
@@ -27,8 +28,10 @@ def _comparable(data: bytes) -> list[tuple[str, object]]:
 def test_a_pool_builds_what_the_worker_builds_and_keeps_errors_in_their_slots(tmp_path: Path) -> None:
     sources = [make_cr(tmp_path / f"cr{i}.dcm") for i in range(3)]
     results = FakePipeline().analyse(sources)
-    wrong_size = dataclasses.replace(results[1], source_rows=results[1].source_rows + 1)
-    items = [(sources[0], results[0]), (sources[1], wrong_size), (sources[2], results[2])]
+    regions = list(results[1].regions)
+    regions[0] = dataclasses.replace(regions[0], box=(float("nan"), 0.0, 1.0, 1.0))
+    broken = dataclasses.replace(results[1], regions=tuple(regions))
+    items = [single_image_report(s, r) for s, r in zip(sources, (results[0], broken, results[2]))]
     options = ResultOptions()
     with ResultBuilders(0, options) as here, ResultBuilders(2, options) as pool:
         local, pooled = here.build(items), pool.build(items)
@@ -42,9 +45,10 @@ def test_a_pool_builds_what_the_worker_builds_and_keeps_errors_in_their_slots(tm
 
 def test_the_pool_is_sent_headers_not_pixels(tmp_path: Path) -> None:
     source = make_cr(tmp_path / "cr.dcm")
-    header = pixel_free(source)
-    assert "PixelData" in source and "PixelData" not in header
-    assert header.SOPInstanceUID == source.SOPInstanceUID and header.file_meta == source.file_meta
+    (result,) = FakePipeline().analyse([source])
+    header = single_image_report(source, result).analysed
+    assert "PixelData" in source and header is not None and "PixelData" not in header
+    assert header.SOPInstanceUID == source.SOPInstanceUID
 
 
 @pytest.mark.parametrize("device, cores, expected", [("cpu", 64, 0), ("cuda", 2, 1), ("cuda", 8, 6), ("cuda", 64, 16)])

@@ -32,6 +32,7 @@ def _settings(tmp_path: Path, database_url: str = "", **sections: dict) -> Setti
                          {"ae_title": "ELSEWHERE", "host": "10.9.9.9"}],
         store={"min_free_bytes": 0},
         pipeline={"bundle": "fake"},
+        studies={"settle_s": 0},
         **sections,
     )
 

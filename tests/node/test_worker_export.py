@@ -84,6 +84,7 @@ def runtime(tmp_path: Path, receiver: Receiver, database_url: str) -> Iterator[S
         routing={"always": ["down", "oldpacs"]},
         export={"timeout_s": 5, "concurrency": 2},
         worker={"poll_interval_s": 0.05},
+        studies={"settle_s": 0},
     )
     rt = ServerContext.open(settings)
     yield rt

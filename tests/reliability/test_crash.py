@@ -28,7 +28,7 @@ from tests.storage.conftest import db_url, pg_server, pg_url, sqlite_db  # noqa:
 def runtime(tmp_path: Path, db_url: str) -> Iterator[tuple[Settings, ServerContext]]:  # noqa: F811
     settings = Settings(
         node={"data_dir": tmp_path / "var"}, database={"url": db_url}, store={"min_free_bytes": 0},
-        pipeline={"bundle": "fake"}, worker={"lease_seconds": 5},
+        pipeline={"bundle": "fake"}, worker={"lease_seconds": 5}, studies={"settle_s": 0},
         peers={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}}, routing={"always": ["pacs"]},
     )
     rt = ServerContext.open(settings)
@@ -58,9 +58,10 @@ def test_a_worker_dying_after_storing_results_does_not_duplicate_them(runtime, t
     first = Worker(settings, rt, FakePipeline(), worker_id="first")
     (job,) = rt.queue.claim("first", [JobKind.ANALYSE])
     work = first._load(job)
-    (result,) = FakePipeline().analyse([work.dataset])
-    (built,) = first._builders.build([(work.dataset, result)])
-    made = first._store_results(work, built)  # ... and the process dies here: no complete()
+    (outcome,) = first._analyse([work])
+    report = first._report(work, outcome)
+    (built,) = first._builders.build([report])
+    made = first._store_results(work, report, built)  # ... and the process dies here: no complete()
     _expire_leases(rt)
     second = Worker(settings, rt, FakePipeline(), worker_id="second")
     jobs = rt.queue.claim("second", [JobKind.ANALYSE])

@@ -18,7 +18,7 @@ from pydicom.uid import (
 )
 
 from pacs_node.results import ResultOptions, build_result_objects, comprehensive_fallback
-from pacs_node.results.common import evidence_header
+from pacs_node.results.build import single_image_report
 from pacs_node.results.kos import build_kos, flagged_findings
 from pacs_node.results.narrative_sr import build_narrative_sr
 from pipelines.constants import CHEXPERT_LABELS
@@ -62,7 +62,7 @@ def objects(source: Dataset, result: ImageResult) -> list[Dataset]:
 
 def narrative(source: Dataset, result: ImageResult) -> Dataset:
     """Only the narrative SR: the AI SR is the expensive one to build."""
-    return build_narrative_sr(evidence_header(source, result), result, ResultOptions())
+    return build_narrative_sr(single_image_report(source, result), ResultOptions())
 
 
 # -- the real radiograph -------------------------------------------------------------------------------
@@ -108,7 +108,17 @@ def test_gsps_inverts_a_monochrome1_source(real_source: Dataset, real_objects: d
     annotation = gsps.GraphicAnnotationSequence[0]
     assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == real_source.SOPInstanceUID
     assert [t.UnformattedTextValue for t in annotation.TextObjectSequence] == \
-        ["right lung", "left lung", "cardiac silhouette"]
+        ["right lung", "left lung", "cardiac silhouette",
+         "NOT FOR CLINICAL USE: produced by fake 0, a model not approved for diagnosis."]
+
+
+def test_gsps_shows_the_warning_and_the_bundle_on_the_display(real_objects: dict[str, Dataset]) -> None:
+    """A viewer drawing the boxes draws the warning with them: a text object in display coordinates
+    across the top of the image, naming the bundle."""
+    warning = real_objects["gsps"].GraphicAnnotationSequence[0].TextObjectSequence[-1]
+    assert warning.BoundingBoxAnnotationUnits == "DISPLAY"
+    assert "NOT FOR CLINICAL USE" in warning.UnformattedTextValue and "fake 0" in warning.UnformattedTextValue
+    assert [float(v) for v in warning.BoundingBoxTopLeftHandCorner] == [0.01, 0.01]
 
 
 # -- content -------------------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ def test_kos_flags_only_when_a_finding_reaches_its_threshold(source: Dataset, re
     assert flagged_findings(result, ResultOptions(kos_threshold=0.95)) == []
     per_finding = ResultOptions(kos_threshold=0.95, per_finding_thresholds={"Pneumothorax": 0.01})
     assert flagged_findings(result, per_finding) == ["Pneumothorax"]
-    assert build_kos(evidence_header(source, result), result, ResultOptions(kos_threshold=0.95)) is None
+    assert build_kos(single_image_report(source, result), ResultOptions(kos_threshold=0.95)) is None
     kos = next(o for o in objects if o.SOPClassUID == KeyObjectSelectionDocumentStorage)
     assert kos.ConceptNameCodeSequence[0].CodeMeaning == "Of Interest"
     assert any("Cardiomegaly 0.90" in t for t in texts(kos))

@@ -45,6 +45,10 @@ KNOWN_PIXELMED_MESSAGES: tuple[tuple[str, str], ...] = (
     (r'^Warning: .*/TEXT \(121106,DCM,"Comment"\): Content Item not in template$',
      "The 'not for clinical use' notice at the top of the report: TID 2000 is extensible and has no row "
      "for a disclaimer."),
+    (r'^Warning: .*/TEXT \(121106,DCM,"Comment"\)/IMAGE \(121322,DCM,"Source image for image processing '
+     r'operation"\): Content Item not in template$',
+     "Which image of the study was read and which were set aside, and why: a comment INFERRED FROM its "
+     "image. TID 2000 has no row for the study's images (its Image Library is optional and reason-less)."),
 )
 
 
