@@ -214,7 +214,7 @@ def _dx_modules(ds: Dataset, spacing: float, photometric: str) -> None:
     ds.PixelSpacing = [spacing, spacing]
     ds.PatientOrientation = ["L", "F"]
     ds.PatientPosition = ""
-    ds.ViewCodeSequence = Sequence([_code("399348003", "SCT", "postero-anterior")])
+    ds.ViewCodeSequence = Sequence([_code("272479007", "SCT", "postero-anterior")])
     ds.PositionerType = ""
     ds.AcquisitionContextSequence = Sequence()
     ds.KVP = 120
