@@ -47,12 +47,12 @@ port = {ports[2]}
 """
 
     def factory(extra: str = "", *, start: bool = True, with_peer: bool = True,
-                env: dict[str, str] | None = None, poll_interval_s: float = 0.1) -> Node:
+                env: dict[str, str] | None = None, poll_interval_s: float = 0.1, settle_s: float = 0.3) -> Node:
         directory = tmp_path / f"node{len(nodes)}"
         directory.mkdir()
         config = write_config(directory, base_config(directory / "var", ports[0], ports[1],
                                                      extra=(peer if with_peer else "") + extra,
-                                                     poll_interval_s=poll_interval_s))
+                                                     poll_interval_s=poll_interval_s, settle_s=settle_s))
         node = Node(directory, config, ports[0], ports[1], directory / "serve.log", env=dict(env or {}))
         nodes.append(node)
         return node.start() if start else node

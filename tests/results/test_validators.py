@@ -12,8 +12,9 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from pacs_node.results import ResultOptions, build_result_objects, comprehensive_fallback
-from pipelines.interface import FakePipeline
+from pacs_node.results import ResultOptions, StudyReport, build_result_objects, build_study_objects, comprehensive_fallback
+from pacs_node.results.common import evidence_header
+from pipelines.interface import FakePipeline, NotInterpreted
 from tests.results.synthetic import make_cr
 from tests.support import require_tool
 
@@ -108,6 +109,44 @@ def test_dciodvfy_real(real_files: dict[str, Path]) -> None:
 def test_dciodvfy_synthetic(synthetic_files: dict[str, Path]) -> None:
     assert {kind: validate_with_dciodvfy(path) for kind, path in synthetic_files.items()} == \
         {kind: [] for kind in synthetic_files}
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A two-image study's report (the lateral set aside), the version that supersedes it, and a
+    "not interpreted" report that supersedes that one in turn."""
+    study = generate_uid()
+    pa, lateral = (make_cr(patient_id="P-9", patient_name="Study^Nine", study_uid=study, study_date="20240606",
+                           accession="A9", rows=200, columns=180) for _ in range(2))
+    lateral.ViewPosition = "LL"
+    result = FakePipeline().analyse([pa])[0]
+    aside = ((evidence_header(lateral), "lateral view (View Position LL); the model reads PA, AP views only"),)
+    first = StudyReport(evidence_header(pa, result), "postero-anterior view (View Position PA)", aside, result,
+                        f"{study}:first")
+    first_objects = build_study_objects(first, ResultOptions())
+    by_kind = {"ai-sr": first_objects[0], "narrative-sr": first_objects[1]}
+    second = StudyReport(first.analysed, first.analysed_reason, aside, result, f"{study}:second", version=2,
+                         predecessors=by_kind)
+    second_objects = build_study_objects(second, ResultOptions())
+    not_read = StudyReport(None, "", ((evidence_header(pa), "unused"),) + aside,
+                           NotInterpreted("no image of the study is a view the model reads (PA, AP)", "fake", "0",
+                                          False), f"{study}:third", version=3,
+                           predecessors={"narrative-sr": second_objects[1]})
+    (not_interpreted,) = build_study_objects(not_read, ResultOptions())
+    assert "PredecessorDocumentsSequence" in second_objects[0] and "PredecessorDocumentsSequence" in not_interpreted
+    out = tmp_path_factory.mktemp("study-results")
+    files = {}
+    for name, ds in [("study-ai-sr", first_objects[0]), ("study-narrative-sr", first_objects[1]),
+                     ("superseding-ai-sr", second_objects[0]), ("superseding-narrative-sr", second_objects[1]),
+                     ("not-interpreted-sr", not_interpreted)]:
+        files[name] = out / f"{name}.dcm"
+        ds.save_as(files[name], enforce_file_format=True)
+    return files
+
+
+def test_dciodvfy_study_superseding_and_not_interpreted(study_files: dict[str, Path]) -> None:
+    assert {kind: validate_with_dciodvfy(path) for kind, path in study_files.items()} == \
+        {kind: [] for kind in study_files}
 
 
 def test_dsrdump_renders(real_files: dict[str, Path], real_objects: dict[str, Dataset]) -> None:
