@@ -11,6 +11,7 @@
     decoder.safetensors
     clip.safetensors
     tokenizer.json
+    gate.safetensors       optional: the content gate's statistics (``pacs-node models calibrate``)
 
 Loading is from a local path only and refuses, with a :class:`BundleError` that names the culprit: an unknown
 manifest format version, a missing file, a checksum mismatch, a missing/unexpected tensor, or a tensor whose
@@ -33,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from pipelines.constants import CHEXPERT_LABELS, REGIONS
+from pipelines.constants import CHEXPERT_LABELS, FRONTAL_VIEWS, REGIONS
+from pipelines.gate import ContentGate, load_gate
 from pipelines.models.config import ConfigError, ModelConfig
 from pipelines.models.crrg import MODULES, CRRGModel
 from pipelines.tokenizer import SPECIAL_TOKEN, load_tokenizer, save_tokenizer
@@ -62,6 +64,8 @@ class Bundle:
     model: CRRGModel
     tokenizer: PreTrainedTokenizerFast
     thresholds: dict[str, float] = field(default_factory=dict)
+    #: the content gate, when the bundle was calibrated (``manifest["gate"]``)
+    gate: ContentGate | None = None
 
     @property
     def name(self) -> str:
@@ -78,6 +82,16 @@ class Bundle:
     @property
     def decoding(self) -> dict[str, Any]:
         return dict(self.manifest["decoding"])
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return bundle_views(self.manifest)
+
+
+def bundle_views(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The projections the bundle's models read, most preferred first (``manifest["views"]``; a bundle
+    that does not say is frontal, as every model of this project is)."""
+    return tuple(str(v).upper() for v in manifest.get("views") or FRONTAL_VIEWS)
 
 
 # -- saving -------------------------------------------------------------------------------------------------
@@ -130,14 +144,20 @@ def save_bundle(
         "intended_use": intended_use,
         "clinical_use": bool(clinical_use),
         "training": dict(training or {}),
+        "views": list(FRONTAL_VIEWS),
         "weights": {m: f"{m}.safetensors" for m in MODULES},
         "weights_dtype": str(dtype).removeprefix("torch."),
         "files": files,
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out / MANIFEST)  # the manifest appears last and whole: a half-written bundle has none
+    write_manifest(out, manifest)
     return out
+
+
+def write_manifest(bundle_dir: Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``manifest.json`` whole or not at all (a temp file renamed over it)."""
+    tmp = bundle_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(bundle_dir / MANIFEST)  # the manifest appears last and whole: a half-written bundle has none
 
 
 def _storable_state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -201,6 +221,14 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(f"{path}: manifest 'clinical_use' must be true or false")
     if set(manifest["weights"]) != set(MODULES):
         raise BundleError(f"{path}: manifest 'weights' must name exactly the modules {list(MODULES)}")
+    views = manifest.get("views", list(FRONTAL_VIEWS))
+    if not isinstance(views, list) or not views or not all(isinstance(v, str) and v for v in views):
+        raise BundleError(f"{path}: manifest 'views' must be a non-empty list of view names such as \"PA\"")
+    gate = manifest.get("gate")
+    if gate is not None:
+        missing = [k for k in ("file", "threshold", "percentile", "shrinkage") if k not in gate]
+        if missing:
+            raise BundleError(f"{path}: manifest 'gate' lacks {', '.join(missing)}")
     return manifest
 
 
@@ -215,6 +243,8 @@ def _file_problems(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
     problems = []
     files: dict[str, str] = manifest["files"]
     needed = set(manifest["weights"].values()) | {manifest["tokenizer"]["file"]}
+    if manifest.get("gate"):
+        needed.add(manifest["gate"]["file"])
     for fname in sorted(needed - set(files)):
         problems.append(f"{fname}: used by the manifest but has no checksum in 'files'")
     for fname, expected in sorted(files.items()):
@@ -309,4 +339,10 @@ def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu") -> B
         raise BundleError(f"{root / tok_spec['file']}: {len(tokenizer)} tokens, config vocab_size is {cfg.vocab_size}")
     model.to(device).eval()
     thresholds = {**DEFAULT_THRESHOLDS, **manifest["thresholds"]}
-    return Bundle(root, manifest, cfg, model, tokenizer, thresholds)
+    gate = None
+    if manifest.get("gate"):
+        try:
+            gate = load_gate(root / manifest["gate"]["file"], manifest["gate"])
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise BundleError(f"{root / manifest['gate']['file']}: unreadable content gate ({exc})") from None
+    return Bundle(root, manifest, cfg, model, tokenizer, thresholds, gate)

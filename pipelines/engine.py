@@ -12,6 +12,7 @@ on deterministic algorithms (a process-wide setting) for reproducible tests.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,8 @@ from torch.nn.utils.rnn import pad_sequence
 from pipelines.accel import FastInference
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.constants import CHEXPERT_LABELS, NUM_REGIONS, REGIONS
-from pipelines.interface import ImageResult, PipelineError, PreprocessError, RegionResult
+from pipelines.gate import pooled_features
+from pipelines.interface import ImageResult, NotInterpreted, PipelineError, PreprocessError, RegionResult
 from pipelines.preprocess import Preprocessed, boxes_to_source, preprocess_many
 from pipelines.tokenizer import decode_sentences
 
@@ -137,6 +139,19 @@ class Engine:
             label_probs = m.clip.label_probs(image).float()
         return det.boxes.float(), det.detected, selected, abnormal, label_probs, sentences
 
+    @torch.inference_mode()
+    def gate_scores(self, batch: Sequence[Preprocessed]) -> list[float | None]:
+        """The content gate's out-of-distribution score of each image (``None`` each when the bundle has no
+        gate): one backbone pass per chunk of :attr:`batch_size`."""
+        gate = self.bundle.gate
+        if gate is None:
+            return [None] * len(batch)
+        scores: list[float | None] = []
+        for start in range(0, len(batch), self.batch_size):
+            images = stack_on([p.tensor for p in batch[start:start + self.batch_size]], self.device)
+            scores += [float(s) for s in gate.score(pooled_features(self.model.detector, images).cpu().numpy())]
+        return scores
+
     # -- preprocessed images in, results out ----------------------------------------------------------------
     def run(self, batch: Sequence[Preprocessed], reference: bool = False) -> list[ImageResult]:
         """Results in input order, in chunks of :attr:`batch_size`; boxes in source pixel coordinates."""
@@ -215,11 +230,13 @@ class CRRGPipeline:
         self.model_name = engine.bundle.name
         self.model_version = engine.bundle.version
         self.clinical_use = engine.bundle.clinical_use
+        self.views = engine.bundle.views
         self.preprocess_workers = preprocess_workers
         on_device = engine.device.type == "cuda" if preprocess_on_device is None else preprocess_on_device
         self.preprocess_device: torch.device | None = engine.device if on_device else None
 
-    def analyse(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult | PipelineError]:
+    def analyse(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult | NotInterpreted | PipelineError]:
+        """Preprocess, pass every image through the content gate, run the models on those it accepts."""
         cfg = self.engine.cfg
         t0 = time.perf_counter()
         prepared = preprocess_many(datasets, cfg.image_size, cfg.image_mean, cfg.image_std,
@@ -229,16 +246,33 @@ class CRRGPipeline:
         for exc in prepared:
             if isinstance(exc, PreprocessError):
                 log.info("image not analysed: %s", exc)
-        results = iter(self.engine.run(good))
-        out: list[ImageResult | PipelineError] = []
+        scores = dict(zip(map(id, good), self.engine.gate_scores(good)))
+        gate = self.engine.bundle.gate
+        accepted = [p for p in good if gate is None or gate.accepts(scores[id(p)])]
+        results = iter(self.engine.run(accepted))
+        out: list[ImageResult | NotInterpreted | PipelineError] = []
         for p in prepared:
             if isinstance(p, PreprocessError):
                 out.append(p)
+            elif gate is not None and not gate.accepts(scores[id(p)]):
+                out.append(self.not_interpreted(scores[id(p)]))
             else:
                 result = next(results)
                 result.timings_ms["preprocess"] = pre_ms
-                out.append(result)
+                out.append(dataclasses.replace(result, gate_score=scores[id(p)],
+                                               gate_threshold=gate.threshold if gate is not None else None))
         return out
+
+    def not_interpreted(self, score: float | None) -> NotInterpreted:
+        gate = self.engine.bundle.gate
+        assert gate is not None and score is not None
+        return NotInterpreted(
+            reason=(f"the image is outside what the model was trained on: its out-of-distribution score "
+                    f"{score:.1f} is above the content gate's threshold {gate.threshold:.1f} (the "
+                    f"{gate.percentile:g}th percentile of in-distribution images)"),
+            model_name=self.model_name, model_version=self.model_version, clinical_use=self.clinical_use,
+            gate_score=score, gate_threshold=gate.threshold,
+        )
 
 
 def load_pipeline(bundle_dir: str | Path, device: str = "auto", batch_size: int = 8,

@@ -31,7 +31,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 @app.command()
 def show(path: BundleArg, as_json: JsonOpt = False) -> None:
     """What a bundle is: name, version, preset, intended use, clinical use, files."""
-    from pipelines.bundle import BundleError, read_manifest
+    from pipelines.bundle import BundleError, bundle_views, read_manifest
 
     try:
         manifest = read_manifest(path)
@@ -46,6 +46,8 @@ def show(path: BundleArg, as_json: JsonOpt = False) -> None:
         "image_size": manifest["config"].get("image_size"),
         "decoding": manifest["decoding"],
         "thresholds": manifest["thresholds"],
+        "views": list(bundle_views(manifest)),
+        "gate": manifest.get("gate"),
         "training": manifest.get("training", {}),
         "files": {f: (path / f).stat().st_size if (path / f).is_file() else None for f in manifest["files"]},
     }
@@ -54,8 +56,20 @@ def show(path: BundleArg, as_json: JsonOpt = False) -> None:
         return
     table = Table(title=f"model bundle {path}", show_header=False)
     for key in ("name", "version", "preset", "clinical_use", "intended_use", "image_size", "decoding",
-                "thresholds", "training"):
+                "thresholds", "views", "training"):
         table.add_row(key, str(summary[key]))
+    gate = summary["gate"]
+    if gate is None:
+        table.add_row("content gate", "none (pacs-node models calibrate BUNDLE DATASET fits one)")
+    else:
+        ev = gate.get("evaluation", {})
+        table.add_row("content gate", f"{gate['score']}; threshold {gate['threshold']} "
+                                      f"({gate['percentile']}th percentile of {gate['fitted_on']['calibration']} "
+                                      "calibration images)")
+        table.add_row("gate: held-out in-distribution accepted",
+                      f"{ev.get('held_out_accepted', 0):.1%} of {gate['fitted_on']['held_out']}")
+        table.add_row("gate: non-chest rejected", f"{ev.get('non_chest_rejected', 0):.1%} of "
+                                                  f"{ev.get('non_chest_count')} ({ev.get('non_chest_rejected_by_kind')})")
     for fname, size in summary["files"].items():
         table.add_row(fname, "MISSING" if size is None else f"{size:,} bytes")
     out.print(table)
@@ -76,6 +90,34 @@ def verify(path: BundleArg, as_json: JsonOpt = False) -> None:
         out.print(f"{path}: OK", highlight=False)
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def calibrate(
+    path: BundleArg,
+    dataset: Annotated[Path, typer.Argument(help="Directory of in-distribution images (.dcm or grayscale .png).",
+                                            exists=True, file_okay=False)],
+    percentile: Annotated[float, typer.Option(help="Threshold: this percentile of the calibration images' "
+                                                   "scores.")] = 99.9,
+    shrinkage: Annotated[float, typer.Option(help="Covariance shrinkage towards its mean variance (0..1].")] = 0.5,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit the bundle's content gate on DATASET (60% fit, 20% calibrate the threshold, 20% held out) and
+    measure it on held-out images and a generated non-chest set; the manifest records both rates."""
+    from pipelines.bundle import BundleError
+    from pipelines.calibrate import calibrate_bundle
+
+    try:
+        section = calibrate_bundle(path, dataset, percentile=percentile, shrinkage=shrinkage)
+    except (BundleError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(section))
+        return
+    ev = section["evaluation"]
+    out.print(f"{path}: gate threshold {section['threshold']}; held-out in-distribution accepted "
+              f"{ev['held_out_accepted']:.1%}, non-chest rejected {ev['non_chest_rejected']:.1%} "
+              f"of {ev['non_chest_count']}", highlight=False)
 
 
 @app.command("import-rgrg")

@@ -32,6 +32,7 @@ from highdicom.sr.enum import RelationshipTypeValues
 from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from pacs_node.results import vocabulary as voc
 from pacs_node.results.common import (
@@ -53,6 +54,8 @@ from pipelines.interface import ImageResult, NotInterpreted, RegionResult
 KIND = "narrative-sr"
 TITLE = codes.LN.DiagnosticImagingReport
 IMAGE_REGION = codes.DCM.ImageRegion
+#: the concept of the reference from a comment on a study's image (read or set aside) to that image
+STUDY_IMAGE = codes.DCM.SourceImageForImageProcessingOperation
 
 _CONTAINS = RelationshipTypeValues.CONTAINS
 
@@ -69,9 +72,11 @@ def _region_scoord(source: Dataset, region: RegionResult) -> ScoordContentItem:
     return scoord
 
 
-def _image_reference(image: Dataset) -> ImageContentItem:
+def _image_reference(image: Dataset, concept: Code = STUDY_IMAGE) -> ImageContentItem:
+    """An IMAGE item INFERRED FROM ``image``; by default the study image a comment is about, for a finding
+    TID 2001 row 1's "Best illustration of finding" (CID 7003)."""
     return ImageContentItem(
-        name=codes.DCM.SourceImageForImageProcessingOperation,
+        name=concept,
         referenced_sop_class_uid=image.SOPClassUID,
         referenced_sop_instance_uid=image.SOPInstanceUID,
         relationship_type=RelationshipTypeValues.INFERRED_FROM,
@@ -99,16 +104,6 @@ def _not_interpreted_section(study: StudyReport) -> ContainerContentItem:
     return section
 
 
-def _best_illustration(source: Dataset) -> ImageContentItem:
-    """TID 2001 row 1: the image that best illustrates the finding (CID 7003)."""
-    return ImageContentItem(
-        name=codes.DCM.BestIllustrationOfFinding,
-        referenced_sop_class_uid=source.SOPClassUID,
-        referenced_sop_instance_uid=source.SOPInstanceUID,
-        relationship_type=RelationshipTypeValues.INFERRED_FROM,
-    )
-
-
 def _sentences(result: ImageResult) -> OrderedDict[str, list[RegionResult]]:
     """Unique sentences in report order, each with the regions that produced it."""
     by_sentence: OrderedDict[str, list[RegionResult]] = OrderedDict()
@@ -131,7 +126,7 @@ def _findings_section(source: Dataset, result: ImageResult) -> ContainerContentI
         # TID 2001 has no row for a bare SCOORD; the image reference is the template-conformant
         # pointer, the SCOORDs (one per region that produced the sentence) say where on it.
         finding.ContentSequence = ContentSequence(
-            [_best_illustration(source), *(_region_scoord(source, r) for r in regions)]
+            [_image_reference(source, codes.DCM.BestIllustrationOfFinding), *(_region_scoord(source, r) for r in regions)]
         )
         items.append(finding)
     if not items:
