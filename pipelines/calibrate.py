@@ -20,6 +20,7 @@ import torch
 
 from pipelines.bundle import Bundle, BundleError, load_bundle, sha256_file, write_manifest
 from pipelines.gate import (
+    DEFAULT_MARGIN,
     DEFAULT_PERCENTILE,
     DEFAULT_SHRINKAGE,
     FEATURES,
@@ -79,7 +80,7 @@ def features(bundle: Bundle, units: Iterable[np.ndarray], batch_size: int = 16) 
 
 
 def calibrate_bundle(bundle_dir: Path, dataset: Path, *, percentile: float = DEFAULT_PERCENTILE,
-                     shrinkage: float = DEFAULT_SHRINKAGE, probes: Sequence[tuple[str, np.ndarray]] | None = None,
+                     shrinkage: float = DEFAULT_SHRINKAGE, margin: float = DEFAULT_MARGIN, probes: Sequence[tuple[str, np.ndarray]] | None = None,
                      seed: int = 0) -> dict[str, Any]:
     """Fit and store the gate of the bundle at ``bundle_dir``; returns the manifest's new ``gate`` section."""
     from pipelines.phantoms.nonchest import probes as make_probes
@@ -90,7 +91,7 @@ def calibrate_bundle(bundle_dir: Path, dataset: Path, *, percentile: float = DEF
         raise BundleError(f"{dataset}: {len(fit_files) + len(cal_files) + len(held_files)} images are too few "
                           "to fit, calibrate and hold out (at least 10)")
     fit, cal, held = (features(bundle, (read_unit(p) for p in files)) for files in (fit_files, cal_files, held_files))
-    gate = fit_gate(fit, cal, percentile=percentile, shrinkage=shrinkage)
+    gate = fit_gate(fit, cal, percentile=percentile, shrinkage=shrinkage, margin=margin)
     held_scores = gate.score(held)
     probe_list = list(probes if probes is not None else make_probes())
     probe_scores = gate.score(features(bundle, (image for _, image in probe_list)))
@@ -104,6 +105,7 @@ def calibrate_bundle(bundle_dir: Path, dataset: Path, *, percentile: float = DEF
         "score": SCORE,
         "shrinkage": shrinkage,
         "percentile": percentile,
+        "margin": margin,
         "threshold": round(gate.threshold, 4),
         "fitted_on": {"dataset": dataset.name, "fit": len(fit_files), "calibration": len(cal_files),
                       "held_out": len(held_files), "seed": seed},
@@ -117,6 +119,7 @@ def calibrate_bundle(bundle_dir: Path, dataset: Path, *, percentile: float = DEF
         },
     }
     manifest = dict(bundle.manifest)
+    manifest["views"] = list(bundle.views)  # said explicitly, now that the gate was fitted on those views
     manifest["gate"] = section
     manifest["files"] = {**manifest["files"], GATE_FILE: sha256_file(bundle_dir / GATE_FILE)}
     write_manifest(bundle_dir, manifest)

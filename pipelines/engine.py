@@ -268,8 +268,8 @@ class CRRGPipeline:
         assert gate is not None and score is not None
         return NotInterpreted(
             reason=(f"the image is outside what the model was trained on: its out-of-distribution score "
-                    f"{score:.1f} is above the content gate's threshold {gate.threshold:.1f} (the "
-                    f"{gate.percentile:g}th percentile of in-distribution images)"),
+                    f"{score:.1f} is above the content gate's threshold {gate.threshold:.1f} ({gate.margin:g} x "
+                    f"the {gate.percentile:g}th percentile of in-distribution images)"),
             model_name=self.model_name, model_version=self.model_version, clinical_use=self.clinical_use,
             gate_score=score, gate_threshold=gate.threshold,
         )

@@ -354,6 +354,14 @@ class JobQueue:
         with self._read() as session:
             return [JobRecord.of(job) for job in session.scalars(query)]
 
+    def next_due(self, kinds: Iterable[JobKind | str]) -> datetime | None:
+        """When the earliest waiting job of ``kinds`` becomes due (a study settling): an idle worker
+        sleeps until then rather than until its next poll."""
+        values = [_value(kind, JobKind) for kind in kinds]
+        with self._read() as session:
+            return session.scalar(select(func.min(Job.not_before)).where(Job.kind.in_(values),
+                                                                          Job.state.in_(_WAITING)))
+
     def get(self, job_id: int) -> JobRecord | None:
         with self._read() as session:
             job = session.get(Job, job_id)

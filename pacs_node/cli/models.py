@@ -64,8 +64,8 @@ def show(path: BundleArg, as_json: JsonOpt = False) -> None:
     else:
         ev = gate.get("evaluation", {})
         table.add_row("content gate", f"{gate['score']}; threshold {gate['threshold']} "
-                                      f"({gate['percentile']}th percentile of {gate['fitted_on']['calibration']} "
-                                      "calibration images)")
+                                      f"({gate.get('margin', 1.0)} x the {gate['percentile']}th percentile of "
+                                      f"{gate['fitted_on']['calibration']} calibration images)")
         table.add_row("gate: held-out in-distribution accepted",
                       f"{ev.get('held_out_accepted', 0):.1%} of {gate['fitted_on']['held_out']}")
         table.add_row("gate: non-chest rejected", f"{ev.get('non_chest_rejected', 0):.1%} of "
@@ -100,6 +100,7 @@ def calibrate(
     percentile: Annotated[float, typer.Option(help="Threshold: this percentile of the calibration images' "
                                                    "scores.")] = 99.9,
     shrinkage: Annotated[float, typer.Option(help="Covariance shrinkage towards its mean variance (0..1].")] = 0.5,
+    margin: Annotated[float, typer.Option(help="Threshold = margin x the percentile (>= 1).")] = 1.25,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit the bundle's content gate on DATASET (60% fit, 20% calibrate the threshold, 20% held out) and
@@ -108,7 +109,7 @@ def calibrate(
     from pipelines.calibrate import calibrate_bundle
 
     try:
-        section = calibrate_bundle(path, dataset, percentile=percentile, shrinkage=shrinkage)
+        section = calibrate_bundle(path, dataset, percentile=percentile, shrinkage=shrinkage, margin=margin)
     except (BundleError, ValueError, OSError) as exc:
         _fail(str(exc))
     if as_json:

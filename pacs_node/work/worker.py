@@ -55,7 +55,7 @@ from pipelines.constants import FRONTAL_VIEWS
 from pipelines.interface import FakePipeline, ImageResult, NotInterpreted, Pipeline, PipelineError
 from storage.queue import ClaimedJob
 from storage.repository import add_instance, get_instance
-from storage.schema import Disposition, JobKind, Origin
+from storage.schema import Disposition, JobKind, Origin, utcnow
 from storage.studies import get_study, instance_set_hash, record_analysis, study_image_uids
 
 log = logging.getLogger(__name__)
@@ -168,11 +168,23 @@ class Worker:
                     stop.wait(5)
                     continue
                 if not jobs:
-                    waiter.wait(self.settings.worker.poll_interval_s, stop)
+                    waiter.wait(self._idle_wait(), stop)
                     continue
                 heartbeat.hold([job.id for job in jobs])
                 self.process(jobs)
                 heartbeat.hold([])
+
+    def _idle_wait(self) -> float:
+        """Seconds to sleep on the doorbell: until the next study settles, at most the poll interval (the
+        bell rings when an image arrives, not when a study it belongs to becomes due)."""
+        wait = self.settings.worker.poll_interval_s
+        try:
+            due = self.rt.queue.next_due([JobKind.ANALYSE])
+        except Exception:  # noqa: BLE001 - the database is away: poll as usual, the claim will say why
+            return wait
+        if due is not None:
+            wait = min(wait, max((due - utcnow()).total_seconds(), 0.01))
+        return wait
 
     def claim_batch(self, stop: threading.Event) -> list[ClaimedJob]:
         """Up to ``batch_size`` jobs; once the first is in hand, wait at most the latency cap for more."""

@@ -20,6 +20,7 @@ from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from storage.schema import Instance, Job
 from storage.store import StoreFullError
+from storage.studies import instance_set_hash
 from tests.node.helpers import echoscu, make_cr, storescu
 from tests.support import dcmtk, free_port
 
@@ -95,7 +96,8 @@ def test_store_j2k_as_received_once_with_one_job(node: tuple[Settings, ServerCon
     assert row.sop_instance_uid == original.SOPInstanceUID
     assert row.transfer_syntax_uid == original.file_meta.TransferSyntaxUID
     assert (row.disposition, row.calling_ae) == ("queued", "MODALITY")
-    assert (job.kind, job.state, job.dedupe_key) == ("analyse", "queued", f"analyse:{original.SOPInstanceUID}")
+    study_job = f"analyse:study:{original.StudyInstanceUID}:{instance_set_hash([original.SOPInstanceUID])}"
+    assert (job.kind, job.state, job.dedupe_key) == ("analyse", "queued", study_job)
     stored = pydicom.dcmread(runtime.store.path(row.path))
     assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID  # not transcoded
     assert stored.PixelData == original.PixelData
