@@ -22,7 +22,7 @@ from pacs_node.work.worker import Worker
 from pipelines.interface import FakePipeline
 from storage.schema import Instance, Job, JobKind, JobState
 from storage.studies import get_study
-from tests.node.helpers import make_cr
+from tests.pacs_node.helpers import make_cr
 from tests.storage.conftest import db_url, pg_server, pg_url, sqlite_db  # noqa: F401 (fixtures)
 
 SETTLE_S = 0.6

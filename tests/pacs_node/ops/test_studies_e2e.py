@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.node.helpers import Node, StoreSCP, make_cr, storescu
+from tests.pacs_node.helpers import Node, StoreSCP, make_cr, storescu
 
 NARRATIVE, FINDINGS = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.34"
 DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "bundles" / "demo"

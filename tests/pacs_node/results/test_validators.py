@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 from pacs_node.results import ResultOptions, StudyReport, build_result_objects, build_study_objects, comprehensive_fallback
 from pacs_node.results.common import evidence_header
 from pipelines.interface import FakePipeline, NotInterpreted
-from tests.results.synthetic import make_cr
+from tests.pacs_node.results.synthetic import make_cr
 from tests.support import require_tool
 
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")

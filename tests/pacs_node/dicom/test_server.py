@@ -21,7 +21,7 @@ from pacs_node.ops.context import ServerContext
 from storage.schema import Instance, Job
 from storage.store import StoreFullError
 from storage.studies import instance_set_hash
-from tests.node.helpers import echoscu, make_cr, storescu
+from tests.pacs_node.helpers import echoscu, make_cr, storescu
 from tests.support import dcmtk, free_port
 
 

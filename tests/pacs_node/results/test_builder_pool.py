@@ -13,7 +13,7 @@ from pacs_node.results.build import single_image_report
 from pacs_node.results.builder_pool import ResultBuilders, auto_processes
 from pacs_node.results.options import ResultOptions
 from pipelines.interface import FakePipeline
-from tests.node.helpers import make_cr
+from tests.pacs_node.helpers import make_cr
 
 #: Set at build time, so two builds of the same result differ in these and nothing else.
 _BUILD_TIME = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
