@@ -58,7 +58,7 @@ def ingest(settings: Settings, rt: ServerContext, path: Path) -> str:
     return str(ds.SOPInstanceUID)
 
 
-def analyse_when_settled(rt: ServerContext, timeout: float = 10 * SETTLE_S) -> int:
+def analyse_when_settled(rt: ServerContext, timeout: float = 60.0) -> int:
     """Run the worker until no analyse job is waiting; returns how many jobs it processed."""
     worker = Worker(rt.settings, rt, FakePipeline(), worker_id="w")
     done = 0
