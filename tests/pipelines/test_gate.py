@@ -19,17 +19,21 @@ from pipelines.phantoms.nonchest import hand, labelled_chest, probes, texture
 DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "bundles" / "demo"
 
 
-def test_the_threshold_is_the_stated_percentile_of_calibration_distances() -> None:
+def test_the_threshold_is_the_stated_margin_times_the_stated_percentile() -> None:
     rng = np.random.default_rng(0)
     scale = np.linspace(0.5, 3, 20)
     fit, cal = rng.normal(0, 1, (400, 20)) * scale, rng.normal(0, 1, (200, 20)) * scale
-    gate = fit_gate(fit, cal, percentile=95.0, shrinkage=0.1)
+    gate = fit_gate(fit, cal, percentile=95.0, shrinkage=0.1, margin=1.0)
     assert np.mean(gate.score(cal) <= gate.threshold) == pytest.approx(0.95, abs=0.01)
+    assert fit_gate(fit, cal, percentile=95.0, shrinkage=0.1, margin=1.25).threshold == \
+        pytest.approx(1.25 * gate.threshold)
     new = rng.normal(0, 1, (2000, 20)) * scale
     assert np.mean([gate.accepts(s) for s in gate.score(new)]) > 0.9
     assert not any(gate.accepts(s) for s in gate.score(new + 8 * scale))  # far from the training features
     with pytest.raises(ValueError, match="percentile"):
         fit_gate(fit, cal, percentile=0)
+    with pytest.raises(ValueError, match="margin"):
+        fit_gate(fit, cal, margin=0.5)
 
 
 def test_the_demo_bundle_is_calibrated_and_meets_its_targets() -> None:
@@ -43,7 +47,7 @@ def test_the_demo_bundle_is_calibrated_and_meets_its_targets() -> None:
 
 
 def test_every_kind_of_non_chest_probe_is_generated() -> None:
-    kinds = {kind for kind, image in probes(count=1) if image.ndim == 2 and 0 <= image.min() <= image.max() <= 1}
+    kinds = {kind for kind, image in probes(count=4) if image.ndim == 2 and 0 <= image.min() <= image.max() <= 1}
     assert kinds == {"hand", "knee", "skull", "texture", "pattern", "noise", "blank", "inverted", "rotated", "dicom"}
 
 
