@@ -36,6 +36,7 @@ from pacs_node import __version__
 from pacs_node.ops import metrics
 from pacs_node.config import Device, Settings
 from pacs_node.results.builder_pool import Built, ResultBuilders, auto_processes
+from pacs_node.work.job_loop import JobLoop, complete_job
 from pacs_node.work.leases import LeaseKeeper
 from pacs_node.results.options import ResultOptions
 from pacs_node.work.routing import RouteKey, destinations
@@ -129,23 +130,13 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set (a batch in progress is finished first)."""
-        lease = self.settings.worker.lease_seconds
-        bell = self.rt.doorbell(JobKind.ANALYSE)
-        with LeaseKeeper(self.rt, self.worker_id, lease) as heartbeat, bell.waiter() as waiter, self._builders:
-            self._heartbeat = heartbeat
-            while not stop.is_set():
-                try:
-                    jobs = self.claim_batch(stop)
-                except Exception:
-                    log.exception("cannot claim jobs; retrying")
-                    stop.wait(5)
-                    continue
-                if not jobs:
-                    waiter.wait(self.settings.worker.poll_interval_s, stop)
-                    continue
-                heartbeat.hold([job.id for job in jobs])
-                self.process(jobs)
-                heartbeat.hold([])
+        loop = JobLoop(self.rt, self.worker_id, JobKind.ANALYSE, claim=lambda: self.claim_batch(stop))
+        with self._builders:
+            loop.run(stop, self._process_held)
+
+    def _process_held(self, jobs: list[ClaimedJob], leases: LeaseKeeper) -> None:
+        self._heartbeat = leases
+        self.process(jobs)
 
     def claim_batch(self, stop: threading.Event) -> list[ClaimedJob]:
         """Up to ``batch_size`` jobs; once the first is in hand, wait at most the latency cap for more."""
@@ -220,8 +211,7 @@ class Worker:
                 self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
                 continue
             self._finished(w.job.id)
-            if self.rt.queue.complete(w.job.id, self.worker_id, {"results": produced}):
-                self._observe_latency(w.job.id)
+            if complete_job(self.rt, w.job, self.worker_id, {"results": produced}):
                 log.info("job %d done: %d result object(s)", w.job.id, len(produced))
 
     def _load(self, job: ClaimedJob) -> _Work:
@@ -291,12 +281,6 @@ class Worker:
         state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable)
         log.warning("job %d failed (attempt %d/%d, now %s): %s", job.id, job.attempts, job.max_attempts,
                     state.value, error)
-
-    def _observe_latency(self, job_id: int) -> None:
-        record = self.rt.queue.get(job_id)
-        if record is not None and record.finished_at is not None:
-            metrics.JOB_SECONDS.labels(JobKind.ANALYSE.value).observe(
-                (record.finished_at - record.created_at).total_seconds())
 
 
 _PR_SET_PDEATHSIG = 1
