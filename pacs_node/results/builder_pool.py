@@ -17,14 +17,14 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom import Dataset
 
-from pacs_node.work.instance_record import instance_fields
 from pacs_node.results import build_study_objects
 from pacs_node.results.options import ResultOptions
 from pacs_node.results.study import StudyReport
+from pacs_node.work.instance_record import instance_record
+from storage.repository import InstanceRecord
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,14 @@ KIND_BY_CLASS = {
 
 @dataclass(frozen=True)
 class Built:
-    """One result object as it will be stored and sent: its index fields and its DICOM file bytes."""
+    """One result object as it will be stored and sent: what its row records and its DICOM file bytes."""
 
-    fields: dict[str, Any]
+    fields: InstanceRecord
     data: bytes
 
     @property
     def kind(self) -> str:
-        return KIND_BY_CLASS.get(str(self.fields["sop_class_uid"]), "other")
+        return KIND_BY_CLASS.get(str(self.fields.sop_class_uid), "other")
 
 
 def encode(ds: Dataset) -> bytes:
@@ -62,7 +62,7 @@ def encode(ds: Dataset) -> bytes:
 
 def build_encoded(study: StudyReport, options: ResultOptions) -> list[Built]:
     """The result objects of one analysis of a study, encoded (runs in a builder process)."""
-    return [Built(instance_fields(obj), encode(obj)) for obj in build_study_objects(study, options)]
+    return [Built(instance_record(obj), encode(obj)) for obj in build_study_objects(study, options)]
 
 
 def auto_processes(device: str) -> int:
