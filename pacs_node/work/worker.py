@@ -334,7 +334,8 @@ class Worker:
 
     def _store_results(self, w: _Work, report: StudyReport, objects: list[Built]) -> list[str]:
         """Write every result object to the store, then record them, their export jobs and the study's
-        analysis in one transaction; returns their SOP Instance UIDs."""
+        analysis in one transaction (cancelling the exports of the replaced version still waiting); returns
+        their SOP Instance UIDs."""
         source_uid = str(report.first_image.SOPInstanceUID)
         rows = []
         for obj in objects:
@@ -369,6 +370,9 @@ class Worker:
                         dedupe_key=f"export:{record.sop_instance_uid}:{peer}",
                         max_attempts=self.settings.export.retries,
                     )
+            for previous in report.predecessors.values():
+                # a version not yet delivered is not sent after the one that replaces it
+                self.rt.queue.cancel_waiting(session, f"export:{previous.SOPInstanceUID}:", keep="")
             record_analysis(session, w.study_uid, w.set_hash, _analysis_record(w, report, objects))
         if peers:
             self._export_bell.ring()

@@ -187,9 +187,12 @@ def test_a_late_instance_supersedes_the_report_and_only_the_new_version_is_sent(
     assert evidence_uids(narrative) == {ap, pa}
     with rt.read_session() as session:
         exports = list(session.scalars(select(Job).where(Job.kind == "export")))
-    # the first version's exports are not queued again: only the new objects are sent
+    # the first version's exports are not queued again: only the new objects are sent, and the first
+    # version's sends that had not happened yet (no exporter runs here) are cancelled
     assert {j.sop_instance_uid for j in exports} - exports_before == {o.SOPInstanceUID for o in second}
     assert len(exports) == len(exports_before) + len(second)
+    assert {j.state for j in exports if j.sop_instance_uid in exports_before} == {JobState.CANCELLED.value}
+    assert {j.state for j in exports if j.sop_instance_uid not in exports_before} == {JobState.QUEUED.value}
 
 
 def test_a_job_whose_set_changed_is_left_to_the_newer_one(runtime, tmp_path: Path) -> None:
