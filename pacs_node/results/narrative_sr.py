@@ -145,6 +145,15 @@ def _impression_section(text: str) -> ContainerContentItem:
     return section
 
 
+def _replaced(study: StudyReport) -> list[Dataset] | None:
+    """The documents this one replaces: the previous narrative SR, and for a study no longer interpreted
+    the previous AI findings SR too (no new findings SR will name it, and its findings no longer stand)."""
+    previous = previous_versions(study, KIND) or []
+    if not study.interpreted and (findings := study.predecessors.get("ai-sr")) is not None:
+        previous.append(findings)
+    return previous or None
+
+
 def build_narrative_sr(study: StudyReport, options: ResultOptions) -> EnhancedSR:
     """The narrative report SR of one study (interpreted or not)."""
     result = study.outcome
@@ -175,7 +184,7 @@ def build_narrative_sr(study: StudyReport, options: ResultOptions) -> EnhancedSR
         content=root,
         series_number=options.narrative_series_number,
         **identity_kwargs(study, KIND),
-        previous_versions=previous_versions(study, KIND),
+        previous_versions=_replaced(study),
         is_complete=True,
         is_final=False,
         series_description=description,

@@ -131,8 +131,11 @@ def study_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     not_read = StudyReport(None, "", ((evidence_header(pa), "unused"),) + aside,
                            NotInterpreted("no image of the study is a view the model reads (PA, AP)", "fake", "0",
                                           False), f"{study}:third", version=3,
-                           predecessors={"narrative-sr": second_objects[1]})
+                           predecessors={"narrative-sr": second_objects[1], "ai-sr": second_objects[0]})
     (not_interpreted,) = build_study_objects(not_read, ResultOptions())
+    replaced = {sop.ReferencedSOPInstanceUID for study_item in not_interpreted.PredecessorDocumentsSequence
+                for series in study_item.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence}
+    assert replaced == {second_objects[0].SOPInstanceUID, second_objects[1].SOPInstanceUID}
     assert "PredecessorDocumentsSequence" in second_objects[0] and "PredecessorDocumentsSequence" in not_interpreted
     out = tmp_path_factory.mktemp("study-results")
     files = {}
