@@ -74,3 +74,37 @@ def test_chest_labelled_non_chest_images_are_not_interpreted(demo_pipeline) -> N
         assert outcome.gate_score > outcome.gate_threshold
         assert "outside what the model was trained on" in outcome.reason
     assert demo_pipeline.views == ("PA", "AP")
+
+
+def test_calibrate_writes_the_gate_into_the_bundle_from_png_and_dicom(tiny_bundle: Path, tmp_path: Path) -> None:
+    """``models calibrate``'s work on a tiny bundle: 8- and 16-bit PNGs and DICOM files read alike, the
+    statistics file checksummed in the manifest, and the bundle loads with its gate afterwards."""
+    import shutil
+
+    from PIL import Image
+
+    from pipelines.bundle import load_bundle, verify_bundle
+    from pipelines.calibrate import calibrate_bundle, read_unit
+    from pipelines.phantoms.generator import generate_phantom
+    from pipelines.phantoms.nonchest import blank, noise
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    dataset = tmp_path / "phantoms"
+    dataset.mkdir()
+    for seed in range(10):
+        image = generate_phantom(600_000 + seed, 64).image
+        if seed % 2:
+            Image.fromarray((image * 65535).astype(np.uint16)).save(dataset / f"{seed}.png")
+        else:
+            Image.fromarray((image * 255).astype(np.uint8)).save(dataset / f"{seed}.png")
+    phantom_dataset(600_100, 64).save_as(dataset / "extra.dcm", enforce_file_format=True)
+    assert read_unit(dataset / "1.png").max() <= 1.0 and read_unit(dataset / "extra.dcm").shape[0] == 64
+
+    section = calibrate_bundle(bundle, dataset, probes=[("noise", noise(1, 64)), ("blank", blank(0.0, 64))])
+    assert section["fitted_on"] == {"dataset": "phantoms", "fit": 7, "calibration": 2, "held_out": 2, "seed": 0}
+    assert set(section["evaluation"]["non_chest_rejected_by_kind"]) == {"noise", "blank"}
+    assert verify_bundle(bundle) == []
+    loaded = load_bundle(bundle)
+    assert loaded.gate is not None and loaded.gate.threshold == pytest.approx(section["threshold"], abs=1e-3)
+    assert loaded.views == ("PA", "AP")
