@@ -229,6 +229,8 @@ count = 0
 lease_seconds = 10
 poll_interval_s = 0.1
 max_attempts = 50
+[studies]
+settle_s = 0                   # every image is its own study here: no need to wait for more
 [export]
 retries = 50
 timeout_s = 10

@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
 [worker]
 count = 1
 {f"result_processes = {args.result_processes}" if args.result_processes is not None else ""}
+[studies]
+settle_s = 0  # each input image is its own study: latency measures the node, not a settle wait
 [routing]
 default = "none"
 always = ["results"]

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.images < 1 or any(c < 0 for c in counts):
         p.error("--images must be >= 1 and --processes >= 0")
 
+    from pacs_node.results.build import single_image_report
     from pacs_node.results.builder_pool import ResultBuilders
     from pacs_node.results.options import ResultOptions
     from pipelines.interface import FakePipeline, ImageResult
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sources = [phantom_dataset(i, 256) for i in range(a.images)]  # the header is what counts, not the pixels
     results = [r for r in FakePipeline().analyse(sources) if isinstance(r, ImageResult)]
-    items = list(zip(sources, results, strict=True))
+    items = [single_image_report(s, r) for s, r in zip(sources, results, strict=True)]
     rows, out = [], {}
     for count in counts:
         with ResultBuilders(count, ResultOptions()) as builders:
