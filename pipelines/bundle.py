@@ -110,7 +110,7 @@ def save_bundle(
     files: dict[str, str] = {}
     for module in MODULES:
         fname = f"{module}.safetensors"
-        state = _storable_state(getattr(model, module), dtype)
+        state = storable_state(getattr(model, module), dtype)
         save_file(state, str(out / fname), metadata={"module": module, "bundle": name, "version": version})
         files[fname] = sha256_file(out / fname)
     tok_file = save_tokenizer(tokenizer, out)
@@ -134,21 +134,27 @@ def save_bundle(
         "weights_dtype": str(dtype).removeprefix("torch."),
         "files": files,
     }
+    return write_manifest(out, manifest)
+
+
+def write_manifest(out: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write ``manifest.json`` last and whole (temporary file, then rename): a half-written bundle has none."""
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out / MANIFEST)  # the manifest appears last and whole: a half-written bundle has none
+    tmp.replace(out / MANIFEST)
     return out
 
 
-def _storable_state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict without tied aliases (safetensors refuses shared storage), floats cast to ``dtype``."""
+def storable_state(module: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The state dict without tied aliases (safetensors refuses shared storage), floats cast to ``dtype``
+    (None: each tensor keeps its own precision)."""
     out: dict[str, torch.Tensor] = {}
     tied = _tied_keys(module)
     for key, tensor in module.state_dict().items():
         if key in tied:
             continue
         t = tensor.detach().to("cpu")
-        out[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+        out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
     return out
 
 
