@@ -76,3 +76,10 @@ def test_results_bench_runs_tiny() -> None:
     out = run_bench("results", "--images", "2", "--processes", "0,1")
     assert out["bench"] == "results" and set(out["by_processes"]) == {"0", "1"}
     assert all(r["images_per_s"] > 0 and r["objects_per_image"] >= 2 for r in out["by_processes"].values())
+
+
+def test_training_bench_runs_tiny() -> None:
+    out = run_bench("training", "--preset", "tiny", "--stage", "heads", "--steps", "4", "--warmup", "1",
+                    "--batch", "4", "--count", "8", "--procs", "1")
+    assert out["bench"] == "training" and [r["procs"] for r in out["runs"]] == [1]
+    assert out["runs"][0]["images_per_s_per_process"] > 0
