@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Inspect, verify and import model bundles.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, verify, import, compose and run model bundles.", no_args_is_help=True)
 
 out = Console()
 err = Console(stderr=True)
