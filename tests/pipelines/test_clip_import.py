@@ -149,3 +149,30 @@ def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(ClipImportError, match="not an open_clip model name"):
         import_clip(bogus, "open_clip", model="no-such-model")
     assert len(CHEXPERT_LABELS) == 14
+
+
+def test_cli_imports_and_composes(tiny_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from pacs_node.cli.models import app
+
+    config_file = tmp_path / "small.json"
+    config_file.write_text(json.dumps({**SMALL_OPEN_CLIP, "embed_dim": 16}))
+    ckpt = tmp_path / "small.pt"
+    torch.save(open_clip.CLIP(**{k: v for k, v in SMALL_OPEN_CLIP.items() if k != "custom_text"}).state_dict(), ckpt)
+    runner = CliRunner()
+    wrong = runner.invoke(app, ["import-clip", str(ckpt), "--format", "open_clip", "--model", str(config_file),
+                                "--into", str(tiny_bundle), "--out", str(tmp_path / "x")])
+    assert wrong.exit_code == 1 and "the architecture needs [64, 16]" in " ".join(wrong.output.split())
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({k: v for k, v in SMALL_OPEN_CLIP.items() if k != "custom_text"}))
+    done = runner.invoke(app, ["import-clip", str(ckpt), "--format", "open_clip", "--model", str(plain),
+                               "--into", str(tiny_bundle), "--out", str(tmp_path / "b"), "--positive",
+                               "chest x-ray showing {}", "--negative", "chest x-ray without {}", "--no-logit-scale"])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "b" / "manifest.json").read_text())["config"]
+    assert config["label_prompts"][1] == ["chest x-ray showing Cardiomegaly", "chest x-ray without Cardiomegaly"]
+    assert config["clip_logit_scale"] is False
+    composed = runner.invoke(app, ["compose", "--regions", str(tiny_bundle), "--clip", str(tmp_path / "b"),
+                                   "--out", str(tmp_path / "c")])
+    assert composed.exit_code == 0 and verify_bundle(tmp_path / "c") == [], composed.output
