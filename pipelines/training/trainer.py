@@ -253,9 +253,9 @@ class Trainer:
         self.state["stage"] = stage
         stepper: torch.nn.Module = _StageStep(module, step_fn)
         if self.dist.distributed:
-            stepper = DistributedDataParallel(
+            stepper = DistributedDataParallel(  # the detector's region projection has no training loss
                 stepper, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+                find_unused_parameters=stage == "detector")
         batches = self._batches(stage, plan, start)
         warmup = max(1, min(200, plan.steps // 20))
         t0 = time.monotonic() - elapsed0
