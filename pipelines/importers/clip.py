@@ -198,7 +198,8 @@ def import_clip(checkpoint: str | Path, fmt: str, *, model: str | None = None, s
     size = int(size if isinstance(size, int) else size[0])
     pos, neg = templates or CHEXZERO_TEMPLATES
     try:
-        module = build_open_clip(arch)
+        with torch.device("meta"):  # names and shapes only: no time spent initialising weights
+            module = build_open_clip(arch)
     except ConfigError as exc:
         raise ClipImportError(str(exc)) from None
     if "positional_embedding" in state and not hasattr(module, "positional_embedding"):
