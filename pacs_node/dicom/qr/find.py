@@ -19,14 +19,15 @@ from storage.schema import Instance
 _CHUNK = 500
 
 
-def matching_keys(session: Session, identifier: Dataset, level: Level, limit: int) -> list[str]:
-    """Keys (patient ID, study/series/SOP instance UID) of the entities that match, in key order."""
+def matching_keys(session: Session, identifier: Dataset, level: Level, limit: int, offset: int = 0) -> list[str]:
+    """Keys (patient ID, study/series/SOP instance UID) of the entities that match, in key order
+    (``offset`` of them skipped: QIDO-RS pages through the same matches C-FIND returns)."""
     key = LEVEL_KEY[level]
     dialect = session.get_bind().dialect.name
     query = select(key).distinct().where(*identifier_conditions(identifier, level, dialect))
     if level is Level.PATIENT:
         query = query.where(key.is_not(None))
-    return [row for row in session.scalars(query.order_by(key).limit(limit))]
+    return [row for row in session.scalars(query.order_by(key).offset(offset).limit(limit))]
 
 
 def _level_attributes(level: Level) -> list[str]:

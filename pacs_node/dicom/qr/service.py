@@ -95,7 +95,7 @@ class QueryRetrieveService:
     @classmethod
     def from_runtime(cls, settings: Settings, runtime: ServerContext) -> QueryRetrieveService:
         """The service as the listener builds it: configured peers, the runtime's store and sessions."""
-        peers = {name: (p.ae_title, p.host, p.port) for name, p in settings.peers.items()}
+        peers = {name: (p.ae_title, p.host, p.port) for name, p in settings.peers.items() if not p.is_dicomweb}
         return cls(runtime.sessions, runtime.store, peers, ae_title=settings.node.ae_title)
 
     # -- wiring -----------------------------------------------------------------------------------
