@@ -46,6 +46,15 @@ def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).one_or_none()
 
 
+def instance_counts(session: Session) -> list[tuple[str, str, int, int]]:
+    """(origin, disposition, instances, bytes) for every pair present: what ``pacs-node stats`` shows."""
+    rows = session.execute(
+        select(Instance.origin, Instance.disposition, func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))
+        .group_by(Instance.origin, Instance.disposition)
+    ).all()
+    return [(origin, disposition, int(n), int(size)) for origin, disposition, n, size in rows]
+
+
 def instances_for_study(session: Session, study_instance_uid: str, series_instance_uid: str | None = None,
                         sop_instance_uid: str | None = None) -> Sequence[Instance]:
     """All instances of a study (of one of its series, or the one instance), received and produced, in
@@ -124,11 +133,3 @@ def find_studies(session: Session, *, study_instance_uid: str | None = None, acc
              "results": results}
             for uid, accession, patient, date, description, last, received, results in rows]
 
-
-def instance_counts(session: Session) -> list[dict[str, Any]]:
-    """Instances and bytes by origin and disposition (``stats``)."""
-    rows = session.execute(
-        select(Instance.origin, Instance.disposition, func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))
-        .group_by(Instance.origin, Instance.disposition)
-    ).all()
-    return [{"origin": o, "disposition": d, "count": n, "bytes": int(b)} for o, d, n, b in rows]

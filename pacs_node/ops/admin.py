@@ -13,7 +13,7 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-from pacs_node.config import Peer
+from pacs_node.config import Peer, Settings
 from pacs_node.ops.context import ServerContext
 from storage.queue import JobRecord
 from storage.repository import find_studies, instance_counts, instances_for_study
@@ -93,7 +93,8 @@ def destinations(rt: ServerContext) -> list[dict[str, Any]]:
 def stats(rt: ServerContext) -> dict[str, Any]:
     """Instances by origin and disposition, jobs by kind and state, store space."""
     with rt.read_session() as session:
-        instances = instance_counts(session)
+        instances = [{"origin": o, "disposition": d, "count": n, "bytes": b}
+                     for o, d, n, b in instance_counts(session)]
     return {
         "instances": instances,
         "jobs": [{"kind": k, "state": st, "count": n} for k, st, n in rt.queue_depth()],
@@ -194,21 +195,21 @@ def resend(rt: ServerContext, study_instance_uid: str, peer: str) -> int:
     return queued
 
 
-def echo_peer(rt: ServerContext, name: str, peer: Peer | None = None) -> dict[str, Any]:
+def echo_peer(settings: Settings, name: str, peer: Peer | None = None) -> dict[str, Any]:
     """C-ECHO a configured peer (or the ad-hoc ``peer`` given); a DICOMweb peer is asked for a QIDO-RS
-    of no studies instead. ``{"peer", "ok", "status" | "error"}``."""
-    from pacs_node.work.export import ExportError, echo
+    of no studies instead. ``{"peer", "address", "ok", "status" | "error"}``."""
+    from pacs_node.dicom.scu import ScuError, echo
 
-    target = peer or rt.settings.peers.get(name)
+    target = peer or settings.peers.get(name)
     if target is None:
         raise NotFound(f"no peer {name!r} is configured")
     try:
         if target.is_dicomweb:
             from pacs_node.work.dicomweb_export import ping
 
-            status = ping(rt.settings, target)
+            status = ping(settings, target)
         else:
-            status = echo(rt.settings, target)
-    except ExportError as exc:
-        return {"peer": name, "ok": False, "error": str(exc)}
-    return {"peer": name, "ok": status == 0, "status": status}
+            status = echo(settings, target)
+    except ScuError as exc:
+        return {"peer": name, "address": target.describe(), "ok": False, "error": str(exc)}
+    return {"peer": name, "address": target.describe(), "ok": status == 0, "status": status}

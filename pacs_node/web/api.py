@@ -141,4 +141,4 @@ def peers(rt: Runtime) -> list[dict[str, Any]]:
 
 @router.post("/peers/{name}/echo", summary="C-ECHO a peer (a DICOMweb peer: a QIDO-RS request)")
 def peer_echo(rt: Runtime, name: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
-    return _guard(ops.echo_peer, rt, name)
+    return _guard(ops.echo_peer, rt.settings, name)
