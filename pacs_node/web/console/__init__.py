@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Form, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pacs_node.ops import admin as ops
+from pacs_node.web.app import admin
 from pacs_node.web.auth import SESSION_COOKIE
 from pacs_node.web.console.findings import study_findings
 
@@ -27,11 +28,6 @@ def login_page(status_code: int = 401, error: str | None = None) -> Response:
     """The login form (answering any console page asked without a session)."""
     template = templates.env.get_template("login.html")
     return HTMLResponse(template.render(error=error), status_code=status_code)
-
-
-def _admin(request: Request) -> None:
-    if not request.state.principal.is_admin:
-        raise HTTPException(403, "this needs an admin token; yours is read-only")
 
 
 def _page(request: Request, name: str, **context: Any) -> Response:
@@ -91,30 +87,26 @@ def mount(app: FastAPI) -> None:
         return _page(request, "study.html", study=study, report=report,
                      images=study_findings(rt, report), peers=sorted(rt.settings.peers))
 
-    @app.post("/console/jobs/{job_id}/retry", include_in_schema=False)
+    @app.post("/console/jobs/{job_id}/retry", include_in_schema=False, dependencies=[Depends(admin)])
     def retry(request: Request, job_id: int, back: str = Form("/console/")) -> Response:
-        _admin(request)
         ops.retry_job(request.app.state.runtime, job_id)
         return RedirectResponse(_local(back), status_code=303)
 
-    @app.post("/console/jobs/{job_id}/cancel", include_in_schema=False)
+    @app.post("/console/jobs/{job_id}/cancel", include_in_schema=False, dependencies=[Depends(admin)])
     def cancel(request: Request, job_id: int, back: str = Form("/console/")) -> Response:
-        _admin(request)
         ops.cancel_job(request.app.state.runtime, job_id)
         return RedirectResponse(_local(back), status_code=303)
 
-    @app.post("/console/studies/{study}/reanalyse", include_in_schema=False)
+    @app.post("/console/studies/{study}/reanalyse", include_in_schema=False, dependencies=[Depends(admin)])
     def reanalyse(request: Request, study: str) -> Response:
-        _admin(request)
         try:
             ops.reanalyse(request.app.state.runtime, study)
         except ops.AdminError as exc:
             raise HTTPException(409, str(exc)) from None
         return RedirectResponse(f"/console/studies/{study}", status_code=303)
 
-    @app.post("/console/studies/{study}/resend", include_in_schema=False)
+    @app.post("/console/studies/{study}/resend", include_in_schema=False, dependencies=[Depends(admin)])
     def resend(request: Request, study: str, peer: str = Form(...)) -> Response:
-        _admin(request)
         try:
             ops.resend(request.app.state.runtime, study, peer)
         except ops.AdminError as exc:
