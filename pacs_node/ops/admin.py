@@ -145,13 +145,14 @@ def study_report(rt: ServerContext, study_instance_uid: str) -> list[dict[str, A
             "columns": row.columns,
             "disposition": row.disposition,
             "reason": row.reason,
-            "analysis": [{"id": j.id, "state": j.state, "attempts": j.attempts, "last_error": j.last_error}
+            "analysis": [{"id": j.id, "state": j.state, "attempts": j.attempts, "max_attempts": j.max_attempts,
+                          "last_error": j.last_error}
                          for j in jobs_by_uid.get(row.sop_instance_uid, [])],
             "results": [
                 {"sop_instance_uid": r.sop_instance_uid, "series_instance_uid": r.series_instance_uid,
                  "sop_class_uid": r.sop_class_uid, "path": r.path,
                  "exports": [{"id": j.id, "destination": j.destination, "state": j.state, "attempts": j.attempts,
-                              "last_error": j.last_error}
+                              "max_attempts": j.max_attempts, "last_error": j.last_error}
                              for j in jobs_by_uid.get(r.sop_instance_uid, [])]}
                 for r in mine
             ],
