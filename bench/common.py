@@ -134,6 +134,8 @@ class Node:
     extra_toml: str = ""
     ae_title: str = "PACSNODE"
     port: int = field(default_factory=free_port)
+    #: The HTTP port (DICOMweb, API); 0 leaves HTTP off.
+    http_port: int = 0
     proc: subprocess.Popen | None = None
 
     @property
@@ -154,7 +156,7 @@ data_dir = "{self.data_dir}"
 [store]
 min_free_bytes = 0
 [http]
-port = 0
+port = {self.http_port}
 {self.extra_toml}
 """
 
@@ -171,6 +173,8 @@ port = 0
             )
         try:
             wait_for_port(self.port, self.proc)
+            if self.http_port:
+                wait_for_port(self.http_port, self.proc)
         except BenchError as exc:
             raise BenchError(f"{exc}\n--- {self.log_path} ---\n{self.log_tail()}") from exc
         return self
