@@ -105,3 +105,9 @@ def test_console_study_page_and_actions(node: tuple[Node, int], tmp_path: Path) 
         finally:
             browser.close()
     assert (tmp_path / "study.png").stat().st_size > 10_000
+    # the CLI runs the same operations
+    found = server.cli_json("results", "--accession", "A00042")
+    assert [s["study_instance_uid"] for s in found] == [image.StudyInstanceUID]
+    assert len(found[0]["instances"][0]["results"]) == len(dead)
+    assert server.cli_json("resend", image.StudyInstanceUID, "--peer", "receiver") == {"queued": len(dead)}
+    assert server.cli_json("reanalyse", image.StudyInstanceUID) == {"queued": 1}
