@@ -12,8 +12,7 @@ import logging
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from starlette.concurrency import run_in_threadpool
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pacs_node.config import Settings
@@ -21,7 +20,8 @@ from pacs_node.dicom.qr.matching import Level, QueryError
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
 from pacs_node.ops.http import health
-from pacs_node.web.auth import SESSION_COOKIE, Authenticator, Principal
+from pacs_node.web import api, console
+from pacs_node.web.auth import SESSION_COOKIE, Authenticator, Principal, admin
 from pacs_node.web.dicomweb import qido, wado
 from pacs_node.web.dicomweb.stow import DICOM_JSON, StowService
 from pacs_node.work.ingest import Caller, Ingestor
@@ -37,7 +37,7 @@ _OPEN = ("/console/login",)
 class AuthMiddleware:
     """Puts the request's :class:`Principal` in ``scope["state"]["principal"]``, or answers 401."""
 
-    def __init__(self, app: ASGIApp, auth: Authenticator, login_page: Any) -> None:
+    def __init__(self, app: ASGIApp, auth: Authenticator, login_page: console.LoginPage) -> None:
         self.app = app
         self.auth = auth
         self.login_page = login_page
@@ -75,22 +75,8 @@ def _cookie(header: str, name: str) -> str | None:
     return None
 
 
-def principal(request: Request) -> Principal:
-    return request.state.principal
-
-
-def admin(request: Request) -> Principal:
-    """The caller, who must hold the admin role (a read-only token gets 403)."""
-    who: Principal = request.state.principal
-    if not who.is_admin:
-        raise HTTPException(403, "this needs an admin token; yours is read-only")
-    return who
-
-
 def create_app(settings: Settings, runtime: ServerContext) -> FastAPI:
     """The application for one process; nothing happens until it is served."""
-    from pacs_node.web import api, console
-
     app = FastAPI(title="pacs-node", version="1", openapi_url="/api/openapi.json", docs_url=None,
                   redoc_url=None, description="Admin API of the chest-radiograph AI node.")
     auth = Authenticator(settings.http.tokens, settings.http.session_minutes * 60)
@@ -115,8 +101,8 @@ def create_app(settings: Settings, runtime: ServerContext) -> FastAPI:
 
     _dicomweb_routes(app, settings, runtime)
     app.include_router(api.router)
-    console.mount(app)
-    app.add_middleware(AuthMiddleware, auth=auth, login_page=console.login_page)
+    login_page = console.mount(app)
+    app.add_middleware(AuthMiddleware, auth=auth, login_page=login_page)
     return app
 
 

@@ -25,7 +25,7 @@ from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from pacs_node.dicom.tls import TLSConfigError, server_context
 from storage.schema import Instance
-from tests.node.helpers import StoreSCP, make_cr
+from tests.pacs_node.helpers import StoreSCP, make_cr
 from tests.reliability.certs import KEY_PASSWORD, Certs, make_certs
 from tests.support import dcmtk, free_port
 

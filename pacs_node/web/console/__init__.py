@@ -7,6 +7,7 @@ never appear in a URL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +17,27 @@ from fastapi.templating import Jinja2Templates
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pacs_node.ops import admin as ops
-from pacs_node.web.app import admin
-from pacs_node.web.auth import SESSION_COOKIE
+from pacs_node.web.auth import SESSION_COOKIE, admin
 from pacs_node.web.console.findings import study_findings
 
 _HERE = Path(__file__).resolve().parent
-templates = Jinja2Templates(directory=_HERE / "templates")
+
+#: A function answering the login form with a status code and an optional error.
+LoginPage = Callable[..., Response]
 
 
-def login_page(status_code: int = 401, error: str | None = None) -> Response:
-    """The login form (answering any console page asked without a session)."""
-    template = templates.env.get_template("login.html")
-    return HTMLResponse(template.render(error=error), status_code=status_code)
+def mount(app: FastAPI) -> LoginPage:
+    """Add the console's routes and static files to ``app``; returns the login page, with which the
+    application answers any console page asked without a session."""
+    templates = Jinja2Templates(directory=_HERE / "templates")
 
+    def login_page(status_code: int = 401, error: str | None = None) -> Response:
+        template = templates.env.get_template("login.html")
+        return HTMLResponse(template.render(error=error), status_code=status_code)
 
-def _page(request: Request, name: str, **context: Any) -> Response:
-    return templates.TemplateResponse(request, name, {"who": request.state.principal, **context})
+    def _page(request: Request, name: str, **context: Any) -> Response:
+        return templates.TemplateResponse(request, name, {"who": request.state.principal, **context})
 
-
-def mount(app: FastAPI) -> None:
     app.mount("/console/static", StaticFiles(directory=_HERE / "static"), name="console-static")
 
     @app.get("/", include_in_schema=False)
@@ -112,6 +115,8 @@ def mount(app: FastAPI) -> None:
         except ops.AdminError as exc:
             raise HTTPException(409, str(exc)) from None
         return RedirectResponse(f"/console/studies/{study}", status_code=303)
+
+    return login_page
 
 
 def _local(path: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 import requests
 from starlette.routing import Mount
 
-from tests.web.conftest import ADMIN_SECRET, READER_SECRET, Web, serve_web
+from tests.pacs_node.web.conftest import ADMIN_SECRET, READER_SECRET, Web, serve_web
 
 UID = "1.2.3.4"
 

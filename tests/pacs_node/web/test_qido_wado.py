@@ -12,8 +12,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from tests.node.helpers import make_cr
-from tests.web.conftest import Web
+from tests.pacs_node.helpers import make_cr
+from tests.pacs_node.web.conftest import Web
 
 
 @pytest.fixture

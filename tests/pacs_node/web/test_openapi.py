@@ -10,7 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.web.conftest import Web, serve_web
+from tests.pacs_node.web.conftest import Web, serve_web
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from tests.node.helpers import make_cr
-from tests.web.conftest import Web, serve_web
+from tests.pacs_node.helpers import make_cr
+from tests.pacs_node.web.conftest import Web, serve_web
 
 _FAILED, _REFERENCED, _REASON = "00081198", "00081199", "00081197"
 

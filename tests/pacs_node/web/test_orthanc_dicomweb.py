@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.node.helpers import Node, base_config, make_cr, new_ports, wait_for_port, write_config
+from tests.pacs_node.helpers import Node, base_config, make_cr, new_ports, wait_for_port, write_config
 from tests.support import free_port, require_tool
-from tests.web.conftest import ADMIN_SECRET, token_toml
+from tests.pacs_node.web.conftest import ADMIN_SECRET, token_toml
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 

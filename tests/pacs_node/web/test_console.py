@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.node.helpers import Node, StoreSCP, base_config, make_cr, new_ports, wait_for_port, write_config
+from tests.pacs_node.helpers import Node, StoreSCP, base_config, make_cr, new_ports, wait_for_port, write_config
 from tests.support import dcmtk
-from tests.web.conftest import ADMIN_SECRET, token_toml
+from tests.pacs_node.web.conftest import ADMIN_SECRET, token_toml
 
 CHROMIUM = Path("/usr/bin/chromium")
 
