@@ -284,6 +284,15 @@ def emit(result: dict[str, Any], headers: Sequence[str], rows: Sequence[Sequence
     sys.stdout.flush()
 
 
+def files_under(root: Path) -> int:
+    """Committed files under ``root``, ignoring dot directories (the node's temp area)."""
+    total = 0
+    for _dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        total += len(filenames)
+    return total
+
+
 def fresh_dir(parent: Path, name: str) -> Path:
     """An empty directory ``parent/name`` (removed first if a previous run left it)."""
     path = parent / name

@@ -22,8 +22,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import requests
@@ -35,13 +33,15 @@ from bench.common import (
     chest_image_files,
     device_words,
     emit,
+    files_under,
     fresh_dir,
     free_port,
     machine,
     storescu_command,
 )
+from bench.ingest import MB, Measurement
+from pacs_node.web.dicomweb.multipart import multipart_body
 
-MB = 1e6
 SECRET = "bench-stow-secret"
 NODE_TOML = f"""\
 [[http.tokens]]
@@ -54,51 +54,16 @@ bundle = "fake"
 count = 0
 """
 _BOUNDARY = "bench-stow-boundary"
-_CHUNK = 1024 * 1024
-
-
-@dataclass
-class Measurement:
-    path: str
-    seconds: float
-    images: int
-    bytes: int
-
-    @property
-    def images_s(self) -> float:
-        return self.images / self.seconds
-
-    @property
-    def mb_s(self) -> float:
-        return self.bytes / MB / self.seconds
-
-
-def _parts(files: list[Path]) -> Iterator[bytes]:
-    for path in files:
-        yield f"--{_BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                yield chunk
-        yield b"\r\n"
-    yield f"--{_BOUNDARY}--\r\n".encode()
 
 
 def _stow(session: requests.Session, url: str, files: list[Path]) -> int:
     """Send one STOW-RS request; the number of instances the node says it stored."""
-    answer = session.post(url, data=_parts(files), timeout=600, headers={
+    answer = session.post(url, data=multipart_body([("application/dicom", f) for f in files], _BOUNDARY), timeout=600, headers={
         "Authorization": f"Bearer {SECRET}",
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={_BOUNDARY}'})
     if answer.status_code != 200:
         raise BenchError(f"STOW-RS answered {answer.status_code}: {answer.text[:500]}")
     return len(answer.json()["00081199"]["Value"])
-
-
-def _stored(node: Node) -> int:
-    total = 0
-    for _, dirnames, filenames in os.walk(node.data_dir / "store"):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        total += len(filenames)
-    return total
 
 
 def measure(work: Path, path: str, files: list[Path], nbytes: int) -> Measurement:
@@ -119,10 +84,10 @@ def measure(work: Path, path: str, files: list[Path], nbytes: int) -> Measuremen
             if acknowledged != len(files):
                 raise BenchError(f"STOW-RS acknowledged {acknowledged} of {len(files)}")
         seconds = time.monotonic() - start
-        stored = _stored(node)
+        stored = files_under(node.data_dir / "store")
     if stored != len(files):
         raise BenchError(f"the node stored {stored} of {len(files)} files\n{node.log_tail()}")
-    return Measurement(path, seconds, len(files), nbytes)
+    return Measurement(path, 1, seconds, len(files), nbytes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in PATHS:
         fresh_dir(work, path)  # leave no gigabytes behind
     results = [sorted(ms, key=lambda m: m.seconds)[len(ms) // 2] for ms in runs.values()]
-    by = {m.path: m for m in results}
+    by = {m.receiver: m for m in results}
     ratios = {f"{path}_vs_storescu": by[path].mb_s / by["storescu"].mb_s for path in PATHS[1:]}
     info = machine()
     result = {
@@ -166,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_words(info),
         "machine": info,
         "count": args.count, "rows": args.rows, "cols": args.cols, "total_bytes": nbytes, "repeat": args.repeat,
-        "results": [{**asdict(m), "images_s": round(m.images_s, 2), "mb_s": round(m.mb_s, 1)} for m in results],
+        "results": [{"path": m.receiver, "seconds": m.seconds, "images": m.images, "bytes": m.bytes,
+                     "images_s": round(m.images_s, 2), "mb_s": round(m.mb_s, 1)} for m in results],
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "goals": {f"{k}_within_2x": v >= 0.5 for k, v in ratios.items()},
     }
-    rows = [(m.path, f"{m.images_s:.2f}", f"{m.mb_s:.1f}", f"{m.mb_s / by['storescu'].mb_s:.2f}") for m in results]
+    rows = [(m.receiver, f"{m.images_s:.2f}", f"{m.mb_s:.1f}", f"{m.mb_s / by['storescu'].mb_s:.2f}") for m in results]
     emit(result, ("path", "images/s", "MB/s", "vs storescu"), rows,
          title=f"stow: {args.count} x {args.rows}x{args.cols} 16-bit ({nbytes / MB:.0f} MB) into the node on "
                f"{result['device']}; median of {args.repeat}")

@@ -127,13 +127,14 @@ class Peer(Section):
 
     @model_validator(mode="after")
     def _kind(self) -> Peer:
-        dimse = (self.ae_title, self.host, self.port)
         if self.url is None:
-            if None in dimse:
-                raise ValueError("a DIMSE peer needs ae_title, host and port (or give url for a DICOMweb peer)")
+            missing = [key for key in ("ae_title", "host", "port") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: missing (a DIMSE peer needs ae_title, host and port; "
+                                 "a DICOMweb peer needs url)")
         else:
             if not self.url.startswith(("http://", "https://")):
-                raise ValueError(f"url {self.url!r} is not an http:// or https:// URL")
+                raise ValueError(f"url: {self.url!r} is not an http:// or https:// URL")
             if self.host is not None or self.port is not None or self.tls is not None:
                 raise ValueError("a DICOMweb peer (url) takes auth and ca_file, not host, port or tls")
         return self
@@ -459,6 +460,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             # Cross-field checks name their own key: "routing.always: unknown peer 'x'".
             if loc == "(top level)" and ": " in msg:
                 loc, msg = msg.split(": ", 1)
+            elif re.match(r"^[a-z_]+: ", msg):  # a section's check names its own field: "port: ..."
+                field, msg = msg.split(": ", 1)
+                loc = f"{loc}.{field}"
         lines.append(f"{loc}: {msg} (in {source})")
     return "\n".join(lines)
 

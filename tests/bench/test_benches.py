@@ -76,3 +76,13 @@ def test_results_bench_runs_tiny() -> None:
     out = run_bench("results", "--images", "2", "--processes", "0,1")
     assert out["bench"] == "results" and set(out["by_processes"]) == {"0", "1"}
     assert all(r["images_per_s"] > 0 and r["objects_per_image"] >= 2 for r in out["by_processes"].values())
+
+
+@pytest.mark.usefixtures("dcmtk_tools")
+def test_stow_bench_runs_tiny(tmp_path: Path) -> None:
+    out = run_bench("stow", "--count", "2", "--rows", "64", "--cols", "48",
+                    "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
+    assert out["bench"] == "stow" and out["count"] == 2
+    assert [r["path"] for r in out["results"]] == ["storescu", "stow-1-request", "stow-per-image"]
+    assert all(r["images"] == 2 for r in out["results"])
+    assert set(out["ratios"]) == {"stow-1-request_vs_storescu", "stow-per-image_vs_storescu"}
