@@ -115,3 +115,18 @@ def test_a_stalled_client_is_dropped(tmp_path: Path, what: str) -> None:
     finally:
         server.stop()
         web.runtime.close()
+
+
+def test_a_full_store_refuses_with_out_of_resources(tmp_path: Path) -> None:
+    server, web = serve_web(tmp_path)
+    web.runtime.store.min_free_bytes = 2**62  # "less than min_free_bytes free": as the listener, 0xA700
+    try:
+        make_cr(tmp_path / "a.dcm", seed=6)
+        body, headers = _multipart([(tmp_path / "a.dcm").read_bytes()])
+        answer = requests.post(web.dicomweb + "/studies", data=body, headers={**headers, **web.admin}, timeout=30)
+        assert answer.status_code == 409
+        assert answer.json()[_FAILED]["Value"][0][_REASON]["Value"][0] == 0xA700
+        assert web.runtime.queue.list() == []
+    finally:
+        server.stop()
+        web.runtime.close()
