@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import text
-
 from pacs_node.ops.context import ServerContext
+from storage.db import ping
 
 def health(runtime: ServerContext) -> tuple[bool, dict[str, Any]]:
     """(healthy, details) — each check says what it found, so a failing probe explains itself."""
     checks: dict[str, Any] = {}
     try:
-        with runtime.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping(runtime.engine)
         checks["database"] = {"ok": True}
     except Exception as exc:
         checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset, dcmread
@@ -26,7 +25,6 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,7 +33,8 @@ from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_
 from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
 from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level
 from pacs_node.ops.context import ServerContext
-from storage.schema import Instance
+from storage import query
+from storage.query import StoredInstance
 from storage.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -55,16 +54,6 @@ OUT_OF_RESOURCES_MATCHES = 0xA701  # C-MOVE/C-GET: more matches than one respons
 
 _MAX_SUBOPERATIONS = 65535  # the counters in a C-MOVE/C-GET response are US
 _MAX_CONTEXTS = 128
-
-
-@dataclass(frozen=True)
-class Match:
-    """One instance to retrieve."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    path: str
 
 
 def _levels(sop_class_uid: str) -> tuple[Level, ...]:
@@ -143,25 +132,17 @@ class QueryRetrieveService:
 
     # -- C-MOVE / C-GET ---------------------------------------------------------------------------
 
-    def _matches(self, event: Event) -> list[Match]:
+    def _matches(self, event: Event) -> list[StoredInstance]:
         identifier = event.identifier
         level = query_level(identifier, _levels(str(event.request.AffectedSOPClassUID)))
         with self.sessions() as session:
-            dialect = session.get_bind().dialect.name
-            conditions = identifier_conditions(identifier, level, dialect)
+            conditions = identifier_conditions(identifier, level, query.dialect_name(session))
             if not conditions:
                 # Retrieving everything is never what a PACS means; require at least one key.
                 raise QueryError("C-MOVE/C-GET identifier has no matching key")
-            rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-                       Instance.path)
-                .where(*conditions)
-                .order_by(Instance.study_instance_uid, Instance.series_instance_uid,
-                          Instance.instance_number, Instance.id)
-            ).all()
-        return [Match(*row) for row in rows]
+            return query.instances_to_retrieve(session, conditions)
 
-    def _datasets(self, event: Event, matches: list[Match]) -> Iterator[tuple[int, Dataset | None]]:
+    def _datasets(self, event: Event, matches: list[StoredInstance]) -> Iterator[tuple[int, Dataset | None]]:
         for match in matches:
             if event.is_cancelled:
                 yield CANCEL, None
@@ -233,7 +214,7 @@ class QueryRetrieveService:
         yield from self._datasets(event, matches)
 
 
-def _storage_contexts(matches: list[Match]) -> list[Any]:
+def _storage_contexts(matches: list[StoredInstance]) -> list[Any]:
     """One requested context per (SOP class, stored transfer syntax): instances are sent exactly as
     stored, never transcoded, so the destination must accept that exact syntax."""
     pairs = sorted({(m.sop_class_uid, m.transfer_syntax_uid) for m in matches})
