@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from pacs_node.ops import admin as ops
 from pacs_node.ops.context import ServerContext
-from pacs_node.web.auth import admin
+from pacs_node.web.roles import admin
 from storage.schema import JobKind, JobState
 
 router = APIRouter(prefix="/api", tags=["admin"])

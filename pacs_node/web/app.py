@@ -21,7 +21,8 @@ from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
 from pacs_node.ops.http import health
 from pacs_node.web import api, console
-from pacs_node.web.auth import SESSION_COOKIE, Authenticator, Principal, admin
+from pacs_node.web.auth import SESSION_COOKIE, Authenticator, Principal
+from pacs_node.web.roles import admin
 from pacs_node.web.dicomweb import qido, wado
 from pacs_node.web.dicomweb.stow import DICOM_JSON, StowService
 from pacs_node.work.ingest import Caller, Ingestor

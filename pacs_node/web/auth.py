@@ -17,8 +17,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from fastapi import HTTPException, Request
-
 from pacs_node.config import HttpToken, Role
 
 #: PBKDF2 iterations of newly hashed secrets (OWASP's 2023 figure for HMAC-SHA256).
@@ -36,15 +34,6 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role is Role.ADMIN
-
-
-def admin(request: Request) -> Principal:
-    """The caller (set by the application's middleware), who must hold the admin role: a read-only
-    token gets 403. A route dependency, so it is checked before the request body is read."""
-    who: Principal = request.state.principal
-    if not who.is_admin:
-        raise HTTPException(403, "this needs an admin token; yours is read-only")
-    return who
 
 
 def hash_secret(secret: str, *, iterations: int = PBKDF2_ITERATIONS) -> str:

@@ -2,7 +2,7 @@
 thread beside the DICOM listener.
 
 The socket is bound in the caller's thread, so a port already taken fails ``serve`` at start with the
-key named, like the DICOM port. uvicorn limits what one client can hold: ``limit_concurrency``
+key named, like the DICOM port; the application is built and served in uvicorn's thread. uvicorn limits what one client can hold: ``limit_concurrency``
 connections (503 beyond), idle keep-alive connections closed after ``timeout_keep_alive_s``; uvicorn has
 no limit on how long a client may take to send its headers, so :class:`HeaderTimeoutProtocol` adds one
 (a slow-header client would otherwise hold a connection for ever). Request bodies are read against
@@ -68,13 +68,23 @@ class HeaderTimeoutProtocol(H11Protocol):
 
 
 class WebServer:
-    """Owns the bound socket and uvicorn's thread; ``start`` returns once it serves."""
+    """Owns the bound socket and uvicorn's thread. The socket is bound (and listening) on construction;
+    ``start`` returns at once: the application is built and served in the thread, and connections made
+    meanwhile wait in the socket's backlog, so ``serve`` starts its workers without waiting for it."""
 
     def __init__(self, settings: Settings, runtime: ServerContext) -> None:
-        from pacs_node.web.app import create_app
-
+        self.settings = settings
+        self.runtime = runtime
         http = settings.http
         self._socket = socket.create_server((http.bind, http.port), family=_family(http.bind), backlog=128)
+        self._server: uvicorn.Server | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+
+    def _config(self) -> uvicorn.Config:
+        from pacs_node.web.app import create_app
+
+        http = self.settings.http
         protocol = type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": http.header_timeout_s})
         tls: dict[str, Any] = {}
         if http.tls is not None:
@@ -82,36 +92,39 @@ class WebServer:
                    "ssl_keyfile_password": http.tls.key_password.get_secret_value() if http.tls.key_password else None}
             if http.tls.ca_file is not None:
                 tls |= {"ssl_ca_certs": str(http.tls.ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-        self.tls = http.tls is not None
-        config = uvicorn.Config(
-            create_app(settings, runtime), http=protocol, ws="none", lifespan="off", interface="asgi3",
+        return uvicorn.Config(
+            create_app(self.settings, self.runtime), http=protocol, ws="none", lifespan="off", interface="asgi3",
             timeout_keep_alive=int(max(1, http.timeout_keep_alive_s)), limit_concurrency=http.limit_concurrency,
             timeout_graceful_shutdown=5, log_config=None, access_log=False, server_header=False, **tls,
         )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
     def _run(self) -> None:
+        try:
+            self._server = uvicorn.Server(self._config())
+        except Exception:
+            log.exception("http: the application could not be built; the HTTP port answers nothing")
+            return
+        if self._stopping.is_set():
+            return
+        scheme = "https" if self.settings.http.tls is not None else "http"
+        log.info("HTTP (health, metrics, DICOMweb, admin API, console) on %s://%s:%d/", scheme,
+                 *self._socket.getsockname()[:2])
         self._server.run(sockets=[self._socket])
 
     @property
     def port(self) -> int:
         return self._socket.getsockname()[1]
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self) -> None:
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise OSError("the HTTP server did not start (see the log)")
-            time.sleep(0.02)
-        scheme = "https" if self.tls else "http"
-        log.info("HTTP (health, metrics, DICOMweb, admin API, console) on %s://%s:%d/", scheme,
-                 *self._socket.getsockname()[:2])
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
+        self._stopping.set()
+        deadline = time.monotonic() + 10
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if self._server is not None:
+                self._server.should_exit = True
+            self._thread.join(0.05)
         self._socket.close()
 
 

@@ -17,7 +17,8 @@ from fastapi.templating import Jinja2Templates
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from pacs_node.ops import admin as ops
-from pacs_node.web.auth import SESSION_COOKIE, admin
+from pacs_node.web.auth import SESSION_COOKIE
+from pacs_node.web.roles import admin
 from pacs_node.web.console.findings import study_findings
 
 _HERE = Path(__file__).resolve().parent

@@ -20,7 +20,7 @@ from typing import BinaryIO
 import pydicom
 from pydicom import Dataset
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from pacs_node.ops import metrics
@@ -111,6 +111,10 @@ class StowService:
         except _Abort as exc:
             await self._abandon(reader, filing)
             return _error(exc.status, exc.message)
+        except ClientDisconnect:
+            await self._abandon(reader, filing)
+            log.warning("STOW-RS client %s went away before the end of its request", caller.ae_title)
+            return _error(400, "the client disconnected")
         outcomes = list(await asyncio.gather(*filing))
         if not outcomes:
             return _error(400, "the request holds no application/dicom part")

@@ -42,7 +42,7 @@ retries = 1
         node.stop()
 
 
-def _wait(node: Node, sql: str, timeout: float = 60) -> list[dict]:
+def _wait(node: Node, sql: str, timeout: float = 180) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = node.query(sql)

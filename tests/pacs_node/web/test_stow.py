@@ -130,3 +130,19 @@ def test_a_full_store_refuses_with_out_of_resources(tmp_path: Path) -> None:
     finally:
         server.stop()
         web.runtime.close()
+
+
+def test_a_client_that_goes_away_mid_request_leaves_nothing(web: Web, tmp_path: Path) -> None:
+    make_cr(tmp_path / "a.dcm", seed=8)
+    body, headers = _multipart([(tmp_path / "a.dcm").read_bytes()])
+    port = int(web.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        head = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n{'Authorization'}: {web.admin['Authorization']}\r\n"
+                f"Content-Type: {headers['Content-Type']}\r\nContent-Length: {len(body)}\r\n\r\n")
+        conn.sendall(head.encode() + body[: len(body) // 2])
+    deadline = time.monotonic() + 10
+    while [p for p in web.runtime.incoming_dir.iterdir() if p.is_file()] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in web.runtime.incoming_dir.iterdir() if p.is_file()]
+    assert web.runtime.queue.list() == []
+    assert requests.get(web.base + "/healthz", timeout=10).json()["ok"] is True
