@@ -133,29 +133,17 @@ def _dicomweb_routes(app: FastAPI, settings: Settings, runtime: ServerContext) -
             return Response(status_code=204)
         return JSONResponse(found, media_type=DICOM_JSON)
 
-    @app.get(base + "/studies", include_in_schema=False)
-    def qido_studies(request: Request) -> Response:
-        return query(request, Level.STUDY, {})
+    def qido_route(level: Level) -> Any:
+        def search(request: Request) -> Response:
+            scope = {keyword: request.path_params[name] for name, keyword in
+                     (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID")) if name in request.path_params}
+            return query(request, level, scope)
+        return search
 
-    @app.get(base + "/series", include_in_schema=False)
-    def qido_all_series(request: Request) -> Response:
-        return query(request, Level.SERIES, {})
-
-    @app.get(base + "/instances", include_in_schema=False)
-    def qido_all_instances(request: Request) -> Response:
-        return query(request, Level.IMAGE, {})
-
-    @app.get(base + "/studies/{study}/series", include_in_schema=False)
-    def qido_series(study: str, request: Request) -> Response:
-        return query(request, Level.SERIES, {"StudyInstanceUID": study})
-
-    @app.get(base + "/studies/{study}/instances", include_in_schema=False)
-    def qido_study_instances(study: str, request: Request) -> Response:
-        return query(request, Level.IMAGE, {"StudyInstanceUID": study})
-
-    @app.get(base + "/studies/{study}/series/{series}/instances", include_in_schema=False)
-    def qido_instances(study: str, series: str, request: Request) -> Response:
-        return query(request, Level.IMAGE, {"StudyInstanceUID": study, "SeriesInstanceUID": series})
+    for path, level in (("/studies", Level.STUDY), ("/series", Level.SERIES), ("/instances", Level.IMAGE),
+                        ("/studies/{study}/series", Level.SERIES), ("/studies/{study}/instances", Level.IMAGE),
+                        ("/studies/{study}/series/{series}/instances", Level.IMAGE)):
+        app.add_api_route(base + path, qido_route(level), methods=["GET"], include_in_schema=False)
 
     def rows(study: str, series: str | None = None, sop: str | None = None) -> list[Any]:
         with runtime.read_session() as session:
@@ -172,29 +160,20 @@ def _dicomweb_routes(app: FastAPI, settings: Settings, runtime: ServerContext) -
         paths = [runtime.store.path(row.path) for row in rows(study, series, sop)]
         return JSONResponse(wado.metadata(paths), media_type=DICOM_JSON)
 
-    @app.get(base + "/studies/{study}", include_in_schema=False)
-    def wado_study(study: str) -> Response:
-        return retrieve(study)
+    def entity(request: Request) -> tuple[str, str | None, str | None]:
+        p = request.path_params
+        return p["study"], p.get("series"), p.get("sop")
 
-    @app.get(base + "/studies/{study}/series/{series}", include_in_schema=False)
-    def wado_series(study: str, series: str) -> Response:
-        return retrieve(study, series)
+    def retrieve_route(request: Request) -> Response:
+        return retrieve(*entity(request))
 
-    @app.get(base + "/studies/{study}/series/{series}/instances/{sop}", include_in_schema=False)
-    def wado_instance(study: str, series: str, sop: str) -> Response:
-        return retrieve(study, series, sop)
+    def metadata_route(request: Request) -> Response:
+        return metadata(*entity(request))
 
-    @app.get(base + "/studies/{study}/metadata", include_in_schema=False)
-    def wado_study_metadata(study: str) -> Response:
-        return metadata(study)
-
-    @app.get(base + "/studies/{study}/series/{series}/metadata", include_in_schema=False)
-    def wado_series_metadata(study: str, series: str) -> Response:
-        return metadata(study, series)
-
-    @app.get(base + "/studies/{study}/series/{series}/instances/{sop}/metadata", include_in_schema=False)
-    def wado_instance_metadata(study: str, series: str, sop: str) -> Response:
-        return metadata(study, series, sop)
+    for path in ("/studies/{study}", "/studies/{study}/series/{series}",
+                 "/studies/{study}/series/{series}/instances/{sop}"):
+        app.add_api_route(base + path, retrieve_route, methods=["GET"], include_in_schema=False)
+        app.add_api_route(base + path + "/metadata", metadata_route, methods=["GET"], include_in_schema=False)
 
     @app.get(base + "/studies/{study}/series/{series}/instances/{sop}/rendered", include_in_schema=False)
     def wado_rendered(study: str, series: str, sop: str, request: Request) -> Response:
