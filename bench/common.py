@@ -134,6 +134,8 @@ class Node:
     extra_toml: str = ""
     ae_title: str = "PACSNODE"
     port: int = field(default_factory=free_port)
+    #: The HTTP port (DICOMweb, API); 0 leaves HTTP off.
+    http_port: int = 0
     proc: subprocess.Popen | None = None
 
     @property
@@ -154,7 +156,7 @@ data_dir = "{self.data_dir}"
 [store]
 min_free_bytes = 0
 [http]
-port = 0
+port = {self.http_port}
 {self.extra_toml}
 """
 
@@ -171,6 +173,8 @@ port = 0
             )
         try:
             wait_for_port(self.port, self.proc)
+            if self.http_port:
+                wait_for_port(self.http_port, self.proc)
         except BenchError as exc:
             raise BenchError(f"{exc}\n--- {self.log_path} ---\n{self.log_tail()}") from exc
         return self
@@ -278,6 +282,15 @@ def emit(result: dict[str, Any], headers: Sequence[str], rows: Sequence[Sequence
     for row in cells:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     sys.stdout.flush()
+
+
+def files_under(root: Path) -> int:
+    """Committed files under ``root``, ignoring dot directories (the node's temp area)."""
+    total = 0
+    for _dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        total += len(filenames)
+    return total
 
 
 def fresh_dir(parent: Path, name: str) -> Path:

@@ -36,6 +36,7 @@ from bench.common import (
     chest_image_files,
     device_words,
     emit,
+    files_under,
     fresh_dir,
     machine,
     storescu_command,
@@ -100,20 +101,11 @@ def send(port: int, called: str, files: list[Path], senders: int) -> float:
     return seconds
 
 
-def _files_under(root: Path) -> int:
-    """Committed files under ``root``, ignoring dot directories (the node's temp area)."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        total += len(filenames)
-    return total
-
-
 def measure_storescp(work: Path, files: list[Path], nbytes: int, senders: int) -> Measurement:
     out = fresh_dir(work, "storescp")
     with StoreSCP(out, fork=senders > 1) as scp:
         seconds = send(scp.port, scp.ae_title, files, senders)
-    received = _files_under(out)
+    received = files_under(out)
     if received != len(files):
         raise BenchError(f"storescp stored {received} of {len(files)} files")
     return Measurement("storescp", senders, seconds, len(files), nbytes)
@@ -123,7 +115,7 @@ def measure_node(work: Path, files: list[Path], nbytes: int, senders: int) -> Me
     node = Node(fresh_dir(work, "node"), NODE_TOML)
     with node:
         seconds = send(node.port, node.ae_title, files, senders)
-    stored = _files_under(node.data_dir / "store")
+    stored = files_under(node.data_dir / "store")
     if stored != len(files):
         raise BenchError(f"the node stored {stored} of {len(files)} files\n{node.log_tail()}")
     return Measurement("node", senders, seconds, len(files), nbytes)

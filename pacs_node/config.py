@@ -93,15 +93,59 @@ class AllowedCaller(Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class DicomWebAuth(Section):
+    """How the node authenticates to a DICOMweb peer: a bearer token, or HTTP basic (both never logged)."""
+
+    bearer_token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DicomWebAuth:
+        if self.bearer_token is not None and self.username is not None:
+            raise ValueError("give either bearer_token or username/password, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
 class Peer(Section):
-    """A DICOM node we send to (or echo): a PACS, a viewer, a modality's result receiver."""
+    """A node we send to (or echo): a PACS, a viewer, a modality's result receiver. A DIMSE peer has
+    ``ae_title``/``host``/``port``; a DICOMweb peer has ``url`` (the base that ``/studies`` is appended to,
+    e.g. ``https://pacs/dicom-web``) and gets its results by STOW-RS."""
 
-    ae_title: AETitle
-    host: str
-    port: Port
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
     tls: TLSConfig | None = None
+    url: str | None = None
+    auth: DicomWebAuth | None = None
+    #: PEM bundle that signs the DICOMweb server's certificate (default: the system's trust store).
+    ca_file: Path | None = None
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    _ae = field_validator("ae_title")(lambda v: v if v is None else _check_ae_title(v))
+
+    @model_validator(mode="after")
+    def _kind(self) -> Peer:
+        if self.url is None:
+            missing = [key for key in ("ae_title", "host", "port") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: missing (a DIMSE peer needs ae_title, host and port; "
+                                 "a DICOMweb peer needs url)")
+        else:
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"url: {self.url!r} is not an http:// or https:// URL")
+            if self.host is not None or self.port is not None or self.tls is not None:
+                raise ValueError("a DICOMweb peer (url) takes auth and ca_file, not host, port or tls")
+        return self
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.url is not None
+
+    def describe(self) -> str:
+        """Where the peer is, for messages (no credentials)."""
+        return self.url if self.url is not None else f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class RoutingRule(Section):
@@ -225,10 +269,64 @@ class ResultsConfig(Section):
     device_serial_number: str = "0"
 
 
+class Role(StrEnum):
+    READ_ONLY = "read-only"
+    ADMIN = "admin"
+
+
+class HttpToken(Section):
+    """One credential of the HTTP interface (``[[http.tokens]]``). The secret itself is never stored:
+    ``secret_hash`` is ``sha256:<hex>`` or ``pbkdf2_sha256$<iterations>$<salt>$<hex>`` (write one with
+    ``pacs-node http hash-secret``). A client sends the secret as ``Authorization: Bearer <secret>`` or
+    as the password of HTTP basic with ``name`` as the user; the console's login takes the same pair."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    role: Role = Role.READ_ONLY
+    secret_hash: str
+
+    @field_validator("secret_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if re.fullmatch(r"sha256:[0-9a-f]{64}", v) or re.fullmatch(r"pbkdf2_sha256\$\d+\$[^$]+\$[0-9a-f]{64}", v):
+            return v
+        raise ValueError("must be 'sha256:<64 hex>' or 'pbkdf2_sha256$<iterations>$<salt>$<64 hex>'")
+
+
+class HttpTLSConfig(Section):
+    """HTTPS on the HTTP port (``[http.tls]``); with ``ca_file`` clients must present a certificate."""
+
+    cert_file: Path
+    key_file: Path
+    key_password: SecretStr | None = None
+    ca_file: Path | None = None
+
+
 class HttpConfig(Section):
     bind: str = "127.0.0.1"
-    #: Port of ``/healthz`` and ``/metrics``; 0 turns the HTTP server off.
+    #: Port of ``/healthz``, ``/metrics``, DICOMweb, the admin API and the console; 0 turns it off.
     port: Annotated[int, Field(ge=0, le=65535)] = 8731
+    tls: HttpTLSConfig | None = None
+    tokens: list[HttpToken] = Field(default_factory=list)
+    #: Largest STOW-RS request body accepted (413 beyond); it is streamed to disk, never held in memory.
+    max_request_bytes: Annotated[int, Field(ge=1)] = 4 * 1024**3
+    #: Connections served at once; beyond it new requests get 503 instead of exhausting the process.
+    limit_concurrency: Annotated[int, Field(ge=1)] = 64
+    #: An idle keep-alive connection is closed after this long.
+    timeout_keep_alive_s: Annotated[float, Field(gt=0)] = 5.0
+    #: A connection must deliver a request's headers within this long (slow-header clients are dropped).
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    #: Longest wait for the next piece of a request body before the request is abandoned.
+    read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    #: A console login lasts this long.
+    session_minutes: Annotated[int, Field(ge=1)] = 480
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique(cls, v: list[HttpToken]) -> list[HttpToken]:
+        names = [t.name for t in v]
+        if len(names) != len(set(names)):
+            raise ValueError("token names must be unique")
+        return v
 
 
 class LoggingConfig(Section):
@@ -327,6 +425,8 @@ def peer_by_ae_title(peers: Mapping[str, Peer], ae_title: str) -> tuple[str, Pee
     title = ae_title.strip()
     for exact in (True, False):
         for name, peer in peers.items():
+            if peer.ae_title is None:  # a DICOMweb peer: no AE title to match
+                continue
             candidate = peer.ae_title.strip()
             if candidate == title if exact else candidate.upper() == title.upper():
                 return name, peer
@@ -360,6 +460,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             # Cross-field checks name their own key: "routing.always: unknown peer 'x'".
             if loc == "(top level)" and ": " in msg:
                 loc, msg = msg.split(": ", 1)
+            elif re.match(r"^[a-z_]+: ", msg):  # a section's check names its own field: "port: ..."
+                field, msg = msg.split(": ", 1)
+                loc = f"{loc}.{field}"
         lines.append(f"{loc}: {msg} (in {source})")
     return "\n".join(lines)
 
@@ -483,9 +586,26 @@ device_serial_number = "0"
 # [results.per_finding_thresholds]        # example: report a pneumothorax already at 0.2
 # Pneumothorax = 0.2
 
+# [peers.cloud]                # example: a DICOMweb archive; results go by STOW-RS
+# url = "https://archive.example.org/dicom-web"
+# ca_file = "/etc/pacs-node/archive-ca.pem"
+# auth = { bearer_token = "..." }          # or { username = "node", password = "..." }
+
 [http]
-bind = "127.0.0.1"             # /healthz and /metrics
+bind = "127.0.0.1"             # /healthz, /metrics, /dicom-web, /api, the console
 port = 8731                    # 0 = off
+max_request_bytes = 4294967296 # largest STOW-RS request (streamed to disk)
+limit_concurrency = 64
+timeout_keep_alive_s = 5.0
+header_timeout_s = 10.0
+read_timeout_s = 30.0
+# [http.tls]                   # example: HTTPS
+# cert_file = "/etc/pacs-node/web.pem"
+# key_file = "/etc/pacs-node/web.key"
+# [[http.tokens]]              # example; secret_hash from `pacs-node http hash-secret`
+# name = "radiology-admin"
+# role = "admin"               # admin | read-only
+# secret_hash = "pbkdf2_sha256$600000$..."
 
 [logging]
 level = "INFO"

@@ -1,4 +1,4 @@
-"""``pacs-node serve``: the listener, the exporter threads, housekeeping, the HTTP endpoints and the
+"""``pacs-node serve``: the listener, the exporter threads, housekeeping, the HTTP application and the
 supervised worker processes, in one long-running process.
 
 Start-up order follows what depends on what (schema before listener, listener before anyone is told
@@ -18,7 +18,7 @@ from pacs_node.config import Settings
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from pacs_node.ops.housekeeping import remove_dead_temp_files, start_housekeeping
-from pacs_node.ops.http import HttpServer
+from pacs_node.web.server import WebServer
 from pacs_node.ops.supervisor import Supervisor
 from pacs_node.work.export import Exporter
 
@@ -52,13 +52,13 @@ def serve(settings: Settings, config_path: Path | None) -> int:
     http = None
     if settings.http.port:
         try:
-            http = HttpServer(runtime, settings.http.bind, settings.http.port)
+            http = WebServer(settings, runtime)
+            http.start()
         except OSError as exc:
-            log.error("http.port: cannot listen on %s:%d: %s", settings.http.bind, settings.http.port, exc)
+            log.error("http.port: cannot serve on %s:%d: %s", settings.http.bind, settings.http.port, exc)
             listener.stop()
             runtime.close()
             return 1
-        http.start()
     exporter = Exporter(settings, runtime, worker_id=f"{socket.gethostname()}:serve")
     exporter.start()
     scheduler = start_housekeeping(settings, runtime)

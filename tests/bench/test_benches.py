@@ -83,3 +83,13 @@ def test_training_bench_runs_tiny() -> None:
                     "--batch", "4", "--count", "8", "--procs", "1")
     assert out["bench"] == "training" and [r["procs"] for r in out["runs"]] == [1]
     assert out["runs"][0]["images_per_s_per_process"] > 0
+
+
+@pytest.mark.usefixtures("dcmtk_tools")
+def test_stow_bench_runs_tiny(tmp_path: Path) -> None:
+    out = run_bench("stow", "--count", "2", "--rows", "64", "--cols", "48",
+                    "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
+    assert out["bench"] == "stow" and out["count"] == 2
+    assert [r["path"] for r in out["results"]] == ["storescu", "stow-1-request", "stow-per-image"]
+    assert all(r["images"] == 2 for r in out["results"])
+    assert set(out["ratios"]) == {"stow-1-request_vs_storescu", "stow-per-image_vs_storescu"}

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from pacs_node.config import Peer, Settings, load_settings
 from pacs_node.dicom.scu import ScuError, send_datasets
-from pacs_node.ops.http import HttpServer
+from pacs_node.web.server import WebServer
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from pacs_node.dicom.tls import TLSConfigError, server_context
@@ -199,7 +199,7 @@ def test_http_endpoint_binds_loopback_by_default(tmp_path: Path) -> None:
     settings = Settings(node={"data_dir": tmp_path / "var"}, store={"min_free_bytes": 0}, http={"port": free_port()})
     assert settings.http.bind == "127.0.0.1"
     runtime = ServerContext.open(settings)
-    server = HttpServer(runtime, settings.http.bind, settings.http.port)
+    server = WebServer(settings, runtime)
     server.start()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as answer:
