@@ -21,6 +21,7 @@ from typing import Any
 
 from pydicom import Dataset
 
+from pacs_node.ops.logs import setup_logging
 from pacs_node.work.instance_record import instance_fields
 from pacs_node.results import build_result_objects
 from pacs_node.results.options import ResultOptions
@@ -70,6 +71,11 @@ def pixel_free(ds: Dataset) -> Dataset:
     return header
 
 
+def _start_builder(level: str) -> None:
+    """A spawned builder logs (and scrubs warnings) as its worker does."""
+    setup_logging(level, process="builder")
+
+
 class ResultBuilders:
     """``build([(source, result), ...])`` -> per image, its :class:`Built` objects or the exception that
     stopped them, in order. ``processes`` 0 builds in this process."""
@@ -115,6 +121,8 @@ class ResultBuilders:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_builder, initargs=(level,))
             log.info("building results in %d processes", self.processes)
         return self._pool

@@ -22,12 +22,16 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
 from pydicom.valuerep import VR
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
+from pacs_node.dicom import datasets
+from pacs_node.dicom.datasets import DatasetRefused, InflateLimits
+from pacs_node.ops.logs import scrub
 from pacs_node.work.instance_record import MissingAttribute, instance_fields
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
@@ -52,23 +56,27 @@ class Caller:
     host: str | None
 
 
-def read_header(path: Path, expected_sop_instance_uid: str | None) -> Dataset:
-    """The dataset's header, fully decoded, without reading pixel data.
+def read_header(path: Path, expected_sop_instance_uid: str | None, limits: InflateLimits) -> Dataset:
+    """The dataset's header, fully decoded, without reading pixel data (a Deflated dataset inflated
+    within ``limits``, see :mod:`pacs_node.dicom.datasets`).
 
     pydicom decodes element values lazily, so every top-level element is touched here: a value that
     cannot be decoded must fail now, on the receive path, not later in the worker."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        header = datasets.read_header(path, limits)
+        ds = header.dataset
         for _ in ds:  # force decoding of every top-level element
             pass
         fields = instance_fields(ds)
-        _check_consistency(path, ds)
+        _check_consistency(path, header)
     except UnreadableDataset:
         raise
+    except DatasetRefused as exc:
+        raise UnreadableDataset(str(exc)) from exc
     except (InvalidDicomError, MissingAttribute) as exc:
         raise UnreadableDataset(str(exc)) from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
-        raise UnreadableDataset(f"{type(exc).__name__}: {exc}") from exc
+        raise UnreadableDataset(f"{type(exc).__name__}: {scrub(str(exc))}") from exc
     if expected_sop_instance_uid and fields["sop_instance_uid"] != expected_sop_instance_uid:
         raise UnreadableDataset("SOP Instance UID in the dataset differs from the C-STORE request's")
     return ds
@@ -88,30 +96,39 @@ def _looks_explicit(path: Path, ds: Dataset) -> bool | None:
     return head[4:6].decode("latin-1") in VR.__members__
 
 
-def _check_consistency(path: Path, ds: Dataset) -> None:
-    """Refuse what pydicom reads only by guessing, and native pixel data that cannot be complete.
+def _check_consistency(path: Path, header: datasets.Header) -> None:
+    """Refuse what pydicom reads only by guessing, native pixel data that cannot be complete, and a
+    compressed frame whose own size is not the header's.
 
     pydicom silently falls back to implicit VR when a dataset said to be explicit is not: the file would
     be stored with a transfer syntax that lies, which stricter readers (a PACS, DCMTK) then refuse. And
-    ``stop_before_pixels`` never sees the pixel data, so a file too small for its Rows x Columns is caught
-    here by its size instead of by the worker."""
+    ``stop_before_pixels`` never sees the pixel data, so a dataset too small for its Rows x Columns
+    (inflated, for a Deflated one; subsampled, for YBR_FULL_422) is caught here by its size instead of
+    by the worker."""
+    ds = header.dataset
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_transfer_syntax:
         return
     if not syntax.is_deflated and _looks_explicit(path, ds) is syntax.is_implicit_VR:
         raise UnreadableDataset(f"dataset encoding does not match its transfer syntax ({syntax.name})")
-    if syntax.is_compressed or "Rows" not in ds or "Columns" not in ds:
+    if "Rows" not in ds or "Columns" not in ds:
+        return
+    if syntax.is_encapsulated:
+        if header.pixel_offset is not None:
+            datasets.check_frame_size(ds, datasets.pixel_value_prefix(path, header.pixel_offset))
         return
     try:
-        bits = int(ds.get("BitsAllocated", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
-    except (TypeError, ValueError) as exc:
-        raise UnreadableDataset(f"image dimensions are not numbers: {exc}") from exc
-    needed = pixels * bits // 8
-    if needed and path.stat().st_size < needed:
-        raise UnreadableDataset(f"the file ({path.stat().st_size} bytes) is too small for its "
-                                f"{ds.Rows} x {ds.Columns} x {bits}-bit pixel data ({needed} bytes)")
+        needed = get_expected_length(ds, "bytes") if "BitsAllocated" in ds else 0
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise UnreadableDataset(f"image dimensions are not usable: {exc}") from exc
+    if needed and header.dataset_bytes < needed:
+        raise UnreadableDataset(f"the dataset ({header.dataset_bytes} bytes) is too small for its "
+                                f"{ds.Rows} x {ds.Columns} pixel data ({needed} bytes)")
+
+
+def inflate_limits(settings: Settings) -> InflateLimits:
+    """``[limits]`` of the config as the dataset reader takes them."""
+    return InflateLimits(max_bytes=settings.limits.max_inflated_bytes, max_ratio=settings.limits.max_inflate_ratio)
 
 
 class Ingestor:
@@ -152,7 +169,7 @@ class Ingestor:
             return OUT_OF_RESOURCES
 
         try:
-            ds = read_header(temp_path, sop_instance_uid)
+            ds = read_header(temp_path, sop_instance_uid, inflate_limits(self.settings))
         except UnreadableDataset as exc:
             log.warning("unreadable dataset from %s refused (0x%04X): %s", caller.ae_title,
                         CANNOT_UNDERSTAND, exc)
