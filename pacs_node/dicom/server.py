@@ -70,6 +70,10 @@ class Listener:
         # every connection that never sends a valid one (a port scan, garbage) holds an association slot
         # for it: 30 s by default. A real peer sends its request within milliseconds of connecting.
         self.ae.acse_timeout = _ASSOCIATE_RQ_TIMEOUT_S
+        # A-ASSOCIATE-RJ (permanent, service user, "called AE title not recognised") for a request
+        # addressed to another AE: a misconfigured modality learns at once, instead of storing to the
+        # wrong node.
+        self.ae.require_called_aet = settings.node.check_called_ae
         add_scp_contexts(self.ae)
         self._qr_handlers = self._attach_query_retrieve()
         self._server: GuardedAssociationServer | None = None
@@ -145,6 +149,10 @@ class Listener:
         self._server = start_guarded_server(
             self.ae, bind, ssl_context=server_context(tls) if tls is not None else None,
             evt_handlers=handlers, max_pdu=self.settings.node.max_pdu,
+            pdu_deadline_s=self.settings.node.pdu_deadline_s,
+            request_deadline_s=self.settings.node.request_deadline_s,
+            max_pending=self.settings.node.max_pending_connections,
+            dropped=lambda reason: metrics.ASSOCIATIONS_REJECTED.labels(reason).inc(),
         )
         self._writeback.start()
         log.info("listening as %s on %s:%d%s", self.settings.node.ae_title, *bind,
