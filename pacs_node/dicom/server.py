@@ -22,8 +22,8 @@ from pacs_node.config import Settings
 from pacs_node.dicom.presentation_contexts import add_scp_contexts
 from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
 from pacs_node.ops.context import ServerContext
+from pacs_node.dicom.spooling import claim, discard_unclaimed, spool_failure
 from pacs_node.dicom.spooling import install as install_spool
-from pacs_node.dicom.spooling import spool_failure
 from pacs_node.dicom.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class Listener:
         requestor = event.assoc.requestor
         caller = Caller(ae_title=str(requestor.ae_title).strip(), host=requestor.address)
         path = Path(event.dataset_path)
+        if not claim(path):  # its association ended (aborted) while it waited for this handler
+            return OUT_OF_RESOURCES
         failure = spool_failure(path)
         if failure is not None:  # the disk filled (or failed) while the dataset arrived
             log.error("could not receive instance from %s (0x%04X): %s", caller.ae_title, OUT_OF_RESOURCES, failure)
@@ -153,6 +155,7 @@ class Listener:
             request_deadline_s=self.settings.node.request_deadline_s,
             max_pending=self.settings.node.max_pending_connections,
             dropped=lambda reason: metrics.ASSOCIATIONS_REJECTED.labels(reason).inc(),
+            on_association_end=(discard_unclaimed,),
         )
         self._writeback.start()
         log.info("listening as %s on %s:%d%s", self.settings.node.ae_title, *bind,

@@ -9,6 +9,12 @@ sender gets no response at all and waits for its timeout, and the partial file s
 partial data at once (giving the space back) and swallows the rest of the dataset, so the DIMSE message
 completes normally. The listener then asks :func:`spool_failure` before ingesting and answers 0xA700
 (out of resources), which a modality understands as "try again later".
+
+pynetdicom also forgets a spool file whose dataset never completes: an A-ABORT, a dropped connection or
+a stalled sender ends the association with the partial file left in the store's temp area (26 of them
+filled a small store). Every spool file is therefore registered to its association when it is opened,
+:func:`claim` takes it off the register when the C-STORE handler receives it whole, and
+:func:`discard_unclaimed`, called when the association has ended, deletes what was never claimed.
 """
 
 from __future__ import annotations
@@ -25,7 +31,15 @@ from pynetdicom import dimse_messages
 log = logging.getLogger(__name__)
 
 _failures: dict[str, str] = {}
+#: Spool files not yet handed to a C-STORE handler, by the ``id`` of the association receiving them.
+_unclaimed: dict[int, dict[str, SpoolFile]] = {}
 _lock = threading.Lock()
+
+
+def _receiving_association() -> int | None:
+    """``id`` of the association whose DUL thread is running this (pynetdicom decodes P-DATA there)."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    return id(assoc) if assoc is not None else None
 
 
 class SpoolFile:
@@ -40,6 +54,10 @@ class SpoolFile:
             # Not even an empty file could be made: give pynetdicom a name that will never exist.
             self.name = os.path.join(tempfile.gettempdir(), f"unwritable-{os.getpid()}-{id(self):x}.dcm")
             self._fail(exc)
+        owner = _receiving_association()
+        if owner is not None:
+            with _lock:
+                _unclaimed.setdefault(owner, {})[self.name] = self
 
     @property
     def failed(self) -> bool:
@@ -88,6 +106,36 @@ class SpoolFile:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)
+
+
+def claim(path: str | os.PathLike[str]) -> bool:
+    """Take the spool file at ``path`` off its association's register, as the C-STORE handler receives
+    it whole; False when it was already discarded (its association ended first)."""
+    name = str(path)
+    with _lock:
+        for files in _unclaimed.values():
+            if files.pop(name, None) is not None:
+                return True
+    return os.path.exists(name)
+
+
+def discard_unclaimed(assoc: object) -> int:
+    """Delete the spool files of ``assoc`` (an association that has ended) that no handler received;
+    how many there were."""
+    with _lock:
+        files = _unclaimed.pop(id(assoc), {})
+        for name in files:
+            _failures.pop(name, None)
+    for name, spool in files.items():
+        if spool._file is not None:
+            with suppress(OSError):
+                spool._file.close()
+        with suppress(OSError):
+            os.unlink(name)
+    if files:
+        log.warning("removed %d partly received dataset(s): the association ended before they were complete",
+                    len(files))
+    return len(files)
 
 
 def spool_failure(path: str | os.PathLike[str]) -> str | None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pynetdicom import AE
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +381,26 @@ def _address(address: Any) -> str:
         return "?"
 
 
+class _WatchedRequestHandler(RequestHandler):
+    """pynetdicom's handler, whose thread then waits for its association to end and tells the server
+    (``association_ended``): only then is it certain that no message of it is still arriving."""
+
+    def _create_association(self) -> Any:
+        self.association = super()._create_association()
+        return self.association
+
+    def handle(self) -> None:
+        super().handle()
+        self.association.join()
+        server = self.server
+        assert isinstance(server, GuardedAssociationServer)
+        for callback in server.on_association_end:
+            try:
+                callback(self.association)
+            except Exception:  # noqa: BLE001 (one failing callback must not stop the others)
+                log.exception("association clean-up failed")
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """A :class:`ThreadedAssociationServer` with deferred TLS handshakes, a PDU size limit, PDU deadlines
     and a :class:`Doorman` for connections still sending their request (see the module docstring).
@@ -393,6 +413,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     #: The kernel's queue of connections not yet accepted (socketserver's default is 5: a burst of
     #: reconnecting sockets fills it, and a legitimate SYN is dropped and retried a second later).
     request_queue_size = 512
+    #: The watching threads never hold up shutdown (an association in progress is not waited for).
+    daemon_threads = True
+    block_on_close = False
+    #: Called with each association once it has ended (see :class:`_WatchedRequestHandler`).
+    on_association_end: list[Callable[[Any], None]]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand a new connection to the doorman, which starts its association thread (ThreadingMixIn's
@@ -439,12 +464,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 def start_guarded_server(ae: AE, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None,
                          evt_handlers: list[Any], max_pdu: int, idle_timeout_s: float | None = 60.0,
                          pdu_deadline_s: float = 60.0, request_deadline_s: float = 10.0,
-                         max_pending: int = 64, dropped: Callable[[str], None] | None = None
+                         max_pending: int = 64, dropped: Callable[[str], None] | None = None,
+                         on_association_end: tuple[Callable[[Any], None], ...] = ()
                          ) -> GuardedAssociationServer:
     """Bind ``address`` and serve in a daemon thread, as ``ae.start_server(block=False)`` does."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer)
+                            server_class=GuardedAssociationServer, request_handler=_WatchedRequestHandler)
     assert isinstance(server, GuardedAssociationServer)
+    server.on_association_end = list(on_association_end)
     server.pdu_limit = (max_pdu or UNLIMITED_PDU_CAP) + PDU_SLACK
     server.idle_timeout_s = idle_timeout_s
     server.pdu_deadline_s = pdu_deadline_s
