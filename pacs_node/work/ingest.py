@@ -25,7 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 from pydicom.valuerep import VR
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
+#: The database refuses the row for this dataset's values: permanent, so never 0xA7xx (which tells the
+#: sender to try again, for ever).
+CANNOT_RECORD = 0xC220
 
 
 class UnreadableDataset(Exception):
@@ -218,11 +221,12 @@ class Ingestor:
                         sop_instance_uid=fields["sop_instance_uid"],
                         max_attempts=self.settings.worker.max_attempts,
                     )
-        except SQLAlchemyError:
-            log.exception("could not record instance from %s (0x%04X)", caller.ae_title, OUT_OF_RESOURCES)
+        except SQLAlchemyError as exc:
+            status = CANNOT_RECORD if isinstance(exc, DataError) else OUT_OF_RESOURCES
+            log.exception("could not record instance from %s (0x%04X)", caller.ae_title, status)
             self._remove_unrecorded(relpath, fields["sop_instance_uid"])
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
-            return OUT_OF_RESOURCES
+            return status
         if not inserted:
             # Another association filed the same instance between our check and our insert: it is
             # stored (same path) and recorded once, which is all the sender needs to know.
