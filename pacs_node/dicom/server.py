@@ -18,7 +18,8 @@ from pynetdicom.events import Event
 
 from pacs_node.ops import metrics
 from pacs_node.dicom.transport import GuardedAssociationServer, start_guarded_server
-from pacs_node.config import Settings
+from pacs_node.config import Service, Settings
+from pacs_node.dicom.permissions import NOT_AUTHORISED, CallerPolicy
 from pacs_node.dicom.presentation_contexts import add_scp_contexts
 from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
 from pacs_node.ops.context import ServerContext
@@ -45,17 +46,6 @@ _SOURCE_SERVICE_USER = 0x01
 _DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
 
 
-def caller_allowed(settings: Settings, ae_title: str, host: str | None) -> bool:
-    """Whether ``ae_title`` calling from ``host`` may associate (see ``allowed_callers`` in the config)."""
-    if not settings.allowed_callers:
-        return settings.allow_any_caller
-    title = ae_title.strip()
-    return any(
-        entry.ae_title == title and (entry.host is None or entry.host == host)
-        for entry in settings.allowed_callers
-    )
-
-
 class Listener:
     """Owns the AE and its server thread; ``start`` returns once the port is bound."""
 
@@ -63,6 +53,7 @@ class Listener:
         self.settings = settings
         self.rt = runtime
         self.ingestor = Ingestor(settings, runtime)
+        self.policy = CallerPolicy(settings)
         self.ae = AE(ae_title=settings.node.ae_title)
         self.ae.maximum_pdu_size = settings.node.max_pdu
         self.ae.maximum_associations = settings.node.max_associations
@@ -88,7 +79,7 @@ class Listener:
         except ImportError as exc:
             log.info("query/retrieve not available (%s); serving C-ECHO and C-STORE only", exc)
             return []
-        service = QueryRetrieveService.from_runtime(self.settings, self.rt)
+        service = QueryRetrieveService.from_runtime(self.settings, self.rt, self.policy)
         service.add_contexts(self.ae)
         return list(service.handlers())
 
@@ -98,7 +89,7 @@ class Listener:
         requestor = event.assoc.requestor
         ae_title = str(requestor.primitive.calling_ae_title).strip()
         host = requestor.address
-        if not caller_allowed(self.settings, ae_title, host):
+        if self.policy.grant(ae_title, host) is None:
             log.warning("association from %s at %s rejected: calling AE not allowed", ae_title, host)
             metrics.ASSOCIATIONS_REJECTED.labels("calling_ae").inc()
             event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNISED)
@@ -115,6 +106,11 @@ class Listener:
         path = Path(event.dataset_path)
         if not claim(path):  # its association ended (aborted) while it waited for this handler
             return OUT_OF_RESOURCES
+        if not self.policy.allows(caller.ae_title, caller.host, Service.STORE):
+            log.warning("C-STORE from %s at %s refused (0x%04X): the caller may not store", caller.ae_title,
+                        caller.host, NOT_AUTHORISED)
+            metrics.INSTANCES_RECEIVED.labels("refused").inc()
+            return NOT_AUTHORISED
         failure = spool_failure(path)
         if failure is not None:  # the disk filled (or failed) while the dataset arrived
             log.error("could not receive instance from %s (0x%04X): %s", caller.ae_title, OUT_OF_RESOURCES, failure)

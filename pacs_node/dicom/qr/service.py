@@ -32,7 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
-from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level
+from pacs_node.config import Service
+from pacs_node.dicom.permissions import NOT_AUTHORISED, CallerPolicy, Grant
+from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level, selective
 from storage.schema import Instance
 from storage.store import InstanceStore
 
@@ -81,22 +83,44 @@ class QueryRetrieveService:
     ``peers`` maps a peer name to ``(ae_title, host, port)``: the only C-MOVE destinations. A move to
     any other AE title fails with 0xA801 (Move Destination unknown), so a caller cannot make the node
     send images to an address of its choosing.
+
+    ``policy`` says which caller may find, move (and to which peers) and get; a refused C-FIND or C-GET
+    is answered 0x0124 (Refused: Not authorized), a refused C-MOVE 0xA801 (pynetdicom answers a C-MOVE
+    with a status of its own only before it has associated with the destination, and a destination the
+    caller may not name is, to it, unknown). ``None`` lets every caller do everything.
     """
 
     def __init__(self, sessions: sessionmaker[Session], store: InstanceStore,
                  peers: Mapping[str, tuple[str, str, int]], *, ae_title: str | None = None,
-                 max_matches: int = 10000) -> None:
+                 max_matches: int = 10000, policy: CallerPolicy | None = None) -> None:
         self.sessions = sessions
         self.store = store
         self.peers = dict(peers)
         self.ae_title = ae_title
         self.max_matches = max_matches
+        self.policy = policy
 
     @classmethod
-    def from_runtime(cls, settings: Settings, runtime: ServerContext) -> QueryRetrieveService:
+    def from_runtime(cls, settings: Settings, runtime: ServerContext,
+                     policy: CallerPolicy | None = None) -> QueryRetrieveService:
         """The service as the listener builds it: configured peers, the runtime's store and sessions."""
         peers = {name: (p.ae_title, p.host, p.port) for name, p in settings.peers.items()}
-        return cls(runtime.sessions, runtime.store, peers, ae_title=settings.node.ae_title)
+        return cls(runtime.sessions, runtime.store, peers, ae_title=settings.node.ae_title, policy=policy)
+
+    def _grant(self, event: Event) -> Grant | None:
+        if self.policy is None:
+            return Grant(frozenset(Service))
+        requestor = event.assoc.requestor
+        return self.policy.grant(str(requestor.ae_title), requestor.address)
+
+    def _refused(self, event: Event, service: Service) -> bool:
+        """Whether the caller may not use ``service`` (logged, without the identifier)."""
+        grant = self._grant(event)
+        if grant is not None and service in grant.services:
+            return False
+        log.warning("C-%s from %s refused: the caller may not %s", service.value.upper(), _caller(event),
+                    service.value)
+        return True
 
     # -- wiring -----------------------------------------------------------------------------------
 
@@ -115,6 +139,9 @@ class QueryRetrieveService:
     # -- C-FIND -----------------------------------------------------------------------------------
 
     def on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+        if self._refused(event, Service.FIND):
+            yield NOT_AUTHORISED, None
+            return
         sop_class = str(event.request.AffectedSOPClassUID)
         try:
             identifier = event.identifier
@@ -153,9 +180,10 @@ class QueryRetrieveService:
         with self.sessions() as session:
             dialect = session.get_bind().dialect.name
             conditions = identifier_conditions(identifier, level, dialect)
-            if not conditions:
-                # Retrieving everything is never what a PACS means; require at least one key.
-                raise QueryError("C-MOVE/C-GET identifier has no matching key")
+            if not conditions or not selective(identifier, level):
+                # Retrieving everything is never what a PACS means; require at least one key that is
+                # more than wildcards (PatientID=?* matches every patient).
+                raise QueryError("C-MOVE/C-GET identifier has no selective matching key")
             rows = session.execute(
                 select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
                        Instance.path)
@@ -179,6 +207,10 @@ class QueryRetrieveService:
             yield PENDING, dataset
 
     def on_get(self, event: Event) -> Iterator[Any]:
+        if self._refused(event, Service.GET):
+            yield 1
+            yield NOT_AUTHORISED, None
+            return
         try:
             matches = self._matches(event)
         except QueryError as exc:
@@ -199,23 +231,33 @@ class QueryRetrieveService:
         yield len(matches)
         yield from self._datasets(event, matches)
 
-    def destination(self, ae_title: str) -> tuple[str, int] | None:
-        """Host and port of the configured peer with this AE title (exact, then case-insensitive)."""
+    def destination(self, ae_title: str) -> tuple[str, str, int] | None:
+        """Name, host and port of the configured peer with this AE title (exact, then case-insensitive)."""
         title = ae_title.strip()
         for exact in (True, False):
-            for peer_ae, host, port in self.peers.values():
+            for name, (peer_ae, host, port) in self.peers.items():
                 if (peer_ae.strip() == title) if exact else (peer_ae.strip().upper() == title.upper()):
-                    return host, int(port)
+                    return name, host, int(port)
         return None
 
     def on_move(self, event: Event) -> Iterator[Any]:
         raw = event.move_destination
         ae_title = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
-        destination = self.destination(ae_title)
-        if destination is None:
+        if self._refused(event, Service.MOVE):
+            yield None, None  # 0xA801, see the class docstring
+            return
+        found = self.destination(ae_title)
+        if found is None:
             log.warning("C-MOVE from %s to unknown destination %r", _caller(event), ae_title.strip())
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
+        grant = self._grant(event)
+        if grant is None or not grant.may_move_to(found[0]):
+            log.warning("C-MOVE from %s to %r refused: the caller may not name that destination",
+                        _caller(event), ae_title.strip())
+            yield None, None
+            return
+        destination = found[1:]
         try:
             matches = self._matches(event)
             error = None
