@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _config.STORE_RECV_CHUNKED_DATASET = True
 # pynetdicom logs C-FIND/C-MOVE identifiers (patient names and IDs) unless told not to.
 _config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 # A write error while spooling (disk full) becomes a 0xA700 answer instead of a dead association.
 install_spool()
 

@@ -7,8 +7,8 @@ cannot parse, and an exception's message may quote anything. So:
 
 * Python warnings are captured into logging (``py.warnings``) instead of going to stderr unformatted;
 * every line from a logger outside the node's own packages, and every traceback, has its quoted text
-  replaced by ``"…"`` (:func:`scrub`): the node's own messages name no patient data, and what a library
-  quotes is, more often than not, a value from the dataset;
+  and the values of dumped elements replaced by ``"…"`` (:func:`scrub`): the node's own messages name
+  no patient data, and what a library quotes or dumps is, more often than not, a value from the dataset;
 * SQL parameters are never logged (``hide_parameters`` on every engine, see :mod:`storage.db`).
 
 pynetdicom and highdicom narrate every association and attribute at INFO; both are held at WARNING
@@ -25,14 +25,16 @@ import sys
 _OWN_PACKAGES = frozenset({"pacs_node", "storage", "pipelines", "bench"})
 #: Quoted text, except a traceback's ``File "..."`` (a path of the node's code, needed to debug).
 _QUOTED = re.compile(r"(?<!File )\"[^\"\n]*\"|'[^'\n]*'")
+#: An element in a dataset dump (pydicom's, pynetdicom's): ``(0010,0010) PN [SMITH^JOHN]``.
+_DUMPED = re.compile(r"(\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)\s+[A-Z]{2}\s+)(\[[^\n]*\]|[^\s#][^#\n]*)")
 #: What stands in for quoted text.
 REDACTED = '"…"'
 
 
 def scrub(text: str) -> str:
-    """``text`` with every quoted span replaced by :data:`REDACTED`, and NUL and other control
-    characters (which no log line should carry) replaced by ``?``."""
-    text = _QUOTED.sub(REDACTED, text)
+    """``text`` with every quoted span and every value of a dumped element replaced by :data:`REDACTED`,
+    and NUL and other control characters (which no log line should carry) replaced by ``?``."""
+    text = _DUMPED.sub(lambda m: m.group(1) + REDACTED, _QUOTED.sub(REDACTED, text))
     return "".join(ch if ch >= " " or ch in "\n\t" else "?" for ch in text)
 
 
