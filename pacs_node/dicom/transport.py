@@ -41,7 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from pacs_node.dicom.spooling import ReceiveSpool
 
 log = logging.getLogger(__name__)
 
@@ -52,42 +55,63 @@ PDU_SLACK = 64 * 1024
 UNLIMITED_PDU_CAP = 64 * 1024 * 1024
 
 
-#: Largest single read of a PDU body (see :func:`_recv_pdu_bytes`).
+#: Largest single read of a PDU body (see :class:`ServerAssociationSocket`).
 RECV_CHUNK = 1024 * 1024
 
 
-def _recv_pdu_bytes(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` that takes whatever the kernel has, up to ``nr_bytes``, per call.
+class ServerAssociationSocket(AssociationSocket):
+    """The :class:`AssociationSocket` of an association this node's server accepted.
 
-    pynetdicom's own reads 4 KiB per system call: for a 30 MB radiograph that is thousands of calls, each
-    releasing and retaking the GIL, which is what makes concurrent associations collapse (and doubles the
-    listener's CPU time per image). The contract is unchanged: block until ``nr_bytes`` have arrived,
-    return fewer only when the peer closed the connection. It never asks for more than ``nr_bytes``, so
-    nothing is read past the PDU pynetdicom is reading, and the PDU size limit below still sees every
-    byte."""
-    sock = self.socket
-    assert sock is not None
-    data = bytearray()
-    while len(data) < nr_bytes:
-        chunk = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
-        if not chunk:
-            break
-        data += chunk
-    return data
+    Its ``recv`` takes whatever the kernel has, up to ``nr_bytes``, per call. pynetdicom's own reads 4 KiB
+    per system call: for a 30 MB radiograph that is thousands of calls, each releasing and retaking the
+    GIL, which is what makes concurrent associations collapse (and doubles the listener's CPU time per
+    image). The contract is unchanged: block until ``nr_bytes`` have arrived, return fewer only when the
+    peer closed the connection. It never asks for more than ``nr_bytes``, so nothing is read past the PDU
+    pynetdicom is reading, and the PDU size limit below still sees every byte. Outgoing associations
+    (export, ``pacs-node send``, C-MOVE sub-associations) keep pynetdicom's own socket."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        data = bytearray()
+        while len(data) < nr_bytes:
+            chunk = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    @property
+    def ready(self) -> bool:
+        """pynetdicom's ``ready`` (data waiting in the kernel), or bytes the doorman read and gave back."""
+        if self.socket is not None and getattr(self.socket, "pushback", b""):
+            return True
+        return bool(super().ready)
 
 
-_stock_ready = AssociationSocket.ready.fget  # type: ignore[attr-defined]
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with the accepted association reading through a
+    :class:`ServerAssociationSocket` (it adds no state, so the socket pynetdicom built is re-classed)."""
 
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        assert sock is not None and type(sock) is AssociationSocket
+        sock.__class__ = ServerAssociationSocket
+        self.association = assoc
+        return assoc
 
-def _ready(self: AssociationSocket) -> bool:
-    """pynetdicom's ``ready`` (data waiting in the kernel), or bytes the doorman read and gave back."""
-    if self.socket is not None and getattr(self.socket, "pushback", b""):
-        return True
-    return bool(_stock_ready(self))
-
-
-AssociationSocket.recv = _recv_pdu_bytes  # type: ignore[method-assign]
-AssociationSocket.ready = property(_ready)  # type: ignore[assignment, method-assign]
+    def handle(self) -> None:
+        """Start the association, then wait in this (otherwise finished) thread for it to end: only then
+        is it certain that no message of it is still arriving, and its unfinished spool files go."""
+        super().handle()
+        self.association.join()
+        spool = getattr(self.server, "spool", None)
+        if isinstance(spool, ReceiveSpool):
+            try:
+                spool.discard_unclaimed(self.association)
+            except Exception:  # noqa: BLE001 (a clean-up must not kill the server's thread pool)
+                log.exception("removing the unfinished datasets of an association failed")
 
 
 class PduTooLarge(ConnectionError):
@@ -381,26 +405,6 @@ def _address(address: Any) -> str:
         return "?"
 
 
-class _WatchedRequestHandler(RequestHandler):
-    """pynetdicom's handler, whose thread then waits for its association to end and tells the server
-    (``association_ended``): only then is it certain that no message of it is still arriving."""
-
-    def _create_association(self) -> Any:
-        self.association = super()._create_association()
-        return self.association
-
-    def handle(self) -> None:
-        super().handle()
-        self.association.join()
-        server = self.server
-        assert isinstance(server, GuardedAssociationServer)
-        for callback in server.on_association_end:
-            try:
-                callback(self.association)
-            except Exception:  # noqa: BLE001 (one failing callback must not stop the others)
-                log.exception("association clean-up failed")
-
-
 class GuardedAssociationServer(ThreadedAssociationServer):
     """A :class:`ThreadedAssociationServer` with deferred TLS handshakes, a PDU size limit, PDU deadlines
     and a :class:`Doorman` for connections still sending their request (see the module docstring).
@@ -416,8 +420,6 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     #: The watching threads never hold up shutdown (an association in progress is not waited for).
     daemon_threads = True
     block_on_close = False
-    #: Called with each association once it has ended (see :class:`_WatchedRequestHandler`).
-    on_association_end: list[Callable[[Any], None]]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand a new connection to the doorman, which starts its association thread (ThreadingMixIn's
@@ -435,6 +437,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         if self.doorman is not None:
             self.doorman.stop()
         super().server_close()
+    #: Where this server's incoming C-STORE datasets are written (see :mod:`pacs_node.dicom.spooling`).
+    spool: ReceiveSpool | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
@@ -462,16 +466,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 
 def start_guarded_server(ae: AE, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None,
-                         evt_handlers: list[Any], max_pdu: int, idle_timeout_s: float | None = 60.0,
-                         pdu_deadline_s: float = 60.0, request_deadline_s: float = 10.0,
-                         max_pending: int = 64, dropped: Callable[[str], None] | None = None,
-                         on_association_end: tuple[Callable[[Any], None], ...] = ()
-                         ) -> GuardedAssociationServer:
+                         evt_handlers: list[Any], max_pdu: int, spool: ReceiveSpool | None = None,
+                         idle_timeout_s: float | None = 60.0, pdu_deadline_s: float = 60.0,
+                         request_deadline_s: float = 10.0, max_pending: int = 64,
+                         dropped: Callable[[str], None] | None = None) -> GuardedAssociationServer:
     """Bind ``address`` and serve in a daemon thread, as ``ae.start_server(block=False)`` does."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer, request_handler=_WatchedRequestHandler)
+                            server_class=GuardedAssociationServer, request_handler=GuardedRequestHandler)
     assert isinstance(server, GuardedAssociationServer)
-    server.on_association_end = list(on_association_end)
+    server.spool = spool
     server.pdu_limit = (max_pdu or UNLIMITED_PDU_CAP) + PDU_SLACK
     server.idle_timeout_s = idle_timeout_s
     server.pdu_deadline_s = pdu_deadline_s

@@ -19,7 +19,7 @@ from bench.lockout import Attack, associate_rq
 from pacs_node.config import Settings
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
-from tests.node.helpers import echoscu, make_cr
+from tests.pacs_node.helpers import echoscu, make_cr
 from tests.support import dcmtk, free_port
 
 REQUEST_DEADLINE_S = 2.0

@@ -21,7 +21,7 @@ from pacs_node.config import Settings
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from storage.doctor import Doctor
-from tests.node.helpers import make_cr
+from tests.pacs_node.helpers import make_cr
 from tests.support import free_port
 
 PDU_DEADLINE_S = 1.0

@@ -15,7 +15,7 @@ import pytest
 from pacs_node.config import Settings
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
-from tests.node.helpers import StoreSCP, echoscu, make_cr, storescu
+from tests.pacs_node.helpers import StoreSCP, echoscu, make_cr, storescu
 from tests.support import dcmtk, free_port
 
 Start = Callable[..., Settings]

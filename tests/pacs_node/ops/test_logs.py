@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.helpers import make_cr, storescu
+from tests.pacs_node.helpers import make_cr, storescu
 from tests.support import dcmtk
 
 #: Markers: each is in exactly one attribute of one file, so a hit says which value leaked.

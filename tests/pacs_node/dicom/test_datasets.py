@@ -27,7 +27,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
 
 from pacs_node.dicom.datasets import DatasetRefused, InflateLimits, check_frame_size, read_header
-from tests.node.helpers import Node, make_cr, storescu
+from tests.pacs_node.helpers import Node, make_cr, storescu
 from tests.support import dcmtk
 
 MiB = 1024 * 1024
