@@ -17,9 +17,7 @@ import pytest
 
 from bench.lockout import Attack, associate_rq
 from pacs_node.config import Settings
-from pacs_node.dicom.server import Listener
-from pacs_node.ops.context import ServerContext
-from tests.pacs_node.helpers import echoscu, make_cr
+from tests.pacs_node.helpers import echoscu, make_cr, running_listener
 from tests.support import dcmtk, free_port
 
 REQUEST_DEADLINE_S = 2.0
@@ -33,12 +31,8 @@ def listener(tmp_path: Path) -> Iterator[Settings]:
               "request_deadline_s": REQUEST_DEADLINE_S, "pdu_deadline_s": PDU_DEADLINE_S},
         store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
     )
-    runtime = ServerContext.open(settings)
-    node = Listener(settings, runtime)
-    node.start()
-    yield settings
-    node.stop()
-    runtime.close()
+    with running_listener(settings):
+        yield settings
 
 
 def _storescu(port: int, image: Path) -> tuple[float, subprocess.CompletedProcess[str]]:

@@ -18,10 +18,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from pacs_node.config import Settings
-from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from storage.doctor import Doctor
-from tests.pacs_node.helpers import make_cr
+from tests.pacs_node.helpers import make_cr, running_listener
 from tests.support import free_port
 
 PDU_DEADLINE_S = 1.0
@@ -35,12 +34,8 @@ def node(tmp_path: Path) -> Iterator[tuple[Settings, ServerContext]]:
               "max_associations": 32, "pdu_deadline_s": PDU_DEADLINE_S},
         store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
     )
-    runtime = ServerContext.open(settings)
-    listener = Listener(settings, runtime)
-    listener.start()
-    yield settings, runtime
-    listener.stop()
-    runtime.close()
+    with running_listener(settings) as runtime:
+        yield settings, runtime
 
 
 def _pdus(stream: bytes) -> list[bytes]:

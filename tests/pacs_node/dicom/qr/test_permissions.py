@@ -5,6 +5,7 @@ the "needs a matching key" guard holds against wildcards that match everything."
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 from collections.abc import Callable, Iterator
@@ -13,9 +14,7 @@ from pathlib import Path
 import pytest
 
 from pacs_node.config import Settings
-from pacs_node.dicom.server import Listener
-from pacs_node.ops.context import ServerContext
-from tests.pacs_node.helpers import StoreSCP, echoscu, make_cr, storescu
+from tests.pacs_node.helpers import StoreSCP, echoscu, make_cr, running_listener, storescu
 from tests.support import dcmtk, free_port
 
 Start = Callable[..., Settings]
@@ -23,26 +22,22 @@ Start = Callable[..., Settings]
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Start]:
-    started: list[tuple[Listener, ServerContext]] = []
+    with contextlib.ExitStack() as running:
+        yield lambda receiver_port, **sections: running.enter_context(
+            _started(tmp_path, receiver_port, **sections))
 
-    def factory(receiver_port: int, **sections: object) -> Settings:
-        settings = Settings(
-            node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / f"var{len(started)}"},
-            store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
-            peers={"receiver": {"ae_title": "RECEIVER", "host": "127.0.0.1", "port": receiver_port},
-                   "other": {"ae_title": "OTHERPACS", "host": "127.0.0.1", "port": free_port()}},
-            **sections,
-        )
-        runtime = ServerContext.open(settings)
-        listener = Listener(settings, runtime)
-        listener.start()
-        started.append((listener, runtime))
-        return settings
 
-    yield factory
-    for listener, runtime in started:
-        listener.stop()
-        runtime.close()
+@contextlib.contextmanager
+def _started(tmp_path: Path, receiver_port: int, **sections: object) -> Iterator[Settings]:
+    settings = Settings(
+        node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / f"var{free_port()}"},
+        store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
+        peers={"receiver": {"ae_title": "RECEIVER", "host": "127.0.0.1", "port": receiver_port},
+               "other": {"ae_title": "OTHERPACS", "host": "127.0.0.1", "port": free_port()}},
+        **sections,
+    )
+    with running_listener(settings):
+        yield settings
 
 
 @pytest.fixture
