@@ -24,7 +24,6 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 from pydicom.valuerep import VR
-from sqlalchemy import select
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from pacs_node.ops import metrics
@@ -32,11 +31,11 @@ from pacs_node.config import NonChestAction, Settings
 from pacs_node.dicom import datasets
 from pacs_node.dicom.datasets import DatasetRefused, InflateLimits
 from pacs_node.ops.logs import scrub
-from pacs_node.work.instance_record import MissingAttribute, instance_fields
+from pacs_node.work.instance_record import MissingAttribute, instance_record
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
-from storage.repository import add_instance
-from storage.schema import Disposition, Instance, JobKind, Origin
+from storage.repository import add_instance, instance_exists
+from storage.schema import Disposition, JobKind, Origin
 from storage.store import StoreFullError
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def read_header(path: Path, expected_sop_instance_uid: str | None, limits: Infla
         ds = header.dataset
         for _ in ds:  # force decoding of every top-level element
             pass
-        fields = instance_fields(ds)
+        record = instance_record(ds)
         _check_consistency(path, header)
     except UnreadableDataset:
         raise
@@ -80,7 +79,7 @@ def read_header(path: Path, expected_sop_instance_uid: str | None, limits: Infla
         raise UnreadableDataset(str(exc)) from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise UnreadableDataset(f"{type(exc).__name__}: {scrub(str(exc))}") from exc
-    if expected_sop_instance_uid and fields["sop_instance_uid"] != expected_sop_instance_uid:
+    if expected_sop_instance_uid and record.sop_instance_uid != expected_sop_instance_uid:
         raise UnreadableDataset("SOP Instance UID in the dataset differs from the C-STORE request's")
     return ds
 
@@ -144,10 +143,7 @@ class Ingestor:
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.rt.read_session() as session:
-            found = session.execute(
-                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-            ).first()
-        return found is not None
+            return instance_exists(session, sop_instance_uid)
 
     def ingest(self, temp_path: Path, sop_instance_uid: str, caller: Caller) -> int:
         """File the dataset at ``temp_path``; return the C-STORE status to send."""
@@ -179,13 +175,13 @@ class Ingestor:
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return CANNOT_UNDERSTAND
 
-        fields = instance_fields(ds)
+        record = instance_record(ds)
         decision = decide(ds)
         discard = not decision.analyse and self.settings.policy.non_chest is NonChestAction.DISCARD
         relpath = ""
         if not discard:
             relpath = self.rt.store.relpath_for(
-                fields["study_instance_uid"], fields["series_instance_uid"], fields["sop_instance_uid"]
+                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
             )
             try:
                 # pynetdicom still holds its own (flushed) handle; this one is for fsync and rename.
@@ -204,7 +200,7 @@ class Ingestor:
             with self.rt.write_session() as session, session.begin():
                 inserted = add_instance(
                     session,
-                    **fields,
+                    record,
                     path=relpath,
                     size_bytes=0 if discard else size,
                     origin=Origin.RECEIVED,
@@ -217,14 +213,14 @@ class Ingestor:
                     self.rt.queue.enqueue(
                         session,
                         kind=JobKind.ANALYSE,
-                        dedupe_key=f"analyse:{fields['sop_instance_uid']}",
-                        sop_instance_uid=fields["sop_instance_uid"],
+                        dedupe_key=f"analyse:{record.sop_instance_uid}",
+                        sop_instance_uid=record.sop_instance_uid,
                         max_attempts=self.settings.worker.max_attempts,
                     )
         except SQLAlchemyError as exc:
             status = CANNOT_RECORD if isinstance(exc, DataError) else OUT_OF_RESOURCES
             log.exception("could not record instance from %s (0x%04X)", caller.ae_title, status)
-            self._remove_unrecorded(relpath, fields["sop_instance_uid"])
+            self._remove_unrecorded(relpath, record.sop_instance_uid)
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return status
         if not inserted:
@@ -238,7 +234,7 @@ class Ingestor:
         metrics.INSTANCES_RECEIVED.labels(outcome).inc()
         if decision.analyse:
             self._analyse_bell.ring()
-            log.info("stored %s instance from %s and queued it for analysis", fields["modality"], caller.ae_title)
+            log.info("stored %s instance from %s and queued it for analysis", record.modality, caller.ae_title)
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS
