@@ -76,3 +76,10 @@ def test_results_bench_runs_tiny() -> None:
     out = run_bench("results", "--images", "2", "--processes", "0,1")
     assert out["bench"] == "results" and set(out["by_processes"]) == {"0", "1"}
     assert all(r["images_per_s"] > 0 and r["objects_per_image"] >= 2 for r in out["by_processes"].values())
+
+
+def test_lockout_bench_runs_tiny(dcmtk_tools: None) -> None:
+    out = run_bench("lockout", "--tricklers", "4", "--trickle-s", "0.5", "--idlers", "2", "--reopen-s", "0.5",
+                    "--duration-s", "2", "--deadline-s", "1", "--every-s", "1")
+    assert out["bench"] == "lockout" and out["sends"] >= 1 and out["failed"] == 0
+    assert out["attack_connections"] >= 6
