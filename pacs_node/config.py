@@ -78,17 +78,40 @@ class NodeConfig(Section):
     max_pdu: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
     #: Concurrent associations the listener serves.
     max_associations: Annotated[int, Field(ge=1)] = 16
+    #: Connections that have not yet sent a whole A-ASSOCIATE-RQ, held apart from the associations (they
+    #: never use an association slot); past this many the oldest is closed for the newcomer.
+    max_pending_connections: Annotated[int, Field(ge=1, le=10000)] = 64
+    #: Longest a connection may take from connecting to the last byte of its A-ASSOCIATE-RQ (TLS
+    #: handshake included); a real peer needs milliseconds.
+    request_deadline_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    #: Longest one PDU may take to arrive once its first byte has (a 4 MiB PDU at 70 kB/s).
+    pdu_deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    #: Reject associations whose called AE title is not ``ae_title`` (A-ASSOCIATE-RJ, reason 7).
+    check_called_ae: bool = True
     #: DICOM TLS for every association on ``port``; absent means plain TCP.
     tls: ListenerTLSConfig | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class Service(StrEnum):
+    """What a caller may ask of the node (C-ECHO is always allowed to whoever may associate)."""
+
+    STORE = "store"
+    FIND = "find"
+    MOVE = "move"
+    GET = "get"
+
+
 class AllowedCaller(Section):
-    """A calling AE that may associate; ``host`` (an IP address) pins it to one machine."""
+    """A calling AE that may associate; ``host`` (an IP address) pins it to one machine. ``services``
+    are what it may ask for; ``move_destinations`` the peer names its C-MOVEs may name (empty: any
+    configured peer)."""
 
     ae_title: AETitle
     host: str | None = None
+    services: list[Service] = Field(default_factory=lambda: list(Service))
+    move_destinations: list[str] = Field(default_factory=list)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -329,6 +352,15 @@ class HttpConfig(Section):
         return v
 
 
+class LimitsConfig(Section):
+    """Bounds on what a peer's dataset may cost before it is refused (status 0xC2xx)."""
+
+    #: Largest dataset a Deflated transfer syntax may inflate to.
+    max_inflated_bytes: Annotated[int, Field(ge=1024 * 1024)] = 256 * 1024 * 1024
+    #: Largest inflated / deflated ratio, checked once a dataset exceeds 16 MiB inflated.
+    max_inflate_ratio: Annotated[float, Field(ge=2)] = 100.0
+
+
 class LoggingConfig(Section):
     level: str = "INFO"
 
@@ -351,6 +383,9 @@ class Settings(BaseSettings):
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     #: Allow any calling AE when ``allowed_callers`` is empty (convenient for a first run; say so in logs).
     allow_any_caller: bool = True
+    #: What a caller not listed in ``allowed_callers`` may do when ``allow_any_caller`` lets it in:
+    #: send images, not query or retrieve them (patient data goes only to configured callers).
+    any_caller_services: list[Service] = Field(default_factory=lambda: [Service.STORE])
     peers: dict[str, Peer] = Field(default_factory=dict)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -362,6 +397,7 @@ class Settings(BaseSettings):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @classmethod
@@ -385,6 +421,10 @@ class Settings(BaseSettings):
         for name in self.routing.always:
             if name not in self.peers:
                 raise ValueError(f"routing.always: unknown peer {name!r}")
+        for i, caller in enumerate(self.allowed_callers):
+            for name in caller.move_destinations:
+                if name not in self.peers:
+                    raise ValueError(f"allowed_callers.{i}.move_destinations: unknown peer {name!r}")
         return self
 
     # -- derived paths -------------------------------------------------------------------------------
@@ -502,9 +542,11 @@ EXAMPLE_TOML = """\
 # "example". Any key can be overridden by the environment: PACS_NODE__<SECTION>__<KEY>, e.g.
 # PACS_NODE__NODE__PORT=104 or PACS_NODE__PIPELINE__DEVICE=cuda.
 
-# Who may associate. With no [[allowed_callers]] and allow_any_caller = true, any AE may send to us;
+# Who may associate. With no [[allowed_callers]] and allow_any_caller = true, any AE may send to us
+# (C-ECHO and what any_caller_services allows: C-STORE only, no query/retrieve of patient data);
 # as soon as one [[allowed_callers]] entry exists, only listed AEs (and hosts) may.
 allow_any_caller = true
+any_caller_services = ["store"]
 
 [node]
 ae_title = "PACSNODE"          # our AE title (called AE for modalities and PACS)
@@ -513,6 +555,10 @@ bind = "0.0.0.0"               # address to listen on
 data_dir = "var"               # SQLite database and instance store live here by default
 max_pdu = 4194304              # largest PDU we accept (bytes)
 max_associations = 16
+max_pending_connections = 64   # connections still sending their A-ASSOCIATE-RQ (never use association slots)
+request_deadline_s = 10.0      # connect to complete A-ASSOCIATE-RQ (TLS handshake included)
+pdu_deadline_s = 60.0          # first to last byte of one PDU
+check_called_ae = true         # reject a called AE title other than ae_title
 # [node.tls]                   # example: DICOM TLS on the port above (mutual TLS when ca_file is set)
 # cert_file = "/etc/pacs-node/node.pem"
 # key_file = "/etc/pacs-node/node.key"
@@ -530,6 +576,8 @@ max_associations = 16
 # [[allowed_callers]]          # example
 # ae_title = "CR_ROOM1"
 # host = "10.1.2.3"            # optional: only from this address
+# services = ["store"]         # default all of store, find, move, get; a modality needs only store
+# move_destinations = ["pacs"] # peers its C-MOVEs may name (default: any configured peer)
 
 [routing]
 default = "sender"             # no rule matched: back to the peer whose AE title is the caller's ("none": keep only)
@@ -607,6 +655,10 @@ read_timeout_s = 30.0
 # role = "admin"               # admin | read-only
 # secret_hash = "pbkdf2_sha256$600000$..."
 
+[limits]
+max_inflated_bytes = 268435456 # a Deflated dataset inflating past this is refused (0xC2xx)
+max_inflate_ratio = 100.0      # ... or inflating more than this many times its size (past 16 MiB)
+
 [logging]
-level = "INFO"
+level = "INFO"                 # DEBUG lets pynetdicom and highdicom log patient data (it says so)
 """

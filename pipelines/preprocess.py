@@ -122,6 +122,10 @@ class Decoded:
         return unit.mul_(self.scale).add_(self.offset).clamp_(0.0, 1.0)
 
 
+#: Photometric interpretations whose first sample is the luminance.
+_LUMA_CHROMA = frozenset({"YBR_FULL", "YBR_FULL_422"})
+
+
 def dicom_to_unit(ds: pydicom.Dataset) -> np.ndarray:
     """Decoded, LUT-applied, MONOCHROME2-oriented image as float32 ``[rows, cols]`` in [0, 1]."""
     return decode(ds).unit()
@@ -133,10 +137,13 @@ def decode(ds: pydicom.Dataset) -> Decoded:
     if "PixelData" not in ds:
         raise PreprocessError("dataset has no Pixel Data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    # A radiograph captured in colour as luminance and chrominance (a digitiser, a secondary capture):
+    # its luminance Y is the grey image, read as decoded, without a round trip through RGB.
+    luma = photometric in _LUMA_CHROMA and int(ds.get("SamplesPerPixel", 1)) == 3
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") and not luma:
         raise PreprocessError(f"Photometric Interpretation {photometric or '(absent)'} is not grayscale "
-                              "(MONOCHROME1/2 expected)")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+                              f"(MONOCHROME1/2, or {'/'.join(sorted(_LUMA_CHROMA))} expected)")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 and not luma:
         raise PreprocessError(f"Samples per Pixel is {ds.SamplesPerPixel}, a grayscale image has 1")
     bits = int(ds.get("BitsAllocated", 0))
     if bits not in (8, 16):
@@ -148,7 +155,11 @@ def decode(ds: pydicom.Dataset) -> Decoded:
         raise PreprocessError(f"multi-frame image ({ds.NumberOfFrames} frames): one radiograph per instance expected")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        raw = ds.pixel_array
+        if luma:
+            ds.pixel_array_options(as_rgb=False)
+            raw = ds.pixel_array[..., 0]
+        else:
+            raw = ds.pixel_array
     except Exception as exc:  # pydicom/plugins raise many types for truncated or corrupt streams
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise PreprocessError(f"cannot decode pixel data ({name}): {exc}") from None

@@ -14,6 +14,8 @@ guarantees:
   ``SQLITE_BUSY`` when it tries to upgrade its lock, and concurrent claimers are serialised.
 * PostgreSQL connections are checked with ``pool_pre_ping`` so a restarted database server costs one
   reconnect, not a failed job.
+* No engine ever puts a statement's parameters in an error or a log line (``hide_parameters``): an
+  instance row's are a patient's name and ID.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def make_engine(url: str) -> Engine:
         # A database host that stopped answering must cost an error after seconds, not a hung worker
         # (unless the URL sets its own ?connect_timeout=).
         timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-        engine = create_engine(url, pool_pre_ping=True, connect_args=timeout)
+        engine = create_engine(url, pool_pre_ping=True, connect_args=timeout, hide_parameters=True)
     else:
         raise ValueError(f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: {_USAGE}")
     _dispose_after_fork(engine)
@@ -88,7 +90,7 @@ def _make_sqlite_engine(url: str, database: str | None) -> Engine:
     in_memory = not database or database == ":memory:" or database.startswith("file::memory:")
     if database and not in_memory:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 (DBAPI connection)

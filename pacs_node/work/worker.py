@@ -25,15 +25,20 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.ops import metrics
 from pacs_node.config import Device, Settings
+from pacs_node.dicom.datasets import DatasetRefused, check_frame_size, check_inflated_size
+from pacs_node.ops.logs import scrub
+from pacs_node.work.ingest import inflate_limits
 from pacs_node.results.builder_pool import Built, ResultBuilders, auto_processes
 from pacs_node.work.instance_record import declared_pixels
 from pacs_node.work.job_loop import JobLoop, complete_job
@@ -63,6 +68,23 @@ def check_dimensions(ds: Dataset) -> None:
     if pixels > MAX_SOURCE_PIXELS:
         raise PipelineError(f"image of {pixels:,} pixels ({ds.get('Rows')} x {ds.get('Columns')}) exceeds the "
                             f"limit of {MAX_SOURCE_PIXELS:,}; not decoded")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_encapsulated and "PixelData" in ds:
+        try:
+            check_frame_size(ds, ds.PixelData[:_FRAME_PROBE])
+        except DatasetRefused as exc:
+            raise PipelineError(str(exc)) from None
+
+
+#: Bytes of encapsulated Pixel Data searched for the first frame's own size.
+_FRAME_PROBE = 128 * 1024
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether building or storing results may succeed when tried again: a full disk, a database or
+    a builder process that went away; not an error of the result builders' own (the same image builds
+    the same way every time)."""
+    return isinstance(exc, (OSError, SQLAlchemyError, BrokenProcessPool, MemoryError))
 
 
 class PipelineUnavailable(RuntimeError):
@@ -169,7 +191,7 @@ class Worker:
                 # A batch-level failure (out of memory, one image that breaks the model) says nothing
                 # about the others: run each alone, so only the image at fault spends its attempts.
                 log.warning("pipeline failed on a batch of %d (%s: %s); retrying the images one by one",
-                            len(work), type(exc).__name__, exc)
+                            len(work), type(exc).__name__, scrub(str(exc)))
                 for w in work:
                     self._analyse_and_record([w])
                 return
@@ -200,7 +222,7 @@ class Worker:
                 produced = self._store_results(w, objects)
             except Exception as exc:
                 log.exception("job %d: building or storing its results failed", w.job.id)
-                self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
+                self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=_transient(exc))
                 continue
             self._finished(w.job.id)
             if complete_job(self.rt, w.job, self.worker_id, {"results": produced}):
@@ -213,10 +235,12 @@ class Worker:
             raise PipelineError("the instance is no longer stored")
         path: Path = self.rt.store.path(row.path)
         try:
+            # pydicom inflates a Deflated file whole, in memory: only once it is known to be bounded.
+            check_inflated_size(path, inflate_limits(self.settings))
             ds = pydicom.dcmread(path)
         except FileNotFoundError as exc:
             raise PipelineError(f"the instance's file {row.path} is missing from the store") from exc
-        except InvalidDicomError as exc:  # the same bytes will fail the same way: not retryable
+        except (InvalidDicomError, DatasetRefused) as exc:  # the same bytes will fail the same way
             raise PipelineError(f"the stored file {row.path} is not readable DICOM: {exc}") from exc
         check_dimensions(ds)
         return _Work(job, ds, row.calling_ae)
@@ -267,6 +291,7 @@ class Worker:
             self._heartbeat.release(job_id)
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
+        error = scrub(error)  # an exception's message may quote a value of the dataset
         self._finished(job.id)
         metrics.JOBS_FAILED.labels(job.kind).inc()
         state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable)

@@ -93,3 +93,10 @@ def test_stow_bench_runs_tiny(tmp_path: Path) -> None:
     assert [r["path"] for r in out["results"]] == ["storescu", "stow-1-request", "stow-per-image"]
     assert all(r["images"] == 2 for r in out["results"])
     assert set(out["ratios"]) == {"stow-1-request_vs_storescu", "stow-per-image_vs_storescu"}
+
+
+def test_lockout_bench_runs_tiny(dcmtk_tools: None) -> None:
+    out = run_bench("lockout", "--tricklers", "4", "--trickle-s", "0.5", "--idlers", "2", "--reopen-s", "0.5",
+                    "--duration-s", "2", "--deadline-s", "1", "--every-s", "1")
+    assert out["bench"] == "lockout" and out["sends"] >= 1 and out["failed"] == 0
+    assert out["attack_connections"] >= 6
