@@ -17,7 +17,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 
 from pacs_node.ops import metrics
-from pacs_node.dicom.transport import GuardedAssociationServer, start_guarded_server
+from pacs_node.dicom.transport import GuardedAssociationServer, enable_tcp_nodelay, start_guarded_server
 from pacs_node.config import Settings
 from pacs_node.dicom.presentation_contexts import add_scp_contexts
 from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
@@ -129,6 +129,7 @@ class Listener:
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        enable_tcp_nodelay()  # C-MOVE sub-operations associate from this AE
         incoming = self.rt.incoming_dir
         # pynetdicom creates its chunked-receive files with tempfile.NamedTemporaryFile in tempfile's
         # directory; putting that inside the store keeps the final rename on one filesystem.

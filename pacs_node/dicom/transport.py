@@ -63,6 +63,37 @@ def _recv_pdu_bytes(self: AssociationSocket, nr_bytes: int) -> bytearray:
 AssociationSocket.recv = _recv_pdu_bytes  # type: ignore[method-assign]
 
 
+def set_tcp_nodelay(sock: socket.socket) -> None:
+    """Send each write at once instead of holding small segments back for Nagle's algorithm.
+
+    pynetdicom writes a DIMSE message as separate PDUs (command, then data set) and then waits for the
+    answer; with Nagle on, the second small write waits for the peer's delayed ACK (~40 ms on Linux), so
+    tiny messages crawl at tens per second. Every PDU is a whole ``send``, so nothing is gained by
+    coalescing. Not a TCP socket (a test's socketpair): nothing to do."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+_stock_create_socket = AssociationSocket._create_socket
+
+
+def _create_socket_without_delay(self: AssociationSocket, address: Any) -> socket.socket:
+    """``AssociationSocket._create_socket`` (every outgoing association: export, ``pacs-node send`` and
+    ``echo``, C-MOVE sub-operations) with :func:`set_tcp_nodelay` applied before it connects."""
+    sock = _stock_create_socket(self, address)
+    set_tcp_nodelay(sock)
+    return sock
+
+
+def enable_tcp_nodelay() -> None:
+    """Make every association pynetdicom opens from this process send without Nagle's delay.
+
+    pynetdicom 3 has no socket-options hook for the sockets it creates, so this replaces
+    ``AssociationSocket._create_socket`` with a wrapper (idempotent; proposed upstream as an option).
+    Accepted sockets get the same setting in :meth:`GuardedAssociationServer.get_request`."""
+    AssociationSocket._create_socket = _create_socket_without_delay  # type: ignore[method-assign]
+
+
 class PduTooLarge(ConnectionError):
     """A PDU header announced more bytes than this listener will buffer."""
 
@@ -125,6 +156,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         assert self.socket is not None
         raw, address = self.socket.accept()
         raw.settimeout(self.idle_timeout_s)
+        set_tcp_nodelay(raw)
         if self.ssl_context is not None:
             self.ssl_context.sslsocket_class = _LimitedSSLSocket
             client: socket.socket = self.ssl_context.wrap_socket(

@@ -33,6 +33,7 @@ from pacs_node.config import Peer, Settings
 from pacs_node.work.leases import LeaseKeeper
 from pacs_node.ops.context import ServerContext
 from pacs_node.dicom.tls import TLSConfigError, peer_tls_args
+from pacs_node.dicom.transport import enable_tcp_nodelay
 from storage.queue import ClaimedJob
 from storage.schema import Instance, JobKind, utcnow
 
@@ -56,6 +57,7 @@ def tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
 
 
 def make_scu(settings: Settings) -> AE:
+    enable_tcp_nodelay()
     ae = AE(ae_title=settings.node.ae_title)
     timeout = settings.export.timeout_s
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
