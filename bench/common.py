@@ -53,6 +53,13 @@ def dcmtk(name: str) -> str:
     raise BenchError(f"DCMTK {name} is not installed (apt-get install dcmtk)")
 
 
+def dcmtk_env() -> dict[str, str]:
+    """The environment DCMTK programs run in: ``TCP_NODELAY=1``, without which DCMTK leaves Nagle's
+    algorithm on and every small message waits for a delayed ACK (~11 tiny instances/s instead of
+    ~1,200): the setting a fair comparison of message rates needs."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,7 +118,8 @@ class StoreSCP:
 
     def start(self) -> StoreSCP:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=dcmtk_env())
         wait_for_port(self.port, self.proc, timeout=20)
         return self
 

@@ -48,6 +48,7 @@ from bench.common import (
     chest_image_files,
     cpu_seconds,
     dcmtk,
+    dcmtk_env,
     device_words,
     emit,
     free_port,
@@ -190,7 +191,7 @@ class DcmtkPeers:
 
     def send(self, node: Node, batch: list[Image]) -> None:
         result = subprocess.run(storescu_command(node.port, [i.path for i in batch], node.ae_title),
-                                capture_output=True, check=False)
+                                capture_output=True, check=False, env=dcmtk_env())
         if result.returncode != 0:
             raise BenchError(f"storescu failed: {result.stderr.decode(errors='replace')[-2000:]}")
 

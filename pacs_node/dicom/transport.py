@@ -25,6 +25,7 @@ import threading
 from typing import Any
 
 from pynetdicom import AE
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,32 @@ def _create_socket_without_delay(self: AssociationSocket, address: Any) -> socke
     return sock
 
 
+_stock_get_msg = DIMSEServiceProvider.get_msg
+
+
+def _get_msg_unless_paused(self: DIMSEServiceProvider, block: bool = False) -> Any:
+    """``DIMSEServiceProvider.get_msg`` that gives the association's reactor nothing while it is paused.
+
+    A ``send_c_*`` call pauses the reactor (clears ``_reactor_checkpoint``, then waits for ``_is_paused``)
+    and takes the response itself. The reactor sets ``_is_paused`` just before it passes the checkpoint,
+    so the caller can read a stale True, send, and lose its response to the reactor's non-blocking
+    ``get_msg`` ("Received unexpected C-STORE service message", then a DIMSE timeout and an abort).
+    With Nagle the response came ~40 ms later and the window never mattered; without it, a fast peer
+    answers inside it (seen once in a few thousand exports). Only the reactor asks without blocking."""
+    if not block and not self.assoc._reactor_checkpoint.is_set():
+        return None, None
+    return _stock_get_msg(self, block)
+
+
 def enable_tcp_nodelay() -> None:
     """Make every association pynetdicom opens from this process send without Nagle's delay.
 
     pynetdicom 3 has no socket-options hook for the sockets it creates, so this replaces
     ``AssociationSocket._create_socket`` with a wrapper (idempotent; proposed upstream as an option).
-    Accepted sockets get the same setting in :meth:`GuardedAssociationServer.get_request`."""
+    Accepted sockets get the same setting in :meth:`GuardedAssociationServer.get_request`. Answers then
+    come fast enough to hit a race in pynetdicom's reactor, closed here too (:func:`_get_msg_unless_paused`)."""
     AssociationSocket._create_socket = _create_socket_without_delay  # type: ignore[method-assign]
+    DIMSEServiceProvider.get_msg = _get_msg_unless_paused  # type: ignore[method-assign]
 
 
 class PduTooLarge(ConnectionError):

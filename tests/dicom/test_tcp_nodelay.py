@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from pacs_node.config import Peer, Settings
@@ -19,6 +20,19 @@ from tests.support import free_port
 
 def _nodelay(sock: socket.socket) -> bool:
     return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def _assert_paused_reactor_takes_no_response(assoc: Association) -> None:
+    """While a ``send_c_*`` holds the reactor paused, a response waiting in the queue is the sender's:
+    the reactor's non-blocking ``get_msg`` gets nothing (the race that fast answers expose)."""
+    response = (1, object())
+    assoc._reactor_checkpoint.clear()
+    try:
+        assoc.dimse.msg_queue.put(response)
+        assert assoc.dimse.get_msg(block=False) == (None, None)
+        assert assoc.dimse.get_msg(block=True) == response
+    finally:
+        assoc._reactor_checkpoint.set()
 
 
 def test_outgoing_and_accepted_sockets_have_tcp_nodelay(tmp_path: Path) -> None:
@@ -43,6 +57,7 @@ def test_outgoing_and_accepted_sockets_have_tcp_nodelay(tmp_path: Path) -> None:
                 assert accepted and all(_nodelay(a.dul.socket.socket) for a in accepted), \
                     "accepted association waits on Nagle"
                 assert assoc.send_c_echo().Status == 0
+                _assert_paused_reactor_takes_no_response(assoc)
             finally:
                 assoc.release()
     finally:
