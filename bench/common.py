@@ -269,7 +269,9 @@ def machine() -> dict[str, Any]:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            # others share this machine: the load says how far its absolute figures can be trusted
+            "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def device_words(info: dict[str, Any]) -> str:

@@ -40,9 +40,10 @@ from bench.common import (
     Node,
     StoreSCP,
     chest_image_files,
+    cpu_seconds,
+    dcmtk_env,
     device_words,
     emit,
-    dcmtk_env,
     fresh_dir,
     machine,
     storescu_command,
@@ -66,6 +67,9 @@ class Measurement:
     seconds: float
     images: int
     bytes: int
+    #: CPU seconds of the receiving process during the phase (the node's ``serve``; None where not
+    #: measured): on a machine others load, a steadier figure of the per-message cost than the wall time.
+    cpu_s: float | None = None
 
     @property
     def images_s(self) -> float:
@@ -130,11 +134,14 @@ def measure_storescp(work: Path, files: list[Path], nbytes: int, senders: int) -
 def measure_node(work: Path, files: list[Path], nbytes: int, senders: int) -> Measurement:
     node = Node(fresh_dir(work, "node"), NODE_TOML)
     with node:
+        assert node.proc is not None
+        before = cpu_seconds(node.proc.pid)[0]
         seconds = send(node.port, node.ae_title, files, senders)
+        cpu = cpu_seconds(node.proc.pid)[0] - before
     stored = _files_under(node.data_dir / "store")
     if stored != len(files):
         raise BenchError(f"the node stored {stored} of {len(files)} files\n{node.log_tail()}")
-    return Measurement("node", senders, seconds, len(files), nbytes)
+    return Measurement("node", senders, seconds, len(files), nbytes, cpu_s=cpu)
 
 
 def measure_export(work: Path, files: list[Path], nbytes: int) -> Measurement:
@@ -150,13 +157,13 @@ def measure_export(work: Path, files: list[Path], nbytes: int) -> Measurement:
     settings = Settings(node={"ae_title": "BENCHNODE"})
     with StoreSCP(out) as scp:
         peer = Peer(ae_title=scp.ae_title, host="127.0.0.1", port=scp.port)
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         outcomes = send_datasets(settings, peer, datasets)
-        seconds = time.monotonic() - start
+        seconds, cpu = time.monotonic() - start, time.process_time() - cpu
     failed = [o for o in outcomes if o != 0]
     if failed or _files_under(out) != len(files):
         raise BenchError(f"export: {len(failed)} of {len(files)} sends failed ({failed[:3]})")
-    return Measurement("export", 1, seconds, len(files), nbytes)
+    return Measurement("export", 1, seconds, len(files), nbytes, cpu_s=cpu)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -245,15 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         "total_bytes": nbytes,
         "repeat": args.repeat,
         "dd_fsync_mb_s": round(dd_mb_s, 1),
-        "results": [{**asdict(m), "images_s": round(m.images_s, 2), "mb_s": round(m.mb_s, 1)} for m in results],
+        "results": [{**asdict(m), "images_s": round(m.images_s, 2), "mb_s": round(m.mb_s, 1),
+                     "cpu_ms_per_image": None if m.cpu_s is None else round(m.cpu_s / m.images * 1e3, 2)}
+                    for m in results],
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "tiny": args.tiny,
         "goals": goals,
     }
-    rows = [("dd conv=fsync", "-", "-", f"{dd_mb_s:.1f}", "")]
-    rows += [(m.receiver, str(m.senders), f"{m.images_s:.2f}", f"{m.mb_s:.1f}",
-              f"{m.mb_s / dd_mb_s:.2f}") for m in results]
-    emit(result, ("receiver", "senders", "images/s", "MB/s", "of dd"), rows,
+    rows = [("dd conv=fsync", "-", "-", f"{dd_mb_s:.1f}", "", "")]
+    rows += [(m.receiver, str(m.senders), f"{m.images_s:.2f}", f"{m.mb_s:.1f}", f"{m.mb_s / dd_mb_s:.2f}",
+              "" if m.cpu_s is None else f"{m.cpu_s / m.images * 1e3:.2f}") for m in results]
+    emit(result, ("receiver", "senders", "images/s", "MB/s", "of dd", "CPU ms/image"), rows,
          title=f"ingest: {args.count} x {args.rows}x{args.cols} 16-bit ({nbytes / MB:.0f} MB) on "
                f"{result['device']}; median of {args.repeat}")
     for name, value in ratios.items():
