@@ -14,7 +14,7 @@ JSON line and a table: images/s, MB/s (10^6 bytes of DICOM files per second of w
 first association to the last acknowledgement), node/storescp and node/dd ratios.
 
 ``--tiny`` measures the per-message cost instead of bandwidth: 64 x 48 instances (``--count`` 200 unless
-given), and one more phase, the node's exporter as the sender (``pacs_node.work.export.send_datasets``,
+given), and one more phase, the node's exporter as the sender (``pacs_node.dicom.scu.send_datasets``,
 the exporter's and ``pacs-node send``'s code, one association from this process) into ``storescp``.
 DCMTK's programs always run with ``TCP_NODELAY=1`` (the pynetdicom ends of the node set it themselves).
 
@@ -150,7 +150,7 @@ def measure_export(work: Path, files: list[Path], nbytes: int) -> Measurement:
     import pydicom
 
     from pacs_node.config import Peer, Settings
-    from pacs_node.work.export import send_datasets
+    from pacs_node.dicom.scu import send_datasets
 
     datasets = [pydicom.dcmread(f) for f in files]
     out = fresh_dir(work, "export")

@@ -25,8 +25,11 @@ import threading
 from typing import Any
 
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from pacs_node.dicom.spooling import ReceiveSpool
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +40,43 @@ PDU_SLACK = 64 * 1024
 UNLIMITED_PDU_CAP = 64 * 1024 * 1024
 
 
-#: Largest single read of a PDU body (see :func:`_recv_pdu_bytes`).
+#: Largest single read of a PDU body (see :class:`ServerAssociationSocket`).
 RECV_CHUNK = 1024 * 1024
 
 
-def _recv_pdu_bytes(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` that takes whatever the kernel has, up to ``nr_bytes``, per call.
+class ServerAssociationSocket(AssociationSocket):
+    """The :class:`AssociationSocket` of an association this node's server accepted.
 
-    pynetdicom's own reads 4 KiB per system call: for a 30 MB radiograph that is thousands of calls, each
-    releasing and retaking the GIL, which is what makes concurrent associations collapse (and doubles the
-    listener's CPU time per image). The contract is unchanged: block until ``nr_bytes`` have arrived,
-    return fewer only when the peer closed the connection. It never asks for more than ``nr_bytes``, so
-    nothing is read past the PDU pynetdicom is reading, and the PDU size limit below still sees every
-    byte."""
-    sock = self.socket
-    assert sock is not None
-    data = bytearray()
-    while len(data) < nr_bytes:
-        chunk = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
-        if not chunk:
-            break
-        data += chunk
-    return data
+    Its ``recv`` takes whatever the kernel has, up to ``nr_bytes``, per call. pynetdicom's own reads 4 KiB
+    per system call: for a 30 MB radiograph that is thousands of calls, each releasing and retaking the
+    GIL, which is what makes concurrent associations collapse (and doubles the listener's CPU time per
+    image). The contract is unchanged: block until ``nr_bytes`` have arrived, return fewer only when the
+    peer closed the connection. It never asks for more than ``nr_bytes``, so nothing is read past the PDU
+    pynetdicom is reading, and the PDU size limit below still sees every byte. Outgoing associations
+    (export, ``pacs-node send``, C-MOVE sub-associations) keep pynetdicom's own socket."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        data = bytearray()
+        while len(data) < nr_bytes:
+            chunk = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
+            if not chunk:
+                break
+            data += chunk
+        return data
 
 
-AssociationSocket.recv = _recv_pdu_bytes  # type: ignore[method-assign]
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with the accepted association reading through a
+    :class:`ServerAssociationSocket` (it adds no state, so the socket pynetdicom built is re-classed)."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        assert sock is not None and type(sock) is AssociationSocket
+        sock.__class__ = ServerAssociationSocket
+        return assoc
 
 
 def set_tcp_nodelay(sock: socket.socket) -> None:
@@ -75,43 +90,40 @@ def set_tcp_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-_stock_create_socket = AssociationSocket._create_socket
-
-
-def _create_socket_without_delay(self: AssociationSocket, address: Any) -> socket.socket:
-    """``AssociationSocket._create_socket`` (every outgoing association: export, ``pacs-node send`` and
-    ``echo``, C-MOVE sub-operations) with :func:`set_tcp_nodelay` applied before it connects."""
-    sock = _stock_create_socket(self, address)
-    set_tcp_nodelay(sock)
-    return sock
-
-
-_stock_get_msg = DIMSEServiceProvider.get_msg
-
-
-def _get_msg_unless_paused(self: DIMSEServiceProvider, block: bool = False) -> Any:
-    """``DIMSEServiceProvider.get_msg`` that gives the association's reactor nothing while it is paused.
+class ResponseKeepingDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, except that the association's reactor gets no message while a
+    ``send_c_*`` call holds it paused.
 
     A ``send_c_*`` call pauses the reactor (clears ``_reactor_checkpoint``, then waits for ``_is_paused``)
     and takes the response itself. The reactor sets ``_is_paused`` just before it passes the checkpoint,
     so the caller can read a stale True, send, and lose its response to the reactor's non-blocking
-    ``get_msg`` ("Received unexpected C-STORE service message", then a DIMSE timeout and an abort).
-    With Nagle the response came ~40 ms later and the window never mattered; without it, a fast peer
-    answers inside it (seen once in a few thousand exports). Only the reactor asks without blocking."""
-    if not block and not self.assoc._reactor_checkpoint.is_set():
-        return None, None
-    return _stock_get_msg(self, block)
+    ``get_msg`` ("Received unexpected C-STORE service message", then a DIMSE timeout and an abort). With
+    Nagle's delay the response came ~40 ms later and the window never mattered; with TCP_NODELAY a fast
+    peer answers inside it (seen in about one export of 200 in a hundred). Only the reactor asks without
+    blocking. It adds no state, so pynetdicom's provider is re-classed."""
+
+    def get_msg(self, block: bool = False) -> Any:
+        if not block and not self.assoc._reactor_checkpoint.is_set():
+            return None, None
+        return super().get_msg(block)
 
 
-def enable_tcp_nodelay() -> None:
-    """Make every association pynetdicom opens from this process send without Nagle's delay.
+class NoDelayAE(AE):
+    """An AE whose requested associations (export, ``pacs-node send`` and ``echo``, the listener's C-MOVE
+    sub-associations) send without Nagle's delay, and keep their responses (:class:`ResponseKeepingDIMSE`).
 
-    pynetdicom 3 has no socket-options hook for the sockets it creates, so this replaces
-    ``AssociationSocket._create_socket`` with a wrapper (idempotent; proposed upstream as an option).
-    Accepted sockets get the same setting in :meth:`GuardedAssociationServer.get_request`. Answers then
-    come fast enough to hit a race in pynetdicom's reactor, closed here too (:func:`_get_msg_unless_paused`)."""
-    AssociationSocket._create_socket = _create_socket_without_delay  # type: ignore[method-assign]
-    DIMSEServiceProvider.get_msg = _get_msg_unless_paused  # type: ignore[method-assign]
+    pynetdicom 3 has no socket-options hook; ``_create_socket`` is where its AE makes the socket of an
+    association it requests (worth proposing upstream as an option). Accepted sockets get TCP_NODELAY in
+    :meth:`GuardedAssociationServer.get_request`."""
+
+    def _create_socket(self, assoc: Association, address: AddressInformation,
+                       tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
+        sock = super()._create_socket(assoc, address, tls_args)
+        assert sock.socket is not None
+        set_tcp_nodelay(sock.socket)
+        assert type(assoc.dimse) is DIMSEServiceProvider
+        assoc.dimse.__class__ = ResponseKeepingDIMSE
+        return sock
 
 
 class PduTooLarge(ConnectionError):
@@ -171,6 +183,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     pdu_limit: int = UNLIMITED_PDU_CAP
     idle_timeout_s: float | None = 60.0
+    #: Where this server's incoming C-STORE datasets are written (see :mod:`pacs_node.dicom.spooling`).
+    spool: ReceiveSpool | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
@@ -197,12 +211,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 
 def start_guarded_server(ae: AE, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None,
-                         evt_handlers: list[Any], max_pdu: int, idle_timeout_s: float | None = 60.0
-                         ) -> GuardedAssociationServer:
+                         evt_handlers: list[Any], max_pdu: int, spool: ReceiveSpool | None = None,
+                         idle_timeout_s: float | None = 60.0) -> GuardedAssociationServer:
     """Bind ``address`` and serve in a daemon thread, as ``ae.start_server(block=False)`` does."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer)
+                            server_class=GuardedAssociationServer, request_handler=GuardedRequestHandler)
     assert isinstance(server, GuardedAssociationServer)
+    server.spool = spool
     server.pdu_limit = (max_pdu or UNLIMITED_PDU_CAP) + PDU_SLACK
     server.idle_timeout_s = idle_timeout_s
     thread = threading.Thread(target=server.serve_forever, name=f"acceptor:{address[1]}", daemon=True)

@@ -14,7 +14,7 @@ from pynetdicom.sop_class import Verification
 from pacs_node.config import Peer, Settings
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
-from pacs_node.work.export import make_scu
+from pacs_node.dicom.scu import make_scu
 from tests.support import free_port
 
 
