@@ -127,7 +127,7 @@ def _run(cmd: list[str], what: str) -> float:
 
 def populate(port: int, called: str, files: list[Path], senders: int) -> None:
     procs = [subprocess.Popen(storescu_command(port, files[i::senders], called), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, env=dcmtk_env()) for i in range(senders)]
+                              stderr=subprocess.PIPE, env=dcmtk_env()) for i in range(min(senders, len(files)))]
     for proc in procs:
         _, err = proc.communicate()
         if proc.returncode != 0:

@@ -77,3 +77,13 @@ def test_results_bench_runs_tiny() -> None:
     out = run_bench("results", "--images", "2", "--processes", "0,1")
     assert out["bench"] == "results" and set(out["by_processes"]) == {"0", "1"}
     assert all(r["images_per_s"] > 0 and r["objects_per_image"] >= 2 for r in out["by_processes"].values())
+
+
+@pytest.mark.usefixtures("dcmtk_tools")
+def test_qr_bench_runs_tiny(tmp_path: Path) -> None:
+    out = run_bench("qr", "--count", "3", "--repeat", "1",
+                    "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
+    assert out["bench"] == "qr" and out["count"] == 3
+    assert set(out["results"]) == {"node", "dcmqrscp"}
+    assert all(r["find_s"] > 0 and r["move_instances_s"] > 0 for r in out["results"].values())
+    assert set(out["goals"]) == {"find_3_matches_within_1_s", "move_at_least_200_instances_s"}
