@@ -92,14 +92,14 @@ def set_tcp_nodelay(sock: socket.socket) -> None:
 
 class ResponseKeepingDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, except that the association's reactor gets no message while a
-    ``send_c_*`` call holds it paused.
+    ``send_c_*`` call holds it paused (``_reactor_checkpoint`` cleared).
 
-    A ``send_c_*`` call pauses the reactor (clears ``_reactor_checkpoint``, then waits for ``_is_paused``)
-    and takes the response itself. The reactor sets ``_is_paused`` just before it passes the checkpoint,
-    so the caller can read a stale True, send, and lose its response to the reactor's non-blocking
-    ``get_msg`` ("Received unexpected C-STORE service message", then a DIMSE timeout and an abort). With
-    Nagle's delay the response came ~40 ms later and the window never mattered; with TCP_NODELAY a fast
-    peer answers inside it (seen in about one export of 200 in a hundred). Only the reactor asks without
+    A ``send_c_*`` call pauses the reactor (clears the checkpoint, then waits for ``_is_paused``) and takes
+    the response itself. The reactor sets ``_is_paused`` just before it passes the checkpoint, so the
+    caller can read a stale True, send, and lose its response to the reactor's non-blocking ``get_msg``
+    ("Received unexpected C-STORE service message", then a DIMSE timeout and an abort). With Nagle's
+    delay the response came ~40 ms later and the window never mattered; with TCP_NODELAY a fast peer
+    answers inside it (seen in about one export of 200 in a hundred). Only the reactor asks without
     blocking. It adds no state, so pynetdicom's provider is re-classed."""
 
     def get_msg(self, block: bool = False) -> Any:
@@ -108,9 +108,29 @@ class ResponseKeepingDIMSE(DIMSEServiceProvider):
         return super().get_msg(block)
 
 
+class ResponseKeepingAssociation(Association):
+    """A requested association whose ``send_c_*`` calls do not wait for the reactor to park.
+
+    Each ``send_c_*`` clears the reactor's checkpoint and then polls until the reactor reports itself
+    parked, which it does only after its next 1 ms sleep: up to a millisecond per message, a quarter of
+    an export's or a C-MOVE sub-operation's time on tiny instances. The pause exists so that the reactor
+    cannot take the response, and :class:`ResponseKeepingDIMSE` already guarantees that while the
+    checkpoint is cleared, so a cleared checkpoint counts as paused. (The reactor's other checks while
+    it finishes its iteration only look at queues: a peer's release or abort, the DUL's life.)"""
+
+    @property  # type: ignore[override]
+    def _is_paused(self) -> bool:
+        return bool(self.__dict__.get("_reactor_parked")) or not self._reactor_checkpoint.is_set()
+
+    @_is_paused.setter
+    def _is_paused(self, value: bool) -> None:
+        self.__dict__["_reactor_parked"] = value
+
+
 class NoDelayAE(AE):
     """An AE whose requested associations (export, ``pacs-node send`` and ``echo``, the listener's C-MOVE
-    sub-associations) send without Nagle's delay, and keep their responses (:class:`ResponseKeepingDIMSE`).
+    sub-associations) send without Nagle's delay, keep their responses (:class:`ResponseKeepingDIMSE`)
+    and do not wait for their reactor between messages (:class:`ResponseKeepingAssociation`).
 
     pynetdicom 3 has no socket-options hook; ``_create_socket`` is where its AE makes the socket of an
     association it requests (worth proposing upstream as an option). Accepted sockets get TCP_NODELAY in
@@ -121,8 +141,11 @@ class NoDelayAE(AE):
         sock = super()._create_socket(assoc, address, tls_args)
         assert sock.socket is not None
         set_tcp_nodelay(sock.socket)
-        assert type(assoc.dimse) is DIMSEServiceProvider
+        assert type(assoc.dimse) is DIMSEServiceProvider and type(assoc) is Association
         assoc.dimse.__class__ = ResponseKeepingDIMSE
+        parked = assoc.__dict__.pop("_is_paused")
+        assoc.__class__ = ResponseKeepingAssociation
+        assoc._is_paused = parked
         return sock
 
 
