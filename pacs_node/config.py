@@ -13,7 +13,7 @@ import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -72,8 +72,18 @@ class NodeConfig(Section):
     max_pdu: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
     #: Concurrent associations the listener serves.
     max_associations: Annotated[int, Field(ge=1)] = 16
+    #: Processes accepting associations on ``port`` (``SO_REUSEPORT``; the kernel spreads connections
+    #: over them), each filing what it receives durably on its own. ``auto``: one per two cores, at most 8
+    #: (1 on a 2-core machine, where a second one only competes with the workers for the CPU).
+    listener_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     #: DICOM TLS for every association on ``port``; absent means plain TCP.
     tls: ListenerTLSConfig | None = None
+
+    def listener_process_count(self) -> int:
+        """``listener_processes`` as a number (``auto`` resolved on this machine)."""
+        if self.listener_processes == "auto":
+            return max(1, min((os.cpu_count() or 1) // 2, 8))
+        return self.listener_processes
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -385,6 +395,7 @@ bind = "0.0.0.0"               # address to listen on
 data_dir = "var"               # SQLite database and instance store live here by default
 max_pdu = 4194304              # largest PDU we accept (bytes)
 max_associations = 16
+listener_processes = 1         # processes accepting on the port (SO_REUSEPORT), or "auto"
 # [node.tls]                   # example: DICOM TLS on the port above (mutual TLS when ca_file is set)
 # cert_file = "/etc/pacs-node/node.pem"
 # key_file = "/etc/pacs-node/node.key"

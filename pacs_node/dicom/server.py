@@ -112,7 +112,8 @@ class Listener:
 
     # -- life cycle -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, reuse_port: bool = False) -> None:
+        """Bind and serve; ``reuse_port`` when other listener processes share the port."""
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -126,7 +127,7 @@ class Listener:
         try:
             self._server = start_guarded_server(
                 self.ae, bind, ssl_context=ssl_context, evt_handlers=handlers,
-                max_pdu=self.settings.node.max_pdu, spool=self.spool,
+                max_pdu=self.settings.node.max_pdu, spool=self.spool, reuse_port=reuse_port,
             )
         except BaseException:
             undo_pynetdicom_adjustments()

@@ -208,6 +208,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     idle_timeout_s: float | None = 60.0
     #: Where this server's incoming C-STORE datasets are written (see :mod:`pacs_node.dicom.spooling`).
     spool: ReceiveSpool | None = None
+    #: ``SO_REUSEPORT``: other processes bind the same port and the kernel spreads connections over them.
+    reuse_port: bool = False
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
@@ -225,6 +227,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         client.pdu_limit = self.pdu_limit  # type: ignore[attr-defined]
         return client, address
 
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One failed connection (a TLS handshake that failed, a PDU over the limit) is logged in one
         line, without a traceback or any DICOM content, and the server carries on."""
@@ -233,12 +241,21 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                     type(exc).__name__, exc)
 
 
+class ReusePortServer(GuardedAssociationServer):
+    """A guarded server whose port other processes share (the socket is bound as the server is built)."""
+
+    reuse_port = True
+
+
 def start_guarded_server(ae: AE, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None,
                          evt_handlers: list[Any], max_pdu: int, spool: ReceiveSpool | None = None,
-                         idle_timeout_s: float | None = 60.0) -> GuardedAssociationServer:
-    """Bind ``address`` and serve in a daemon thread, as ``ae.start_server(block=False)`` does."""
+                         idle_timeout_s: float | None = 60.0, reuse_port: bool = False
+                         ) -> GuardedAssociationServer:
+    """Bind ``address`` and serve in a daemon thread, as ``ae.start_server(block=False)`` does;
+    ``reuse_port`` shares the port with other listener processes (``SO_REUSEPORT``)."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer, request_handler=GuardedRequestHandler)
+                            server_class=ReusePortServer if reuse_port else GuardedAssociationServer,
+                            request_handler=GuardedRequestHandler)
     assert isinstance(server, GuardedAssociationServer)
     server.spool = spool
     server.pdu_limit = (max_pdu or UNLIMITED_PDU_CAP) + PDU_SLACK
