@@ -144,6 +144,8 @@ class Node:
     ae_title: str = "PACSNODE"
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    #: Extra environment (``PACS_NODE__SECTION__KEY`` overrides of the config).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def log_path(self) -> Path:
@@ -173,6 +175,7 @@ port = 0
         config.write_text(self.config_text())
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env.pop("PACS_NODE_CONFIG", None)
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pacs_node", "--config", str(config), "serve"],

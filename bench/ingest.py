@@ -131,13 +131,23 @@ def measure_storescp(work: Path, files: list[Path], nbytes: int, senders: int) -
     return Measurement("storescp", senders, seconds, len(files), nbytes)
 
 
-def measure_node(work: Path, files: list[Path], nbytes: int, senders: int) -> Measurement:
-    node = Node(fresh_dir(work, "node"), NODE_TOML)
+def _wait_for_listeners(node: Node, count: int, timeout: float = 180.0) -> None:
+    """Until ``count`` listener processes have bound the port (the extra ones start after ``serve``)."""
+    deadline = time.monotonic() + timeout
+    while node.log_tail(10**7).count("pacs_node.dicom.server: listening as") < count:
+        if time.monotonic() > deadline:
+            raise BenchError(f"fewer than {count} listener processes after {timeout:.0f}s\n{node.log_tail()}")
+        time.sleep(0.2)
+
+
+def measure_node(work: Path, files: list[Path], nbytes: int, senders: int, listeners: int = 1) -> Measurement:
+    node = Node(fresh_dir(work, "node"), NODE_TOML, env={"PACS_NODE__NODE__LISTENER_PROCESSES": str(listeners)})
     with node:
         assert node.proc is not None
-        before = cpu_seconds(node.proc.pid)[0]
+        _wait_for_listeners(node, listeners)
+        before = sum(cpu_seconds(node.proc.pid))  # serve and its extra listener processes
         seconds = send(node.port, node.ae_title, files, senders)
-        cpu = cpu_seconds(node.proc.pid)[0] - before
+        cpu = sum(cpu_seconds(node.proc.pid)) - before
     stored = _files_under(node.data_dir / "store")
     if stored != len(files):
         raise BenchError(f"the node stored {stored} of {len(files)} files\n{node.log_tail()}")
@@ -175,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cols", type=int, help="default 2500 (48 with --tiny)")
     p.add_argument("--senders", type=int, default=4, help="concurrent storescu for the parallel phase (default 4)")
     p.add_argument("--repeat", type=int, default=1, help="runs of every phase; the median is reported")
+    p.add_argument("--listener-processes", type=int, default=1,
+                   help="the node's node.listener_processes (SO_REUSEPORT listeners; default 1)")
     p.add_argument("--workdir", type=Path, default=CACHE / "ingest-run",
                    help="where the receivers write (the filesystem under test); emptied per phase")
     p.add_argument("--cache", type=Path, default=CACHE, help="where generated inputs are kept between runs")
@@ -182,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, chest, tiny in (("count", 40, 200), ("rows", 3000, 64), ("cols", 2500, 48)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else chest)
-    for name in ("count", "rows", "cols", "senders", "repeat"):
+    for name in ("count", "rows", "cols", "senders", "repeat", "listener_processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.rows < 64:
@@ -203,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):
         dd_runs.append(nbytes / MB / dd_fsync(work, nbytes))
         for senders in sender_counts:
-            for measure in (measure_storescp, measure_node):
-                m = measure(work, files, nbytes, senders)
+            for m in (measure_storescp(work, files, nbytes, senders),
+                      measure_node(work, files, nbytes, senders, args.listener_processes)):
                 runs.setdefault((m.receiver, senders), []).append(m)
         if args.tiny:
             m = measure_export(work, files, nbytes)
@@ -257,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                     for m in results],
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "tiny": args.tiny,
+        "listener_processes": args.listener_processes,
         "goals": goals,
     }
     rows = [("dd conv=fsync", "-", "-", f"{dd_mb_s:.1f}", "", "")]
