@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 REPO = Path(__file__).resolve().parents[1]
 #: Where generated inputs are cached between runs (regenerating 40 chest-sized phantoms takes minutes).
@@ -279,6 +279,16 @@ def machine() -> dict[str, Any]:
 
 def device_words(info: dict[str, Any]) -> str:
     return f"{info['cores']}-core CPU ({info['cpu']})" + (f", GPU {info['gpu']}" if info["gpu"] else ", no GPU")
+
+
+def run_bench(main: Callable[[], int], name: str) -> NoReturn:
+    """A benchmark module's entry point: exit with ``main()``'s code, or with 2 and the reason when the
+    benchmark cannot run here (:class:`BenchError`)."""
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"bench.{name}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def emit(result: dict[str, Any], headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str) -> None:

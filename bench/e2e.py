@@ -30,7 +30,6 @@ import math
 import shlex
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -54,6 +53,7 @@ from bench.common import (
     free_port,
     fresh_dir,
     machine,
+    run_bench,
     storescu_command,
 )
 
@@ -438,8 +438,4 @@ port = {receiver.port}
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench.e2e: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_bench(main, "e2e")

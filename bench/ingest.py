@@ -29,7 +29,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from bench.common import (
     emit,
     fresh_dir,
     machine,
+    run_bench,
     storescu_command,
 )
 
@@ -284,8 +284,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench.ingest: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_bench(main, "ingest")

@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from bench.common import (
     free_port,
     fresh_dir,
     machine,
+    run_bench,
     stop_process,
     storescu_command,
     wait_for_port,
@@ -230,8 +230,4 @@ port = {receiver.port}
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench.qr: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_bench(main, "qr")
