@@ -88,8 +88,18 @@ class NodeConfig(Section):
     pdu_deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     #: Reject associations whose called AE title is not ``ae_title`` (A-ASSOCIATE-RJ, reason 7).
     check_called_ae: bool = True
+    #: Processes accepting associations on ``port`` (``SO_REUSEPORT``; the kernel spreads connections
+    #: over them), each filing what it receives durably on its own. ``auto``: one per two cores, at most 8
+    #: (1 on a 2-core machine, where a second one only competes with the workers for the CPU).
+    listener_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     #: DICOM TLS for every association on ``port``; absent means plain TCP.
     tls: ListenerTLSConfig | None = None
+
+    def listener_process_count(self) -> int:
+        """``listener_processes`` as a number (``auto`` resolved on this machine)."""
+        if self.listener_processes == "auto":
+            return max(1, min((os.cpu_count() or 1) // 2, 8))
+        return self.listener_processes
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -559,6 +569,7 @@ max_pending_connections = 64   # connections still sending their A-ASSOCIATE-RQ 
 request_deadline_s = 10.0      # connect to complete A-ASSOCIATE-RQ (TLS handshake included)
 pdu_deadline_s = 60.0          # first to last byte of one PDU
 check_called_ae = true         # reject a called AE title other than ae_title
+listener_processes = 1         # processes accepting on the port (SO_REUSEPORT), or "auto"
 # [node.tls]                   # example: DICOM TLS on the port above (mutual TLS when ca_file is set)
 # cert_file = "/etc/pacs-node/node.pem"
 # key_file = "/etc/pacs-node/node.key"

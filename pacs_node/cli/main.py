@@ -40,6 +40,7 @@ def main(
 # running
 app.command()(serve.serve)
 app.command()(serve.worker)
+app.command()(serve.listen)
 # talking to peers
 app.command()(peers.echo)
 app.command()(peers.send)

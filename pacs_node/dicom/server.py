@@ -12,7 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.events import Event
 
 from pacs_node.config import Service, Settings
@@ -22,7 +22,7 @@ from pacs_node.dicom.presentation_contexts import add_scp_contexts
 from pacs_node.dicom.qr import QueryRetrieveService
 from pacs_node.dicom.spooling import ReceiveSpool
 from pacs_node.dicom.tls import server_context
-from pacs_node.dicom.transport import GuardedAssociationServer, start_guarded_server
+from pacs_node.dicom.transport import GuardedAssociationServer, NoDelayAE, start_guarded_server
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
 from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
@@ -46,7 +46,7 @@ class Listener:
         self.rt = runtime
         self.ingestor = Ingestor(settings, runtime)
         self.policy = CallerPolicy(settings)
-        self.ae = AE(ae_title=settings.node.ae_title)
+        self.ae = NoDelayAE(ae_title=settings.node.ae_title)  # C-MOVE sub-associations are requested from it
         self.ae.maximum_pdu_size = settings.node.max_pdu
         self.ae.maximum_associations = settings.node.max_associations
         # pynetdicom's acceptor waits this long for an A-ASSOCIATE-RQ even after the peer has hung up, so
@@ -114,7 +114,8 @@ class Listener:
 
     # -- life cycle -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, reuse_port: bool = False) -> None:
+        """Bind and serve; ``reuse_port`` when other listener processes share the port."""
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -128,7 +129,7 @@ class Listener:
         try:
             self._server = start_guarded_server(
                 self.ae, bind, ssl_context=ssl_context, evt_handlers=handlers,
-                max_pdu=self.settings.node.max_pdu, spool=self.spool,
+                max_pdu=self.settings.node.max_pdu, spool=self.spool, reuse_port=reuse_port,
                 pdu_deadline_s=self.settings.node.pdu_deadline_s,
                 request_deadline_s=self.settings.node.request_deadline_s,
                 max_pending=self.settings.node.max_pending_connections,

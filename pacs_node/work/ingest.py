@@ -6,7 +6,8 @@ makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
 2. fsync the file, rename it into place, fsync the directory (``InstanceStore.commit``);
-3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, its ``analyse`` job;
+3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, its ``analyse`` job
+   (concurrent associations share that transaction's commit: ``storage.db.GroupCommit``);
 4. only then return 0x0000.
 
 A crash before 4 means the sender saw no success and sends again; a crash after 3 leaves a complete,
@@ -25,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 from pydicom.valuerep import VR
 from sqlalchemy.exc import DataError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
@@ -34,6 +36,7 @@ from pacs_node.ops.logs import scrub
 from pacs_node.work.instance_record import MissingAttribute, instance_record
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
+from storage.db import GroupCommit
 from storage.repository import add_instance, instance_exists
 from storage.schema import Disposition, JobKind, Origin
 from storage.store import StoreFullError
@@ -140,6 +143,7 @@ class Ingestor:
         self.settings = settings
         self.rt = runtime
         self._analyse_bell = runtime.doorbell(JobKind.ANALYSE)
+        self._commits = GroupCommit(runtime.write_sessions)
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.rt.read_session() as session:
@@ -196,27 +200,31 @@ class Ingestor:
         reason = decision.reason
         if discard:
             reason = f"{reason}; file discarded (policy.non_chest = discard)"
-        try:
-            with self.rt.write_session() as session, session.begin():
-                inserted = add_instance(
+
+        def insert(session: Session) -> bool:
+            inserted = add_instance(
+                session,
+                record,
+                path=relpath,
+                size_bytes=0 if discard else size,
+                origin=Origin.RECEIVED,
+                disposition=Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
+                reason=reason,
+                calling_ae=caller.ae_title[:16],
+                calling_host=(caller.host or "")[:64] or None,
+            )
+            if inserted and decision.analyse:
+                self.rt.queue.enqueue(
                     session,
-                    record,
-                    path=relpath,
-                    size_bytes=0 if discard else size,
-                    origin=Origin.RECEIVED,
-                    disposition=Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
-                    reason=reason,
-                    calling_ae=caller.ae_title[:16],
-                    calling_host=(caller.host or "")[:64] or None,
+                    kind=JobKind.ANALYSE,
+                    dedupe_key=f"analyse:{record.sop_instance_uid}",
+                    sop_instance_uid=record.sop_instance_uid,
+                    max_attempts=self.settings.worker.max_attempts,
                 )
-                if inserted and decision.analyse:
-                    self.rt.queue.enqueue(
-                        session,
-                        kind=JobKind.ANALYSE,
-                        dedupe_key=f"analyse:{record.sop_instance_uid}",
-                        sop_instance_uid=record.sop_instance_uid,
-                        max_attempts=self.settings.worker.max_attempts,
-                    )
+            return inserted
+
+        try:
+            inserted = self._commits.run(insert)
         except SQLAlchemyError as exc:
             status = CANNOT_RECORD if isinstance(exc, DataError) else OUT_OF_RESOURCES
             log.exception("could not record instance from %s (0x%04X)", caller.ae_title, status)

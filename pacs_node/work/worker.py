@@ -17,8 +17,6 @@ worker died half-way and that runs again produces the same objects once.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -46,6 +44,7 @@ from pacs_node.work.leases import LeaseKeeper
 from pacs_node.results.options import ResultOptions
 from pacs_node.work.routing import RouteKey, destinations
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.supervisor import exit_with_parent
 from pipelines.interface import FakePipeline, ImageResult, Pipeline, PipelineError
 from storage.queue import ClaimedJob
 from storage.repository import add_instance, get_instance
@@ -299,29 +298,13 @@ class Worker:
                     state.value, error)
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
-    """A worker started by ``serve`` stops when ``serve`` is gone (even after ``kill -9``), so a restarted
-    ``serve`` never finds stale workers from its previous life. On Linux the kernel signals us at once
-    (``PR_SET_PDEATHSIG``); polling ``getppid`` covers other systems and a parent that died before."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the polling below still works
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    while not stop.is_set():
-        if os.getppid() != parent_pid:
-            log.warning("parent process %d is gone; stopping", parent_pid)
-            stop.set()
-        stop.wait(1.0)
-
-
 def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
     """Body of ``pacs-node worker``: returns the exit code."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if parent_pid is not None:
-        _watch_parent = threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True)
+        _watch_parent = threading.Thread(target=exit_with_parent, args=(parent_pid, stop), daemon=True)
         _watch_parent.start()
     runtime = ServerContext.open(settings, migrate=False)
     try:

@@ -41,15 +41,16 @@ def run_bench(module: str, *args: str, timeout: float = 300) -> dict:
 
 @pytest.mark.usefixtures("dcmtk_tools")
 def test_ingest_bench_runs_tiny(tmp_path: Path) -> None:
-    out = run_bench("ingest", "--count", "3", "--rows", "64", "--cols", "48", "--senders", "2",
+    out = run_bench("ingest", "--tiny", "--count", "3", "--senders", "2",
                     "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
-    assert out["bench"] == "ingest" and out["count"] == 3
+    assert out["bench"] == "ingest" and out["count"] == 3 and (out["rows"], out["cols"]) == (64, 48)
     assert {(r["receiver"], r["senders"]) for r in out["results"]} == {
-        ("storescp", 1), ("node", 1), ("storescp", 2), ("node", 2)}
+        ("storescp", 1), ("node", 1), ("storescp", 2), ("node", 2), ("export", 1)}
     assert all(r["images"] == 3 and r["mb_s"] >= 0 for r in out["results"])
     assert out["dd_fsync_mb_s"] > 0
     assert set(out["ratios"]) == {"node_vs_storescp_1_sender", "node_vs_storescp_2_senders",
-                                  "node_2_senders_vs_dd_fsync"}
+                                  "node_2_senders_vs_dd_fsync", "node_2_senders_vs_1_sender"}
+    assert "export_at_least_200_images_s" in out["goals"]
     assert "CPU" in out["device"]
     # nothing left behind in the work directory but empty receiver directories
     assert not [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
@@ -100,3 +101,13 @@ def test_lockout_bench_runs_tiny(dcmtk_tools: None) -> None:
                     "--duration-s", "2", "--deadline-s", "1", "--every-s", "1")
     assert out["bench"] == "lockout" and out["sends"] >= 1 and out["failed"] == 0
     assert out["attack_connections"] >= 6
+
+
+@pytest.mark.usefixtures("dcmtk_tools")
+def test_qr_bench_runs_tiny(tmp_path: Path) -> None:
+    out = run_bench("qr", "--count", "3", "--repeat", "1",
+                    "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
+    assert out["bench"] == "qr" and out["count"] == 3
+    assert set(out["results"]) == {"node", "dcmqrscp"}
+    assert all(r["find_s"] > 0 and r["move_instances_s"] > 0 for r in out["results"].values())
+    assert set(out["goals"]) == {"find_3_matches_within_1_s", "move_at_least_200_instances_s"}
