@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "dcmqrscp": {"find": [], "move": []}}
     with StoreSCP(receiver_dir, ae_title=MOVE_AE) as receiver:
         node = Node(fresh_dir(work, "node"), f"""\
+any_caller_services = ["store", "find", "move"]  # the bench's SCU is not a configured caller
 [pipeline]
 bundle = "fake"
 [worker]
