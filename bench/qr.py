@@ -180,11 +180,15 @@ def main(argv: list[str] | None = None) -> int:
                                                 "dcmqrscp": {"find": [], "move": []}}
     with StoreSCP(receiver_dir, ae_title=MOVE_AE) as receiver:
         node = Node(fresh_dir(work, "node"), f"""\
-any_caller_services = ["store", "find", "move"]  # the bench's SCU is not a configured caller
 [pipeline]
 bundle = "fake"
 [worker]
 count = 0
+[[allowed_callers]]
+ae_title = "BENCHQR"
+[[allowed_callers]]
+ae_title = "BENCHSCU"
+services = ["store"]
 [peers.movedest]
 ae_title = "{MOVE_AE}"
 host = "127.0.0.1"
