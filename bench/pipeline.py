@@ -280,7 +280,7 @@ def batched(infer: Callable[..., RawOutput], images: torch.Tensor, batch: int) -
         return torch.cat([getattr(p, field) for p in parts])
 
     return RawOutput(cat("boxes"), cat("detected"), cat("selected"), cat("abnormal_probs"), torch.cat(ids),
-                     cat("label_probs"))
+                     cat("label_probs"), cat("abnormal"))
 
 
 def equivalence(engine: Engine, workload: Workload, images: torch.Tensor, batch: int, engine_batch: int

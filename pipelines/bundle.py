@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,12 @@ FORMAT = "crrg-clip-bundle"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 
-#: Probability thresholds: a region gets a sentence when ``P(selected) > selection`` (RGRG: logit > -1),
-#: and is called abnormal when ``P(abnormal) > abnormal``.
-DEFAULT_THRESHOLDS = {"selection": 0.2689414213699951, "abnormal": 0.5}
+#: RGRG's decision rules, on the logits as RGRG compares them (no sigmoid, no rounded probability): a detected
+#: region gets a sentence when its selector logit is ``> selection_logit``, and is called abnormal when its
+#: abnormality logit is ``> abnormal_logit``.
+DEFAULT_THRESHOLDS = {"selection_logit": -1.0, "abnormal_logit": -1.0}
+#: Manifests written before the logit rules held probabilities under these names.
+_PROBABILITY_THRESHOLDS = {"selection": "selection_logit", "abnormal": "abnormal_logit"}
 
 
 class BundleError(Exception):
@@ -308,5 +312,19 @@ def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu") -> B
     if len(tokenizer) != cfg.vocab_size:
         raise BundleError(f"{root / tok_spec['file']}: {len(tokenizer)} tokens, config vocab_size is {cfg.vocab_size}")
     model.to(device).eval()
-    thresholds = {**DEFAULT_THRESHOLDS, **manifest["thresholds"]}
-    return Bundle(root, manifest, cfg, model, tokenizer, thresholds)
+    return Bundle(root, manifest, cfg, model, tokenizer, logit_thresholds(manifest["thresholds"]))
+
+
+def logit_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
+    """The manifest's thresholds as logit thresholds; an older manifest's probability ``p`` becomes
+    ``log(p / (1 - p))``, the same rule up to rounding at the boundary."""
+    out = dict(DEFAULT_THRESHOLDS)
+    for key, value in thresholds.items():
+        if key in _PROBABILITY_THRESHOLDS and _PROBABILITY_THRESHOLDS[key] not in thresholds:
+            p = float(value)
+            if not 0.0 < p < 1.0:
+                raise BundleError(f"manifest threshold {key!r} = {p} is not a probability in (0, 1)")
+            out[_PROBABILITY_THRESHOLDS[key]] = math.log(p / (1.0 - p))
+        elif key in DEFAULT_THRESHOLDS:
+            out[key] = float(value)
+    return out

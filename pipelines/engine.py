@@ -64,12 +64,13 @@ def set_deterministic(seed: int = 0) -> None:
 
 @dataclass(frozen=True)
 class ThresholdSelection:
-    """The bundle's selection rule: a detected region gets a sentence when ``P(selected) > threshold``."""
+    """RGRG's selection rule: a detected region gets a sentence when its selector logit is ``> threshold``
+    (the bundle's ``selection_logit``, -1 in RGRG)."""
 
     threshold: float
 
     def __call__(self, selector_logits: Tensor, detected: Tensor) -> Tensor:
-        return (selector_logits.float().sigmoid() > self.threshold) & detected
+        return (selector_logits.float() > self.threshold) & detected
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,9 @@ class Engine:
         decoding = bundle.decoding
         self.num_beams = int(num_beams if num_beams is not None else decoding.get("num_beams", 1))
         self.max_new_tokens = int(decoding.get("max_new_tokens", self.cfg.max_sentence_tokens))
-        self.selection_threshold = float(bundle.thresholds["selection"])
+        #: RGRG's logit thresholds: selection (detected regions only) and abnormality
+        self.selection_threshold = float(bundle.thresholds["selection_logit"])
+        self.abnormal_threshold = float(bundle.thresholds["abnormal_logit"])
         #: bf16 autocast around the models: on CUDA by default ("auto"), on request elsewhere
         self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.fast_path = (self.device.type == "cuda" and self.num_beams == 1) if fast is None else fast
@@ -171,13 +174,14 @@ class Engine:
             with stage("selector"):
                 feats = det.features
                 selected = parts.select(m.selector(feats), det.detected)
-                abnormal = m.abnormality(feats).float().sigmoid()
+                abnormal_logits = m.abnormality(feats).float()
                 chosen = feats[selected]
             with stage("decoder"):
                 token_ids = parts.decoder(chosen)
             with stage("clip"):
                 label_probs = m.clip.label_probs(images)
-        return RawOutput(det.boxes.float(), det.detected, selected, abnormal, token_ids, label_probs.float())
+        return RawOutput(det.boxes.float(), det.detected, selected, abnormal_logits.sigmoid(), token_ids,
+                         label_probs.float(), abnormal_logits > self.abnormal_threshold)
 
     # -- preprocessed images in, results out ----------------------------------------------------------------
     def run(self, batch: Sequence[Preprocessed]) -> list[ImageResult]:
@@ -197,12 +201,13 @@ class Engine:
         boxes = boxes_to_source(raw.boxes, [p.transform for p in chunk]).tolist()
         sentences = iter(decode_sentences(self.bundle.tokenizer, raw.token_ids, self.cfg.eos_token_id))
         selected, detected = raw.selected.tolist(), raw.detected.tolist()
-        abnormal, label_probs = raw.abnormal_probs.tolist(), raw.label_probs.tolist()
+        abnormal_probs, label_probs = raw.abnormal_probs.tolist(), raw.label_probs.tolist()
+        abnormal = raw.abnormal.tolist()
         out = []
         for b, prep in enumerate(chunk):
             regions = tuple(
-                RegionResult(name, tuple(boxes[b][r]), detected[b][r], selected[b][r], abnormal[b][r],
-                             next(sentences) if selected[b][r] else None)
+                RegionResult(name, tuple(boxes[b][r]), detected[b][r], selected[b][r], abnormal_probs[b][r],
+                             next(sentences) if selected[b][r] else None, abnormal[b][r])
                 for r, name in enumerate(REGIONS)
             )
             out.append(ImageResult(

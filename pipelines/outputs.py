@@ -30,10 +30,11 @@ class RawOutput:
     abnormal_probs: Tensor  # [B, 29] float32
     token_ids: Tensor  # [N, T] int64 for the N selected regions in (image, region) row-major order
     label_probs: Tensor  # [B, 14] float32
+    abnormal: Tensor  # [B, 29] bool: abnormality logit above the bundle's threshold (RGRG: > -1)
 
     def to(self, device: str | torch.device) -> RawOutput:
         return RawOutput(*(t.to(device) for t in (self.boxes, self.detected, self.selected, self.abnormal_probs,
-                                                   self.token_ids, self.label_probs)))
+                                                   self.token_ids, self.label_probs, self.abnormal)))
 
 
 class Detect(Protocol):

@@ -97,8 +97,8 @@ class FastDetector:
             logits, regression = self.box_head(fmap, proposals, valid)
         with stage("det.top1_features"):
             top = top1_per_class(logits, regression, proposals, valid, det.roi_heads.box_coder, det.image_size)
-            features = self.region_features(fmap, top.boxes)
-        return Detections(top.boxes, top.scores, top.detected, features)
+            features = self.region_features(fmap, top.proposals)
+        return Detections(top.boxes, top.scores, top.detected, features, top.proposals)
 
     __call__ = detect
     #: :meth:`pipelines.engine.Engine.infer` hands its stage timer to :meth:`detect`.
@@ -170,7 +170,8 @@ class FastDetector:
         return heads.box_predictor(x)
 
     def region_features(self, fmap: Tensor, boxes: Tensor) -> Tensor:
-        """``[B,29,D]``: ``region_proj`` of each final box's RoIAlign averaged over its bins."""
+        """``[B,29,D]``: ``region_proj`` of the RoIAlign of each of ``boxes[B,29,4]`` (the winning proposals)
+        averaged over its bins."""
         b, _, h, w = fmap.shape
         scale = 2.0 ** round(math.log2(h / self.det.image_size))
         wy, wx = roi_align_weights(boxes.reshape(-1, 4).float(), scale, h, w, self.out_size, self.sampling)

@@ -7,9 +7,10 @@ best-scoring proposal (RGRG's "top-1 per class"), decoded with that class's box 
 no proposal is reported ``detected=False`` with a full-image fallback box, so every image always yields 29
 boxes and 29 features and downstream shapes never depend on the data.
 
-Region features are computed *on the final boxes* in one batched RoIAlign over all ``B x 29`` boxes,
-average-pooled and projected to ``D`` (RGRG's ``avg_pool`` + ``dim_reduction``; RGRG pooled the un-regressed
-proposal, we pool the box that is reported, so that what the sentence describes is what is drawn).
+Region features are RGRG's: the RoIAlign of each class's *winning proposal* (before box regression; for a
+class no proposal voted for, the image's first proposal, as RGRG's arg-max over all-zero scores picks),
+average-pooled and projected to ``D`` (RGRG's ``avg_pool`` + ``dim_reduction``), in one batched RoIAlign over
+all ``B x 29`` proposals. The regressed box is what is displayed and reported.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ NUM_CLASSES = NUM_REGIONS + 1  # class 0 is background
 class Detections:
     """Per image and region (``REGIONS`` order), all in model pixels of the square input."""
 
-    boxes: Tensor  # [B, 29, 4] float, x1 y1 x2 y2
+    boxes: Tensor  # [B, 29, 4] float, x1 y1 x2 y2: the winning proposal after box regression, clipped
     scores: Tensor  # [B, 29] float, softmax probability of the winning proposal (0 when not detected)
     detected: Tensor  # [B, 29] bool
-    features: Tensor  # [B, 29, D] float
+    features: Tensor  # [B, 29, D] float, pooled on ``proposals``
+    proposals: Tensor  # [B, 29, 4] float, the winning proposal itself (see the module docstring)
 
     def to(self, device: torch.device | str) -> Detections:
-        return Detections(*(t.to(device) for t in (self.boxes, self.scores, self.detected, self.features)))
+        return Detections(*(t.to(device) for t in (self.boxes, self.scores, self.detected, self.features,
+                                                     self.proposals)))
 
 
 def _small_cnn(channels: tuple[int, ...]) -> nn.Sequential:
@@ -167,7 +170,8 @@ class RegionDetector(FasterRCNN):
         padded, valid = pad_per_image(torch.cat(proposals), counts)
         top = top1_per_class(pad_per_image(logits, counts)[0], pad_per_image(regression, counts)[0], padded, valid,
                              heads.box_coder, self.image_size)
-        return Detections(top.boxes, top.scores, top.detected, self.region_features(maps, top.boxes))
+        return Detections(top.boxes, top.scores, top.detected, self.region_features(maps, top.proposals),
+                          top.proposals)
 
 
 class Top1(NamedTuple):
@@ -177,7 +181,8 @@ class Top1(NamedTuple):
     boxes: Tensor  # [B, 29, 4] the winning proposal decoded with its class's box regression, clipped
     scores: Tensor  # [B, 29] its softmax probability for the class
     detected: Tensor  # [B, 29] bool
-    proposals: Tensor  # [B, 29, 4] the winning proposal itself (before box regression)
+    proposals: Tensor  # [B, 29, 4] the winning proposal itself (before box regression); for a class that is not
+    # detected the image's first proposal (RGRG's arg-max over all-zero scores), whose features RGRG still uses
 
 
 def pad_per_image(rows: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
@@ -215,8 +220,7 @@ def top1_per_class(logits: Tensor, regression: Tensor, proposals: Tensor, valid:
     decoded = clip_boxes_to_image(decoded, (image_size, image_size)).view(b, NUM_REGIONS, 4)
     fallback = decoded.new_tensor([0.0, 0.0, image_size, image_size])
     mask = detected.unsqueeze(-1)
-    return Top1(torch.where(mask, decoded, fallback), top_score.clamp(min=0.0), detected,
-                torch.where(mask, won, fallback))
+    return Top1(torch.where(mask, decoded, fallback), top_score.clamp(min=0.0), detected, won)
 
 
 def _check_images(images: Tensor, size: int) -> None:

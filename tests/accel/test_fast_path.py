@@ -153,7 +153,7 @@ def test_workload_fixes_regions_and_tokens(engine):
 def test_select_regions_threshold_and_workload():
     logits = torch.tensor([[2.0, -3.0, 0.5, 1.0]])
     detected = torch.tensor([[True, True, False, True]])
-    assert ThresholdSelection(0.5)(logits, detected).tolist() == [[True, False, False, True]]
+    assert ThresholdSelection(0.0)(logits, detected).tolist() == [[True, False, False, True]]
     assert Workload(2, 1).select(logits, detected).tolist() == [[True, False, False, True]]
     with pytest.raises(ValueError, match="regions"):
         Workload(30, 1)
