@@ -3,14 +3,15 @@
 ::
 
     manifest.json          name, version, preset, full ModelConfig, regions, labels, tokenizer, decoding
-                           settings, thresholds, intended use, clinical_use, training notes, and the sha256
-                           of every other file
+                           settings, thresholds, report assembly components, intended use, clinical_use,
+                           training notes, and the sha256 of every other file
     detector.safetensors   one file per CRRGModel module (see ``pipelines.models.crrg.MODULES``)
     selector.safetensors
     abnormality.safetensors
     decoder.safetensors
     clip.safetensors
     tokenizer.json
+    report/...             optional: the faithful report-assembly models (``pipelines.report``)
 
 Loading is from a local path only and refuses, with a :class:`BundleError` that names the culprit: an unknown
 manifest format version, a missing file, a checksum mismatch, a missing/unexpected tensor, or a tensor whose
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from transformers import PreTrainedTokenizerFast
 from pipelines.constants import CHEXPERT_LABELS, REGIONS
 from pipelines.models.config import ConfigError, ModelConfig
 from pipelines.models.crrg import MODULES, CRRGModel
+from pipelines.report import STAND_INS
 from pipelines.tokenizer import SPECIAL_TOKEN, load_tokenizer, save_tokenizer
 
 MANIFEST = "manifest.json"
@@ -100,8 +103,14 @@ def save_bundle(
     thresholds: Mapping[str, float] | None = None,
     num_beams: int = 1,
     dtype: torch.dtype = torch.float16,
+    report: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
-    """Write ``model`` as a bundle into ``out_dir`` (created; must not already hold a manifest)."""
+    """Write ``model`` as a bundle into ``out_dir`` (created; must not already hold a manifest).
+
+    ``report`` is the manifest's report-assembly section (:mod:`pipelines.report`; default: the stand-ins);
+    ``extra_files`` (name inside the bundle -> source file) are copied in and checksummed like the weights:
+    the faithful report components a ``report`` section names."""
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise BundleError(f"{out / MANIFEST} already exists: refusing to overwrite a bundle")
@@ -119,6 +128,11 @@ def save_bundle(
         files[fname] = sha256_file(out / fname)
     tok_file = save_tokenizer(tokenizer, out)
     files[tok_file] = sha256_file(out / tok_file)
+    for fname, source in (extra_files or {}).items():
+        target = out / fname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        files[fname] = sha256_file(target)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -131,6 +145,7 @@ def save_bundle(
         "tokenizer": {"file": tok_file, "special_token": SPECIAL_TOKEN, "vocab_size": len(tokenizer)},
         "decoding": {"num_beams": num_beams, "max_new_tokens": cfg.max_sentence_tokens},
         "thresholds": th,
+        "report": dict(report or STAND_INS),
         "intended_use": intended_use,
         "clinical_use": bool(clinical_use),
         "training": dict(training or {}),
@@ -221,6 +236,10 @@ def _file_problems(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
     needed = set(manifest["weights"].values()) | {manifest["tokenizer"]["file"]}
     for fname in sorted(needed - set(files)):
         problems.append(f"{fname}: used by the manifest but has no checksum in 'files'")
+    for part, spec in sorted((manifest.get("report") or {}).items()):
+        folder = spec.get("path") if isinstance(spec, Mapping) else None
+        if folder is not None and not any(f.startswith(f"{folder}/") for f in files):
+            problems.append(f"{folder}: report.{part} is there but has no checksummed file in 'files'")
     for fname, expected in sorted(files.items()):
         path = bundle_dir / fname
         if Path(fname).is_absolute() or ".." in Path(fname).parts:

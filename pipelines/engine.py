@@ -40,6 +40,7 @@ from pipelines.interface import ImageResult, PipelineError, PreprocessError, Reg
 from pipelines.models.decoder import ReportDecoder
 from pipelines.outputs import Decode, Detect, RawOutput, Select, StageTimer
 from pipelines.preprocess import Preprocessed, boxes_to_source, preprocess_many
+from pipelines.report import assembler_from_manifest
 from pipelines.tokenizer import decode_sentences
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ class Engine:
         self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.fast_path = (self.device.type == "cuda" and self.num_beams == 1) if fast is None else fast
         self.parts = parts or (self.fast_parts() if self.fast_path else self.stock_parts())
+        #: the selected regions' sentences -> report, with the components the manifest names
+        self.assembler = assembler_from_manifest(bundle.manifest.get("report"), bundle.path)
 
     # -- parts ------------------------------------------------------------------------------------------------
     def stock_parts(self) -> EngineParts:
@@ -199,20 +202,21 @@ class Engine:
     def _assemble(self, chunk: Sequence[Preprocessed], raw: RawOutput, timings: dict[str, float]
                   ) -> list[ImageResult]:
         boxes = boxes_to_source(raw.boxes, [p.transform for p in chunk]).tolist()
-        sentences = iter(decode_sentences(self.bundle.tokenizer, raw.token_ids, self.cfg.eos_token_id))
+        texts = iter(decode_sentences(self.bundle.tokenizer, raw.token_ids, self.cfg.eos_token_id))
         selected, detected = raw.selected.tolist(), raw.detected.tolist()
         abnormal_probs, label_probs = raw.abnormal_probs.tolist(), raw.label_probs.tolist()
         abnormal = raw.abnormal.tolist()
         out = []
         for b, prep in enumerate(chunk):
+            generated = {r: next(texts) for r in range(len(REGIONS)) if selected[b][r]}  # raw decoded text
             regions = tuple(
                 RegionResult(name, tuple(boxes[b][r]), detected[b][r], selected[b][r], abnormal_probs[b][r],
-                             next(sentences) if selected[b][r] else None, abnormal[b][r])
+                             generated[r].strip() if r in generated else None, abnormal[b][r])
                 for r, name in enumerate(REGIONS)
             )
             out.append(ImageResult(
                 regions=regions,
-                report=assemble_report(r.sentence for r in regions if r.selected),
+                report=self.assembler(generated.values()),  # in region (anatomical) order
                 label_probs=dict(zip(CHEXPERT_LABELS, label_probs[b])),
                 model_name=self.bundle.name,
                 model_version=self.bundle.version,
@@ -232,21 +236,6 @@ def stack_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
         pinned = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
         return torch.stack(list(tensors), out=pinned).to(device, non_blocking=True)
     return torch.stack([t.to(device) for t in tensors])
-
-
-def assemble_report(sentences) -> str:
-    """Sentences in the given (anatomical) order, empty ones dropped, repeats (ignoring case, spacing and
-    the final full stop) kept once; each ends with a full stop."""
-    seen: set[str] = set()
-    kept = []
-    for sentence in sentences:
-        text = " ".join((sentence or "").split())
-        key = text.lower().rstrip(".").strip()
-        if not key or key in seen:
-            continue
-        seen.add(key)
-        kept.append(text if text.endswith(".") else text + ".")
-    return " ".join(kept)
 
 
 class CRRGPipeline:
@@ -270,7 +259,8 @@ class CRRGPipeline:
         cfg = self.engine.cfg
         t0 = time.perf_counter()
         prepared = preprocess_many(datasets, cfg.image_size, cfg.image_mean, cfg.image_std,
-                                   workers=self.preprocess_workers, device=self.preprocess_device)
+                                   workers=self.preprocess_workers, device=self.preprocess_device,
+                                   resize=cfg.image_resize)
         pre_ms = (time.perf_counter() - t0) * 1000.0 / max(len(datasets), 1)
         good = [p for p in prepared if not isinstance(p, PreprocessError)]
         for exc in prepared:

