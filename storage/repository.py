@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from storage.db import insert_if_absent
@@ -44,6 +44,15 @@ def add_instance(session: Session, **fields: Any) -> bool:
 
 def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).one_or_none()
+
+
+def instance_counts(session: Session) -> list[tuple[str, str, int, int]]:
+    """(origin, disposition, instances, bytes) for every pair present: what ``pacs-node stats`` shows."""
+    rows = session.execute(
+        select(Instance.origin, Instance.disposition, func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))
+        .group_by(Instance.origin, Instance.disposition)
+    ).all()
+    return [(origin, disposition, int(n), int(size)) for origin, disposition, n, size in rows]
 
 
 def instances_for_study(session: Session, study_instance_uid: str) -> Sequence[Instance]:

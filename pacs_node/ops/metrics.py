@@ -1,9 +1,9 @@
 """Prometheus metrics of the node.
 
 ``serve`` and the worker processes it starts are separate processes, so counters and histograms use
-prometheus_client's multiprocess mode: :func:`pacs_node.ops.context.prepare_metrics_dir` sets
-``PROMETHEUS_MULTIPROC_DIR`` *before* this module is first imported, and ``/metrics`` aggregates every
-process's files. Queue depth is not counted by anyone: it is read from the database at scrape time, so
+prometheus_client's multiprocess mode, switched on by :func:`use_multiprocess_dir` (called through
+:func:`pacs_node.ops.context.prepare_metrics_dir` by the ``serve`` and ``worker`` commands at start, in
+whatever order modules were imported), and ``/metrics`` aggregates every process's files. Queue depth is not counted by anyone: it is read from the database at scrape time, so
 it is right even after a crash.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -34,6 +36,16 @@ JOBS_FAILED = Counter("pacs_node_job_failures_total", "Failed job attempts, by k
 EXPORT_FAILURES = Counter(
     "pacs_node_export_failures_total", "Failed C-STORE attempts of results, by destination", ["destination"]
 )
+
+
+def use_multiprocess_dir(path: Path) -> None:
+    """Keep this process's samples in ``path``, beside those of the node's other processes.
+
+    prometheus_client picks its value class from ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported;
+    it is picked again here, so the switch does not depend on import order. Every metric of the node has
+    labels, and a labelled metric makes its values on first use (``labels(...)``), after this call."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    values.ValueClass = values.get_value_class()
 
 
 class QueueDepthCollector(Collector):

@@ -16,8 +16,12 @@ import time
 from pathlib import Path
 
 from pacs_node.config import Settings
-from pacs_node.ops.housekeeping import remove_dead_temp_files
+from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.housekeeping import remove_dead_temp_files, start_housekeeping
+from pacs_node.ops.http import HttpServer
+from pacs_node.ops.supervisor import Supervisor
+from pacs_node.work.export import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +47,6 @@ def _remove_stale_temp_files(runtime: ServerContext) -> None:
 
 
 def serve(settings: Settings, config_path: Path | None) -> int:
-    # Imported here: metrics must see PROMETHEUS_MULTIPROC_DIR, set by the CLI before this call.
-    from pacs_node.work.export import Exporter
-    from pacs_node.ops.http import HttpServer
-    from pacs_node.ops.housekeeping import start_housekeeping
-    from pacs_node.dicom.server import Listener
-    from pacs_node.ops.supervisor import Supervisor
-
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,7 +1,7 @@
 """Durable ingest of one C-STORE request: the promise behind every 0x0000 this node sends.
 
 pynetdicom has already written the dataset, chunk by chunk, to a temp file *inside the instance store*
-(the listener points ``tempfile.tempdir`` there), so filing it is a rename, not a copy. The order is what
+(see :mod:`pacs_node.dicom.spooling`), so filing it is a rename, not a copy. The order is what
 makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;

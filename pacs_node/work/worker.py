@@ -65,7 +65,7 @@ def check_dimensions(ds: Dataset) -> None:
 
 
 class PipelineUnavailable(RuntimeError):
-    """The configured pipeline cannot be loaded (missing bundle, engine not installed)."""
+    """The configured pipeline cannot be loaded (no bundle where ``pipeline.bundle`` points)."""
 
 
 def resolve_device(device: Device) -> str:
@@ -84,10 +84,9 @@ def load_pipeline(settings: Settings) -> Pipeline:
         return FakePipeline()
     if not bundle.is_dir():
         raise PipelineUnavailable(f"pipeline.bundle: {bundle} is not a model bundle directory")
-    try:
-        from pipelines.engine import load_pipeline as load_engine
-    except ImportError as exc:
-        raise PipelineUnavailable(f"the inference engine (pipelines.engine) is not available: {exc}") from exc
+    # Imported here, not at the top: torch loads only in a worker that runs a real model.
+    from pipelines.engine import load_pipeline as load_engine
+
     return load_engine(
         bundle,
         device=resolve_device(settings.pipeline.device),

@@ -21,7 +21,7 @@ from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
 from storage.repository import add_instance
 from storage.schema import Disposition, Origin
 from storage.store import InstanceStore
-from tests.results.synthetic import make_cr
+from tests.pacs_node.results.synthetic import make_cr
 from tests.support import free_port
 
 QR_AET = "QRSCP"

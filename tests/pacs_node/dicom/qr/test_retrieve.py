@@ -12,7 +12,7 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from tests.qr.conftest import QR_AET, Archive, Scp
+from tests.pacs_node.dicom.qr.conftest import QR_AET, Archive, Scp
 from tests.support import dcmtk
 
 
