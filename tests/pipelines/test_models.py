@@ -140,9 +140,11 @@ def test_greedy_generation_is_batch_invariant_and_matches_one_beam(model):
 def test_generation_stops_at_eos(tiny_tokenizer):
     cfg = tiny_config(tiny_tokenizer)
     model = CRRGModel.from_config(cfg).eval()
-    with torch.no_grad():  # all-zero hidden states -> all-zero logits -> arg-max is token 0 = EOS
-        model.decoder.lm.transformer.ln_f.weight.zero_()
-        model.decoder.lm.transformer.ln_f.bias.zero_()
+    with torch.no_grad():  # constant hidden state along EOS's (tied, enlarged) embedding: EOS always wins
+        tr = model.decoder.lm.transformer
+        tr.wte.weight[cfg.eos_token_id] *= 100.0
+        tr.ln_f.weight.zero_()
+        tr.ln_f.bias.copy_(tr.wte.weight[cfg.eos_token_id] / tr.wte.weight[cfg.eos_token_id].norm())
     feats = torch.randn(4, cfg.feature_dim)
     assert model.decoder.generate(feats).tolist() == [[cfg.eos_token_id]] * 4
     beams = model.decoder.generate(feats, num_beams=2)

@@ -163,3 +163,19 @@ def test_golden_hook_accepts_rgrgs_outputs_and_names_a_difference(rgrg_case, tmp
     np.savez(tmp_path / "partial.npz", image=c.image)
     assert compare_case(c.engine, tmp_path / "partial.npz") == [
         "partial.npz: lacks boxes, detected, selected, token_ids"]
+
+
+def test_fast_path_computes_the_same_in_float32(rgrg_case):
+    """The fast detector (batched proposals, box head through ``G``, features by the RoIAlign identity) on the
+    CPU: the same winning proposals and features, the same decisions and sentences as the stock path."""
+    c = rgrg_case
+    fast = c.engine.with_parts(c.engine.fast_parts(cuda_graphs=False))
+    with torch.inference_mode():
+        det = fast.parts.detector(c.x)
+        raw = fast.infer(c.x)
+    assert torch.equal(det.detected[0], c.heads["detected"])
+    assert torch.equal(det.proposals[0], c.proposals[c.heads["winner"]])
+    assert float((det.features[0] - c.heads["features"]).abs().max()) < 1e-4
+    torch.testing.assert_close(det.boxes[0], c.heads["boxes"], rtol=0, atol=1e-3)
+    assert torch.equal(raw.selected, c.raw.selected) and torch.equal(raw.abnormal, c.raw.abnormal)
+    assert [_strip(ids) for ids in raw.token_ids.tolist()] == c.beams
