@@ -13,10 +13,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sqlalchemy import text
-
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
+from storage.db import ping
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +24,7 @@ def health(runtime: ServerContext) -> tuple[bool, dict[str, Any]]:
     """(healthy, details) — each check says what it found, so a failing probe explains itself."""
     checks: dict[str, Any] = {}
     try:
-        with runtime.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping(runtime.engine)
         checks["database"] = {"ok": True}
     except Exception as exc:
         checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

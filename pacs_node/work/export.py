@@ -21,16 +21,16 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
-from sqlalchemy import select
 
 from pacs_node.config import Settings
 from pacs_node.dicom.scu import ScuError, send_datasets
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
 from pacs_node.results import comprehensive_fallback
-from pacs_node.work.leases import LeaseKeeper
+from pacs_node.work.job_loop import JobLoop, complete_job
 from storage.queue import ClaimedJob
-from storage.schema import Instance, JobKind, utcnow
+from storage.repository import stored_paths
+from storage.schema import JobKind, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +60,9 @@ class Exporter:
             thread.join(timeout)
 
     def _loop(self, owner: str) -> None:
-        lease = self.settings.worker.lease_seconds
-        with LeaseKeeper(self.runtime, owner, lease) as leases, self.runtime.doorbell(JobKind.EXPORT).waiter() as waiter:
-            while not self._stop.is_set():
-                try:
-                    jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=self.settings.export.batch_size)
-                except Exception:
-                    log.exception("export: cannot claim jobs; retrying")
-                    self._stop.wait(5)
-                    continue
-                if not jobs:
-                    waiter.wait(self.settings.worker.poll_interval_s, self._stop)
-                    continue
-                leases.hold([job.id for job in jobs])
-                self.run_jobs(jobs, owner, leases.release)
+        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self.runtime.queue.claim(
+            owner, [JobKind.EXPORT], limit=self.settings.export.batch_size))
+        loop.run(self._stop, lambda jobs, leases: self.run_jobs(jobs, owner, leases.release))
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
         """Send claimed ``jobs``, one association per destination, and settle each job on its own outcome
@@ -108,15 +97,8 @@ class Exporter:
             log.warning("export job %d to %s failed (attempt %d/%d, now %s): %s", job.id, job.destination,
                         job.attempts, job.max_attempts, state.value, outcome)
             return
-        if queue.complete(job.id, owner, {"sent_at": utcnow().isoformat()}):
-            self._observe_latency(job.id)
+        if complete_job(self.runtime, job, owner, {"sent_at": utcnow().isoformat()}):
             log.info("export job %d: result %s sent to %s", job.id, job.sop_instance_uid, job.destination)
-
-    def _observe_latency(self, job_id: int) -> None:
-        record = self.runtime.queue.get(job_id)
-        if record is not None and record.finished_at is not None:
-            metrics.JOB_SECONDS.labels(JobKind.EXPORT.value).observe(
-                (record.finished_at - record.created_at).total_seconds())
 
     def _send(self, destination: str, jobs: list[ClaimedJob]) -> list[ScuError | None]:
         """C-STORE the stored results of ``jobs`` to ``destination`` on one association; per job, None
@@ -125,10 +107,7 @@ class Exporter:
         if peer is None:
             return [ScuError(f"destination {destination!r} is not a configured peer", retryable=False)] * len(jobs)
         with self.runtime.read_session() as session:
-            rows = session.execute(select(Instance.sop_instance_uid, Instance.path)
-                                   .where(Instance.sop_instance_uid.in_({j.sop_instance_uid for j in jobs}))
-                                   .where(Instance.path.is_not(None))).all()
-        paths = {uid: path for uid, path in rows}
+            paths = stored_paths(session, (job.sop_instance_uid for job in jobs))
         outcomes: list[ScuError | None] = [None] * len(jobs)
         datasets, sending = [], []
         for i, job in enumerate(jobs):

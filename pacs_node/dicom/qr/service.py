@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
@@ -26,19 +25,17 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_node.config import Peer, Settings, peer_by_ae_title
 from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
 from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level
-from storage.schema import Instance
+from pacs_node.ops.context import ServerContext
+from storage import query
+from storage.query import StoredInstance
 from storage.store import InstanceStore
-
-if TYPE_CHECKING:
-    from pacs_node.config import Settings
-    from pacs_node.ops.context import ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +56,6 @@ _MAX_SUBOPERATIONS = 65535  # the counters in a C-MOVE/C-GET response are US
 _MAX_CONTEXTS = 128
 
 
-@dataclass(frozen=True)
-class Match:
-    """One instance to retrieve."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    path: str
-
-
 def _levels(sop_class_uid: str) -> tuple[Level, ...]:
     if sop_class_uid in _PATIENT_ROOT:
         return tuple(Level)
@@ -78,13 +65,12 @@ def _levels(sop_class_uid: str) -> tuple[Level, ...]:
 class QueryRetrieveService:
     """C-FIND/C-MOVE/C-GET handlers over ``storage.schema.Instance``.
 
-    ``peers`` maps a peer name to ``(ae_title, host, port)``: the only C-MOVE destinations. A move to
-    any other AE title fails with 0xA801 (Move Destination unknown), so a caller cannot make the node
+    ``peers`` are the configured peers: the only C-MOVE destinations. A move to any other AE title fails with 0xA801 (Move Destination unknown), so a caller cannot make the node
     send images to an address of its choosing.
     """
 
     def __init__(self, sessions: sessionmaker[Session], store: InstanceStore,
-                 peers: Mapping[str, tuple[str, str, int]], *, ae_title: str | None = None,
+                 peers: Mapping[str, Peer], *, ae_title: str | None = None,
                  max_matches: int = 10000) -> None:
         self.sessions = sessions
         self.store = store
@@ -95,8 +81,7 @@ class QueryRetrieveService:
     @classmethod
     def from_runtime(cls, settings: Settings, runtime: ServerContext) -> QueryRetrieveService:
         """The service as the listener builds it: configured peers, the runtime's store and sessions."""
-        peers = {name: (p.ae_title, p.host, p.port) for name, p in settings.peers.items()}
-        return cls(runtime.sessions, runtime.store, peers, ae_title=settings.node.ae_title)
+        return cls(runtime.sessions, runtime.store, settings.peers, ae_title=settings.node.ae_title)
 
     # -- wiring -----------------------------------------------------------------------------------
 
@@ -147,25 +132,17 @@ class QueryRetrieveService:
 
     # -- C-MOVE / C-GET ---------------------------------------------------------------------------
 
-    def _matches(self, event: Event) -> list[Match]:
+    def _matches(self, event: Event) -> list[StoredInstance]:
         identifier = event.identifier
         level = query_level(identifier, _levels(str(event.request.AffectedSOPClassUID)))
         with self.sessions() as session:
-            dialect = session.get_bind().dialect.name
-            conditions = identifier_conditions(identifier, level, dialect)
+            conditions = identifier_conditions(identifier, level, query.dialect_name(session))
             if not conditions:
                 # Retrieving everything is never what a PACS means; require at least one key.
                 raise QueryError("C-MOVE/C-GET identifier has no matching key")
-            rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-                       Instance.path)
-                .where(*conditions)
-                .order_by(Instance.study_instance_uid, Instance.series_instance_uid,
-                          Instance.instance_number, Instance.id)
-            ).all()
-        return [Match(*row) for row in rows]
+            return query.instances_to_retrieve(session, conditions)
 
-    def _datasets(self, event: Event, matches: list[Match]) -> Iterator[tuple[int, Dataset | None]]:
+    def _datasets(self, event: Event, matches: list[StoredInstance]) -> Iterator[tuple[int, Dataset | None]]:
         for match in matches:
             if event.is_cancelled:
                 yield CANCEL, None
@@ -200,13 +177,9 @@ class QueryRetrieveService:
         yield from self._datasets(event, matches)
 
     def destination(self, ae_title: str) -> tuple[str, int] | None:
-        """Host and port of the configured peer with this AE title (exact, then case-insensitive)."""
-        title = ae_title.strip()
-        for exact in (True, False):
-            for peer_ae, host, port in self.peers.values():
-                if (peer_ae.strip() == title) if exact else (peer_ae.strip().upper() == title.upper()):
-                    return host, int(port)
-        return None
+        """Host and port of the configured peer with this AE title (see :func:`peer_by_ae_title`)."""
+        found = peer_by_ae_title(self.peers, ae_title)
+        return None if found is None else (found[1].host, found[1].port)
 
     def on_move(self, event: Event) -> Iterator[Any]:
         raw = event.move_destination
@@ -241,7 +214,7 @@ class QueryRetrieveService:
         yield from self._datasets(event, matches)
 
 
-def _storage_contexts(matches: list[Match]) -> list[Any]:
+def _storage_contexts(matches: list[StoredInstance]) -> list[Any]:
     """One requested context per (SOP class, stored transfer syntax): instances are sent exactly as
     stored, never transcoded, so the destination must accept that exact syntax."""
     pairs = sorted({(m.sop_class_uid, m.transfer_syntax_uid) for m in matches})
