@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -158,3 +159,54 @@ def test_checkpoint_precision_is_read_off_its_tensors():
     assert checkpoint_dtype({"a": torch.zeros(2), "n": torch.zeros(2, dtype=torch.long)}) == torch.float32
     assert checkpoint_dtype({"a": torch.zeros(2, dtype=torch.float16)}) == torch.float16
     assert checkpoint_dtype({"a": torch.zeros(2, dtype=torch.float16), "b": torch.zeros(1)}) == torch.float32
+
+
+def _tiny_distilbert(folder):
+    """A random DistilBERT with a WordPiece vocabulary, saved as ``distilbert-base-uncased`` is laid out."""
+    from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "the", "heart", "is", "normal", "no", "pleural",
+             "effusion", "lungs", "are", "clear", "size", "enlarged"]
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    DistilBertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64).save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=len(words), dim=32, hidden_dim=64, n_layers=6, n_heads=2,
+                              max_position_embeddings=64)
+    DistilBertModel(config).save_pretrained(str(folder))
+
+
+def test_bertscore_component_is_bundled_checksummed_and_used(tmp_path, tiny_tokenizer):
+    """The faithful similarity, given as a local directory: copied into the bundle, named in the manifest,
+    checked by verify_bundle, loaded by the engine's report assembler."""
+    from pipelines.bundle import load_bundle, save_bundle, verify_bundle
+    from pipelines.engine import Engine
+    from pipelines.report import BertScore, component_files
+    from tests.pipelines.conftest import exercised_model, tiny_config
+
+    model_dir = tmp_path / "distilbert-base-uncased"
+    _tiny_distilbert(model_dir)
+    cfg = tiny_config(tiny_tokenizer)
+    out = tmp_path / "bundle"
+    save_bundle(exercised_model(cfg), cfg, out, name="t", version="1", tokenizer=tiny_tokenizer,
+                intended_use="tests", clinical_use=False, report=report_section(bertscore_dir=model_dir),
+                extra_files=component_files(bertscore_dir=model_dir))
+    assert verify_bundle(out) == []
+    engine = Engine(load_bundle(out), "cpu")
+    similarity = engine.assembler.similarity
+    assert isinstance(similarity, BertScore) and similarity.layer == 5
+    assert engine.assembler.split is split_sentences  # no spaCy pipeline given: the stand-in, and it says so
+    assert similarity("The heart is normal.", "The heart is normal.") == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < similarity("The heart is normal.", "No pleural effusion.") < 1.0
+    weights = next((out / "report" / "bertscore").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    assert any("checksum mismatch" in p and "report/bertscore" in p for p in verify_bundle(out))
+
+
+def test_spacy_component_needs_spacy(tmp_path):
+    from pipelines.report import SpacySentenceSplitter
+
+    if importlib.util.find_spec("spacy") is not None:
+        pytest.skip("spacy is installed: nothing to refuse")
+    with pytest.raises(RuntimeError, match="spacy is not installed"):
+        SpacySentenceSplitter(tmp_path)
