@@ -67,10 +67,9 @@ def _wrap(text: str, font, width: float) -> list[str]:
     return [*lines, line] if line else lines
 
 
-def draw_result(result: ImageResult, unit: np.ndarray, out_png: str | Path, abnormal_threshold: float = 0.5
-                ) -> Path:
-    """Write the picture described in the module docstring as a PNG; a region whose abnormality
-    probability is above the bundle's threshold is marked abnormal."""
+def draw_result(result: ImageResult, unit: np.ndarray, out_png: str | Path) -> Path:
+    """Write the picture described in the module docstring as a PNG; a region the model's abnormality
+    rule calls abnormal (:attr:`RegionResult.abnormal`) is marked so."""
     scale = _IMAGE_HEIGHT / unit.shape[0]
     width = max(1, round(unit.shape[1] * scale))
     grey = Image.fromarray(np.round(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
@@ -99,7 +98,7 @@ def draw_result(result: ImageResult, unit: np.ndarray, out_png: str | Path, abno
     y += 10
     for n, region in enumerate(selected, start=1):
         colour = _COLOURS[(n - 1) % len(_COLOURS)]
-        flag = "  abnormal" if region.abnormal_prob > abnormal_threshold else ""
+        flag = "  abnormal" if region.abnormal else ""
         draw.text((x, y), f"{n}. {region.name} (p abnormal {region.abnormal_prob:.2f}){flag}", fill=colour,
                   font=body)
         y += 27

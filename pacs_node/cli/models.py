@@ -90,9 +90,21 @@ def import_rgrg(
     clip_weights: Annotated[Optional[Path], typer.Option(
         help="Optional open_clip ViT-B-16 state dict (.safetensors or .pt); random CLIP weights otherwise.",
         exists=True, dir_okay=False)] = None,
-    fp32: Annotated[bool, typer.Option("--fp32", help="Store float32 weights (default float16).")] = False,
+    dtype: Annotated[str, typer.Option(
+        help="Stored precision: keep (the checkpoint's own), float32, float16 or bfloat16.")] = "keep",
+    gpt2_config: Annotated[Optional[Path], typer.Option(
+        help="config.json of RGRG's GPT-2 (healx/gpt-2-pubmed-medium): checked against what the decoder computes.",
+        exists=True, dir_okay=False)] = None,
+    spacy_model: Annotated[Optional[Path], typer.Option(
+        help="Local en_core_web_trf directory: RGRG's sentence splitter, copied into the bundle.",
+        exists=True, file_okay=False)] = None,
+    bertscore_model: Annotated[Optional[Path], typer.Option(
+        help="Local distilbert-base-uncased directory: RGRG's BERTScore de-duplication, copied into the bundle.",
+        exists=True, file_okay=False)] = None,
 ) -> None:
     """Convert an RGRG checkpoint into a paper-preset bundle."""
+    import json
+
     import torch
 
     from pipelines.bundle import BundleError
@@ -107,12 +119,21 @@ def import_rgrg(
             clip_state = load_file(str(clip_weights))
         else:
             clip_state = torch.load(str(clip_weights), map_location="cpu", weights_only=True)
+    dtypes = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        _fail(f"--dtype must be one of {', '.join(dtypes)}, not {dtype!r}")
     try:
+        gpt2 = json.loads(gpt2_config.read_text()) if gpt2_config is not None else None
         bundle = run_import(checkpoint, out_dir, vocab_json=vocab, merges_txt=merges, name=name, version=version,
-                            clip_state=clip_state, dtype=torch.float32 if fp32 else torch.float16)
-    except (RGRGImportError, BundleError, RuntimeError, OSError) as exc:
+                            clip_state=clip_state, dtype=dtypes[dtype], gpt2_config=gpt2, spacy_dir=spacy_model,
+                            bertscore_dir=bertscore_model)
+    except (RGRGImportError, BundleError, RuntimeError, OSError, ValueError) as exc:
         _fail(str(exc))
-    out.print(f"wrote bundle {bundle}", highlight=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    report = manifest["report"]
+    out.print(f"wrote bundle {bundle}: weights {manifest['training']['precision']}; sentences split by "
+              f"{report['sentence_splitter']['kind']}, near-duplicates by {report['similarity']['kind']}",
+              highlight=False)
 
 
 def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
@@ -201,13 +222,13 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """One image through a bundle, without a node: regions, selections, sentences, report, probabilities."""
-    from pipelines.bundle import BundleError, read_manifest
+    from pipelines.bundle import BundleError
     from pipelines.inspection import InspectionError, analyse_file, draw_result, result_json
 
     try:
         result, unit = analyse_file(path, dicom_file, device)
         if png is not None:
-            draw_result(result, unit, png, abnormal_threshold=read_manifest(path)["thresholds"]["abnormal"])
+            draw_result(result, unit, png)
     except (BundleError, InspectionError, ValueError, OSError) as exc:
         _fail(str(exc))
     if as_json:

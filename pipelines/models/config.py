@@ -47,9 +47,11 @@ class ModelConfig:
     # -- input -------------------------------------------------------------------------------------------
     #: Side of the square model input in pixels; the longest image side is resized to this and padded.
     image_size: int
-    #: Normalisation of the [0, 1] grayscale image: ``(x - mean) / std``.
+    #: Normalisation of the [0, 1] grayscale image: ``(x - mean) / std`` (RGRG: 0.471, 0.302).
     image_mean: float = 0.5
     image_std: float = 0.25
+    #: ``bilinear`` (the node's own) or ``area-uint8`` (RGRG's 8-bit OpenCV INTER_AREA): :mod:`pipelines.preprocess`.
+    image_resize: str = "bilinear"
 
     # -- detector ----------------------------------------------------------------------------------------
     #: ``resnet50`` (single stride-32 map, as RGRG), ``mobilenet_v3_large_fpn`` or ``small_cnn`` (tests).
@@ -190,6 +192,7 @@ def _check(cfg: ModelConfig) -> None:
 
     need(cfg.image_size >= 32, "image_size", "must be at least 32")
     need(cfg.image_std > 0, "image_std", "must be positive")
+    need(cfg.image_resize in ("bilinear", "area-uint8"), "image_resize", "must be 'bilinear' or 'area-uint8'")
     need(cfg.detector_backbone in _BACKBONES, "detector_backbone", f"must be one of {_BACKBONES}")
     need(len(cfg.anchor_sizes) >= 1 and all(cfg.anchor_sizes), "anchor_sizes", "needs one non-empty tuple per map")
     need(all(r > 0 for r in cfg.anchor_aspect_ratios), "anchor_aspect_ratios", "must be positive")
