@@ -1,4 +1,5 @@
-"""``pacs-node results`` and ``pacs-node stats``: what the node holds and what it made of it."""
+"""``pacs-node results``, ``stats``, ``reanalyse`` and ``resend``: what the node holds, what it made of
+it, and doing that again (the operations live in :mod:`pacs_node.ops.admin`, shared with the HTTP API)."""
 
 from __future__ import annotations
 
@@ -9,23 +10,13 @@ from pydicom.uid import UID
 from rich.table import Table
 
 from pacs_node.cli.common import JsonOpt, db_errors, fail, out, print_json, runtime, settings
-from storage.repository import instance_counts, instances_for_study
-from storage.studies import get_study
+from pacs_node.ops import admin
 
 
 @db_errors
 def stats(as_json: JsonOpt = False) -> None:
     """Instances by origin and disposition, jobs by kind and state, store space."""
-    s = settings()
-    rt = runtime(s)
-    with rt.read_session() as session:
-        instances = instance_counts(session)
-    data = {
-        "instances": [{"origin": o, "disposition": d, "count": n, "bytes": int(b)} for o, d, n, b in instances],
-        "jobs": [{"kind": k, "state": st, "count": n} for k, st, n in rt.queue_depth()],
-        "store": {"path": str(rt.store.root), "free_bytes": rt.store.free_bytes(),
-                  "min_free_bytes": rt.store.min_free_bytes},
-    }
+    data = admin.stats(runtime(settings()))
     if as_json:
         print_json(data)
         return
@@ -41,67 +32,86 @@ def stats(as_json: JsonOpt = False) -> None:
 
 
 @db_errors
-def results(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")], as_json: JsonOpt = False) -> None:
-    """A study: the images received, which was analysed and why, which were set aside and why, the content
-    gate's score, and the result objects made (with their exports)."""
+def results(
+    study_uid: Annotated[str | None, typer.Argument(help="Study Instance UID.")] = None,
+    accession: Annotated[str | None, typer.Option("--accession", help="Find the study by Accession Number.")] = None,
+    patient_id: Annotated[str | None, typer.Option("--patient-id", help="Find the studies of a Patient ID.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A study's received instances, what happened to each, and the result objects made from them (the
+    study by its UID, or every study with the Accession Number or Patient ID given)."""
+    if sum(v is not None for v in (study_uid, accession, patient_id)) != 1:
+        fail("give a Study Instance UID, --accession or --patient-id (one of them)", 2)
     rt = runtime(settings())
-    with rt.read_session() as session:
-        rows = instances_for_study(session, study_uid)
-        study = get_study(session, study_uid)
-        analysis = dict(study.analysis or {}) if study is not None else {}
-        summary = {"state": study.state if study else None, "version": study.version if study else 0,
-                   "settle_due": study.settle_due if study else None,
-                   "analysed_at": study.analysed_at if study else None}
-    if not rows:
-        fail(f"no instances of study {study_uid}")
-    images = {i["sop_instance_uid"]: i for i in analysis.get("images", [])}
-    received = [row for row in rows if row.origin == "received"]
-    produced = [row for row in rows if row.origin == "result"]
-    instances = []
-    for row in received:
-        image = images.get(row.sop_instance_uid, {})
-        instances.append({
-            "sop_instance_uid": row.sop_instance_uid,
-            "modality": row.modality,
-            "disposition": row.disposition,
-            "view": image.get("view"),
-            "role": image.get("role") or ("not analysed" if row.disposition != "queued" else "waiting"),
-            "reason": image.get("reason") or row.reason,
-            "analysis": [{"id": j.id, "state": j.state, "attempts": j.attempts, "last_error": j.last_error}
-                         for j in rt.queue.for_instance(row.sop_instance_uid)],
-        })
-    data = {
-        "study_instance_uid": study_uid, **summary,
-        "model": analysis.get("model"), "analysed": analysis.get("analysed"),
-        "interpreted": analysis.get("interpreted"), "not_interpreted_reason": analysis.get("not_interpreted_reason"),
-        "gate_score": analysis.get("gate_score"), "gate_threshold": analysis.get("gate_threshold"),
-        "instances": instances,
-        "results": [
-            {"sop_instance_uid": r.sop_instance_uid, "sop_class_uid": r.sop_class_uid, "path": r.path,
-             "current": r.sop_instance_uid in analysis.get("results", {}).values(),
-             "exports": [{"id": j.id, "destination": j.destination, "state": j.state}
-                         for j in rt.queue.for_instance(r.sop_instance_uid)]}
-            for r in produced
-        ],
-    }
+    if study_uid is None:
+        studies = [s["study_instance_uid"] for s in admin.find(rt, accession_number=accession,
+                                                                patient_id=patient_id, limit=500)]
+        if not studies:
+            fail("no study matches")
+    else:
+        studies = [study_uid]
+    try:
+        reports = {uid: admin.study_report(rt, uid) for uid in studies}
+    except admin.NotFound as exc:
+        fail(str(exc))
+    summaries = {uid: {"study_instance_uid": uid, **_summary(admin.study_analysis(rt, uid)), "instances": report}
+                 for uid, report in reports.items()}
     if as_json:
-        print_json(data)
+        print_json(summaries[studies[0]] if study_uid is not None else list(summaries.values()))
         return
-    gate = ("no content gate" if data["gate_score"] is None
-            else f"content gate score {data['gate_score']:.2f} (threshold {data['gate_threshold']:.2f})")
-    out.print(f"study {study_uid}: {data['state'] or 'not collected'}, version {data['version']}"
-              + (f", {'interpreted' if data['interpreted'] else 'NOT interpreted'} by {data['model']}; {gate}"
-                 if data["model"] else ""), highlight=False)
-    if data["not_interpreted_reason"]:
-        out.print(f"not interpreted: {data['not_interpreted_reason']}", highlight=False)
-    table = Table("received instance", "view", "role", "why", "analysis jobs")
-    for item in instances:
-        jobs = ", ".join(f"#{j['id']} {j['state']}" for j in item["analysis"])
-        table.add_row(item["sop_instance_uid"], item["view"] or "", item["role"], item["reason"] or "", jobs)
-    out.print(table)
-    made = Table("result", "class", "current", "exports")
-    for r in data["results"]:
-        exports = ", ".join(f"{e['destination']}: {e['state']}" for e in r["exports"]) or "-"
-        made.add_row(r["sop_instance_uid"], UID(r["sop_class_uid"]).name, "yes" if r["current"] else "superseded",
-                     exports)
-    out.print(made)
+    for uid, data in summaries.items():
+        gate = ("" if data["gate_score"] is None
+                else f"; content gate score {data['gate_score']:.2f} (threshold {data['gate_threshold']:.2f})")
+        if data["model"]:
+            out.print(f"study {uid}: version {data['version']}, "
+                      f"{'interpreted' if data['interpreted'] else 'NOT interpreted'} by {data['model']}{gate}",
+                      highlight=False)
+        if data["not_interpreted_reason"]:
+            out.print(f"not interpreted: {data['not_interpreted_reason']}", highlight=False)
+        table = Table("received instance", "view", "role: why", "analysis", "result", "class", "exports", title=uid)
+        for item in data["instances"]:
+            analysis = ", ".join(f"#{j['id']} {j['state']}" for j in item["analysis"]) or (item["reason"] or "")
+            role = f"{item['role']}: {item['why']}" if item["role"] else (item["reason"] or "")
+            first = (item["sop_instance_uid"], item["view"] or "", role, analysis)
+            if not item["results"]:
+                table.add_row(*first, "", "", "")
+            for i, r in enumerate(item["results"]):
+                exports = ", ".join(f"{e['destination']}: {e['state']}" for e in r["exports"]) or "-"
+                table.add_row(*(first if i == 0 else ("", "", "", "")), r["sop_instance_uid"],
+                              UID(r["sop_class_uid"]).name, exports)
+        out.print(table)
+
+
+def _summary(analysis: dict) -> dict:
+    """What ``results`` prints of a study's last analysis (the images are in each instance's row)."""
+    keys = ("state", "version", "settle_due", "analysed_at", "model", "analysed", "interpreted",
+            "not_interpreted_reason", "gate_score", "gate_threshold", "results", "supersedes")
+    return {key: analysis.get(key) for key in keys}
+
+
+@db_errors
+def reanalyse(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")], as_json: JsonOpt = False) -> None:
+    """Analyse a study's chest radiographs again (results keep their UIDs: the PACS sees updates)."""
+    try:
+        n = admin.reanalyse(runtime(settings()), study_uid)
+    except admin.AdminError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"queued": n})
+    else:
+        out.print(f"{n} analysis job(s) queued")
+
+
+@db_errors
+def resend(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+           peer: Annotated[str, typer.Option("--peer", help="Configured peer to send to.")],
+           as_json: JsonOpt = False) -> None:
+    """Send a study's result objects to a peer again (or for the first time)."""
+    try:
+        n = admin.resend(runtime(settings()), study_uid, peer)
+    except admin.AdminError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"queued": n})
+    else:
+        out.print(f"{n} export job(s) queued for {peer}")

@@ -62,15 +62,24 @@ class QueueDepthCollector(Collector):
         yield family
 
 
+class _ProcessCollector:
+    """Everything in prometheus_client's default registry."""
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client import REGISTRY
+
+        yield from REGISTRY.collect()
+
+
 def scrape_registry(counts: Callable[[], Iterable[tuple[str, str, int]]]) -> CollectorRegistry:
     """The registry ``/metrics`` renders: every process's samples plus the queue depth."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
     else:
-        from prometheus_client import REGISTRY
-
-        registry = REGISTRY
+        # This process's own samples, through a registry of its own: several applications in one
+        # process (tests) must not register the queue gauge twice in the global one.
+        registry.register(_ProcessCollector())
     registry.register(QueueDepthCollector(counts))
     return registry
 

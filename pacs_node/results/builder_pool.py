@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 
+from pacs_node.ops.logs import setup_logging
 from pacs_node.results import build_study_objects
 from pacs_node.results.options import ResultOptions
 from pacs_node.results.study import StudyReport
@@ -73,6 +74,11 @@ def auto_processes(device: str) -> int:
     return max(1, min(MAX_AUTO_PROCESSES, (os.cpu_count() or 1) - 2))
 
 
+def _start_builder(level: str) -> None:
+    """A spawned builder logs (and scrubs warnings) as its worker does."""
+    setup_logging(level, process="builder")
+
+
 class ResultBuilders:
     """``build([study_report, ...])`` -> per report, its :class:`Built` objects or the exception that
     stopped them, in order. ``processes`` 0 builds in this process. The reports hold pixel-free headers
@@ -119,6 +125,8 @@ class ResultBuilders:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_builder, initargs=(level,))
             log.info("building results in %d processes", self.processes)
         return self._pool

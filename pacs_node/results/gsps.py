@@ -32,15 +32,16 @@ LAYER = "AI_REGIONS"
 
 
 def build_gsps(study: StudyReport, options: ResultOptions) -> GrayscaleSoftcopyPresentationState | None:
-    """The GSPS of the study's analysed image, or None when no region was reported (or the study was not
-    interpreted). Besides the boxes it draws, as text on the display, the bundle's name and, for a bundle
-    not for clinical use, the warning every other result object carries: a viewer that shows the boxes
-    shows the warning with them."""
+    """The GSPS of the study's analysed image, or None when no region was reported, the study was not
+    interpreted, or the image is in colour (a grayscale presentation state can only reference
+    single-sample images). Besides the boxes it draws, as text on the display, the bundle's name and, for
+    a bundle not for clinical use, the warning every other result object carries: a viewer that shows
+    the boxes shows the warning with them."""
     if not study.interpreted:
         return None
     source, result = study.analysed, study.result
     regions = result.selected_regions
-    if not regions:
+    if not regions or int(source.get("SamplesPerPixel", 1) or 1) != 1:
         return None
     rows, columns = int(source.Rows), int(source.Columns)
     graphics, texts = [], []
@@ -78,7 +79,9 @@ def build_gsps(study: StudyReport, options: ResultOptions) -> GrayscaleSoftcopyP
         **character_set_kwargs(source, result),
     )
     gsps.SeriesDescription = "AI regions" if result.clinical_use else "AI regions - NOT FOR CLINICAL USE"
-    # General Series Laterality (2C): dciodvfy requires it on PR; copy the image's, else empty.
-    gsps.Laterality = source.get("Laterality") or source.get("ImageLaterality") or None
+    # General Series Laterality (2C): dciodvfy requires it on PR; copy the image's, else empty. Its
+    # enumerated values are R and L only: Image Laterality's B (both) and U (unpaired) have no place here.
+    laterality = str(source.get("Laterality") or source.get("ImageLaterality") or "").strip().upper()
+    gsps.Laterality = laterality if laterality in ("R", "L") else None
     copy_patient_study(source, gsps)
     return gsps

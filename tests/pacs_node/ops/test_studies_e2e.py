@@ -77,7 +77,7 @@ def test_pa_and_lateral_on_two_associations_then_a_crash_while_settling_then_a_l
     uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (pa, lateral)}
     assert evidence(narrative) == evidence(findings) == uids
     report = node.cli_json("results", study)
-    roles = {i["view"]: (i["role"], i["reason"]) for i in report["instances"]}
+    roles = {i["view"]: (i["role"], i["why"]) for i in report["instances"]}
     assert roles["PA"][0] == "analysed" and roles["LATERAL"][0] == "set aside"
     assert roles["LATERAL"][1].startswith("lateral view")
     assert [a["state"] for a in analyses(node)] == ["cancelled", "done"]  # one analysis for the two images
