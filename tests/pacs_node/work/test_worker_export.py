@@ -321,7 +321,7 @@ def test_a_result_the_builders_refuse_fails_at_once_a_full_disk_is_retried(runti
     def refuse(*args, **kwargs):  # noqa: ANN002, ANN003
         raise ValueError("For grayscale presentation states, all referenced images must have a single sample")
 
-    monkeypatch.setattr(builder_pool, "build_result_objects", refuse)
+    monkeypatch.setattr(builder_pool, "build_study_objects", refuse)
     source = make_cr(tmp_path / "cr.dcm")
     receive(runtime, source)
     run_worker_once(runtime)
