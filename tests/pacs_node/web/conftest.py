@@ -58,6 +58,7 @@ class Web:
 
 def serve_web(tmp_path: Path, **http: object) -> tuple[WebServer, Web]:
     settings = Settings(node={"data_dir": tmp_path / "var"}, store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
+                        studies={"settle_s": 0},  # an image's study is due at once
                         http={"port": free_port(), "tokens": token_settings(), **http})
     runtime = ServerContext.open(settings)
     server = WebServer(settings, runtime)
