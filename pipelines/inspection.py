@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.interface import ImageResult, PipelineError
+from pipelines.interface import ImageResult, NotInterpreted, PipelineError
 from pipelines.preprocess import decode
 
 #: distinct box colours (Okabe-Ito, readable by colour-blind readers), cycled over the selected regions
@@ -28,9 +28,11 @@ class InspectionError(Exception):
     """The file cannot be analysed; the message says why."""
 
 
-def analyse_file(bundle_dir: str | Path, dicom_file: str | Path, device: str = "auto"
+def analyse_file(bundle_dir: str | Path, dicom_file: str | Path, device: str = "auto", *, ignore_gate: bool = False
                  ) -> tuple[ImageResult, np.ndarray]:
-    """The bundle's result for one DICOM file and the [0, 1] grey image it was computed from."""
+    """The bundle's result for one DICOM file and the [0, 1] grey image it was computed from. An image the
+    bundle's content gate would not interpret is an :class:`InspectionError` saying why, unless
+    ``ignore_gate`` (then the models run on it, as the node never would)."""
     from pipelines.engine import load_pipeline  # torch and the models load only when a file is analysed
 
     try:
@@ -38,9 +40,14 @@ def analyse_file(bundle_dir: str | Path, dicom_file: str | Path, device: str = "
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise InspectionError(f"{dicom_file}: not a readable DICOM file ({exc})") from None
     pipeline = load_pipeline(bundle_dir, device=device, batch_size=1)
+    if ignore_gate:
+        pipeline.engine.bundle.gate = None
     result = pipeline.analyse([ds])[0]
     if isinstance(result, PipelineError):
         raise InspectionError(f"{dicom_file}: {result}")
+    if isinstance(result, NotInterpreted):
+        raise InspectionError(f"{dicom_file}: not interpreted: {result.reason} (--ignore-gate runs the models "
+                              "anyway)")
     return result, decode(ds).unit()
 
 

@@ -263,13 +263,15 @@ def run(
     as_json: JsonOpt = False,
     png: Annotated[Optional[Path], typer.Option("--png", help="Also draw boxes and sentences into this PNG.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    ignore_gate: Annotated[bool, typer.Option("--ignore-gate", help="Run the models even where the content "
+                                                                    "gate would not interpret the image.")] = False,
 ) -> None:
     """One image through a bundle, without a node: regions, selections, sentences, report, probabilities."""
     from pipelines.bundle import BundleError
     from pipelines.inspection import InspectionError, analyse_file, draw_result, result_json
 
     try:
-        result, unit = analyse_file(path, dicom_file, device)
+        result, unit = analyse_file(path, dicom_file, device, ignore_gate=ignore_gate)
         if png is not None:
             draw_result(result, unit, png)
     except (BundleError, InspectionError, ValueError, OSError) as exc:

@@ -15,9 +15,13 @@ DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "bundles" / "demo"
 
 
 def test_run_prints_json_and_draws_the_real_radiograph(real_dicom_dir, tmp_path):
+    # The demo bundle was trained on phantoms only: its content gate does not interpret a real radiograph ...
+    refused = CliRunner().invoke(app, ["run", str(DEMO), str(real_dicom_dir / "RG1_UNCR.dcm"), "--device", "cpu"])
+    assert refused.exit_code == 1 and "not interpreted" in " ".join(refused.output.split())
+    # ... and --ignore-gate shows what its models would say of it all the same
     png = tmp_path / "result.png"
     result = CliRunner().invoke(app, ["run", str(DEMO), str(real_dicom_dir / "RG1_UNCR.dcm"), "--json",
-                                      "--png", str(png), "--device", "cpu"])
+                                      "--png", str(png), "--device", "cpu", "--ignore-gate"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout[result.stdout.index("{"):])
     assert [r["name"] for r in data["regions"]] == list(REGIONS)
