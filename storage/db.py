@@ -179,6 +179,19 @@ def insert_if_absent(session: Session, model: type[Base], values: dict[str, Any]
     return rowcount(session.execute(statement)) == 1  # SQLite before 3.35
 
 
+def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: list[str],
+           update: dict[str, Any]) -> None:
+    """``INSERT ... ON CONFLICT (keys) DO UPDATE SET update`` for ``model`` in the caller's transaction:
+    one statement, so two writers of the same key cannot both insert."""
+    table = cast(Table, model.__table__)
+    dialect = session.get_bind(model).dialect
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no upsert for the {dialect.name!r} dialect")
+    statement = dialect_insert(table).values(**values)
+    session.execute(statement.on_conflict_do_update(index_elements=keys, set_=update))  # type: ignore[attr-defined]
+
+
 def rowcount(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE matched. (``Session.execute`` is typed as returning a plain ``Result``;
     for those statements it is a ``CursorResult``.)"""

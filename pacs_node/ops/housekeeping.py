@@ -81,6 +81,13 @@ def remove_dead_temp_files(runtime: ServerContext) -> int:
     return n
 
 
+def probe_destinations(settings: Settings, runtime: ServerContext) -> int:
+    """C-ECHO the destinations marked down; one that answers has its waiting results sent at once."""
+    from pacs_node.work.destinations import DestinationMonitor
+
+    return DestinationMonitor(settings, runtime).probe()
+
+
 def _guarded(name: str, fn, *args) -> None:  # noqa: ANN001
     try:
         fn(*args)
@@ -96,6 +103,9 @@ def start_housekeeping(settings: Settings, runtime: ServerContext) -> Background
     scheduler.add_job(_guarded, "interval", seconds=every,
                       args=("remove_dead_temp_files", remove_dead_temp_files, runtime),
                       id="remove_dead_temp_files", max_instances=1, coalesce=True)
+    scheduler.add_job(_guarded, "interval", seconds=settings.export.probe_interval_s,
+                      args=("probe_destinations", probe_destinations, settings, runtime),
+                      id="probe_destinations", max_instances=1, coalesce=True)
     scheduler.add_job(_guarded, "interval", seconds=max(every, 60.0),
                       args=("purge_instances", purge_instances, settings, runtime),
                       id="purge_instances", max_instances=1, coalesce=True)

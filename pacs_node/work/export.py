@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from pacs_node.ops import metrics
 from pacs_node.config import Peer, Settings
+from pacs_node.work.destinations import DestinationMonitor
 from pacs_node.work.leases import LeaseKeeper
 from pacs_node.ops.context import ServerContext
 from pacs_node.dicom.tls import TLSConfigError, peer_tls_args
@@ -156,6 +157,7 @@ class Exporter:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._fallback = _load_fallback()
+        self.destinations = DestinationMonitor(self.settings, self.runtime)
 
     def start(self) -> None:
         for i in range(self.settings.export.concurrency):
@@ -174,7 +176,8 @@ class Exporter:
         with LeaseKeeper(self.runtime, owner, lease) as leases, self.runtime.doorbell(JobKind.EXPORT).waiter() as waiter:
             while not self._stop.is_set():
                 try:
-                    jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=self.settings.export.batch_size)
+                    jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=self.settings.export.batch_size,
+                                                    skip_destinations=self.destinations.down())
                 except Exception:
                     log.exception("export: cannot claim jobs; retrying")
                     self._stop.wait(5)
@@ -214,7 +217,8 @@ class Exporter:
         queue = self.runtime.queue
         if outcome is not None:
             metrics.EXPORT_FAILURES.labels(job.destination or "?").inc()
-            state = queue.fail(job.id, owner, str(outcome), retryable=outcome.retryable)
+            policy = self.settings.export_retry(job.destination or "")
+            state = queue.fail(job.id, owner, str(outcome), retryable=outcome.retryable, policy=policy)
             log.warning("export job %d to %s failed (attempt %d/%d, now %s): %s", job.id, job.destination,
                         job.attempts, job.max_attempts, state.value, outcome)
             return
@@ -260,7 +264,11 @@ class Exporter:
         try:
             sent = send_datasets(self.settings, peer, datasets, self._fallback)
         except ExportError as exc:
+            if exc.retryable:
+                self.destinations.failed(destination, str(exc))
             sent = [exc] * len(datasets)
+        else:
+            self.destinations.answered(destination)
         for i, result in zip(sending, sent, strict=True):
             if isinstance(result, ExportError):
                 outcomes[i] = result

@@ -276,7 +276,7 @@ class Worker:
                         sop_instance_uid=fields["sop_instance_uid"],
                         destination=peer,
                         dedupe_key=f"export:{fields['sop_instance_uid']}:{peer}",
-                        max_attempts=self.settings.export.retries,
+                        max_attempts=self.settings.export_retry(peer).attempts,
                     )
         if peers:
             self._export_bell.ring()
@@ -289,7 +289,8 @@ class Worker:
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
         self._finished(job.id)
         metrics.JOBS_FAILED.labels(job.kind).inc()
-        state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable)
+        state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable,
+                                   policy=self.settings.worker.retry.policy())
         log.warning("job %d failed (attempt %d/%d, now %s): %s", job.id, job.attempts, job.max_attempts,
                     state.value, error)
 

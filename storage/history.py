@@ -1,0 +1,55 @@
+"""The lasting record of what happened to each instance: its analysis outcome and each result's delivery
+to each destination.
+
+Jobs are work in flight and are purged (``queue purge``, ``retention.job_days``); these rows are written in
+the same transaction as the job's change and are never purged with it, so ``results`` can say what was
+analysed and what was sent where months later. Retention of instances removes their history with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from storage.db import upsert
+from storage.schema import Analysis, Delivery, Job, JobKind, JobState
+
+
+def record_job(session: Session, job: Job, now: datetime) -> None:
+    """Bring the history in line with ``job``'s state at the end of an attempt (or its cancellation)."""
+    if job.kind == JobKind.ANALYSE.value:
+        finished = now if job.state in (JobState.DONE.value, JobState.DEAD.value, JobState.CANCELLED.value) else None
+        results = list((job.payload or {}).get("results", []))
+        values = dict(sop_instance_uid=job.sop_instance_uid, job_id=job.id, state=job.state, attempts=job.attempts,
+                      results=results, last_error=job.last_error, updated_at=now, finished_at=finished)
+        upsert(session, Analysis, values, ["sop_instance_uid"],
+               {k: v for k, v in values.items() if k != "sop_instance_uid"})
+    elif job.kind == JobKind.EXPORT.value and job.destination:
+        delivered = now if job.state == JobState.DONE.value else None
+        values = dict(sop_instance_uid=job.sop_instance_uid, destination=job.destination, job_id=job.id,
+                      state=job.state, attempts=job.attempts, last_error=job.last_error, first_attempt_at=now,
+                      last_attempt_at=now, delivered_at=delivered)
+        changed = {k: v for k, v in values.items()
+                   if k not in ("sop_instance_uid", "destination", "first_attempt_at", "delivered_at")}
+        if delivered is not None:
+            changed["delivered_at"] = delivered
+        upsert(session, Delivery, values, ["sop_instance_uid", "destination"], changed)
+
+
+def analysis_of(session: Session, sop_instance_uid: str) -> Analysis | None:
+    return session.scalars(select(Analysis).where(Analysis.sop_instance_uid == sop_instance_uid)).one_or_none()
+
+
+def deliveries_of(session: Session, sop_instance_uids: Sequence[str]) -> Sequence[Delivery]:
+    """Every delivery of these result objects, by result then destination."""
+    return session.scalars(select(Delivery).where(Delivery.sop_instance_uid.in_(list(sop_instance_uids)))
+                           .order_by(Delivery.sop_instance_uid, Delivery.destination)).all()
+
+
+def forget(session: Session, sop_instance_uid: str) -> None:
+    """Remove an instance's history (retention deleting the instance itself)."""
+    session.execute(delete(Analysis).where(Analysis.sop_instance_uid == sop_instance_uid))
+    session.execute(delete(Delivery).where(Delivery.sop_instance_uid == sop_instance_uid))
