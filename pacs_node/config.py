@@ -194,6 +194,8 @@ class PipelineConfig(Section):
     #: still fill, and a lone image at a quiet hour does not wait for company that is not coming.
     max_batch_latency_s: Annotated[float, Field(ge=0, le=60)] = 0.0
     deterministic: bool = False
+    #: Only with ``bundle = "fake"``: seconds each batch of the test double takes (tests of crashes mid-job).
+    fake_delay_s: Annotated[float, Field(ge=0, le=60)] = 0.0
 
 
 def _legacy_attempts(data: Any, key: str) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from storage.db import upsert
@@ -47,6 +47,12 @@ def deliveries_of(session: Session, sop_instance_uids: Sequence[str]) -> Sequenc
     """Every delivery of these result objects, by result then destination."""
     return session.scalars(select(Delivery).where(Delivery.sop_instance_uid.in_(list(sop_instance_uids)))
                            .order_by(Delivery.sop_instance_uid, Delivery.destination)).all()
+
+
+def analysis_counts(session: Session) -> dict[str, int]:
+    """Analyses by outcome (done, failed, dead, cancelled): ``stats``."""
+    return {state: int(n) for state, n in
+            session.execute(select(Analysis.state, func.count()).group_by(Analysis.state))}
 
 
 def forget(session: Session, sop_instance_uid: str) -> None:

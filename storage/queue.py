@@ -343,16 +343,6 @@ class JobQueue:
             )
             return rowcount(result)
 
-    def running_owners(self) -> dict[str, builtins.list[int]]:
-        """Lease owner -> ids of the running jobs it holds (the doctor's look for owners that are gone)."""
-        with self._read() as session:
-            rows = session.execute(select(Job.lease_owner, Job.id).where(Job.state == JobState.RUNNING.value)
-                                   .order_by(Job.id)).all()
-        owners: dict[str, builtins.list[int]] = {}
-        for owner, job_id in rows:
-            owners.setdefault(owner or "", []).append(job_id)
-        return owners
-
     def oldest_waiting_age_s(self) -> dict[str, float]:
         """Per kind, how long the oldest queued or failed job has waited since it was created (seconds)."""
         with self._read() as session:

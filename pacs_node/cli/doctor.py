@@ -38,8 +38,8 @@ def doctor(
     grace: Annotated[str, typer.Option("--grace", help="Files younger than this are never orphans (30m, 1h, 0s).")] = "1h",
     as_json: JsonOpt = False,
 ) -> None:
-    """Report orphan files, rows without files, size mismatches, temp leftovers and stuck leases;
-    with --repair, fix them."""
+    """Report orphan files, rows without files, size mismatches, temp leftovers, stuck leases and jobs
+    whose lease holder is gone; with --repair, fix them."""
     from storage.doctor import Doctor
 
     grace_s = parse_duration(grace).total_seconds()
@@ -55,6 +55,8 @@ def doctor(
         "size_mismatches": report.size_mismatches,
         "temp_leftovers": report.temp_leftovers,
         "stuck_jobs": report.stuck_jobs,
+        "orphaned_leases": [f"{holder}: jobs {', '.join(map(str, ids))}"
+                            for holder, ids in report.orphaned_leases.items()],
     }
     if as_json:
         print_json({"ok": report.ok, "repaired": repair, **findings, "actions": report.actions})

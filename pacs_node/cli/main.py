@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from dataclasses import asdict, is_dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -39,8 +39,10 @@ app.add_typer(queue_app, name="queue")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 
-out = Console()
-err = Console(stderr=True)
+#: Piped output (``| grep``, a log file) is not cut or wrapped at 80 columns: a UID is 64 characters.
+_PIPED_WIDTH = 100_000
+out = Console(width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -87,8 +89,8 @@ def _jsonable(value: Any) -> Any:
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
+    if isinstance(value, datetime):  # the database's naive datetimes are UTC: say so
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
     if isinstance(value, Enum):
         return value.value
     return value
@@ -236,7 +238,7 @@ def _job_table(jobs: list[Any]) -> Table:
     for job in jobs:
         table.add_row(
             str(job.id), job.kind, job.state, job.sop_instance_uid, job.destination or "",
-            f"{job.attempts}/{job.max_attempts}", job.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            f"{job.attempts}/{job.max_attempts}", job.updated_at.strftime("%Y-%m-%d %H:%M:%SZ"),
             (job.last_error or "")[:60],
         )
     return table
@@ -354,6 +356,7 @@ def stats(as_json: JsonOpt = False) -> None:
     """Instances by origin and disposition, jobs by kind and state, store space."""
     from sqlalchemy import func, select
 
+    from storage.history import analysis_counts
     from storage.schema import Instance
 
     s = settings()
@@ -363,7 +366,9 @@ def stats(as_json: JsonOpt = False) -> None:
             select(Instance.origin, Instance.disposition, func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))
             .group_by(Instance.origin, Instance.disposition)
         ).all()
+        analyses = analysis_counts(session)
     data = {
+        "analyses": analyses,
         "instances": [{"origin": o, "disposition": d, "count": n, "bytes": int(b)} for o, d, n, b in instances],
         "jobs": [{"kind": k, "state": st, "count": n} for k, st, n in rt.queue_depth()],
         "store": {"path": str(rt.store.root), "free_bytes": rt.store.free_bytes(),
@@ -376,6 +381,10 @@ def stats(as_json: JsonOpt = False) -> None:
     for row in data["instances"]:
         table.add_row(row["origin"], row["disposition"], str(row["count"]), str(row["bytes"]))
     out.print(table)
+    table = Table("outcome", "count", title="analyses (kept after jobs are purged)")
+    for outcome, n in sorted(data["analyses"].items()):
+        table.add_row(outcome, str(n))
+    out.print(table)
     table = Table("kind", "state", "count", title="jobs")
     for row in data["jobs"]:
         table.add_row(row["kind"], row["state"], str(row["count"]))
@@ -383,10 +392,32 @@ def stats(as_json: JsonOpt = False) -> None:
     out.print(f"store {data['store']['path']}: {data['store']['free_bytes'] / 1e9:.1f} GB free")
 
 
+def _analysis_of(rt: Any, sop_instance_uid: str, history: Any) -> list[dict[str, Any]]:
+    """An instance's analysis: its lasting record (kept after ``queue purge``), else the job in flight."""
+    if history is not None:
+        return [{"id": history.job_id, "state": history.state, "attempts": history.attempts,
+                 "finished_at": history.finished_at, "last_error": history.last_error}]
+    return [{"id": j.id, "state": j.state, "attempts": j.attempts, "finished_at": j.finished_at,
+             "last_error": j.last_error} for j in rt.queue.for_instance(sop_instance_uid)]
+
+
+def _deliveries_of(rt: Any, sop_instance_uid: str, history: list[Any]) -> list[dict[str, Any]]:
+    """A result's deliveries: each destination's lasting record, plus jobs not attempted yet."""
+    rows = [{"id": d.job_id, "destination": d.destination, "state": d.state, "attempts": d.attempts,
+             "first_attempt_at": d.first_attempt_at, "last_attempt_at": d.last_attempt_at,
+             "delivered_at": d.delivered_at, "last_error": d.last_error} for d in history]
+    recorded = {d.destination for d in history}
+    rows += [{"id": j.id, "destination": j.destination, "state": j.state, "attempts": j.attempts,
+              "first_attempt_at": None, "last_attempt_at": None, "delivered_at": None, "last_error": j.last_error}
+             for j in rt.queue.for_instance(sop_instance_uid) if j.destination not in recorded]
+    return _jsonable(rows)
+
+
 @app.command()
 @_db_errors
 def results(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")], as_json: JsonOpt = False) -> None:
     """A study's received instances, what happened to each, and the result objects made from them."""
+    from storage.history import analysis_of, deliveries_of
     from storage.repository import instances_for_study
 
     rt = runtime(settings())
@@ -396,22 +427,22 @@ def results(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")
         fail(f"no instances of study {study_uid}")
     received = [row for row in rows if row.origin == "received"]
     produced = [row for row in rows if row.origin == "result"]
+    with rt.read_session() as session:
+        analyses = {uid: analysis_of(session, uid) for uid in (row.sop_instance_uid for row in received)}
+        deliveries = deliveries_of(session, [row.sop_instance_uid for row in produced])
     data = []
     for row in received:
-        jobs = rt.queue.for_instance(row.sop_instance_uid)
-        mine = [r for r in produced if r.source_sop_instance_uid == row.sop_instance_uid]
         data.append({
             "sop_instance_uid": row.sop_instance_uid,
             "modality": row.modality,
             "disposition": row.disposition,
             "reason": row.reason,
-            "analysis": [{"id": j.id, "state": j.state, "attempts": j.attempts, "last_error": j.last_error}
-                         for j in jobs],
+            "analysis": _analysis_of(rt, row.sop_instance_uid, analyses.get(row.sop_instance_uid)),
             "results": [
                 {"sop_instance_uid": r.sop_instance_uid, "sop_class_uid": r.sop_class_uid, "path": r.path,
-                 "exports": [{"id": j.id, "destination": j.destination, "state": j.state}
-                             for j in rt.queue.for_instance(r.sop_instance_uid)]}
-                for r in mine
+                 "exports": _deliveries_of(rt, r.sop_instance_uid,
+                                           [d for d in deliveries if d.sop_instance_uid == r.sop_instance_uid])}
+                for r in produced if r.source_sop_instance_uid == row.sop_instance_uid
             ],
         })
     if as_json:
@@ -421,11 +452,15 @@ def results(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")
 
     table = Table("received instance", "disposition", "analysis", "result", "class", "exports")
     for item in data:
-        analysis = ", ".join(f"#{j['id']} {j['state']}" for j in item["analysis"]) or (item["reason"] or "")
+        analysis = ", ".join(f"#{j['id']} {j['state']}" + (f" ({j['attempts']} attempts)" if j["attempts"] > 1 else "")
+                             for j in item["analysis"]) or (item["reason"] or "")
         if not item["results"]:
             table.add_row(item["sop_instance_uid"], item["disposition"], analysis, "", "", "")
         for i, r in enumerate(item["results"]):
-            exports = ", ".join(f"{e['destination']}: {e['state']}" for e in r["exports"]) or "-"
+            exports = ", ".join(f"{e['destination']}: {e['state']}"
+                                + (f" {e['delivered_at'][:19]}Z" if e["delivered_at"] else "")
+                                + (f" ({e['attempts']} attempts)" if e["attempts"] > 1 else "")
+                                for e in r["exports"]) or "-"
             table.add_row(item["sop_instance_uid"] if i == 0 else "", item["disposition"] if i == 0 else "",
                           analysis if i == 0 else "", r["sop_instance_uid"], UID(r["sop_class_uid"]).name, exports)
     out.print(table)
@@ -448,8 +483,16 @@ def config_init(
 
 @config_app.command("check")
 def config_check(as_json: JsonOpt = False) -> None:
-    """Validate the configuration and print the effective values (exit 2 with the bad key if invalid)."""
+    """Validate the configuration, the bundle, TLS files, database URL and peers' addresses, and print the
+    effective values (exit 2, naming each bad key, if anything would keep the node from working)."""
+    from pacs_node.ops.preflight import check_settings
+
     s = settings()
+    problems = check_settings(s)
+    if problems:
+        for problem in problems:
+            err.print(str(problem), markup=False, highlight=False)
+        raise typer.Exit(2)
     if as_json:
         print_json(json.loads(s.model_dump_json()))
         return

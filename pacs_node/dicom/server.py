@@ -151,6 +151,11 @@ class Listener:
                  " (DICOM TLS, client certificates required)" if tls and tls.ca_file
                  else " (DICOM TLS)" if tls else "")
 
+    @property
+    def serving(self) -> bool:
+        """Whether the association server is running (``/healthz``)."""
+        return self._server is not None
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()

@@ -81,6 +81,16 @@ def remove_dead_temp_files(runtime: ServerContext) -> int:
     return n
 
 
+def forget_gone_processes(runtime: ServerContext) -> int:
+    """Drop the liveness rows of processes long gone (each restarted worker leaves one)."""
+    from pacs_node.ops.liveness import FORGET_AFTER
+    from storage.processes import forget_older_than
+    from storage.schema import utcnow
+
+    with runtime.write_session() as session, session.begin():
+        return forget_older_than(session, FORGET_AFTER, utcnow())
+
+
 def probe_destinations(settings: Settings, runtime: ServerContext) -> int:
     """C-ECHO the destinations marked down; one that answers has its waiting results sent at once."""
     from pacs_node.work.destinations import DestinationMonitor
@@ -112,5 +122,8 @@ def start_housekeeping(settings: Settings, runtime: ServerContext) -> Background
     scheduler.add_job(_guarded, "interval", seconds=max(every, 300.0),
                       args=("purge_jobs", purge_jobs, settings, runtime),
                       id="purge_jobs", max_instances=1, coalesce=True)
+    scheduler.add_job(_guarded, "interval", seconds=max(every, 300.0),
+                      args=("forget_gone_processes", forget_gone_processes, runtime),
+                      id="forget_gone_processes", max_instances=1, coalesce=True)
     scheduler.start()
     return scheduler

@@ -1,8 +1,8 @@
 """``/healthz`` and ``/metrics`` on a local HTTP port (stdlib server, one thread per request).
 
-Health is what an operator or a container orchestrator needs to decide "is this node able to accept an
-image right now": the database answers, the store is writable and has room. Bound to 127.0.0.1 by
-default: the metrics reveal volumes and the health check is no one else's business.
+Health (:func:`pacs_node.ops.health.node_health`) is what an operator or a container orchestrator needs
+to decide "can this node take, analyse and deliver an image right now". Bound to 127.0.0.1 by default:
+the metrics reveal volumes and the health check is no one else's business.
 """
 
 from __future__ import annotations
@@ -13,48 +13,22 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sqlalchemy import text
-
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.health import Listening, node_health
 
 log = logging.getLogger(__name__)
 
 
-def health(runtime: ServerContext) -> tuple[bool, dict[str, Any]]:
-    """(healthy, details) — each check says what it found, so a failing probe explains itself."""
-    checks: dict[str, Any] = {}
-    try:
-        with runtime.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        checks["database"] = {"ok": True}
-    except Exception as exc:
-        checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    try:
-        with runtime.store.temp() as probe:
-            probe.write(b"ok")
-        checks["store_writable"] = {"ok": True}
-    except Exception as exc:
-        checks["store_writable"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    try:
-        free = runtime.store.free_bytes()
-        checks["free_space"] = {"ok": runtime.store.has_room(), "free_bytes": free,
-                                "min_free_bytes": runtime.store.min_free_bytes}
-    except OSError as exc:
-        checks["free_space"] = {"ok": False, "error": str(exc)}
-    return all(check["ok"] for check in checks.values()), checks
-
-
 class HttpServer:
-    def __init__(self, runtime: ServerContext, bind: str, port: int) -> None:
-        registry = metrics.scrape_registry(runtime.queue_depth)
+    def __init__(self, runtime: ServerContext, bind: str, port: int, listener: Listening | None = None) -> None:
+        registry = metrics.scrape_registry(runtime)
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (stdlib name)
                 if self.path.split("?")[0] == "/healthz":
-                    ok, checks = health(runtime)
-                    self._send(200 if ok else 503, "application/json",
-                               json.dumps({"ok": ok, "checks": checks}).encode())
+                    report = node_health(runtime, listener=listener)
+                    self._send(report.http_status, "application/json", json.dumps(report.to_json()).encode())
                 elif self.path.split("?")[0] == "/metrics":
                     try:
                         body = metrics.render(registry)

@@ -9,6 +9,7 @@ while the rest stops.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -76,17 +77,18 @@ def serve(settings: Settings, config_path: Path | None) -> int:
     http = None
     if settings.http.port:
         try:
-            http = HttpServer(runtime, settings.http.bind, settings.http.port)
+            http = HttpServer(runtime, settings.http.bind, settings.http.port, listener=listener)
         except OSError as exc:
             log.error("http.port: cannot listen on %s:%d: %s", settings.http.bind, settings.http.port, exc)
             listener.stop()
             runtime.close()
             return 1
         http.start()
-    exporter = Exporter(settings, runtime, worker_id=f"{socket.gethostname()}:serve")
+    # Lease owners are host:pid[/thread]: the doctor can tell whose holder is gone.
+    exporter = Exporter(settings, runtime, worker_id=f"{socket.gethostname()}:{os.getpid()}")
     exporter.start()
     scheduler = start_housekeeping(settings, runtime)
-    supervisor = Supervisor(settings.worker.count, config_path)
+    supervisor = Supervisor(settings.worker.count, config_path, release_leases=runtime.queue.release_owner)
     supervisor.start()
     log.info("pacs-node ready: %d worker process(es), %d exporter thread(s)",
              settings.worker.count, settings.export.concurrency)

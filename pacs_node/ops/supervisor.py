@@ -3,17 +3,20 @@
 Workers are full ``pacs-node worker`` subprocesses (not forks of the listener): they import torch and the
 model in their own address space, and whatever kills one (out-of-memory killer, a crashing native
 decoder) cannot reach the listener. A worker that exits is started again, after a delay that grows while
-it keeps crashing, so a broken bundle does not spin the CPU.
+it keeps crashing, so a broken bundle does not spin the CPU. The jobs it held are handed back at once
+(``release_leases``): the supervisor saw it die, so there is no reason to wait for its leases to run out.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pacs_node.ops import metrics
@@ -27,9 +30,11 @@ _HEALTHY_AFTER_S = 60.0
 
 
 class Supervisor:
-    def __init__(self, count: int, config_path: Path | None) -> None:
+    def __init__(self, count: int, config_path: Path | None,
+                 release_leases: Callable[[str], int] | None = None) -> None:
         self.count = count
         self.config_path = config_path
+        self._release_leases = release_leases
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self._started_at = [0.0] * count
         self._delay = [_RESTART_DELAY_MIN_S] * count
@@ -62,6 +67,7 @@ class Supervisor:
                     continue
                 if proc is not None:
                     metrics.process_exited(proc.pid)
+                    self._hand_back_jobs(proc.pid)
                     lived = now - self._started_at[slot]
                     if lived >= _HEALTHY_AFTER_S:
                         self._delay[slot] = _RESTART_DELAY_MIN_S
@@ -76,6 +82,18 @@ class Supervisor:
                     except OSError:
                         log.exception("cannot start worker %d", slot)
                         self._next_start[slot] = now + self._delay[slot]
+
+    def _hand_back_jobs(self, pid: int) -> None:
+        """The jobs of a worker that exited: claimable again now (its lease owner id is host:pid)."""
+        if self._release_leases is None:
+            return
+        try:
+            n = self._release_leases(f"{socket.gethostname()}:{pid}")
+        except Exception:
+            log.exception("cannot release the jobs of worker pid %d; their leases will run out", pid)
+            return
+        if n:
+            log.warning("released %d job(s) held by worker pid %d", n, pid)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every worker (each finishes its batch), SIGKILL what is still there after ``timeout``."""

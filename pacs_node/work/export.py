@@ -33,6 +33,7 @@ from pacs_node.config import Peer, Settings
 from pacs_node.work.destinations import DestinationMonitor
 from pacs_node.work.leases import LeaseKeeper
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.liveness import Beacon, ProcessState
 from pacs_node.dicom.tls import TLSConfigError, peer_tls_args
 from storage.queue import ClaimedJob
 from storage.schema import Instance, JobKind, utcnow
@@ -158,8 +159,11 @@ class Exporter:
         self._threads: list[threading.Thread] = []
         self._fallback = _load_fallback()
         self.destinations = DestinationMonitor(self.settings, self.runtime)
+        self._beacon = Beacon(self.runtime, self.worker_id, "exporter")
 
     def start(self) -> None:
+        self._beacon.__enter__()
+        self._beacon.set(ProcessState.READY, f"{self.settings.export.concurrency} thread(s)")
         for i in range(self.settings.export.concurrency):
             thread = threading.Thread(target=self._loop, args=(f"{self.worker_id}/export{i}",),
                                       name=f"export-{i}", daemon=True)
@@ -170,6 +174,7 @@ class Exporter:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
+        self._beacon.__exit__(None)
 
     def _loop(self, owner: str) -> None:
         lease = self.settings.worker.lease_seconds

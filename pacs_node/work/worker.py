@@ -40,6 +40,7 @@ from pacs_node.work.leases import LeaseKeeper
 from pacs_node.results.options import ResultOptions
 from pacs_node.work.routing import RouteKey, destinations
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.liveness import Beacon, ProcessState
 from pipelines.interface import FakePipeline, ImageResult, Pipeline, PipelineError
 from storage.queue import ClaimedJob
 from storage.repository import add_instance, get_instance
@@ -81,7 +82,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
     bundle = settings.bundle_path
     if bundle is None:
         log.warning("pipeline.bundle = \"fake\": results come from the test double, not a model")
-        return FakePipeline()
+        return FakePipeline(settings.pipeline.fake_delay_s)
     if not bundle.is_dir():
         raise PipelineUnavailable(f"pipeline.bundle: {bundle} is not a model bundle directory")
     try:
@@ -326,11 +327,19 @@ def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
         _watch_parent = threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True)
         _watch_parent.start()
     runtime = ServerContext.open(settings, migrate=False)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        pipeline = load_pipeline(settings)
-        worker = Worker(settings, runtime, pipeline)
-        log.info("worker %s ready (pipeline %s %s)", worker.worker_id, pipeline.model_name, pipeline.model_version)
-        worker.run(stop)
+        with Beacon(runtime, worker_id, "worker") as beacon:
+            try:
+                pipeline = load_pipeline(settings)
+            except Exception as exc:
+                metrics.PIPELINE_LOAD_FAILURES.inc()
+                beacon.set(ProcessState.FAILED, f"pipeline did not load: {exc}")
+                raise
+            worker = Worker(settings, runtime, pipeline, worker_id=worker_id)
+            beacon.set(ProcessState.READY, f"pipeline {pipeline.model_name} {pipeline.model_version}")
+            log.info("worker %s ready (pipeline %s %s)", worker_id, pipeline.model_name, pipeline.model_version)
+            worker.run(stop)
     finally:
         runtime.close()
     return 0
