@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from pacs_node.dicom.transcoding import accepted_syntaxes, for_peer, proposed_syntaxes
 from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
 from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level
 from storage.schema import Instance
@@ -165,15 +166,18 @@ class QueryRetrieveService:
             ).all()
         return [Match(*row) for row in rows]
 
-    def _datasets(self, event: Event, matches: list[Match]) -> Iterator[tuple[int, Dataset | None]]:
+    def _datasets(self, event: Event, matches: list[Match],
+                  accepted: Mapping[str, list[str]]) -> Iterator[tuple[int, Dataset | None]]:
+        """Each match read from the store and put in a syntax the receiver accepted for its class
+        (``accepted``: SOP class -> syntaxes of the store sub-association)."""
         for match in matches:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
             try:
-                dataset = dcmread(self.store.path(match.path))
-            except Exception as exc:  # missing or unreadable file: a failed sub-operation, not an abort
-                log.error("cannot read stored instance %s (%s): %s", match.sop_instance_uid, match.path, exc)
+                dataset = for_peer(dcmread(self.store.path(match.path)), accepted.get(match.sop_class_uid, []))
+            except Exception as exc:  # missing, unreadable, untranscodable: a failed sub-operation, not an abort
+                log.error("cannot send stored instance %s (%s): %s", match.sop_instance_uid, match.path, exc)
                 dataset = Dataset()
                 dataset.SOPInstanceUID = match.sop_instance_uid  # listed in Failed SOP Instance UID List
             yield PENDING, dataset
@@ -197,7 +201,7 @@ class QueryRetrieveService:
             return
         log.info("C-GET from %s: %d instance(s)", _caller(event), len(matches))
         yield len(matches)
-        yield from self._datasets(event, matches)
+        yield from self._datasets(event, matches, accepted_syntaxes(event.assoc))
 
     def destination(self, ae_title: str) -> tuple[str, int] | None:
         """Host and port of the configured peer with this AE title (exact, then case-insensitive)."""
@@ -226,7 +230,13 @@ class QueryRetrieveService:
         # pynetdicom associates with the destination before it takes a failure status, and an
         # association needs one context: Verification stands in when there is nothing to send.
         contexts = _storage_contexts(matches) or [build_context(Verification)]
-        yield destination[0], destination[1], {"contexts": contexts}
+        negotiated: dict[str, list[str]] = {}
+
+        def store_association_accepted(accepted: Event) -> None:  # what the destination took, to transcode to
+            negotiated.update(accepted_syntaxes(accepted.assoc))
+
+        yield destination[0], destination[1], {"contexts": contexts,
+                                               "evt_handlers": [(evt.EVT_ACCEPTED, store_association_accepted)]}
         if error is not None:
             log.warning("C-MOVE from %s refused: %s", _caller(event), error[1])
             yield 1
@@ -238,17 +248,22 @@ class QueryRetrieveService:
             return
         log.info("C-MOVE from %s to %s: %d instance(s)", _caller(event), ae_title.strip(), len(matches))
         yield len(matches)
-        yield from self._datasets(event, matches)
+        yield from self._datasets(event, matches, negotiated)
 
 
 def _storage_contexts(matches: list[Match]) -> list[Any]:
-    """One requested context per (SOP class, stored transfer syntax): instances are sent exactly as
-    stored, never transcoded, so the destination must accept that exact syntax."""
-    pairs = sorted({(m.sop_class_uid, m.transfer_syntax_uid) for m in matches})
-    if len(pairs) > _MAX_CONTEXTS:
+    """Per SOP class, one requested context per stored transfer syntax plus one uncompressed: an
+    instance goes as stored where the destination accepts that, transcoded where it does not."""
+    stored: dict[str, dict[str, None]] = {}
+    for m in matches:
+        stored.setdefault(m.sop_class_uid, {})[m.transfer_syntax_uid] = None
+    contexts = [build_context(UID(sop), syntaxes)
+                for sop in sorted(stored) for syntaxes in proposed_syntaxes(sorted(stored[sop]))]
+    if len(contexts) > _MAX_CONTEXTS:
         log.warning("C-MOVE needs %d presentation contexts; only the first %d are proposed",
-                    len(pairs), _MAX_CONTEXTS)
-    return [build_context(UID(sop), [UID(ts)]) for sop, ts in pairs[:_MAX_CONTEXTS]]
+                    len(contexts), _MAX_CONTEXTS)
+    return contexts[:_MAX_CONTEXTS]
+
 
 
 def _caller(event: Event) -> str:
