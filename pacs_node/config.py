@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pipelines.constants import CHEXPERT_LABELS
 from storage.queue import RetryPolicy
 
 #: Where ``pacs-node`` looks for its config file when neither ``--config`` nor ``PACS_NODE_CONFIG`` says.
@@ -35,6 +37,9 @@ def _check_ae_title(value: str) -> str:
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+#: One of the 14 CheXpert findings the pipeline classifies.
+FindingLabel = Literal[CHEXPERT_LABELS]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
@@ -272,15 +277,24 @@ class PolicyConfig(Section):
 
 
 class ResultsConfig(Section):
+    """What the site says about the result objects (see :meth:`pacs_node.results.ResultOptions.from_config`)."""
+
     #: A finding counts as present at or above this probability (0..1); a present finding flags the
     #: image in a Key Object Selection.
-    kos_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    kos_threshold: Probability = 0.5
+    #: Thresholds of single findings, by CheXpert label, that replace ``kos_threshold`` for them.
+    per_finding_thresholds: dict[FindingLabel, Probability] = Field(default_factory=dict)
     #: Emit the Key Object Selection.
     kos: bool = True
     #: Emit a Grayscale Softcopy Presentation State with the region boxes.
     gsps: bool = True
+    #: Emit the narrative report (Basic Text SR) beside the AI findings SR.
+    narrative: bool = True
     #: Institution named in the result objects' equipment.
     institution_name: str | None = None
+    #: This node as the device observer of the findings and the contributing equipment.
+    device_name: str = "PACS-NODE"
+    device_serial_number: str = "0"
 
 
 class HttpConfig(Section):
@@ -379,11 +393,21 @@ class Settings(BaseSettings):
         return (peer.retry if peer is not None and peer.retry is not None else self.export.retry).policy()
 
     def peer_for_ae(self, ae_title: str) -> tuple[str, Peer] | None:
-        """The configured peer whose AE title is ``ae_title`` (the sender's result receiver)."""
-        for name, peer in self.peers.items():
-            if peer.ae_title.strip().upper() == ae_title.strip().upper():
+        """The configured peer whose AE title is ``ae_title`` (by :func:`peer_by_ae_title`)."""
+        return peer_by_ae_title(self.peers, ae_title)
+
+
+def peer_by_ae_title(peers: Mapping[str, Peer], ae_title: str) -> tuple[str, Peer] | None:
+    """``(name, peer)`` of the peer called ``ae_title``: the one rule for a sender's result receiver and a
+    C-MOVE destination. Surrounding spaces never count; an exact match wins, else one that differs only
+    in letter case (AE titles are case-sensitive in DICOM, but PACS administrators type them either way)."""
+    title = ae_title.strip()
+    for exact in (True, False):
+        for name, peer in peers.items():
+            candidate = peer.ae_title.strip()
+            if candidate == title if exact else candidate.upper() == title.upper():
                 return name, peer
-        return None
+    return None
 
 
 def demo_bundle_path() -> Path:
@@ -534,7 +558,12 @@ non_chest = "keep"             # keep | discard: file of instances that are not 
 kos_threshold = 0.5            # a finding is present at this probability (and flags the image in a KOS)
 kos = true                     # Key Object Selection of flagged images
 gsps = true                    # presentation state with region boxes
+narrative = true               # narrative report SR beside the AI findings SR
 # institution_name = "General Hospital"   # example
+device_name = "PACS-NODE"      # device observer and contributing equipment of the results
+device_serial_number = "0"
+# [results.per_finding_thresholds]        # example: report a pneumothorax already at 0.2
+# Pneumothorax = 0.2
 
 [http]
 bind = "127.0.0.1"             # /healthz and /metrics

@@ -7,10 +7,11 @@ listener commits the row and its job together, after the file is in place).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from storage import history
@@ -24,13 +25,47 @@ _REQUIRED = frozenset(
 )
 
 
-def add_instance(session: Session, **fields: Any) -> bool:
-    """Insert an ``Instance`` row; ``False`` (and nothing changed) if its SOP Instance UID is known.
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What an ``Instance`` row records of a dataset's header: its UIDs and the attributes C-FIND matches
+    on, clipped to the columns (:func:`pacs_node.work.instance_record.instance_record` reads one from a
+    dataset). Where and how it is stored is said when it is added (:func:`add_instance`)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    accession_number: str | None = None
+    study_id: str | None = None
+    study_description: str | None = None
+    referring_physician_name: str | None = None
+    modality: str | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+    series_number: int | None = None
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+
+
+def add_instance(session: Session, record: InstanceRecord | None = None, /, **fields: Any) -> bool:
+    """Insert an ``Instance`` row from ``record`` and the storage ``fields`` (``path``, ``size_bytes``,
+    ``origin``, ``disposition``, ...), or from ``fields`` alone; ``False`` (and nothing changed) if its SOP
+    Instance UID is known.
 
     ``INSERT ... ON CONFLICT DO NOTHING``: a duplicate neither raises nor aborts the caller's transaction,
     and two listeners storing the same instance at once cannot both insert it. Unknown or missing
     fields are refused with their names (a typo must not silently drop query attributes).
     """
+    if record is not None:
+        fields = asdict(record) | fields
     unknown = sorted(set(fields) - _COLUMNS)
     if unknown:
         raise TypeError(f"unknown Instance field(s): {', '.join(unknown)}")
@@ -45,6 +80,15 @@ def add_instance(session: Session, **fields: Any) -> bool:
 
 def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).one_or_none()
+
+
+def instance_counts(session: Session) -> list[tuple[str, str, int, int]]:
+    """(origin, disposition, instances, bytes) for every pair present: what ``pacs-node stats`` shows."""
+    rows = session.execute(
+        select(Instance.origin, Instance.disposition, func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))
+        .group_by(Instance.origin, Instance.disposition)
+    ).all()
+    return [(origin, disposition, int(n), int(size)) for origin, disposition, n, size in rows]
 
 
 def instances_for_study(session: Session, study_instance_uid: str) -> Sequence[Instance]:

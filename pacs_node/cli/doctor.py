@@ -18,21 +18,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pacs_node.cli.main import (
-    JsonOpt,
-    _db_errors,
-    out,
-    parse_duration,
-    print_json,
-    runtime,
-    settings,
-)
+from pacs_node.cli.common import JsonOpt, db_errors, out, parse_duration, print_json, runtime, settings
+from storage.doctor import Doctor
 
 app = typer.Typer(help="Check (and repair) the database against the instance store.")
 
 
 @app.callback(invoke_without_command=True)
-@_db_errors
+@db_errors
 def doctor(
     repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed safely.")] = False,
     grace: Annotated[str, typer.Option("--grace", help="Files younger than this are never orphans (30m, 1h, 0s).")] = "1h",
@@ -40,9 +33,7 @@ def doctor(
 ) -> None:
     """Report orphan files, rows without files, size mismatches, temp leftovers, stuck leases and jobs
     whose lease holder is gone; with --repair, fix them."""
-    from storage.doctor import Doctor
-
-    grace_s = parse_duration(grace).total_seconds()
+    grace_s = parse_duration(grace, "--grace").total_seconds()
     rt = runtime(settings())
     try:
         doc = Doctor(rt.sessions, rt.store, rt.queue, grace_s=grace_s)

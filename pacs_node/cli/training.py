@@ -1,6 +1,6 @@
 """``pacs-node train``, ``pacs-node evaluate`` and ``pacs-node phantoms write``.
 
-Exported for ``pacs_node/cli/main.py`` (which adds each with ``app.add_typer(<obj>, name=...)``):
+Added by ``pacs_node/cli/main.py`` with ``app.add_typer(<obj>, name=...)``:
 
 * ``train_app``    - ``pacs-node train --out RUN [--data ...] [--steps ...] [--export BUNDLE]``
 * ``evaluate_app`` - ``pacs-node evaluate BUNDLE DATASET [--out DIR]``

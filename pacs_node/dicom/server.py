@@ -1,5 +1,5 @@
-"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE (and Q/R when ``pacs_node.dicom.qr`` is
-installed), with the calling-AE allow-list enforced at association time.
+"""The DICOM listener: a pynetdicom AE answering C-ECHO, C-STORE and Query/Retrieve (``pacs_node.dicom.qr``),
+with the calling-AE allow-list enforced at association time.
 
 Each association runs in its own thread (pynetdicom's threaded server); the C-STORE handler blocks that
 thread until the instance is durable (see :mod:`pacs_node.work.ingest`), which is the back-pressure a
@@ -9,32 +9,24 @@ sender should feel when the disk or database is slow.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from pathlib import Path
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from pacs_node.ops import metrics
-from pacs_node.dicom.transport import GuardedAssociationServer, start_guarded_server
 from pacs_node.config import Settings
+from pacs_node.dicom.adjustments import apply_pynetdicom_adjustments, undo_pynetdicom_adjustments
 from pacs_node.dicom.presentation_contexts import add_scp_contexts
-from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
-from pacs_node.ops.context import ServerContext
-from pacs_node.dicom.spooling import install as install_spool
-from pacs_node.dicom.spooling import spool_failure
+from pacs_node.dicom.qr import QueryRetrieveService
+from pacs_node.dicom.spooling import ReceiveSpool
 from pacs_node.dicom.tls import server_context
+from pacs_node.dicom.transport import GuardedAssociationServer, start_guarded_server
+from pacs_node.ops import metrics
+from pacs_node.ops.context import ServerContext
+from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
 
 log = logging.getLogger(__name__)
-
-# Receive C-STORE datasets straight to a file instead of into memory: a 30 MB radiograph never has to
-# fit in RAM, and with ``tempfile.tempdir`` inside the store it is filed by a rename.
-_config.STORE_RECV_CHUNKED_DATASET = True
-# pynetdicom logs C-FIND/C-MOVE identifiers (patient names and IDs) unless told not to.
-_config.LOG_REQUEST_IDENTIFIERS = False
-# A write error while spooling (disk full) becomes a 0xA700 answer instead of a dead association.
-install_spool()
 
 #: How often arriving files are pushed towards the disk (see ``InstanceStore.start_temp_writeback``).
 _WRITEBACK_INTERVAL_S = 0.01
@@ -71,22 +63,14 @@ class Listener:
         # for it: 30 s by default. A real peer sends its request within milliseconds of connecting.
         self.ae.acse_timeout = _ASSOCIATE_RQ_TIMEOUT_S
         add_scp_contexts(self.ae)
-        self._qr_handlers = self._attach_query_retrieve()
+        query_retrieve = QueryRetrieveService.from_runtime(settings, runtime)
+        query_retrieve.add_contexts(self.ae)
+        self._qr_handlers = query_retrieve.handlers()
+        # pynetdicom writes arriving datasets into the store's temp directory, so filing is a rename.
+        self.spool = ReceiveSpool(runtime.incoming_dir)
         self._server: GuardedAssociationServer | None = None
-        self._previous_tempdir: str | None = None
         self._stop_writeback = threading.Event()
         self._writeback = threading.Thread(target=self._push_writeback, name="writeback", daemon=True)
-
-    def _attach_query_retrieve(self) -> list[tuple[evt.EventType, object]]:
-        """Q/R SCP handlers and contexts from ``pacs_node.dicom.qr``, when that module is present."""
-        try:
-            from pacs_node.dicom.qr import QueryRetrieveService
-        except ImportError as exc:
-            log.info("query/retrieve not available (%s); serving C-ECHO and C-STORE only", exc)
-            return []
-        service = QueryRetrieveService.from_runtime(self.settings, self.rt)
-        service.add_contexts(self.ae)
-        return list(service.handlers())
 
     # -- event handlers ----------------------------------------------------------------------------
 
@@ -109,7 +93,7 @@ class Listener:
         requestor = event.assoc.requestor
         caller = Caller(ae_title=str(requestor.ae_title).strip(), host=requestor.address)
         path = Path(event.dataset_path)
-        failure = spool_failure(path)
+        failure = self.spool.failure(path)
         if failure is not None:  # the disk filled (or failed) while the dataset arrived
             log.error("could not receive instance from %s (0x%04X): %s", caller.ae_title, OUT_OF_RESOURCES, failure)
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
@@ -129,11 +113,6 @@ class Listener:
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        incoming = self.rt.incoming_dir
-        # pynetdicom creates its chunked-receive files with tempfile.NamedTemporaryFile in tempfile's
-        # directory; putting that inside the store keeps the final rename on one filesystem.
-        self._previous_tempdir = tempfile.tempdir
-        tempfile.tempdir = str(incoming)
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -142,10 +121,16 @@ class Listener:
         ]
         bind = (self.settings.node.bind, self.settings.node.port)
         tls = self.settings.node.tls
-        self._server = start_guarded_server(
-            self.ae, bind, ssl_context=server_context(tls) if tls is not None else None,
-            evt_handlers=handlers, max_pdu=self.settings.node.max_pdu,
-        )
+        ssl_context = server_context(tls) if tls is not None else None
+        apply_pynetdicom_adjustments()
+        try:
+            self._server = start_guarded_server(
+                self.ae, bind, ssl_context=ssl_context, evt_handlers=handlers,
+                max_pdu=self.settings.node.max_pdu, spool=self.spool,
+            )
+        except BaseException:
+            undo_pynetdicom_adjustments()
+            raise
         self._writeback.start()
         log.info("listening as %s on %s:%d%s", self.settings.node.ae_title, *bind,
                  " (DICOM TLS, client certificates required)" if tls and tls.ca_file
@@ -160,5 +145,5 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-            tempfile.tempdir = self._previous_tempdir
+            undo_pynetdicom_adjustments()
         self._stop_writeback.set()

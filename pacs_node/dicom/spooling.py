@@ -1,14 +1,23 @@
-"""The files pynetdicom spools incoming C-STORE datasets to, made safe against a full disk.
+"""The files pynetdicom spools incoming C-STORE datasets to: in the server's store, safe against a full disk.
 
 With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each P-DATA fragment straight to a
-``NamedTemporaryFile`` from the thread that reads the association. When that write fails (``ENOSPC``,
-``EDQUOT``, ``EIO``) the exception escapes pynetdicom's reactor: the association's thread dies, the
-sender gets no response at all and waits for its timeout, and the partial file stays behind.
+``NamedTemporaryFile`` from the thread that reads the association. Two things are wrong with that file
+for a node that promises durability:
 
-:func:`install` swaps in a file that records the first write error instead of raising it, truncates the
-partial data at once (giving the space back) and swallows the rest of the dataset, so the DIMSE message
-completes normally. The listener then asks :func:`spool_failure` before ingesting and answers 0xA700
-(out of resources), which a modality understands as "try again later".
+* it lands in tempfile's directory (``/tmp``), so filing it in the store would be a copy, not a rename;
+* when a write fails (``ENOSPC``, ``EDQUOT``, ``EIO``) the exception escapes pynetdicom's reactor: the
+  association's thread dies, the sender gets no response at all and waits for its timeout, and the
+  partial file stays behind.
+
+A :class:`ReceiveSpool` belongs to one association server. Its :class:`SpoolFile` is created in the
+server's incoming directory (inside the store, so filing is a rename), records the first write error
+instead of raising it, truncates the partial data at once (giving the space back) and swallows the rest
+of the dataset, so the DIMSE message completes normally. The server then asks :meth:`ReceiveSpool.failure`
+before ingesting and answers 0xA700 (out of resources), which a modality understands as "try again later".
+
+:func:`open_receive_file` is what :func:`pacs_node.dicom.adjustments.apply_pynetdicom_adjustments` hands to
+pynetdicom: it finds the spool of the server whose association is being read, and gives any other
+association (a C-GET requestor in the same process) pynetdicom's own temp file.
 """
 
 from __future__ import annotations
@@ -18,40 +27,64 @@ import os
 import tempfile
 import threading
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
-
-from pynetdicom import dimse_messages
 
 log = logging.getLogger(__name__)
 
-_failures: dict[str, str] = {}
-_lock = threading.Lock()
+
+class ReceiveSpool:
+    """Where one server's incoming datasets are written, and which of them failed to be written."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._failures: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def open(self, *args: Any, **kwargs: Any) -> SpoolFile:
+        """pynetdicom's ``NamedTemporaryFile(...)`` call, answered with a file in :attr:`directory`."""
+        return SpoolFile(self, *args, dir=self.directory, **kwargs)
+
+    def failed(self, name: str) -> bool:
+        with self._lock:
+            return name in self._failures
+
+    def record_failure(self, name: str, reason: str) -> bool:
+        """Remember why ``name`` could not be written; ``False`` if a failure was already recorded."""
+        with self._lock:
+            if name in self._failures:
+                return False
+            self._failures[name] = reason
+            return True
+
+    def failure(self, path: str | os.PathLike[str]) -> str | None:
+        """Why receiving the dataset at ``path`` failed (``None`` if it did not); forgets it."""
+        with self._lock:
+            return self._failures.pop(str(path), None)
 
 
 class SpoolFile:
     """Wraps pynetdicom's temp file; write errors are remembered, never raised (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, spool: ReceiveSpool, *args: Any, **kwargs: Any) -> None:
+        self._spool = spool
         self._file: Any = None
         try:
             self._file = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 (pynetdicom closes it)
             self.name: str = self._file.name
         except OSError as exc:
             # Not even an empty file could be made: give pynetdicom a name that will never exist.
-            self.name = os.path.join(tempfile.gettempdir(), f"unwritable-{os.getpid()}-{id(self):x}.dcm")
+            self.name = os.path.join(spool.directory, f"unwritable-{os.getpid()}-{id(self):x}.dcm")
             self._fail(exc)
 
     @property
     def failed(self) -> bool:
-        with _lock:
-            return self.name in _failures
+        return self._spool.failed(self.name)
 
     def _fail(self, exc: OSError) -> None:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        with _lock:
-            if self.name in _failures:
-                return
-            _failures[self.name] = reason
+        if not self._spool.record_failure(self.name, reason):
+            return
         log.error("receiving a dataset failed: %s; the rest of it is discarded", reason)
         if self._file is not None:
             with suppress(OSError):
@@ -90,12 +123,13 @@ class SpoolFile:
         return getattr(self._file, name)
 
 
-def spool_failure(path: str | os.PathLike[str]) -> str | None:
-    """Why receiving the dataset at ``path`` failed (``None`` if it did not); forgets it."""
-    with _lock:
-        return _failures.pop(str(path), None)
+def open_receive_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's ``NamedTemporaryFile`` for a dataset that starts arriving on the current thread.
 
-
-def install() -> None:
-    """Make pynetdicom spool through :class:`SpoolFile` (idempotent)."""
-    dimse_messages.NamedTemporaryFile = SpoolFile  # type: ignore[attr-defined]
+    pynetdicom decodes P-DATA in the association's DUL thread, whose ``assoc`` leads to the server that
+    accepted it; a server with a :class:`ReceiveSpool` (``spool`` attribute) gets its file there."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    spool = getattr(getattr(assoc, "_server", None), "spool", None)
+    if isinstance(spool, ReceiveSpool):
+        return spool.open(*args, **kwargs)
+    return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 (pynetdicom closes it)

@@ -25,7 +25,10 @@ import threading
 from typing import Any
 
 from pynetdicom import AE
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from pacs_node.dicom.spooling import ReceiveSpool
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +39,43 @@ PDU_SLACK = 64 * 1024
 UNLIMITED_PDU_CAP = 64 * 1024 * 1024
 
 
-#: Largest single read of a PDU body (see :func:`_recv_pdu_bytes`).
+#: Largest single read of a PDU body (see :class:`ServerAssociationSocket`).
 RECV_CHUNK = 1024 * 1024
 
 
-def _recv_pdu_bytes(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` that takes whatever the kernel has, up to ``nr_bytes``, per call.
+class ServerAssociationSocket(AssociationSocket):
+    """The :class:`AssociationSocket` of an association this node's server accepted.
 
-    pynetdicom's own reads 4 KiB per system call: for a 30 MB radiograph that is thousands of calls, each
-    releasing and retaking the GIL, which is what makes concurrent associations collapse (and doubles the
-    listener's CPU time per image). The contract is unchanged: block until ``nr_bytes`` have arrived,
-    return fewer only when the peer closed the connection. It never asks for more than ``nr_bytes``, so
-    nothing is read past the PDU pynetdicom is reading, and the PDU size limit below still sees every
-    byte."""
-    sock = self.socket
-    assert sock is not None
-    data = bytearray()
-    while len(data) < nr_bytes:
-        chunk = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
-        if not chunk:
-            break
-        data += chunk
-    return data
+    Its ``recv`` takes whatever the kernel has, up to ``nr_bytes``, per call. pynetdicom's own reads 4 KiB
+    per system call: for a 30 MB radiograph that is thousands of calls, each releasing and retaking the
+    GIL, which is what makes concurrent associations collapse (and doubles the listener's CPU time per
+    image). The contract is unchanged: block until ``nr_bytes`` have arrived, return fewer only when the
+    peer closed the connection. It never asks for more than ``nr_bytes``, so nothing is read past the PDU
+    pynetdicom is reading, and the PDU size limit below still sees every byte. Outgoing associations
+    (export, ``pacs-node send``, C-MOVE sub-associations) keep pynetdicom's own socket."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        data = bytearray()
+        while len(data) < nr_bytes:
+            chunk = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
+            if not chunk:
+                break
+            data += chunk
+        return data
 
 
-AssociationSocket.recv = _recv_pdu_bytes  # type: ignore[method-assign]
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with the accepted association reading through a
+    :class:`ServerAssociationSocket` (it adds no state, so the socket pynetdicom built is re-classed)."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        assert sock is not None and type(sock) is AssociationSocket
+        sock.__class__ = ServerAssociationSocket
+        return assoc
 
 
 class PduTooLarge(ConnectionError):
@@ -120,6 +135,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     pdu_limit: int = UNLIMITED_PDU_CAP
     idle_timeout_s: float | None = 60.0
+    #: Where this server's incoming C-STORE datasets are written (see :mod:`pacs_node.dicom.spooling`).
+    spool: ReceiveSpool | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
@@ -145,12 +162,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 
 def start_guarded_server(ae: AE, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None,
-                         evt_handlers: list[Any], max_pdu: int, idle_timeout_s: float | None = 60.0
-                         ) -> GuardedAssociationServer:
+                         evt_handlers: list[Any], max_pdu: int, spool: ReceiveSpool | None = None,
+                         idle_timeout_s: float | None = 60.0) -> GuardedAssociationServer:
     """Bind ``address`` and serve in a daemon thread, as ``ae.start_server(block=False)`` does."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer)
+                            server_class=GuardedAssociationServer, request_handler=GuardedRequestHandler)
     assert isinstance(server, GuardedAssociationServer)
+    server.spool = spool
     server.pdu_limit = (max_pdu or UNLIMITED_PDU_CAP) + PDU_SLACK
     server.idle_timeout_s = idle_timeout_s
     thread = threading.Thread(target=server.serve_forever, name=f"acceptor:{address[1]}", daemon=True)

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_node.config import Settings
+from pacs_node.ops import metrics
 from pacs_node.work.wakeups import Doorbell
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.queue import JobQueue
@@ -82,12 +83,10 @@ class ServerContext:
 
 def prepare_metrics_dir(settings: Settings, *, fresh: bool) -> Path:
     """Point prometheus_client's multiprocess mode at ``<data_dir>/metrics`` (``fresh``: empty it first,
-    as ``serve`` does at start, so counters of a previous run do not leak into this one).
-
-    Must run before :mod:`pacs_node.ops.metrics` (and so ``prometheus_client``) is first imported."""
+    as ``serve`` does at start, so counters of a previous run do not leak into this one)."""
     path = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.data_dir / "metrics")
     if fresh and path.is_dir():
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    metrics.use_multiprocess_dir(path)
     return path

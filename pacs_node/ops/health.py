@@ -12,10 +12,13 @@ Workers and exporters live in other processes (or hosts), so they are judged by 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import text
 
 from pacs_node.ops.context import ServerContext
@@ -130,3 +133,44 @@ def node_health(context: ServerContext, *, listener: Listening | None = None) ->
             checks["destinations"] = Check(not down, critical=False,
                                            details={"configured": sorted(context.settings.peers), "down": down})
     return HealthReport(checks)
+
+
+class NodeStateCollector(Collector):
+    """Liveness of workers and exporters, destination state and oldest waiting job, read from the
+    database at scrape time (labels are roles, states and peer names: never a patient's)."""
+
+    def __init__(self, runtime: ServerContext) -> None:
+        self._rt = runtime
+
+    def collect(self) -> Iterable[Metric]:
+        now = utcnow()
+        with self._rt.read_session() as session:
+            rows = list(processes.processes(session))
+            destinations = {d.name: d for d in all_destinations(session)}
+        alive = GaugeMetricFamily("pacs_node_processes_alive",
+                                  "Workers and exporters renewing their liveness row, by role and state",
+                                  labels=["role", "state"])
+        counts: dict[tuple[str, str], int] = {(role, state): 0 for role in ("worker", "exporter")
+                                              for state in (ProcessState.READY, ProcessState.FAILED)}
+        for row in rows:
+            if is_fresh(row.seen_at, now):
+                counts[(row.role, row.state)] = counts.get((row.role, row.state), 0) + 1
+        for (role, state), n in sorted(counts.items()):
+            alive.add_metric([role, state], n)
+        yield alive
+        up = GaugeMetricFamily("pacs_node_destination_up", "1 when the destination takes associations, 0 when "
+                               "it is marked down", labels=["destination"])
+        failures = GaugeMetricFamily("pacs_node_destination_consecutive_failures",
+                                     "Failed sends in a row to the destination", labels=["destination"])
+        for name in sorted(set(self._rt.settings.peers) | set(destinations)):
+            row = destinations.get(name)
+            up.add_metric([name], 0 if row is not None and row.state == DestinationState.DOWN.value else 1)
+            failures.add_metric([name], row.consecutive_failures if row is not None else 0)
+        yield up
+        yield failures
+        oldest = GaugeMetricFamily("pacs_node_oldest_waiting_job_seconds",
+                                   "Age of the oldest queued or failed job, by kind", labels=["kind"])
+        ages = self._rt.queue.oldest_waiting_age_s()
+        for kind in ("analyse", "export"):
+            oldest.add_metric([kind], ages.get(kind, 0.0))
+        yield oldest

@@ -21,8 +21,11 @@ log = logging.getLogger(__name__)
 
 #: Instances deleted per transaction by retention (keeps each transaction short).
 RETENTION_BATCH = 500
-#: A temp file this old is abandoned even if its writer cannot be checked (another host, pynetdicom's names).
-TEMP_MAX_AGE_S = 6 * 3600.0
+#: A temp file untouched this long is abandoned even if its writer cannot be checked (a writer on another
+#: host sharing the store, pynetdicom's receive files whose names carry no writer). Every live writer
+#: touches its file far more often: the listener drops a peer that stalls for ``idle_timeout_s`` (60 s),
+#: and the store's own writers finish a file in seconds.
+TEMP_ABANDONED_S = 600.0
 
 
 def reclaim_leases(runtime: ServerContext) -> int:
@@ -67,10 +70,11 @@ def purge_jobs(settings: Settings, runtime: ServerContext) -> int:
 
 def remove_dead_temp_files(runtime: ServerContext) -> int:
     """Delete the store's temp files whose writer on this host is gone (a worker or listener killed
-    mid-write) or that are older than :data:`TEMP_MAX_AGE_S`: never committed, never acknowledged, so
-    nothing refers to them, and without this they would wait for a person running ``doctor --repair``."""
+    mid-write) or that are untouched for :data:`TEMP_ABANDONED_S`: never committed, never acknowledged,
+    so nothing refers to them, and without this they would wait for a person running ``doctor --repair``.
+    ``serve`` runs it at start and housekeeping every ``retention.interval_s``."""
     n = 0
-    for leftover in runtime.store.temp_leftovers(older_than_s=TEMP_MAX_AGE_S):
+    for leftover in runtime.store.temp_leftovers(older_than_s=TEMP_ABANDONED_S):
         try:
             leftover.path.unlink()
         except FileNotFoundError:

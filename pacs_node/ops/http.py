@@ -15,14 +15,14 @@ from typing import Any
 
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
-from pacs_node.ops.health import Listening, node_health
+from pacs_node.ops.health import Listening, NodeStateCollector, node_health
 
 log = logging.getLogger(__name__)
 
 
 class HttpServer:
     def __init__(self, runtime: ServerContext, bind: str, port: int, listener: Listening | None = None) -> None:
-        registry = metrics.scrape_registry(runtime)
+        registry = metrics.scrape_registry(runtime.queue_depth, [NodeStateCollector(runtime)])
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (stdlib name)

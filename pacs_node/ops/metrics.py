@@ -1,25 +1,23 @@
 """Prometheus metrics of the node.
 
 ``serve`` and the worker processes it starts are separate processes, so counters and histograms use
-prometheus_client's multiprocess mode: :func:`pacs_node.ops.context.prepare_metrics_dir` sets
-``PROMETHEUS_MULTIPROC_DIR`` *before* this module is first imported, and ``/metrics`` aggregates every
-process's files. Queue depth is not counted by anyone: it is read from the database at scrape time, so
-it is right even after a crash; so are the liveness of workers and exporters, the state of each
-destination and the age of the oldest waiting job (:class:`NodeStateCollector`).
+prometheus_client's multiprocess mode, switched on by :func:`use_multiprocess_dir` (called through
+:func:`pacs_node.ops.context.prepare_metrics_dir` by the ``serve`` and ``worker`` commands at start, in
+whatever order modules were imported), and ``/metrics`` aggregates every process's files. Queue depth is
+not counted by anyone: it is read from the database at scrape time, so it is right even after a crash; so
+are the liveness of workers and exporters, the state of each destination and the age of the oldest
+waiting job (:class:`pacs_node.ops.health.NodeStateCollector`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from pacs_node.ops.context import ServerContext
 
 INSTANCES_RECEIVED = Counter(
     "pacs_node_instances_received_total",
@@ -40,8 +38,19 @@ EXPORT_FAILURES = Counter(
     "pacs_node_export_failures_total", "Failed C-STORE attempts of results, by destination", ["destination"]
 )
 PIPELINE_LOAD_FAILURES = Counter(
-    "pacs_node_pipeline_load_failures_total", "Workers whose pipeline (model bundle) failed to load"
+    "pacs_node_pipeline_load_failures_total", "Workers whose pipeline (model bundle) failed to load, by error type",
+    ["error"],
 )
+
+
+def use_multiprocess_dir(path: Path) -> None:
+    """Keep this process's samples in ``path``, beside those of the node's other processes.
+
+    prometheus_client picks its value class from ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported;
+    it is picked again here, so the switch does not depend on import order. Every metric of the node has
+    labels, and a labelled metric makes its values on first use (``labels(...)``), after this call."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    values.ValueClass = values.get_value_class()
 
 
 class QueueDepthCollector(Collector):
@@ -58,54 +67,10 @@ class QueueDepthCollector(Collector):
         yield family
 
 
-class NodeStateCollector(Collector):
-    """Liveness of workers and exporters, destination state and oldest waiting job, read from the
-    database at scrape time (labels are roles, states and peer names: never a patient's)."""
-
-    def __init__(self, runtime: ServerContext) -> None:
-        self._rt = runtime
-
-    def collect(self) -> Iterable[Metric]:
-        from pacs_node.ops.liveness import ProcessState, is_fresh
-        from storage import processes
-        from storage.destinations import all_destinations
-        from storage.schema import DestinationState, utcnow
-
-        now = utcnow()
-        with self._rt.read_session() as session:
-            rows = list(processes.processes(session))
-            destinations = {d.name: d for d in all_destinations(session)}
-        alive = GaugeMetricFamily("pacs_node_processes_alive",
-                                  "Workers and exporters renewing their liveness row, by role and state",
-                                  labels=["role", "state"])
-        counts: dict[tuple[str, str], int] = {(role, state): 0 for role in ("worker", "exporter")
-                                              for state in (ProcessState.READY, ProcessState.FAILED)}
-        for row in rows:
-            if is_fresh(row.seen_at, now):
-                counts[(row.role, row.state)] = counts.get((row.role, row.state), 0) + 1
-        for (role, state), n in sorted(counts.items()):
-            alive.add_metric([role, state], n)
-        yield alive
-        up = GaugeMetricFamily("pacs_node_destination_up", "1 when the destination takes associations, 0 when "
-                               "it is marked down", labels=["destination"])
-        failures = GaugeMetricFamily("pacs_node_destination_consecutive_failures",
-                                     "Failed sends in a row to the destination", labels=["destination"])
-        for name in sorted(set(self._rt.settings.peers) | set(destinations)):
-            row = destinations.get(name)
-            up.add_metric([name], 0 if row is not None and row.state == DestinationState.DOWN.value else 1)
-            failures.add_metric([name], row.consecutive_failures if row is not None else 0)
-        yield up
-        yield failures
-        oldest = GaugeMetricFamily("pacs_node_oldest_waiting_job_seconds",
-                                   "Age of the oldest queued or failed job, by kind", labels=["kind"])
-        ages = self._rt.queue.oldest_waiting_age_s()
-        for kind in ("analyse", "export"):
-            oldest.add_metric([kind], ages.get(kind, 0.0))
-        yield oldest
-
-
-def scrape_registry(runtime: ServerContext) -> CollectorRegistry:
-    """The registry ``/metrics`` renders: every process's samples, the queue depth and the node's state."""
+def scrape_registry(counts: Callable[[], Iterable[tuple[str, str, int]]],
+                    collectors: Iterable[Collector] = ()) -> CollectorRegistry:
+    """The registry ``/metrics`` renders: every process's samples, the queue depth and ``collectors``
+    (:class:`pacs_node.ops.health.NodeStateCollector`: liveness, destinations, oldest waiting job)."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
@@ -113,8 +78,9 @@ def scrape_registry(runtime: ServerContext) -> CollectorRegistry:
         from prometheus_client import REGISTRY
 
         registry = REGISTRY
-    registry.register(QueueDepthCollector(runtime.queue_depth))
-    registry.register(NodeStateCollector(runtime))
+    registry.register(QueueDepthCollector(counts))
+    for collector in collectors:
+        registry.register(collector)
     return registry
 
 

@@ -13,50 +13,26 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 from pacs_node.config import Settings
-from pacs_node.ops.housekeeping import remove_dead_temp_files
+from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.housekeeping import remove_dead_temp_files, start_housekeeping
+from pacs_node.ops.http import HttpServer
+from pacs_node.ops.supervisor import Supervisor
+from pacs_node.work.export import Exporter
 
 log = logging.getLogger(__name__)
 
-#: A receive file untouched this long belongs to no live association: the listener drops a peer that
-#: stalls for ``idle_timeout_s`` (60 s), so ten minutes leaves a wide margin on a shared store.
-STALE_RECEIVE_S = 600.0
-
-
-def _remove_stale_temp_files(runtime: ServerContext) -> None:
-    """Partial datasets of associations cut off by a crash: never acknowledged, so safe to delete (the
-    sender got no success and sends again). The store may be shared with listeners on other machines,
-    so only files that are provably dead go: the store's own temp files by the rule housekeeping uses
-    (writer gone on this host, or too old), and pynetdicom's receive files (their names carry no
-    writer) once nothing has written to them for far longer than a live association may stall."""
-    remove_dead_temp_files(runtime)
-    cutoff = time.time() - STALE_RECEIVE_S
-    for path in runtime.incoming_dir.glob("tmp*"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-        except FileNotFoundError:
-            continue
-
-
 def serve(settings: Settings, config_path: Path | None) -> int:
-    # Imported here: metrics must see PROMETHEUS_MULTIPROC_DIR, set by the CLI before this call.
-    from pacs_node.work.export import Exporter
-    from pacs_node.ops.http import HttpServer
-    from pacs_node.ops.housekeeping import start_housekeeping
-    from pacs_node.dicom.server import Listener
-    from pacs_node.ops.supervisor import Supervisor
-
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
     runtime = ServerContext.open(settings, migrate=True)
-    _remove_stale_temp_files(runtime)
+    # Partial datasets of associations cut off by a crash were never acknowledged: the sender sends again.
+    remove_dead_temp_files(runtime)
     if not settings.allowed_callers and settings.allow_any_caller:
         log.warning("no allowed_callers configured: accepting associations from any AE")
     bundle = settings.bundle_path

@@ -17,14 +17,15 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom import Dataset
 
-from pacs_node.work.instance_record import instance_fields
 from pacs_node.results import build_result_objects
+from pacs_node.results.common import without_pixel_data
 from pacs_node.results.options import ResultOptions
+from pacs_node.work.instance_record import instance_record
 from pipelines.interface import ImageResult
+from storage.repository import InstanceRecord
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,9 @@ MAX_AUTO_PROCESSES = 16
 
 @dataclass(frozen=True)
 class Built:
-    """One result object as it will be stored and sent: its index fields and its DICOM file bytes."""
+    """One result object as it will be stored and sent: what its row records and its DICOM file bytes."""
 
-    fields: dict[str, Any]
+    fields: InstanceRecord
     data: bytes
 
 
@@ -49,7 +50,7 @@ def encode(ds: Dataset) -> bytes:
 
 def build_encoded(source: Dataset, result: ImageResult, options: ResultOptions) -> list[Built]:
     """The result objects of one image, encoded (runs in a builder process)."""
-    return [Built(instance_fields(obj), encode(obj)) for obj in build_result_objects(source, result, options)]
+    return [Built(instance_record(obj), encode(obj)) for obj in build_result_objects(source, result, options)]
 
 
 def auto_processes(device: str) -> int:
@@ -62,10 +63,7 @@ def auto_processes(device: str) -> int:
 
 def pixel_free(ds: Dataset) -> Dataset:
     """``ds`` without its pixel data (what building needs, and a fraction of what would be pickled)."""
-    header = Dataset()
-    for element in ds:
-        if element.tag.group != 0x7FE0:
-            header.add(element)
+    header = without_pixel_data(ds)
     header.file_meta = ds.file_meta
     return header
 

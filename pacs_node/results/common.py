@@ -39,6 +39,20 @@ _REQUIRED_SOURCE = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Series
                     "Rows", "Columns")
 
 
+#: The group of Pixel Data, Float Pixel Data and Double Float Pixel Data.
+PIXEL_DATA_GROUP = 0x7FE0
+
+
+def without_pixel_data(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` without its pixel data of any kind (no file meta). Its elements are copies, so
+    changing one (normalising a date) leaves ``ds`` as it was; the values themselves are shared."""
+    header = Dataset()
+    for element in ds:
+        if element.tag.group != PIXEL_DATA_GROUP:
+            header.add(copy.copy(element))
+    return header
+
+
 def evidence_header(source: Dataset, result: ImageResult) -> Dataset:
     """A pixel-free copy of ``source`` usable as highdicom evidence.
 
@@ -52,11 +66,7 @@ def evidence_header(source: Dataset, result: ImageResult) -> Dataset:
             f"result is for a {result.source_columns}x{result.source_rows} image but the source is "
             f"{source.Columns}x{source.Rows} (columns x rows)"
         )
-    header = Dataset()
-    for element in source:
-        if element.tag.group == 0x7FE0:  # pixel data of any kind: evidence needs the header only
-            continue
-        header.add(copy.copy(element))  # own elements: normalising must not touch the caller's dataset
+    header = without_pixel_data(source)  # evidence needs the header only
     for keyword in _TYPE2_HEADER:
         if keyword not in header:
             setattr(header, keyword, None)

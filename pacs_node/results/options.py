@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pacs_node import __version__
+from pacs_node.config import ResultsConfig
 from pipelines.constants import CHEXPERT_LABELS
 
 
@@ -52,6 +54,22 @@ class ResultOptions:
                     "gsps_series_number"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"results.{key}: must be a positive integer")
+
+    @classmethod
+    def from_config(cls, results: ResultsConfig) -> ResultOptions:
+        """The options a site's ``[results]`` section gives; the product's identity (manufacturer, model
+        name, software version) and the series numbers are this node's, not the site's."""
+        return cls(
+            device_name=results.device_name,
+            software_versions=__version__,
+            device_serial_number=results.device_serial_number,
+            institution_name=results.institution_name,
+            kos_threshold=results.kos_threshold,
+            per_finding_thresholds=dict(results.per_finding_thresholds),
+            make_kos=results.kos,
+            make_gsps=results.gsps,
+            make_narrative=results.narrative,
+        )
 
     def threshold(self, label: str) -> float:
         """The probability at or above which ``label`` is reported present."""

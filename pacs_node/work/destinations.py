@@ -13,6 +13,7 @@ import logging
 import time
 
 from pacs_node.config import Settings
+from pacs_node.dicom.scu import ScuError, echo
 from pacs_node.ops.context import ServerContext
 from storage.destinations import down_destinations, record_failure, record_probe, record_success
 from storage.schema import JobKind, utcnow
@@ -62,7 +63,6 @@ class DestinationMonitor:
 
     def probe(self) -> int:
         """C-ECHO every destination marked down; returns how many answered."""
-        from pacs_node.work.export import ExportError, echo
 
         with self.rt.read_session() as session:
             names = sorted(down_destinations(session))
@@ -73,7 +73,7 @@ class DestinationMonitor:
                 continue
             try:
                 echo(self.settings, peer)
-            except ExportError as exc:
+            except ScuError as exc:
                 with self.rt.write_session() as session, session.begin():
                     record_probe(session, name, str(exc), utcnow())
                 continue

@@ -1,7 +1,7 @@
 """Durable ingest of one C-STORE request: the promise behind every 0x0000 this node sends.
 
 pynetdicom has already written the dataset, chunk by chunk, to a temp file *inside the instance store*
-(the listener points ``tempfile.tempdir`` there), so filing it is a rename, not a copy. The order is what
+(see :mod:`pacs_node.dicom.spooling`), so filing it is a rename, not a copy. The order is what
 makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
-from pacs_node.work.instance_record import MissingAttribute, instance_fields
+from pacs_node.work.instance_record import MissingAttribute, declared_pixels, instance_record
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
 from storage.repository import add_instance
@@ -61,7 +61,7 @@ def read_header(path: Path, expected_sop_instance_uid: str | None) -> Dataset:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         for _ in ds:  # force decoding of every top-level element
             pass
-        fields = instance_fields(ds)
+        record = instance_record(ds)
         _check_consistency(path, ds)
     except UnreadableDataset:
         raise
@@ -69,7 +69,7 @@ def read_header(path: Path, expected_sop_instance_uid: str | None) -> Dataset:
         raise UnreadableDataset(str(exc)) from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise UnreadableDataset(f"{type(exc).__name__}: {exc}") from exc
-    if expected_sop_instance_uid and fields["sop_instance_uid"] != expected_sop_instance_uid:
+    if expected_sop_instance_uid and record.sop_instance_uid != expected_sop_instance_uid:
         raise UnreadableDataset("SOP Instance UID in the dataset differs from the C-STORE request's")
     return ds
 
@@ -102,13 +102,13 @@ def _check_consistency(path: Path, ds: Dataset) -> None:
         raise UnreadableDataset(f"dataset encoding does not match its transfer syntax ({syntax.name})")
     if syntax.is_compressed or "Rows" not in ds or "Columns" not in ds:
         return
+    bits = int(ds.get("BitsAllocated", 0) or 0)  # US, as are SamplesPerPixel, Rows and Columns
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
     try:
-        bits = int(ds.get("BitsAllocated", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
-    except (TypeError, ValueError) as exc:
-        raise UnreadableDataset(f"image dimensions are not numbers: {exc}") from exc
-    needed = pixels * bits // 8
+        pixels = declared_pixels(ds)
+    except ValueError as exc:
+        raise UnreadableDataset(str(exc)) from exc
+    needed = pixels * samples * bits // 8
     if needed and path.stat().st_size < needed:
         raise UnreadableDataset(f"the file ({path.stat().st_size} bytes) is too small for its "
                                 f"{ds.Rows} x {ds.Columns} x {bits}-bit pixel data ({needed} bytes)")
@@ -159,13 +159,13 @@ class Ingestor:
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return CANNOT_UNDERSTAND
 
-        fields = instance_fields(ds)
+        record = instance_record(ds)
         decision = decide(ds)
         discard = not decision.analyse and self.settings.policy.non_chest is NonChestAction.DISCARD
         relpath = ""
         if not discard:
             relpath = self.rt.store.relpath_for(
-                fields["study_instance_uid"], fields["series_instance_uid"], fields["sop_instance_uid"]
+                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
             )
             try:
                 # pynetdicom still holds its own (flushed) handle; this one is for fsync and rename.
@@ -184,7 +184,7 @@ class Ingestor:
             with self.rt.write_session() as session, session.begin():
                 inserted = add_instance(
                     session,
-                    **fields,
+                    record,
                     path=relpath,
                     size_bytes=0 if discard else size,
                     origin=Origin.RECEIVED,
@@ -197,13 +197,13 @@ class Ingestor:
                     self.rt.queue.enqueue(
                         session,
                         kind=JobKind.ANALYSE,
-                        dedupe_key=f"analyse:{fields['sop_instance_uid']}",
-                        sop_instance_uid=fields["sop_instance_uid"],
+                        dedupe_key=f"analyse:{record.sop_instance_uid}",
+                        sop_instance_uid=record.sop_instance_uid,
                         max_attempts=self.settings.worker.max_attempts,
                     )
         except SQLAlchemyError:
             log.exception("could not record instance from %s (0x%04X)", caller.ae_title, OUT_OF_RESOURCES)
-            self._remove_unrecorded(relpath, fields["sop_instance_uid"])
+            self._remove_unrecorded(relpath, record.sop_instance_uid)
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return OUT_OF_RESOURCES
         if not inserted:
@@ -217,7 +217,7 @@ class Ingestor:
         metrics.INSTANCES_RECEIVED.labels(outcome).inc()
         if decision.analyse:
             self._analyse_bell.ring()
-            log.info("stored %s instance from %s and queued it for analysis", fields["modality"], caller.ae_title)
+            log.info("stored %s instance from %s and queued it for analysis", record.modality, caller.ae_title)
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS

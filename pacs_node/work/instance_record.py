@@ -1,4 +1,5 @@
-"""The ``Instance`` row of a dataset: the header attributes Q/R matches on, clipped to the columns.
+"""The :class:`storage.repository.InstanceRecord` of a dataset: the header attributes Q/R matches on,
+clipped to the columns.
 
 Used for received images (from their header only) and for the result objects the worker produces, so
 both kinds are found by the same C-FIND queries.
@@ -10,6 +11,7 @@ from typing import Any
 
 from pydicom import Dataset
 
+from storage.repository import InstanceRecord
 from storage.schema import Instance
 
 _TEXT_COLUMNS = {
@@ -59,8 +61,9 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
     return value
 
 
-def instance_fields(ds: Dataset) -> dict[str, Any]:
-    """Column values of ``ds`` for an ``Instance`` row (without storage and disposition columns).
+def instance_record(ds: Dataset) -> InstanceRecord:
+    """What the ``Instance`` row of ``ds`` records of its header (storage and disposition are added by
+    whoever stores it).
 
     Raises :class:`MissingAttribute` when a UID needed to file the instance is absent."""
     fields: dict[str, Any] = {
@@ -82,4 +85,13 @@ def instance_fields(ds: Dataset) -> dict[str, Any]:
             fields[column] = int(value) if value not in (None, "") else None
         except (TypeError, ValueError):
             fields[column] = None
-    return fields
+    return InstanceRecord(**fields)
+
+
+def declared_pixels(ds: Dataset) -> int:
+    """Rows x Columns x Number of Frames as the header declares them (0 where there are none), for the
+    checks made before any pixel is decoded. Raises ``ValueError`` when they are not numbers."""
+    try:
+        return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"image dimensions are not numbers: {exc}") from None

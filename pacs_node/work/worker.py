@@ -32,10 +32,11 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from pacs_node import __version__
 from pacs_node.ops import metrics
 from pacs_node.config import Device, Settings
 from pacs_node.results.builder_pool import Built, ResultBuilders, auto_processes
+from pacs_node.work.instance_record import declared_pixels
+from pacs_node.work.job_loop import JobLoop, complete_job
 from pacs_node.work.leases import LeaseKeeper
 from pacs_node.results.options import ResultOptions
 from pacs_node.work.routing import RouteKey, destinations
@@ -57,24 +58,24 @@ MAX_SOURCE_PIXELS = 80_000_000
 def check_dimensions(ds: Dataset) -> None:
     """Refuse, before any pixel is decoded, an image whose declared size would not fit in memory."""
     try:
-        pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError) as exc:
-        raise PipelineError(f"image dimensions are not numbers: {exc}") from None
+        pixels = declared_pixels(ds)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
     if pixels > MAX_SOURCE_PIXELS:
         raise PipelineError(f"image of {pixels:,} pixels ({ds.get('Rows')} x {ds.get('Columns')}) exceeds the "
                             f"limit of {MAX_SOURCE_PIXELS:,}; not decoded")
 
 
 class PipelineUnavailable(RuntimeError):
-    """The configured pipeline cannot be loaded (missing bundle, engine not installed)."""
+    """The configured pipeline cannot be loaded (no bundle where ``pipeline.bundle`` points)."""
 
 
 def resolve_device(device: Device) -> str:
-    if device is Device.AUTO:
-        import torch
+    """``pipeline.device`` as the engine resolves it (``auto``: CUDA where it is available)."""
+    # Imported here, not at the top: torch loads only in a process that asks about a device.
+    from pipelines.engine import resolve_device as engine_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device.value
+    return engine_device(device.value).type
 
 
 def load_pipeline(settings: Settings) -> Pipeline:
@@ -85,25 +86,13 @@ def load_pipeline(settings: Settings) -> Pipeline:
         return FakePipeline(settings.pipeline.fake_delay_s)
     if not bundle.is_dir():
         raise PipelineUnavailable(f"pipeline.bundle: {bundle} is not a model bundle directory")
-    try:
-        from pipelines.engine import load_pipeline as load_engine
-    except ImportError as exc:
-        raise PipelineUnavailable(f"the inference engine (pipelines.engine) is not available: {exc}") from exc
+    from pipelines.engine import load_pipeline as load_engine
+
     return load_engine(
         bundle,
-        device=resolve_device(settings.pipeline.device),
+        device=settings.pipeline.device.value,
         batch_size=settings.pipeline.batch_size,
         deterministic=settings.pipeline.deterministic,
-    )
-
-
-def result_options(settings: Settings) -> ResultOptions:
-    return ResultOptions(
-        kos_threshold=settings.results.kos_threshold,
-        make_kos=settings.results.kos,
-        make_gsps=settings.results.gsps,
-        institution_name=settings.results.institution_name,
-        software_versions=__version__,
     )
 
 
@@ -123,7 +112,7 @@ class Worker:
         processes = settings.worker.result_processes
         if processes is None:
             processes = auto_processes(resolve_device(settings.pipeline.device))
-        self._builders = ResultBuilders(processes, result_options(settings))
+        self._builders = ResultBuilders(processes, ResultOptions.from_config(settings.results))
         self._heartbeat: LeaseKeeper | None = None
         self._export_bell = runtime.doorbell(JobKind.EXPORT)
 
@@ -131,23 +120,13 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set (a batch in progress is finished first)."""
-        lease = self.settings.worker.lease_seconds
-        bell = self.rt.doorbell(JobKind.ANALYSE)
-        with LeaseKeeper(self.rt, self.worker_id, lease) as heartbeat, bell.waiter() as waiter, self._builders:
-            self._heartbeat = heartbeat
-            while not stop.is_set():
-                try:
-                    jobs = self.claim_batch(stop)
-                except Exception:
-                    log.exception("cannot claim jobs; retrying")
-                    stop.wait(5)
-                    continue
-                if not jobs:
-                    waiter.wait(self.settings.worker.poll_interval_s, stop)
-                    continue
-                heartbeat.hold([job.id for job in jobs])
-                self.process(jobs)
-                heartbeat.hold([])
+        loop = JobLoop(self.rt, self.worker_id, JobKind.ANALYSE, claim=lambda: self.claim_batch(stop))
+        with self._builders:
+            loop.run(stop, self._process_held)
+
+    def _process_held(self, jobs: list[ClaimedJob], leases: LeaseKeeper) -> None:
+        self._heartbeat = leases
+        self.process(jobs)
 
     def claim_batch(self, stop: threading.Event) -> list[ClaimedJob]:
         """Up to ``batch_size`` jobs; once the first is in hand, wait at most the latency cap for more."""
@@ -222,8 +201,7 @@ class Worker:
                 self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
                 continue
             self._finished(w.job.id)
-            if self.rt.queue.complete(w.job.id, self.worker_id, {"results": produced}):
-                self._observe_latency(w.job.id)
+            if complete_job(self.rt, w.job, self.worker_id, {"results": produced}):
                 log.info("job %d done: %d result object(s)", w.job.id, len(produced))
 
     def _load(self, job: ClaimedJob) -> _Work:
@@ -247,12 +225,11 @@ class Worker:
         source_uid = str(w.dataset.SOPInstanceUID)
         rows = []
         for obj in objects:
-            fields = obj.fields
             relpath = self.rt.store.relpath_for(
-                fields["study_instance_uid"], fields["series_instance_uid"], fields["sop_instance_uid"]
+                obj.fields.study_instance_uid, obj.fields.series_instance_uid, obj.fields.sop_instance_uid
             )
             self.rt.store.write_bytes(relpath, obj.data)
-            rows.append((fields, relpath, len(obj.data)))
+            rows.append((obj.fields, relpath, len(obj.data)))
         route = RouteKey(
             calling_ae=w.calling_ae,
             modality=str(w.dataset.get("Modality", "") or "") or None,
@@ -260,10 +237,10 @@ class Worker:
         )
         peers = destinations(self.settings, route)
         with self.rt.write_session() as session, session.begin():
-            for fields, relpath, size in rows:
+            for record, relpath, size in rows:
                 add_instance(
                     session,
-                    **fields,
+                    record,
                     path=relpath,
                     size_bytes=size,
                     origin=Origin.RESULT,
@@ -274,14 +251,14 @@ class Worker:
                     self.rt.queue.enqueue(
                         session,
                         kind=JobKind.EXPORT,
-                        sop_instance_uid=fields["sop_instance_uid"],
+                        sop_instance_uid=record.sop_instance_uid,
                         destination=peer,
-                        dedupe_key=f"export:{fields['sop_instance_uid']}:{peer}",
+                        dedupe_key=f"export:{record.sop_instance_uid}:{peer}",
                         max_attempts=self.settings.export_retry(peer).attempts,
                     )
         if peers:
             self._export_bell.ring()
-        return [fields["sop_instance_uid"] for fields, _, _ in rows]
+        return [record.sop_instance_uid for record, _, _ in rows]
 
     def _finished(self, job_id: int) -> None:
         if self._heartbeat is not None:
@@ -294,12 +271,6 @@ class Worker:
                                    policy=self.settings.worker.retry.policy())
         log.warning("job %d failed (attempt %d/%d, now %s): %s", job.id, job.attempts, job.max_attempts,
                     state.value, error)
-
-    def _observe_latency(self, job_id: int) -> None:
-        record = self.rt.queue.get(job_id)
-        if record is not None and record.finished_at is not None:
-            metrics.JOB_SECONDS.labels(JobKind.ANALYSE.value).observe(
-                (record.finished_at - record.created_at).total_seconds())
 
 
 _PR_SET_PDEATHSIG = 1
@@ -333,7 +304,7 @@ def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
             try:
                 pipeline = load_pipeline(settings)
             except Exception as exc:
-                metrics.PIPELINE_LOAD_FAILURES.inc()
+                metrics.PIPELINE_LOAD_FAILURES.labels(type(exc).__name__).inc()
                 beacon.set(ProcessState.FAILED, f"pipeline did not load: {exc}")
                 raise
             worker = Worker(settings, runtime, pipeline, worker_id=worker_id)

@@ -20,7 +20,7 @@ from pacs_node.ops.context import ServerContext
 from pacs_node.work.worker import Worker
 from pipelines.interface import FakePipeline, ImageResult, PipelineError
 from storage.schema import Instance, Job, JobKind, JobState
-from tests.node.helpers import make_cr
+from tests.pacs_node.helpers import make_cr
 from tests.storage.conftest import db_url, pg_server, pg_url, sqlite_db  # noqa: F401 (fixtures)
 
 

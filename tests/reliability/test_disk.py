@@ -20,7 +20,7 @@ from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from storage.schema import Instance
 from storage.store import TEMP_DIR
-from tests.node.helpers import make_cr, storescu
+from tests.pacs_node.helpers import make_cr, storescu
 from tests.support import free_port, mounted_tmpfs
 
 MiB = 1024 * 1024

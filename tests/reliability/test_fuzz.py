@@ -30,7 +30,8 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import create_engine, text
 
-from tests.node.helpers import echoscu, make_cr, wait_for_port
+from bench.common import wait_for_port
+from tests.pacs_node.helpers import echoscu, make_cr
 from tests.support import REPO, dcmtk, free_port
 
 CASES = int(os.environ.get("PACS_NODE_FUZZ_CASES", "1500"))

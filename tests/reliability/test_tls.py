@@ -20,13 +20,13 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import func, select
 
 from pacs_node.config import Peer, Settings, load_settings
-from pacs_node.work.export import ExportError, send_datasets
+from pacs_node.dicom.scu import ScuError, send_datasets
 from pacs_node.ops.http import HttpServer
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from pacs_node.dicom.tls import TLSConfigError, server_context
 from storage.schema import Instance
-from tests.node.helpers import StoreSCP, make_cr
+from tests.pacs_node.helpers import StoreSCP, make_cr
 from tests.reliability.certs import KEY_PASSWORD, Certs, make_certs
 from tests.support import dcmtk, free_port
 
@@ -164,13 +164,13 @@ def test_export_over_tls_to_dcmtk_storescp(tmp_path: Path, certs: Certs, caplog:
         assert [str(r.SOPInstanceUID) for r in scp.received()] == [str(ds.SOPInstanceUID)]
         # the receiver's certificate does not chain to the CA we were told to trust
         distrust = Peer(ae_title="RECEIVER", host="localhost", port=port, tls={"ca_file": certs.rogue_ca})
-        with pytest.raises(ExportError):
+        with pytest.raises(ScuError):
             send_datasets(settings, distrust, [ds])
         # our certificate is not one the receiver trusts
         rogue = Peer(ae_title="RECEIVER", host="localhost", port=port,
                      tls={"ca_file": certs.ca, "cert_file": certs.rogue_client.cert,
                           "key_file": certs.rogue_client.key})
-        with pytest.raises(ExportError):
+        with pytest.raises(ScuError):
             send_datasets(settings, rogue, [ds])
         assert len(scp.received()) == 1
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
@@ -30,16 +30,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_node.config import Peer, Settings, peer_by_ae_title
 from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from pacs_node.dicom.transcoding import accepted_syntaxes, for_peer, proposed_syntaxes
 from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
 from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level
+from pacs_node.ops.context import ServerContext
 from storage.schema import Instance
 from storage.store import InstanceStore
-
-if TYPE_CHECKING:
-    from pacs_node.config import Settings
-    from pacs_node.ops.context import ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +77,12 @@ def _levels(sop_class_uid: str) -> tuple[Level, ...]:
 class QueryRetrieveService:
     """C-FIND/C-MOVE/C-GET handlers over ``storage.schema.Instance``.
 
-    ``peers`` maps a peer name to ``(ae_title, host, port)``: the only C-MOVE destinations. A move to
-    any other AE title fails with 0xA801 (Move Destination unknown), so a caller cannot make the node
+    ``peers`` are the configured peers: the only C-MOVE destinations. A move to any other AE title fails with 0xA801 (Move Destination unknown), so a caller cannot make the node
     send images to an address of its choosing.
     """
 
     def __init__(self, sessions: sessionmaker[Session], store: InstanceStore,
-                 peers: Mapping[str, tuple[str, str, int]], *, ae_title: str | None = None,
+                 peers: Mapping[str, Peer], *, ae_title: str | None = None,
                  max_matches: int = 10000) -> None:
         self.sessions = sessions
         self.store = store
@@ -96,8 +93,7 @@ class QueryRetrieveService:
     @classmethod
     def from_runtime(cls, settings: Settings, runtime: ServerContext) -> QueryRetrieveService:
         """The service as the listener builds it: configured peers, the runtime's store and sessions."""
-        peers = {name: (p.ae_title, p.host, p.port) for name, p in settings.peers.items()}
-        return cls(runtime.sessions, runtime.store, peers, ae_title=settings.node.ae_title)
+        return cls(runtime.sessions, runtime.store, settings.peers, ae_title=settings.node.ae_title)
 
     # -- wiring -----------------------------------------------------------------------------------
 
@@ -204,13 +200,9 @@ class QueryRetrieveService:
         yield from self._datasets(event, matches, accepted_syntaxes(event.assoc))
 
     def destination(self, ae_title: str) -> tuple[str, int] | None:
-        """Host and port of the configured peer with this AE title (exact, then case-insensitive)."""
-        title = ae_title.strip()
-        for exact in (True, False):
-            for peer_ae, host, port in self.peers.values():
-                if (peer_ae.strip() == title) if exact else (peer_ae.strip().upper() == title.upper()):
-                    return host, int(port)
-        return None
+        """Host and port of the configured peer with this AE title (see :func:`peer_by_ae_title`)."""
+        found = peer_by_ae_title(self.peers, ae_title)
+        return None if found is None else (found[1].host, found[1].port)
 
     def on_move(self, event: Event) -> Iterator[Any]:
         raw = event.move_destination

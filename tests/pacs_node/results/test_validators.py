@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from pacs_node.results import ResultOptions, build_result_objects, comprehensive_fallback
 from pipelines.interface import FakePipeline
-from tests.results.synthetic import make_cr
+from tests.pacs_node.results.synthetic import make_cr
 from tests.support import require_tool
 
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pacs_node.work.wakeups import Doorbell
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 WAIT_IN_CHILD = """
 import sys

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,26 +11,13 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from tests.qr.conftest import QR_AET, Archive, Scp
+from bench.common import wait_for_port
+from tests.pacs_node.dicom.qr.conftest import QR_AET, Archive, Scp
 from tests.support import dcmtk
 
 
 def received(directory: Path) -> dict[str, Dataset]:
     return {str(ds.SOPInstanceUID): ds for ds in (dcmread(p) for p in directory.rglob("*") if p.is_file())}
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 @pytest.fixture
@@ -44,7 +30,7 @@ def storescp(store_scp_port: int, tmp_path: Path) -> Iterator[Path]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        wait_for_port(store_scp_port, process)
+        wait_for_port(store_scp_port, process, timeout=20)
         yield out
     finally:
         process.terminate()

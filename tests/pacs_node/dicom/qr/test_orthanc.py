@@ -18,7 +18,7 @@ from pydicom import Dataset
 from pynetdicom import AE
 
 from pacs_node.results import comprehensive_fallback
-from tests.qr.conftest import QR_AET, Archive, Scp
+from tests.pacs_node.dicom.qr.conftest import QR_AET, Archive, Scp
 from tests.support import require_tool
 
 

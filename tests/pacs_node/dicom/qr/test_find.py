@@ -13,7 +13,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from tests.qr.conftest import QR_AET, Archive, Scp
+from tests.pacs_node.dicom.qr.conftest import QR_AET, Archive, Scp
 from tests.support import dcmtk
 
 

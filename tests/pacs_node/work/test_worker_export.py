@@ -28,7 +28,7 @@ from pacs_node.ops.context import ServerContext
 from pipelines.interface import FakePipeline
 from storage.repository import add_instance
 from storage.schema import Instance, Job, JobKind
-from tests.node.helpers import make_cr
+from tests.pacs_node.helpers import make_cr
 from tests.support import free_port
 
 pytest.importorskip("pacs_node.results", reason="the result builders (pacs_node.results) are not installed")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from bench.common import stop_process, wait_for_port
 from tests.support import REPO, dcmtk, free_port
 
 
@@ -86,29 +85,6 @@ port = {http_port}
 """
 
 
-def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @dataclass
 class Node:
     """A ``pacs-node serve`` subprocess with its own config and data dir."""
@@ -129,12 +105,12 @@ class Node:
             cwd=self.directory, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         log.close()
-        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.port, proc=self.proc, timeout=60)
         return self
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc, timeout=20)
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -205,7 +181,7 @@ class StoreSCP:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc, timeout=5)
+            stop_process(self.proc, timeout=5)
 
     def received(self) -> list[pydicom.Dataset]:
         return [pydicom.dcmread(p) for p in sorted(self.directory.iterdir()) if p.is_file()]

@@ -20,7 +20,7 @@ from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from storage.schema import Instance, Job
 from storage.store import StoreFullError
-from tests.node.helpers import echoscu, make_cr, storescu
+from tests.pacs_node.helpers import echoscu, make_cr, storescu
 from tests.support import dcmtk, free_port
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.node.helpers import Node, make_cr, storescu
+from tests.pacs_node.helpers import Node, make_cr, storescu
 from tests.support import dcmtk
 
 pytest.importorskip("pacs_node.results", reason="the result builders (pacs_node.results) are not installed")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.helpers import Node, StoreSCP, make_cr, storescu
+from tests.pacs_node.helpers import Node, StoreSCP, make_cr, storescu
 
 pytest.importorskip("pacs_node.results", reason="the result builders (pacs_node.results) are not installed")
 

@@ -12,7 +12,7 @@ import pytest
 from pacs_node.results.builder_pool import ResultBuilders, auto_processes, pixel_free
 from pacs_node.results.options import ResultOptions
 from pipelines.interface import FakePipeline
-from tests.node.helpers import make_cr
+from tests.pacs_node.helpers import make_cr
 
 #: Set at build time, so two builds of the same result differ in these and nothing else.
 _BUILD_TIME = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",

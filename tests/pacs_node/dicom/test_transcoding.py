@@ -22,7 +22,7 @@ from pydicom.uid import (
 )
 
 from pacs_node.dicom.transcoding import choose_syntax, for_peer, proposed_syntaxes
-from tests.node.helpers import Node, StoreSCP, make_cr, storescu
+from tests.pacs_node.helpers import Node, StoreSCP, make_cr, storescu
 from tests.support import SHARED, dcmtk
 
 REAL = SHARED / "data" / "real-dicom"

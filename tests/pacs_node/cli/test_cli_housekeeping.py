@@ -17,7 +17,7 @@ from pacs_node.ops.housekeeping import purge_instances, purge_jobs, reclaim_leas
 from pacs_node.ops.context import ServerContext
 from storage.repository import add_instance
 from storage.schema import Instance, Job, JobKind, utcnow
-from tests.node.helpers import StoreSCP, make_cr
+from tests.pacs_node.helpers import StoreSCP, make_cr
 from tests.support import dcmtk, free_port
 
 runner = CliRunner()

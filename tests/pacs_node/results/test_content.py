@@ -23,7 +23,7 @@ from pacs_node.results.kos import build_kos, flagged_findings
 from pacs_node.results.narrative_sr import build_narrative_sr
 from pipelines.constants import CHEXPERT_LABELS
 from pipelines.interface import FakePipeline, ImageResult, RegionResult
-from tests.results.synthetic import make_cr
+from tests.pacs_node.results.synthetic import make_cr
 
 
 def items(ds: Dataset) -> Iterator[Dataset]:

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from tests.node.helpers import Node, StoreSCP, make_cr, storescu
+from tests.pacs_node.helpers import Node, StoreSCP, make_cr, storescu
 from tests.support import SHARED
 
 pytest.importorskip("pacs_node.results", reason="the result builders (pacs_node.results) are not installed")

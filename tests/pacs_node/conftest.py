@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.helpers import Node, StoreSCP, base_config, new_ports, write_config
+from tests.pacs_node.helpers import Node, StoreSCP, base_config, new_ports, write_config
 from tests.storage.conftest import pg_server, pg_url  # noqa: F401 (fixtures: a private PostgreSQL schema)
 from tests.support import dcmtk
 

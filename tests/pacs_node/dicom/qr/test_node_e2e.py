@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.node.helpers import Node, StoreSCP, base_config, make_cr, new_ports, storescu, write_config
+from tests.pacs_node.helpers import Node, StoreSCP, base_config, make_cr, new_ports, storescu, write_config
 from tests.support import dcmtk
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.node.helpers import Node, make_cr, storescu
+from tests.pacs_node.helpers import Node, make_cr, storescu
 
 pytest.importorskip("pacs_node.results", reason="the result builders (pacs_node.results) are not installed")
 

@@ -13,15 +13,16 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from pacs_node.work.instance_record import instance_fields
+from pacs_node.config import Peer
 from pacs_node.dicom.qr import QueryRetrieveService
+from pacs_node.work.instance_record import instance_record
 from pacs_node.results import ResultOptions, build_result_objects
 from pipelines.interface import FakePipeline
 from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
 from storage.repository import add_instance
 from storage.schema import Disposition, Origin
 from storage.store import InstanceStore
-from tests.results.synthetic import make_cr
+from tests.pacs_node.results.synthetic import make_cr
 from tests.support import free_port
 
 QR_AET = "QRSCP"
@@ -37,12 +38,12 @@ class Archive:
     def add(self, ds: Dataset, origin: Origin, source_uid: str | None = None) -> None:
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        fields = instance_fields(ds)
-        relpath = self.store.relpath_for(fields["study_instance_uid"], fields["series_instance_uid"],
-                                         fields["sop_instance_uid"])
+        record = instance_record(ds)
+        relpath = self.store.relpath_for(record.study_instance_uid, record.series_instance_uid,
+                                         record.sop_instance_uid)
         self.store.write_bytes(relpath, buffer.getvalue())
         with self.sessions() as session, session.begin():
-            add_instance(session, **fields, path=relpath, size_bytes=len(buffer.getvalue()),
+            add_instance(session, record, path=relpath, size_bytes=len(buffer.getvalue()),
                          origin=origin,
                          disposition=Disposition.RESULT if origin is Origin.RESULT else Disposition.QUEUED,
                          source_sop_instance_uid=source_uid)
@@ -75,7 +76,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
 class Scp:
     port: int
     service: QueryRetrieveService
-    peers: dict[str, tuple[str, str, int]]
+    peers: dict[str, Peer]
 
 
 @pytest.fixture(scope="package")
@@ -92,8 +93,8 @@ def orthanc_ports() -> tuple[int, int]:
 
 @pytest.fixture(scope="package")
 def qr_scp(archive: Archive, store_scp_port: int, orthanc_ports: tuple[int, int]) -> Iterator[Scp]:
-    peers = {"storescp": ("STORESCP", "127.0.0.1", store_scp_port),
-             "orthanc": ("ORTHANC", "127.0.0.1", orthanc_ports[0])}
+    peers = {"storescp": Peer(ae_title="STORESCP", host="127.0.0.1", port=store_scp_port),
+             "orthanc": Peer(ae_title="ORTHANC", host="127.0.0.1", port=orthanc_ports[0])}
     service = QueryRetrieveService(archive.sessions, archive.store, peers, ae_title=QR_AET)
     ae = AE(ae_title=QR_AET)
     service.add_contexts(ae)
