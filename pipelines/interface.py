@@ -81,9 +81,10 @@ class FakePipeline:
     model_name = "fake"
     model_version = "0"
     clinical_use = False
+    #: Seconds each batch takes, like a model would: lets tests catch a worker in the middle of a job.
+    delay_s = 0.0
 
     def __init__(self, delay_s: float = 0.0) -> None:
-        #: Seconds each batch takes, like a model would: lets tests catch a worker in the middle of a job.
         self.delay_s = delay_s
 
     def analyse(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult | PipelineError]:
