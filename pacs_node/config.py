@@ -274,6 +274,9 @@ class PolicyConfig(Section):
     #: What happens to a received instance that is not a chest radiograph: it is always acknowledged and
     #: recorded with the reason; ``keep`` also stores its file, ``discard`` does not.
     non_chest: NonChestAction = NonChestAction.KEEP
+    #: Accept every storage SOP class (a PACS rule "forward everything" must not fail on an ultrasound);
+    #: off: only radiograph and result classes, others refused at association time.
+    any_storage_class: bool = True
 
 
 class ResultsConfig(Section):
@@ -553,6 +556,7 @@ interval_s = 30.0              # housekeeping period
 
 [policy]
 non_chest = "keep"             # keep | discard: file of instances that are not chest radiographs
+any_storage_class = true       # accept (and record as not processed) any storage SOP class, e.g. ultrasound
 
 [results]
 kos_threshold = 0.5            # a finding is present at this probability (and flags the image in a KOS)

@@ -17,7 +17,7 @@ from pynetdicom.events import Event
 
 from pacs_node.config import Settings
 from pacs_node.dicom.adjustments import apply_pynetdicom_adjustments, undo_pynetdicom_adjustments
-from pacs_node.dicom.presentation_contexts import add_scp_contexts
+from pacs_node.dicom.presentation_contexts import add_scp_contexts, storage_sop_classes
 from pacs_node.dicom.qr import QueryRetrieveService
 from pacs_node.dicom.spooling import ReceiveSpool
 from pacs_node.dicom.tls import server_context
@@ -62,9 +62,10 @@ class Listener:
         # every connection that never sends a valid one (a port scan, garbage) holds an association slot
         # for it: 30 s by default. A real peer sends its request within milliseconds of connecting.
         self.ae.acse_timeout = _ASSOCIATE_RQ_TIMEOUT_S
-        add_scp_contexts(self.ae)
+        storage_classes = storage_sop_classes(settings.policy.any_storage_class)
+        add_scp_contexts(self.ae, storage_classes)
         query_retrieve = QueryRetrieveService.from_runtime(settings, runtime)
-        query_retrieve.add_contexts(self.ae)
+        query_retrieve.add_contexts(self.ae, storage_classes)
         self._qr_handlers = query_retrieve.handlers()
         # pynetdicom writes arriving datasets into the store's temp directory, so filing is a rename.
         self.spool = ReceiveSpool(runtime.incoming_dir)

@@ -101,12 +101,12 @@ class QueryRetrieveService:
         return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
 
     @staticmethod
-    def add_contexts(ae: AE) -> None:
+    def add_contexts(ae: AE, storage_classes: tuple[UID, ...] = STORAGE_SOP_CLASSES) -> None:
         """Q/R information models, and the storage classes with the SCP role a C-GET requestor asks
         for (it receives our C-STOREs on its own association)."""
         for sop_class in _QR_CLASSES:
             ae.add_supported_context(sop_class)
-        for sop_class in STORAGE_SOP_CLASSES:
+        for sop_class in storage_classes:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES), scu_role=False, scp_role=True)
 
     # -- C-FIND -----------------------------------------------------------------------------------
