@@ -128,6 +128,10 @@ class QueryRetrieveService:
             with self.sessions() as session:
                 keys = matching_keys(session, identifier, level, self.max_matches)
                 rows = list(entity_rows(session, level, keys))
+        except QueryError as exc:  # e.g. a malformed StudyDate: a failure status, not an empty answer
+            log.warning("C-FIND from %s refused: %s", _caller(event), exc)
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
         except SQLAlchemyError:
             log.exception("C-FIND from %s: database error", _caller(event))
             yield UNABLE_TO_PROCESS, None
