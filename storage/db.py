@@ -163,7 +163,13 @@ def make_sessionmaker(engine: Engine, *, immediate: bool = False) -> sessionmake
 
 def insert_if_absent(session: Session, model: type[Base], values: dict[str, Any], key: str) -> bool:
     """``INSERT ... ON CONFLICT (key) DO NOTHING`` for ``model`` in the caller's transaction; whether a row
-    was inserted.
+    was inserted (see :func:`insert_returning_id`)."""
+    return insert_returning_id(session, model, values, key) is not None
+
+
+def insert_returning_id(session: Session, model: type[Base], values: dict[str, Any], key: str) -> Any | None:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING`` for ``model`` in the caller's transaction; the new row's
+    primary key, or None when a row with ``key`` existed.
 
     A duplicate neither raises nor aborts the transaction (after an IntegrityError PostgreSQL refuses
     every further statement in it), and two processes inserting the same key at once cannot both win.
@@ -175,8 +181,10 @@ def insert_if_absent(session: Session, model: type[Base], values: dict[str, Any]
         raise NotImplementedError(f"no idempotent insert for the {dialect.name!r} dialect")
     statement = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])  # type: ignore[attr-defined]
     if dialect.insert_returning:  # rowcount of an INSERT is not reliable on every driver
-        return session.execute(statement.returning(*table.primary_key.columns)).first() is not None
-    return rowcount(session.execute(statement)) == 1  # SQLite before 3.35
+        row = session.execute(statement.returning(*table.primary_key.columns)).first()
+        return None if row is None else row[0]
+    result = session.execute(statement)  # SQLite before 3.35
+    return result.inserted_primary_key[0] if rowcount(result) == 1 else None  # type: ignore[attr-defined]
 
 
 def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: list[str],

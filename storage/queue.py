@@ -33,7 +33,7 @@ from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import history
-from storage.db import insert_if_absent, make_sessionmaker, rowcount
+from storage.db import insert_returning_id, make_sessionmaker, rowcount
 from storage.schema import Job, JobKind, JobState, utcnow
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,9 @@ class JobQueue:
         payload: Mapping[str, Any] | None = None,
         max_attempts: int = 5,
         priority: int = 0,
-    ) -> bool:
-        """Add a job inside the caller's transaction; ``False`` (and no new row) if ``dedupe_key`` exists.
+    ) -> int | None:
+        """Add a job inside the caller's transaction: its id (for log lines that follow the image), or
+        ``None`` (and no new row) if ``dedupe_key`` exists.
 
         Uses ``INSERT ... ON CONFLICT DO NOTHING``, so a duplicate neither raises nor aborts the caller's
         transaction (on PostgreSQL an IntegrityError would poison it). Higher ``priority`` runs first.
@@ -201,7 +202,7 @@ class JobQueue:
             created_at=now,
             updated_at=now,
         )
-        return insert_if_absent(session, Job, values, "dedupe_key")
+        return insert_returning_id(session, Job, values, "dedupe_key")
 
     # -- working ---------------------------------------------------------------------------------
 

@@ -193,8 +193,9 @@ class Ingestor:
                     calling_ae=caller.ae_title[:16],
                     calling_host=(caller.host or "")[:64] or None,
                 )
+                job_id = None
                 if inserted and decision.analyse:
-                    self.rt.queue.enqueue(
+                    job_id = self.rt.queue.enqueue(
                         session,
                         kind=JobKind.ANALYSE,
                         dedupe_key=f"analyse:{record.sop_instance_uid}",
@@ -217,7 +218,8 @@ class Ingestor:
         metrics.INSTANCES_RECEIVED.labels(outcome).inc()
         if decision.analyse:
             self._analyse_bell.ring()
-            log.info("stored %s instance from %s and queued it for analysis", record.modality, caller.ae_title)
+            log.info("stored %s instance from %s and queued it for analysis as job %s", record.modality,
+                     caller.ae_title, job_id)
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS
