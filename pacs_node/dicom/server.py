@@ -14,9 +14,11 @@ from pathlib import Path
 
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
+from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from pacs_node.config import Settings
 from pacs_node.dicom.adjustments import apply_pynetdicom_adjustments, undo_pynetdicom_adjustments
+from pacs_node.dicom.commitment import StorageCommitmentSCP
 from pacs_node.dicom.presentation_contexts import add_scp_contexts, storage_sop_classes
 from pacs_node.dicom.qr import QueryRetrieveService
 from pacs_node.dicom.spooling import ReceiveSpool
@@ -66,6 +68,8 @@ class Listener:
         add_scp_contexts(self.ae, storage_classes)
         query_retrieve = QueryRetrieveService.from_runtime(settings, runtime)
         query_retrieve.add_contexts(self.ae, storage_classes)
+        self.ae.add_supported_context(StorageCommitmentPushModel)
+        self._commitment = StorageCommitmentSCP(settings, runtime)
         self._qr_handlers = query_retrieve.handlers()
         # pynetdicom writes arriving datasets into the store's temp directory, so filing is a rename.
         self.spool = ReceiveSpool(runtime.incoming_dir)
@@ -118,6 +122,7 @@ class Listener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self._commitment.on_n_action),
             *self._qr_handlers,
         ]
         bind = (self.settings.node.bind, self.settings.node.port)

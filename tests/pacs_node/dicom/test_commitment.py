@@ -1,0 +1,107 @@
+"""Storage commitment SCP (PS3.4 Annex J) against a pynetdicom modality: DCMTK has no storage commitment
+tools, so the modality (N-ACTION SCU, N-EVENT-REPORT receiver) is pynetdicom. Images go in by DCMTK
+storescu; the node reports what it holds and fails what it does not."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, StorageCommitmentPushModel
+from pynetdicom.sop_class import StorageCommitmentPushModelInstance as WELL_KNOWN
+
+from pacs_node.config import Settings
+from pacs_node.dicom.server import Listener
+from pacs_node.ops.context import ServerContext
+from tests.pacs_node.helpers import make_cr, storescu
+from tests.support import free_port
+
+
+def _ref(sop_class: str, uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, uid
+    return item
+
+
+def test_the_node_commits_what_it_holds_and_fails_the_rest(tmp_path: Path) -> None:
+    modality_port = free_port()
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        reports.put((event.event_type, event.event_information))
+        return 0x0000, None
+
+    modality = AE(ae_title="MODALITY")
+    modality.add_supported_context(StorageCommitmentPushModel)
+    server = modality.start_server(("127.0.0.1", modality_port), block=False,
+                                   evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    settings = Settings(node={"ae_title": "PACSNODE", "port": free_port(), "bind": "127.0.0.1",
+                              "data_dir": tmp_path / "var"},
+                        store={"min_free_bytes": 0}, pipeline={"bundle": "fake"}, routing={"default": "none"},
+                        peers={"modality": {"ae_title": "MODALITY", "host": "127.0.0.1", "port": modality_port}})
+    runtime = ServerContext.open(settings)
+    listener = Listener(settings, runtime)
+    listener.start()
+    try:
+        images = [make_cr(tmp_path / f"cr{i}.dcm", seed=i) for i in range(2)]
+        assert storescu(settings.node.port, [tmp_path / "cr0.dcm", tmp_path / "cr1.dcm"]).returncode == 0
+
+        def request(refs: list[Dataset]) -> tuple[int, str]:
+            scu = AE(ae_title="MODALITY")
+            scu.add_requested_context(StorageCommitmentPushModel)
+            assoc = scu.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
+            assert assoc.is_established
+            info = Dataset()
+            info.TransactionUID = generate_uid()
+            info.ReferencedSOPSequence = Sequence(refs)
+            status, _ = assoc.send_n_action(info, 1, StorageCommitmentPushModel, WELL_KNOWN)
+            assoc.release()
+            return int(status.Status), str(info.TransactionUID)
+
+        held = [_ref(ComputedRadiographyImageStorage, str(ds.SOPInstanceUID)) for ds in images]
+        status, transaction = request(held)
+        assert status == 0x0000
+        event_type, info = reports.get(timeout=30)
+        assert event_type == 1 and info.TransactionUID == transaction
+        assert sorted(i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence) == \
+            sorted(str(ds.SOPInstanceUID) for ds in images)
+        assert "FailedSOPSequence" not in info
+
+        never_sent = generate_uid()
+        status, transaction = request([held[0], _ref(ComputedRadiographyImageStorage, never_sent)])
+        assert status == 0x0000
+        event_type, info = reports.get(timeout=30)
+        assert event_type == 2 and info.TransactionUID == transaction
+        assert [i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence] == [str(images[0].SOPInstanceUID)]
+        assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in info.FailedSOPSequence] == [(never_sent, 0x0112)]
+    finally:
+        listener.stop()
+        runtime.close()
+        server.shutdown()
+
+
+@pytest.mark.parametrize("action_type", [7])
+def test_an_unknown_action_is_refused(tmp_path: Path, action_type: int) -> None:
+    settings = Settings(node={"ae_title": "PACSNODE", "port": free_port(), "bind": "127.0.0.1",
+                              "data_dir": tmp_path / "var"}, store={"min_free_bytes": 0}, pipeline={"bundle": "fake"})
+    runtime = ServerContext.open(settings)
+    listener = Listener(settings, runtime)
+    listener.start()
+    try:
+        scu = AE(ae_title="MODALITY")
+        scu.add_requested_context(StorageCommitmentPushModel)
+        assoc = scu.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
+        info = Dataset()
+        info.TransactionUID = generate_uid()
+        info.ReferencedSOPSequence = Sequence([])
+        status, _ = assoc.send_n_action(info, action_type, StorageCommitmentPushModel, WELL_KNOWN)
+        assoc.release()
+        assert int(status.Status) == 0x0123
+    finally:
+        listener.stop()
+        runtime.close()
