@@ -161,6 +161,12 @@ def make_sessionmaker(engine: Engine, *, immediate: bool = False) -> sessionmake
     return sessionmaker(bind=bind, expire_on_commit=False)
 
 
+def ping(engine: Engine) -> None:
+    """One round trip to the database (``SELECT 1``); raises what the driver raises when it is down."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
 def insert_if_absent(session: Session, model: type[Base], values: dict[str, Any], key: str) -> bool:
     """``INSERT ... ON CONFLICT (key) DO NOTHING`` for ``model`` in the caller's transaction; whether a row
     was inserted (see :func:`insert_returning_id`)."""

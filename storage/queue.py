@@ -392,6 +392,12 @@ class JobQueue:
         counts.update({state: number for state, number in rows})
         return counts
 
+    def depth(self) -> builtins.list[tuple[str, str, int]]:
+        """(kind, state, count) for every kind and state present: the ``pacs_node_queue_jobs`` gauge."""
+        with self._read() as session:
+            rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
+            return [(kind, state, int(n)) for kind, state, n in rows]
+
     def list(
         self, state: JobState | str | None = None, kind: JobKind | str | None = None, limit: int = 100
     ) -> builtins.list[JobRecord]:

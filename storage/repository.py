@@ -6,7 +6,7 @@ listener commits the row and its job together, after the file is in place).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -80,6 +80,22 @@ def add_instance(session: Session, record: InstanceRecord | None = None, /, **fi
 
 def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).one_or_none()
+
+
+def instance_exists(session: Session, sop_instance_uid: str) -> bool:
+    """Whether an instance with this SOP Instance UID is recorded (the listener's duplicate check)."""
+    found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)).first()
+    return found is not None
+
+
+def stored_paths(session: Session, sop_instance_uids: Iterable[str]) -> dict[str, str]:
+    """Store path of each of these instances that is recorded with a file (what export reads)."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.path)
+        .where(Instance.sop_instance_uid.in_(set(sop_instance_uids)))
+        .where(Instance.path.is_not(None))
+    ).all()
+    return {uid: path for uid, path in rows}
 
 
 def instance_counts(session: Session) -> list[tuple[str, str, int, int]]:

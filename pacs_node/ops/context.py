@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_node.config import Settings
@@ -22,7 +22,7 @@ from pacs_node.ops import metrics
 from pacs_node.work.wakeups import Doorbell
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.queue import JobQueue
-from storage.schema import Job, JobKind
+from storage.schema import JobKind
 from storage.store import TEMP_DIR, InstanceStore
 
 
@@ -69,9 +69,7 @@ class ServerContext:
 
     def queue_depth(self) -> list[tuple[str, str, int]]:
         """(kind, state, count) for every kind and state present: the ``pacs_node_queue_jobs`` gauge."""
-        with self.read_session() as session:
-            rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
-            return [(kind, state, int(n)) for kind, state, n in rows]
+        return self.queue.depth()
 
     def doorbell(self, kind: JobKind) -> Doorbell:
         """The bell of ``kind``'s jobs on this host: ring it after committing such a job, wait on it when idle."""

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import text
 
 from pacs_node.ops.context import ServerContext
 from pacs_node.ops.liveness import ProcessState, is_fresh
 from storage import processes
+from storage.db import ping
 from storage.destinations import all_destinations
 from storage.schema import DestinationState, NodeProcess, utcnow
 
@@ -99,8 +99,7 @@ def node_health(context: ServerContext, *, listener: Listening | None = None) ->
     if listener is not None:
         checks["listener"] = Check(listener.serving, details={"port": context.settings.node.port})
     try:
-        with context.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping(context.engine)
         checks["database"] = Check(True)
     except Exception as exc:
         checks["database"] = Check(False, details=_error(exc))

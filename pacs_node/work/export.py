@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
-from sqlalchemy import select
 
 from pacs_node.config import Settings
 from pacs_node.dicom.scu import ScuError, send_datasets
@@ -32,7 +31,8 @@ from pacs_node.results import comprehensive_fallback
 from pacs_node.work.destinations import DestinationMonitor
 from pacs_node.work.job_loop import JobLoop, complete_job
 from storage.queue import ClaimedJob
-from storage.schema import Instance, JobKind, utcnow
+from storage.repository import stored_paths
+from storage.schema import JobKind, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,7 @@ class Exporter:
         if peer is None:
             return [ScuError(f"destination {destination!r} is not a configured peer", retryable=False)] * len(jobs)
         with self.runtime.read_session() as session:
-            rows = session.execute(select(Instance.sop_instance_uid, Instance.path)
-                                   .where(Instance.sop_instance_uid.in_({j.sop_instance_uid for j in jobs}))
-                                   .where(Instance.path.is_not(None))).all()
-        paths = {uid: path for uid, path in rows}
+            paths = stored_paths(session, (job.sop_instance_uid for job in jobs))
         outcomes: list[ScuError | None] = [None] * len(jobs)
         datasets, sending = [], []
         for i, job in enumerate(jobs):

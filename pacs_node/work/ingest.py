@@ -23,7 +23,6 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import VR
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.ops import metrics
@@ -31,8 +30,8 @@ from pacs_node.config import NonChestAction, Settings
 from pacs_node.work.instance_record import MissingAttribute, declared_pixels, instance_record
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
-from storage.repository import add_instance
-from storage.schema import Disposition, Instance, JobKind, Origin
+from storage.repository import add_instance, instance_exists
+from storage.schema import Disposition, JobKind, Origin
 from storage.store import StoreFullError
 
 log = logging.getLogger(__name__)
@@ -124,10 +123,7 @@ class Ingestor:
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.rt.read_session() as session:
-            found = session.execute(
-                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-            ).first()
-        return found is not None
+            return instance_exists(session, sop_instance_uid)
 
     def ingest(self, temp_path: Path, sop_instance_uid: str, caller: Caller) -> int:
         """File the dataset at ``temp_path``; return the C-STORE status to send."""

@@ -111,7 +111,10 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         processes = settings.worker.result_processes
         if processes is None:
-            processes = auto_processes(resolve_device(settings.pipeline.device))
+            # The test double runs no model: no device is busy with one, and none needs finding (which
+            # would load the whole model stack just to ask torch).
+            device = "cpu" if settings.bundle_path is None else resolve_device(settings.pipeline.device)
+            processes = auto_processes(device)
         self._builders = ResultBuilders(processes, ResultOptions.from_config(settings.results))
         self._heartbeat: LeaseKeeper | None = None
         self._export_bell = runtime.doorbell(JobKind.EXPORT)

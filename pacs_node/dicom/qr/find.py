@@ -1,7 +1,6 @@
-"""C-FIND matching over the ``instances`` table in two steps: find the keys of the matching
-entities (one DISTINCT query), then fetch their attributes and counts in chunks (one GROUP BY per
-chunk). Counts such as NumberOfStudyRelatedInstances therefore cover the whole study, not only the
-instances a key like ModalitiesInStudy selected.
+"""C-FIND over the ``instances`` table: the identifier's matching keys become conditions
+(:mod:`pacs_node.dicom.qr.matching`), :mod:`storage.query` runs the two queries (the keys of the matching
+entities, then their attributes and counts), and each entity becomes a pending response identifier.
 """
 
 from __future__ import annotations
@@ -10,23 +9,16 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
 from pacs_node.dicom.qr.matching import ATTRIBUTES, COUNTS, LEVEL_KEY, Level, identifier_conditions
-from storage.schema import Instance
-
-_CHUNK = 500
+from storage import query
 
 
 def matching_keys(session: Session, identifier: Dataset, level: Level, limit: int) -> list[str]:
     """Keys (patient ID, study/series/SOP instance UID) of the entities that match, in key order."""
-    key = LEVEL_KEY[level]
-    dialect = session.get_bind().dialect.name
-    query = select(key).distinct().where(*identifier_conditions(identifier, level, dialect))
-    if level is Level.PATIENT:
-        query = query.where(key.is_not(None))
-    return [row for row in session.scalars(query.order_by(key).limit(limit))]
+    conditions = identifier_conditions(identifier, level, query.dialect_name(session))
+    return query.matching_keys(session, LEVEL_KEY[level], conditions, limit)
 
 
 def _level_attributes(level: Level) -> list[str]:
@@ -34,43 +26,18 @@ def _level_attributes(level: Level) -> list[str]:
 
 
 def entity_rows(session: Session, level: Level, keys: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Attributes (of the level and above) and counts of each entity, in ``keys`` order."""
+    """Attributes (of the level and above, by keyword) and counts of each entity, in ``keys`` order."""
     key = LEVEL_KEY[level]
     keywords = _level_attributes(level)
-    for start in range(0, len(keys), _CHUNK):
-        chunk = list(keys[start:start + _CHUNK])
-        columns = [func.min(ATTRIBUTES[k].column).label(k) for k in keywords if ATTRIBUTES[k].column is not key]
-        counts = [
-            func.count(distinct(Instance.study_instance_uid)).label("studies"),
-            func.count(distinct(Instance.series_instance_uid)).label("series"),
-            func.count().label("instances"),
-        ]
-        rows = {
-            row.key: row._asdict()
-            for row in session.execute(
-                select(key.label("key"), *columns, *counts).where(key.in_(chunk)).group_by(key)
-            )
-        }
-        in_study: dict[str, tuple[set[str], set[str]]] = {}
-        if level is Level.STUDY:
-            for study, modality, sop_class in session.execute(
-                select(Instance.study_instance_uid, Instance.modality, Instance.sop_class_uid)
-                .where(Instance.study_instance_uid.in_(chunk)).distinct()
-            ):
-                modalities, classes = in_study.setdefault(study, (set(), set()))
-                if modality:
-                    modalities.add(modality)
-                classes.add(sop_class)
-        for k in chunk:
-            if k not in rows:
-                continue  # deleted between the two queries
-            row = rows[k]
-            row[next(kw for kw in keywords if ATTRIBUTES[kw].column is key)] = k
-            if level is Level.STUDY:
-                modalities, classes = in_study.get(k, (set(), set()))
-                row["ModalitiesInStudy"] = sorted(modalities)
-                row["SOPClassesInStudy"] = sorted(classes)
-            yield row
+    key_keyword = next(kw for kw in keywords if ATTRIBUTES[kw].column is key)
+    columns = {kw: ATTRIBUTES[kw].column for kw in keywords if kw != key_keyword}
+    study = level is Level.STUDY
+    for k, row in query.entity_summaries(session, key, columns, keys, study_contents=study):
+        row[key_keyword] = k
+        if study:
+            row["ModalitiesInStudy"] = row.pop("modalities")
+            row["SOPClassesInStudy"] = row.pop("sop_classes")
+        yield row
 
 
 def _count_value(keyword: str, row: dict[str, Any]) -> Any:

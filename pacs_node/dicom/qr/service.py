@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset, dcmread
@@ -26,7 +25,6 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,7 +34,8 @@ from pacs_node.dicom.transcoding import accepted_syntaxes, for_peer, proposed_sy
 from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
 from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level
 from pacs_node.ops.context import ServerContext
-from storage.schema import Instance
+from storage import query
+from storage.query import StoredInstance
 from storage.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -56,16 +55,6 @@ OUT_OF_RESOURCES_MATCHES = 0xA701  # C-MOVE/C-GET: more matches than one respons
 
 _MAX_SUBOPERATIONS = 65535  # the counters in a C-MOVE/C-GET response are US
 _MAX_CONTEXTS = 128
-
-
-@dataclass(frozen=True)
-class Match:
-    """One instance to retrieve."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    path: str
 
 
 def _levels(sop_class_uid: str) -> tuple[Level, ...]:
@@ -148,25 +137,17 @@ class QueryRetrieveService:
 
     # -- C-MOVE / C-GET ---------------------------------------------------------------------------
 
-    def _matches(self, event: Event) -> list[Match]:
+    def _matches(self, event: Event) -> list[StoredInstance]:
         identifier = event.identifier
         level = query_level(identifier, _levels(str(event.request.AffectedSOPClassUID)))
         with self.sessions() as session:
-            dialect = session.get_bind().dialect.name
-            conditions = identifier_conditions(identifier, level, dialect)
+            conditions = identifier_conditions(identifier, level, query.dialect_name(session))
             if not conditions:
                 # Retrieving everything is never what a PACS means; require at least one key.
                 raise QueryError("C-MOVE/C-GET identifier has no matching key")
-            rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-                       Instance.path)
-                .where(*conditions)
-                .order_by(Instance.study_instance_uid, Instance.series_instance_uid,
-                          Instance.instance_number, Instance.id)
-            ).all()
-        return [Match(*row) for row in rows]
+            return query.instances_to_retrieve(session, conditions)
 
-    def _datasets(self, event: Event, matches: list[Match],
+    def _datasets(self, event: Event, matches: list[StoredInstance],
                   accepted: Mapping[str, list[str]]) -> Iterator[tuple[int, Dataset | None]]:
         """Each match read from the store and put in a syntax the receiver accepted for its class
         (``accepted``: SOP class -> syntaxes of the store sub-association)."""
@@ -247,7 +228,7 @@ class QueryRetrieveService:
         yield from self._datasets(event, matches, negotiated)
 
 
-def _storage_contexts(matches: list[Match]) -> list[Any]:
+def _storage_contexts(matches: list[StoredInstance]) -> list[Any]:
     """Per SOP class, one requested context per stored transfer syntax plus one uncompressed: an
     instance goes as stored where the destination accepts that, transcoded where it does not."""
     stored: dict[str, dict[str, None]] = {}

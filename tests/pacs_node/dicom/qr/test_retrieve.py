@@ -120,7 +120,7 @@ def test_getscu_study_results(archive: Archive, qr_scp: Scp, tmp_path: Path) -> 
 
 def test_missing_file_is_a_failed_suboperation(archive: Archive, qr_scp: Scp, tmp_path: Path) -> None:
     """A file lost from the store fails its own sub-operation; the rest of the study still goes."""
-    from pacs_node.dicom.qr.service import Match
+    from storage.query import StoredInstance as Match
 
     uid, objects = study_of(archive, "P-002")
     service = qr_scp.service

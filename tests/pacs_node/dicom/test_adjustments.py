@@ -1,0 +1,50 @@
+"""pynetdicom is adjusted only while a listener runs, and only for the associations it accepts."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pynetdicom import AE, _config, dimse_messages
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+from pynetdicom.transport import AssociationSocket
+
+from pacs_node.config import Settings
+from pacs_node.dicom.server import Listener
+from pacs_node.dicom.transport import ServerAssociationSocket
+from pacs_node.ops.context import ServerContext
+from tests.pacs_node.helpers import make_cr
+from tests.support import free_port
+
+
+def test_adjusted_while_listening_and_only_for_accepted_associations(tmp_path: Path) -> None:
+    stock = (_config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS,
+             dimse_messages.NamedTemporaryFile, tempfile.tempdir)
+    settings = Settings(node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var"},
+                        store={"min_free_bytes": 0}, pipeline={"bundle": "fake"})
+    runtime = ServerContext.open(settings)
+    listener = Listener(settings, runtime)
+    assert (_config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS,
+            dimse_messages.NamedTemporaryFile, tempfile.tempdir) == stock  # built, not started: nothing changed
+    listener.start()
+    try:
+        assert _config.STORE_RECV_CHUNKED_DATASET is True and _config.LOG_REQUEST_IDENTIFIERS is False
+        assert tempfile.tempdir == stock[3]  # pynetdicom's receive files go to the store without it
+        make_cr(tmp_path / "cr.dcm")
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", settings.node.port, ae_title=settings.node.ae_title)
+        assert assoc.is_established
+        try:
+            assert type(assoc.dul.socket) is AssociationSocket  # an outgoing association: stock pynetdicom
+            accepted = [a for server in listener.ae._servers for a in server.active_associations]
+            assert [type(a.dul.socket) for a in accepted] == [ServerAssociationSocket]
+            assert assoc.send_c_store(tmp_path / "cr.dcm").Status == 0x0000
+        finally:
+            assoc.release()
+    finally:
+        listener.stop()
+        runtime.close()
+    assert (_config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS,
+            dimse_messages.NamedTemporaryFile, tempfile.tempdir) == stock
