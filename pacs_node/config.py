@@ -130,6 +130,9 @@ class Peer(Section):
     #: Transfer syntax UID to send in when the peer accepts it (e.g. a lossless one it decodes fastest);
     #: otherwise the stored one, else whatever the peer accepts, transcoded.
     transfer_syntax: str | None = None
+    #: After results are delivered, ask this peer for storage commitment (PS3.4 Annex J) and record its
+    #: answer per delivery; the peer reports back to our AE, so it must know our address.
+    storage_commitment: bool = False
 
     @field_validator("transfer_syntax")
     @classmethod

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from storage.db import upsert
+from storage.db import rowcount, upsert
 from storage.schema import Analysis, Delivery, Job, JobKind, JobState
 
 
@@ -53,6 +53,28 @@ def analysis_counts(session: Session) -> dict[str, int]:
     """Analyses by outcome (done, failed, dead, cancelled): ``stats``."""
     return {state: int(n) for state, n in
             session.execute(select(Analysis.state, func.count()).group_by(Analysis.state))}
+
+
+def commitment_requested(session: Session, destination: str, sop_instance_uids: Sequence[str],
+                         transaction_uid: str) -> None:
+    """Storage commitment of these delivered results was asked of ``destination`` in ``transaction_uid``."""
+    session.execute(update(Delivery)
+                    .where(Delivery.destination == destination, Delivery.sop_instance_uid.in_(list(sop_instance_uids)))
+                    .values(commitment="requested", commitment_transaction_uid=transaction_uid, committed_at=None))
+
+
+def commitment_answered(session: Session, transaction_uid: str, committed: Sequence[str], failed: Sequence[str],
+                        now: datetime) -> int:
+    """The destination's N-EVENT-REPORT for ``transaction_uid``: which results it holds; returns how many
+    deliveries it settled."""
+    n = 0
+    for uids, state, at in ((committed, "committed", now), (failed, "failed", None)):
+        if uids:
+            n += rowcount(session.execute(
+                update(Delivery)
+                .where(Delivery.commitment_transaction_uid == transaction_uid, Delivery.sop_instance_uid.in_(list(uids)))
+                .values(commitment=state, committed_at=at)))
+    return n
 
 
 def forget(session: Session, sop_instance_uid: str) -> None:

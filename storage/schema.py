@@ -168,6 +168,10 @@ class Delivery(Base):
     first_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    #: Storage commitment asked of the destination: requested, committed or failed (None: not asked).
+    commitment: Mapped[str | None] = mapped_column(String(16))
+    commitment_transaction_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    committed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     __table_args__ = (UniqueConstraint("sop_instance_uid", "destination", name="uq_deliveries_result_destination"),)
 

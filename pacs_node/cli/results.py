@@ -61,10 +61,12 @@ def _deliveries(rt: ServerContext, sop_instance_uid: str, history: list[Delivery
     """A result's deliveries: each destination's lasting record, plus jobs not attempted yet."""
     rows = [{"id": d.job_id, "destination": d.destination, "state": d.state, "attempts": d.attempts,
              "first_attempt_at": d.first_attempt_at, "last_attempt_at": d.last_attempt_at,
-             "delivered_at": d.delivered_at, "last_error": d.last_error} for d in history]
+             "delivered_at": d.delivered_at, "last_error": d.last_error, "commitment": d.commitment,
+             "committed_at": d.committed_at} for d in history]
     recorded = {d.destination for d in history}
     rows += [{"id": j.id, "destination": j.destination, "state": j.state, "attempts": j.attempts,
-              "first_attempt_at": None, "last_attempt_at": None, "delivered_at": None, "last_error": j.last_error}
+              "first_attempt_at": None, "last_attempt_at": None, "delivered_at": None, "last_error": j.last_error,
+              "commitment": None, "committed_at": None}
              for j in rt.queue.for_instance(sop_instance_uid) if j.destination not in recorded]
     return jsonable(rows)
 
@@ -110,6 +112,7 @@ def results(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")
             exports = ", ".join(f"{e['destination']}: {e['state']}"
                                 + (f" {e['delivered_at'][:19]}Z" if e["delivered_at"] else "")
                                 + (f" ({e['attempts']} attempts)" if e["attempts"] > 1 else "")
+                                + (f", commitment {e['commitment']}" if e["commitment"] else "")
                                 for e in r["exports"]) or "-"
             table.add_row(item["sop_instance_uid"] if i == 0 else "", item["disposition"] if i == 0 else "",
                           analysis if i == 0 else "", r["sop_instance_uid"], UID(r["sop_class_uid"]).name, exports)

@@ -1,5 +1,9 @@
-"""Storage commitment as SCP (PS3.4 Annex J, Push Model): a modality asks whether the node took
-custody of what it sent, and the node answers for what it durably holds.
+"""Storage commitment (PS3.4 Annex J, Push Model), both ways.
+
+As SCP: a modality asks whether the node took custody of what it sent, and the node answers for what it
+durably holds. As SCU: after delivering results to a peer with ``storage_commitment = true`` the node asks
+it the same question (:func:`request_commitment`) and records the answer, which the peer sends back to
+the node's listener as an N-EVENT-REPORT (:meth:`StorageCommitmentSCP.on_n_event_report`), per delivery.
 
 An N-ACTION-RQ (Action Type 1, Request Storage Commitment) names a Transaction UID and the instances.
 The node answers the N-ACTION at once (0x0000: request received) and then, on a new association to the
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 from pynetdicom.events import Event
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
@@ -24,6 +29,8 @@ from pacs_node.config import Peer, Settings, peer_by_ae_title
 from pacs_node.dicom.scu import ScuError, make_scu, tls_args
 from pacs_node.ops.context import ServerContext
 from storage.commitment import held_instances
+from storage.history import commitment_answered
+from storage.schema import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +124,51 @@ class StorageCommitmentSCP:
                  len(result.failed))
         return 0x0000, None
 
+    def on_n_event_report(self, event: Event) -> tuple[int, Dataset | None]:
+        """A peer's answer to a commitment request of ours: record it on the deliveries it names."""
+        if event.request.AffectedSOPClassUID != StorageCommitmentPushModel:
+            return INVALID_ARGUMENT, None
+        try:
+            info = event.event_information
+            transaction = str(info.TransactionUID)
+            committed = [str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", [])]
+            failed = [str(i.ReferencedSOPInstanceUID) for i in info.get("FailedSOPSequence", [])]
+        except (AttributeError, ValueError, TypeError) as exc:
+            log.warning("storage commitment report refused: %s", exc)
+            return INVALID_ARGUMENT, None
+        with self.rt.write_session() as session, session.begin():
+            settled = commitment_answered(session, transaction, committed, failed, utcnow())
+        log.info("storage commitment report from %s: %d committed, %d failed (%d deliveries settled)",
+                 str(event.assoc.requestor.ae_title).strip(), len(committed), len(failed), settled)
+        return 0x0000, None
+
     def _report(self, peer: Peer, result: CommitmentResult) -> None:
         try:
             send_event_report(self.settings, peer, result)
         except ScuError as exc:
             log.error("storage commitment report to %s failed: %s", peer.ae_title, exc)
+
+
+def request_commitment(settings: Settings, peer: Peer, instances: list[tuple[str, str]]) -> str:
+    """N-ACTION ``peer`` to commit ``instances`` ((SOP Class UID, SOP Instance UID) pairs); returns the
+    Transaction UID its N-EVENT-REPORT will name. Raises :class:`ScuError` when the request fails."""
+    ae = make_scu(settings)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(peer))
+    if not assoc.is_established:
+        raise ScuError(f"no association with {peer.ae_title}@{peer.host}:{peer.port} for storage commitment")
+    try:
+        info = Dataset()
+        info.TransactionUID = generate_uid()
+        info.ReferencedSOPSequence = Sequence([_item(sop_class, uid) for sop_class, uid in instances])
+        status, _ = assoc.send_n_action(info, REQUEST_STORAGE_COMMITMENT, StorageCommitmentPushModel,
+                                        StorageCommitmentPushModelInstance)
+        if not status or int(status.get("Status", -1)) != 0x0000:
+            raise ScuError(f"{peer.ae_title} refused the storage commitment request "
+                           f"({'no response' if not status else hex(int(status.Status))})")
+        return str(info.TransactionUID)
+    finally:
+        assoc.release()
 
 
 def send_event_report(settings: Settings, peer: Peer, result: CommitmentResult) -> int:

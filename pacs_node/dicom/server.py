@@ -123,6 +123,7 @@ class Listener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_ACTION, self._commitment.on_n_action),
+            (evt.EVT_N_EVENT_REPORT, self._commitment.on_n_event_report),
             *self._qr_handlers,
         ]
         bind = (self.settings.node.bind, self.settings.node.port)

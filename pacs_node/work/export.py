@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from pacs_node.config import Settings
+from pacs_node.dicom.commitment import request_commitment
 from pacs_node.dicom.scu import ScuError, send_datasets
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
@@ -30,6 +31,8 @@ from pacs_node.ops.liveness import Beacon, ProcessState
 from pacs_node.results import comprehensive_fallback
 from pacs_node.work.destinations import DestinationMonitor
 from pacs_node.work.job_loop import JobLoop, complete_job
+from storage.commitment import held_instances
+from storage.history import commitment_requested
 from storage.queue import ClaimedJob
 from storage.repository import stored_paths
 from storage.schema import JobKind, utcnow
@@ -88,6 +91,8 @@ class Exporter:
             for job, outcome in zip(group, outcomes, strict=True):
                 settled(job.id)
                 self._settle(job, owner, outcome)
+            self._ask_commitment(destination, [job.sop_instance_uid for job, outcome in zip(group, outcomes)
+                                               if outcome is None])
 
         if len(by_destination) == 1:
             send(*next(iter(by_destination.items())))
@@ -149,3 +154,20 @@ class Exporter:
             elif code_to_category(result) not in (STATUS_SUCCESS, STATUS_WARNING):
                 outcomes[i] = ScuError(f"{peer.ae_title} answered C-STORE with status 0x{result:04X}")
         return outcomes
+
+    def _ask_commitment(self, destination: str, delivered: list[str]) -> None:
+        """Ask a peer with ``storage_commitment`` to commit the results just delivered to it (after their
+        jobs are settled, so the deliveries exist); a failed request is logged and leaves them unasked."""
+        peer = self.settings.peers.get(destination)
+        if peer is None or not peer.storage_commitment or not delivered:
+            return
+        with self.runtime.read_session() as session:
+            classes = held_instances(session, delivered)
+        try:
+            transaction = request_commitment(self.settings, peer, [(classes[uid], uid) for uid in delivered
+                                                                   if uid in classes])
+        except ScuError as exc:
+            log.warning("storage commitment request to %s failed: %s", destination, exc)
+            return
+        with self.runtime.write_session() as session, session.begin():
+            commitment_requested(session, destination, delivered, transaction)

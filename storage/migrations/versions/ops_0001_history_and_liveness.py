@@ -47,10 +47,15 @@ def upgrade() -> None:
         sa.Column("first_attempt_at", sa.DateTime(), nullable=False),
         sa.Column("last_attempt_at", sa.DateTime(), nullable=False),
         sa.Column("delivered_at", sa.DateTime(), nullable=True),
+        sa.Column("commitment", sa.String(length=16), nullable=True),
+        sa.Column("commitment_transaction_uid", sa.String(length=64), nullable=True),
+        sa.Column("committed_at", sa.DateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
         sa.UniqueConstraint("sop_instance_uid", "destination", name="uq_deliveries_result_destination"),
     )
     op.create_index(op.f("ix_deliveries_sop_instance_uid"), "deliveries", ["sop_instance_uid"], unique=False)
+    op.create_index(op.f("ix_deliveries_commitment_transaction_uid"), "deliveries", ["commitment_transaction_uid"],
+                    unique=False)
     op.create_table(
         "destinations",
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -86,6 +91,7 @@ def downgrade() -> None:
             pass
     op.drop_table("node_processes")
     op.drop_table("destinations")
+    op.drop_index(op.f("ix_deliveries_commitment_transaction_uid"), table_name="deliveries")
     op.drop_index(op.f("ix_deliveries_sop_instance_uid"), table_name="deliveries")
     op.drop_table("deliveries")
     op.drop_table("analyses")

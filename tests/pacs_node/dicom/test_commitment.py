@@ -1,23 +1,32 @@
-"""Storage commitment SCP (PS3.4 Annex J) against a pynetdicom modality: DCMTK has no storage commitment
-tools, so the modality (N-ACTION SCU, N-EVENT-REPORT receiver) is pynetdicom. Images go in by DCMTK
-storescu; the node reports what it holds and fails what it does not."""
+"""Storage commitment (PS3.4 Annex J) both ways, against pynetdicom peers: DCMTK has no storage
+commitment tools, so the modality (N-ACTION SCU, N-EVENT-REPORT receiver) and the committing PACS are
+pynetdicom. Images go in by DCMTK storescu; the node reports what it holds and fails what it does not,
+and asks the PACS to commit the results it delivered, recording the answer per delivery."""
 
 from __future__ import annotations
 
 import queue
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from pydicom import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, StorageCommitmentPushModel
 from pynetdicom.sop_class import StorageCommitmentPushModelInstance as WELL_KNOWN
 
 from pacs_node.config import Settings
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
+from pacs_node.work.export import Exporter
+from pacs_node.work.worker import Worker
+from pipelines.interface import FakePipeline
+from storage.history import deliveries_of
+from storage.schema import JobKind
 from tests.pacs_node.helpers import make_cr, storescu
 from tests.support import free_port
 
@@ -105,3 +114,75 @@ def test_an_unknown_action_is_refused(tmp_path: Path, action_type: int) -> None:
     finally:
         listener.stop()
         runtime.close()
+
+
+class _CommittingPacs:
+    """A pynetdicom PACS that stores results and, asked for storage commitment, reports back to the node
+    on a new association: committed what it received, failed the rest (as dcm4chee does)."""
+
+    def __init__(self, node_port: int) -> None:
+        self.port, self.node_port = free_port(), node_port
+        self.received: set[str] = set()
+        ae = AE(ae_title="PACS")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(StorageCommitmentPushModel)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action)])
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.received.add(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def _on_action(self, event: evt.Event) -> tuple[int, None]:
+        request = event.action_information
+        threading.Thread(target=self._report, args=(request,), daemon=True).start()
+        return 0x0000, None
+
+    def _report(self, request: Dataset) -> None:
+        info = Dataset()
+        info.TransactionUID = request.TransactionUID
+        info.ReferencedSOPSequence = Sequence([item for item in request.ReferencedSOPSequence
+                                               if item.ReferencedSOPInstanceUID in self.received])
+        scu = AE(ae_title="PACS")
+        scu.add_requested_context(StorageCommitmentPushModel)
+        assoc = scu.associate("127.0.0.1", self.node_port, ae_title="PACSNODE")
+        assoc.send_n_event_report(info, 1, StorageCommitmentPushModel, WELL_KNOWN)
+        assoc.release()
+
+
+def test_the_node_asks_the_pacs_to_commit_its_results_and_records_the_answer(tmp_path: Path) -> None:
+    node_port = free_port()
+    pacs = _CommittingPacs(node_port)
+    settings = Settings(node={"ae_title": "PACSNODE", "port": node_port, "bind": "127.0.0.1",
+                              "data_dir": tmp_path / "var"},
+                        store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
+                        peers={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port,
+                                        "storage_commitment": True}},
+                        routing={"default": "none", "always": ["pacs"]}, export={"timeout_s": 10})
+    runtime = ServerContext.open(settings)
+    listener = Listener(settings, runtime)
+    listener.start()
+    try:
+        make_cr(tmp_path / "cr.dcm")
+        assert storescu(settings.node.port, [tmp_path / "cr.dcm"]).returncode == 0
+        worker = Worker(settings, runtime, FakePipeline(), worker_id="w")
+        worker.process(runtime.queue.claim("w", [JobKind.ANALYSE]))
+        exports = runtime.queue.claim("e", [JobKind.EXPORT], limit=10)
+        assert exports
+        Exporter(settings, runtime, worker_id="e").run_jobs(exports, "e")
+        results = {job.sop_instance_uid for job in exports}
+        assert pacs.received == results
+        deadline = time.monotonic() + 30
+        while True:
+            with runtime.read_session() as session:
+                rows = deliveries_of(session, sorted(results))
+            if all(row.commitment == "committed" for row in rows) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [(row.state, row.commitment) for row in rows] == [("done", "committed")] * len(results)
+        assert all(row.committed_at is not None for row in rows)
+    finally:
+        listener.stop()
+        runtime.close()
+        pacs.server.shutdown()
