@@ -292,6 +292,28 @@ def _exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
+#: A supervised worker whose pipeline did not load tries again this often (the bundle may be being copied).
+PIPELINE_RETRY_S = 30.0
+
+
+def _load_reporting(settings: Settings, beacon: Beacon, stop: threading.Event, *,
+                    keep_trying: bool) -> Pipeline | None:
+    """Load the pipeline, telling the liveness row (and ``/healthz``) why it did not. A worker under
+    ``serve`` keeps trying every :data:`PIPELINE_RETRY_S` (alive, visibly failed, claiming nothing) instead
+    of exiting into a restart loop; one run by hand raises at once. None when stopped while waiting."""
+    while True:
+        try:
+            return load_pipeline(settings)
+        except Exception as exc:
+            metrics.PIPELINE_LOAD_FAILURES.labels(type(exc).__name__).inc()
+            beacon.set(ProcessState.FAILED, f"pipeline did not load: {exc}")
+            if not keep_trying:
+                raise
+            log.error("pipeline did not load (%s); trying again in %.0fs", exc, PIPELINE_RETRY_S)
+        if stop.wait(PIPELINE_RETRY_S):
+            return None
+
+
 def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
     """Body of ``pacs-node worker``: returns the exit code."""
     stop = threading.Event()
@@ -304,12 +326,9 @@ def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     try:
         with Beacon(runtime, worker_id, "worker") as beacon:
-            try:
-                pipeline = load_pipeline(settings)
-            except Exception as exc:
-                metrics.PIPELINE_LOAD_FAILURES.labels(type(exc).__name__).inc()
-                beacon.set(ProcessState.FAILED, f"pipeline did not load: {exc}")
-                raise
+            pipeline = _load_reporting(settings, beacon, stop, keep_trying=parent_pid is not None)
+            if pipeline is None:
+                return 0
             worker = Worker(settings, runtime, pipeline, worker_id=worker_id)
             beacon.set(ProcessState.READY, f"pipeline {pipeline.model_name} {pipeline.model_version}")
             log.info("worker %s ready (pipeline %s %s)", worker_id, pipeline.model_name, pipeline.model_version)
