@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
@@ -149,41 +152,41 @@ class StorageCommitmentSCP:
             log.error("storage commitment report to %s failed: %s", peer.ae_title, exc)
 
 
-def request_commitment(settings: Settings, peer: Peer, instances: list[tuple[str, str]]) -> str:
-    """N-ACTION ``peer`` to commit ``instances`` ((SOP Class UID, SOP Instance UID) pairs); returns the
-    Transaction UID its N-EVENT-REPORT will name. Raises :class:`ScuError` when the request fails."""
+@contextmanager
+def _commitment_association(settings: Settings, peer: Peer, purpose: str) -> Iterator[Association]:
+    """An association with ``peer`` for the Storage Commitment Push Model, released afterwards."""
     ae = make_scu(settings)
     ae.add_requested_context(StorageCommitmentPushModel)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(peer))
     if not assoc.is_established:
-        raise ScuError(f"no association with {peer.ae_title}@{peer.host}:{peer.port} for storage commitment")
+        raise ScuError(f"no association with {peer.ae_title}@{peer.host}:{peer.port} for {purpose}")
     try:
-        info = Dataset()
-        info.TransactionUID = generate_uid()
-        info.ReferencedSOPSequence = Sequence([_item(sop_class, uid) for sop_class, uid in instances])
-        status, _ = assoc.send_n_action(info, REQUEST_STORAGE_COMMITMENT, StorageCommitmentPushModel,
-                                        StorageCommitmentPushModelInstance)
-        if not status or int(status.get("Status", -1)) != 0x0000:
-            raise ScuError(f"{peer.ae_title} refused the storage commitment request "
-                           f"({'no response' if not status else hex(int(status.Status))})")
-        return str(info.TransactionUID)
+        yield assoc
     finally:
         assoc.release()
+
+
+def request_commitment(settings: Settings, peer: Peer, instances: list[tuple[str, str]]) -> str:
+    """N-ACTION ``peer`` to commit ``instances`` ((SOP Class UID, SOP Instance UID) pairs); returns the
+    Transaction UID its N-EVENT-REPORT will name. Raises :class:`ScuError` when the request fails."""
+    info = Dataset()
+    info.TransactionUID = generate_uid()
+    info.ReferencedSOPSequence = Sequence([_item(sop_class, uid) for sop_class, uid in instances])
+    with _commitment_association(settings, peer, "storage commitment") as assoc:
+        status, _ = assoc.send_n_action(info, REQUEST_STORAGE_COMMITMENT, StorageCommitmentPushModel,
+                                        StorageCommitmentPushModelInstance)
+    if not status or int(status.get("Status", -1)) != 0x0000:
+        raise ScuError(f"{peer.ae_title} refused the storage commitment request "
+                       f"({'no response' if not status else hex(int(status.Status))})")
+    return str(info.TransactionUID)
 
 
 def send_event_report(settings: Settings, peer: Peer, result: CommitmentResult) -> int:
     """N-EVENT-REPORT the commitment ``result`` to ``peer`` on a new association; returns its status."""
-    ae = make_scu(settings)
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(peer))
-    if not assoc.is_established:
-        raise ScuError(f"no association with {peer.ae_title}@{peer.host}:{peer.port} for the commitment report")
-    try:
-        event_type, info = result.event_report()
+    event_type, info = result.event_report()
+    with _commitment_association(settings, peer, "the commitment report") as assoc:
         status, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
                                                StorageCommitmentPushModelInstance)
-        if not status or "Status" not in status:
-            raise ScuError(f"no N-EVENT-REPORT response from {peer.ae_title}")
-        return int(status.Status)
-    finally:
-        assoc.release()
+    if not status or "Status" not in status:
+        raise ScuError(f"no N-EVENT-REPORT response from {peer.ae_title}")
+    return int(status.Status)
