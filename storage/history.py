@@ -56,11 +56,14 @@ def analysis_counts(session: Session) -> dict[str, int]:
 
 
 def commitment_requested(session: Session, destination: str, sop_instance_uids: Sequence[str],
-                         transaction_uid: str) -> None:
-    """Storage commitment of these delivered results was asked of ``destination`` in ``transaction_uid``."""
+                         transaction_uid: str | None) -> None:
+    """Storage commitment of these delivered results is asked of ``destination`` in ``transaction_uid``
+    (recorded *before* the request goes out: the answer may come back first); None: the request failed,
+    they are unasked again."""
     session.execute(update(Delivery)
                     .where(Delivery.destination == destination, Delivery.sop_instance_uid.in_(list(sop_instance_uids)))
-                    .values(commitment="requested", commitment_transaction_uid=transaction_uid, committed_at=None))
+                    .values(commitment="requested" if transaction_uid else None,
+                            commitment_transaction_uid=transaction_uid, committed_at=None))
 
 
 def commitment_answered(session: Session, transaction_uid: str, committed: Sequence[str], failed: Sequence[str],

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
@@ -166,11 +165,11 @@ def _commitment_association(settings: Settings, peer: Peer, purpose: str) -> Ite
         assoc.release()
 
 
-def request_commitment(settings: Settings, peer: Peer, instances: list[tuple[str, str]]) -> str:
-    """N-ACTION ``peer`` to commit ``instances`` ((SOP Class UID, SOP Instance UID) pairs); returns the
-    Transaction UID its N-EVENT-REPORT will name. Raises :class:`ScuError` when the request fails."""
+def request_commitment(settings: Settings, peer: Peer, instances: list[tuple[str, str]], transaction_uid: str) -> None:
+    """N-ACTION ``peer`` to commit ``instances`` ((SOP Class UID, SOP Instance UID) pairs) in the
+    transaction its N-EVENT-REPORT will name. Raises :class:`ScuError` when the request fails."""
     info = Dataset()
-    info.TransactionUID = generate_uid()
+    info.TransactionUID = transaction_uid
     info.ReferencedSOPSequence = Sequence([_item(sop_class, uid) for sop_class, uid in instances])
     with _commitment_association(settings, peer, "storage commitment") as assoc:
         status, _ = assoc.send_n_action(info, REQUEST_STORAGE_COMMITMENT, StorageCommitmentPushModel,
@@ -178,7 +177,6 @@ def request_commitment(settings: Settings, peer: Peer, instances: list[tuple[str
     if not status or int(status.get("Status", -1)) != 0x0000:
         raise ScuError(f"{peer.ae_title} refused the storage commitment request "
                        f"({'no response' if not status else hex(int(status.Status))})")
-    return str(info.TransactionUID)
 
 
 def send_event_report(settings: Settings, peer: Peer, result: CommitmentResult) -> int:

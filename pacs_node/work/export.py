@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pydicom
+from pydicom.uid import generate_uid
 from pydicom.errors import InvalidDicomError
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
@@ -163,11 +164,13 @@ class Exporter:
             return
         with self.runtime.read_session() as session:
             classes = held_instances(session, delivered)
-        try:
-            transaction = request_commitment(self.settings, peer, [(classes[uid], uid) for uid in delivered
-                                                                   if uid in classes])
-        except ScuError as exc:
-            log.warning("storage commitment request to %s failed: %s", destination, exc)
-            return
+        transaction = generate_uid()
         with self.runtime.write_session() as session, session.begin():
             commitment_requested(session, destination, delivered, transaction)
+        try:
+            request_commitment(self.settings, peer, [(classes[uid], uid) for uid in delivered if uid in classes],
+                               transaction)
+        except ScuError as exc:
+            log.warning("storage commitment request to %s failed: %s", destination, exc)
+            with self.runtime.write_session() as session, session.begin():
+                commitment_requested(session, destination, delivered, None)

@@ -1,13 +1,16 @@
-"""Storage commitment (PS3.4 Annex J) both ways, against pynetdicom peers: DCMTK has no storage
-commitment tools, so the modality (N-ACTION SCU, N-EVENT-REPORT receiver) and the committing PACS are
-pynetdicom. Images go in by DCMTK storescu; the node reports what it holds and fails what it does not,
-and asks the PACS to commit the results it delivered, recording the answer per delivery."""
+"""Storage commitment (PS3.4 Annex J) both ways. DCMTK has no storage commitment tools, so the modality
+(N-ACTION SCU, N-EVENT-REPORT receiver) is pynetdicom; the PACS that commits the node's results is a real
+Orthanc (its storage commitment SCP) and a pynetdicom one. Images go in by DCMTK storescu; the node
+reports what it holds and fails what it does not, and records each PACS answer per delivery."""
 
 from __future__ import annotations
 
+import json
 import queue
+import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,7 @@ from pipelines.interface import FakePipeline
 from storage.history import deliveries_of
 from storage.schema import JobKind
 from tests.pacs_node.helpers import make_cr, storescu
-from tests.support import free_port
+from tests.support import free_port, require_tool
 
 
 def _ref(sop_class: str, uid: str) -> Dataset:
@@ -151,13 +154,43 @@ class _CommittingPacs:
         assoc.release()
 
 
-def test_the_node_asks_the_pacs_to_commit_its_results_and_records_the_answer(tmp_path: Path) -> None:
+def _start_orthanc(tmp_path: Path, node_port: int) -> tuple[subprocess.Popen, int]:
+    """Orthanc (its storage commitment SCP) with the node declared as a modality it reports back to."""
+    binary = require_tool("Orthanc")
+    dicom_port, http_port = free_port(), free_port()
+    config = {"Name": "commitment-test", "StorageDirectory": str(tmp_path / "orthanc-storage"),
+              "IndexDirectory": str(tmp_path / "orthanc-index"), "DicomAet": "ORTHANC", "DicomPort": dicom_port,
+              "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+              "DicomModalities": {"pacsnode": ["PACSNODE", "127.0.0.1", node_port]}, "DicomScuTimeout": 30}
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    with (tmp_path / "orthanc.log").open("w") as log:
+        process = subprocess.Popen([binary, "--verbose", str(tmp_path / "orthanc.json")], stdout=log,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2).close()
+            return process, dicom_port
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize("pacs_kind", ["pynetdicom", "orthanc"])
+def test_the_node_asks_the_pacs_to_commit_its_results_and_records_the_answer(tmp_path: Path, pacs_kind: str) -> None:
     node_port = free_port()
-    pacs = _CommittingPacs(node_port)
+    if pacs_kind == "orthanc":
+        orthanc, pacs_port = _start_orthanc(tmp_path, node_port)
+        pacs_ae, stop_pacs = "ORTHANC", orthanc.terminate
+    else:
+        pacs = _CommittingPacs(node_port)
+        pacs_port, pacs_ae, stop_pacs = pacs.port, "PACS", pacs.server.shutdown
     settings = Settings(node={"ae_title": "PACSNODE", "port": node_port, "bind": "127.0.0.1",
                               "data_dir": tmp_path / "var"},
                         store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
-                        peers={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port,
+                        peers={"pacs": {"ae_title": pacs_ae, "host": "127.0.0.1", "port": pacs_port,
                                         "storage_commitment": True}},
                         routing={"default": "none", "always": ["pacs"]}, export={"timeout_s": 10})
     runtime = ServerContext.open(settings)
@@ -172,7 +205,8 @@ def test_the_node_asks_the_pacs_to_commit_its_results_and_records_the_answer(tmp
         assert exports
         Exporter(settings, runtime, worker_id="e").run_jobs(exports, "e")
         results = {job.sop_instance_uid for job in exports}
-        assert pacs.received == results
+        if pacs_kind == "pynetdicom":
+            assert pacs.received == results
         deadline = time.monotonic() + 30
         while True:
             with runtime.read_session() as session:
@@ -185,4 +219,4 @@ def test_the_node_asks_the_pacs_to_commit_its_results_and_records_the_answer(tmp
     finally:
         listener.stop()
         runtime.close()
-        pacs.server.shutdown()
+        stop_pacs()
