@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 REPO = Path(__file__).resolve().parents[1]
 #: Where generated inputs are cached between runs (regenerating 40 chest-sized phantoms takes minutes).
@@ -38,8 +38,9 @@ class BenchError(RuntimeError):
 @functools.cache
 def dcmtk(name: str) -> str:
     """Path of DCMTK's ``name``. pynetdicom installs console scripts called storescu/storescp too, so the
-    first one on ``PATH`` is not necessarily DCMTK's: ask each candidate for its version."""
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
+    first one on ``PATH`` is not necessarily DCMTK's: ask each candidate for its version, Debian's
+    ``/usr/bin`` first (asking a pynetdicom script starts a Python interpreter: seconds)."""
+    for directory in ["/usr/bin", *os.environ.get("PATH", "").split(os.pathsep)]:
         candidate = Path(directory) / name
         if not (candidate.is_file() and os.access(candidate, os.X_OK)):
             continue
@@ -51,6 +52,13 @@ def dcmtk(name: str) -> str:
         if "dcmtk" in (out.stdout + out.stderr).lower():
             return str(candidate)
     raise BenchError(f"DCMTK {name} is not installed (apt-get install dcmtk)")
+
+
+def dcmtk_env() -> dict[str, str]:
+    """The environment DCMTK programs run in: ``TCP_NODELAY=1``, without which DCMTK leaves Nagle's
+    algorithm on and every small message waits for a delayed ACK (~11 tiny instances/s instead of
+    ~1,200): the setting a fair comparison of message rates needs."""
+    return {**os.environ, "TCP_NODELAY": "1"}
 
 
 def free_port() -> int:
@@ -111,7 +119,8 @@ class StoreSCP:
 
     def start(self) -> StoreSCP:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=dcmtk_env())
         wait_for_port(self.port, self.proc, timeout=20)
         return self
 
@@ -134,7 +143,11 @@ class Node:
     extra_toml: str = ""
     ae_title: str = "PACSNODE"
     port: int = field(default_factory=free_port)
+    #: The HTTP port (DICOMweb, API); 0 leaves HTTP off.
+    http_port: int = 0
     proc: subprocess.Popen | None = None
+    #: Extra environment (``PACS_NODE__SECTION__KEY`` overrides of the config).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def log_path(self) -> Path:
@@ -154,7 +167,7 @@ data_dir = "{self.data_dir}"
 [store]
 min_free_bytes = 0
 [http]
-port = 0
+port = {self.http_port}
 {self.extra_toml}
 """
 
@@ -164,6 +177,7 @@ port = 0
         config.write_text(self.config_text())
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env.pop("PACS_NODE_CONFIG", None)
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pacs_node", "--config", str(config), "serve"],
@@ -171,6 +185,8 @@ port = 0
             )
         try:
             wait_for_port(self.port, self.proc)
+            if self.http_port:
+                wait_for_port(self.http_port, self.proc)
         except BenchError as exc:
             raise BenchError(f"{exc}\n--- {self.log_path} ---\n{self.log_tail()}") from exc
         return self
@@ -260,11 +276,23 @@ def machine() -> dict[str, Any]:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            # others share this machine: the load says how far its absolute figures can be trusted
+            "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def device_words(info: dict[str, Any]) -> str:
     return f"{info['cores']}-core CPU ({info['cpu']})" + (f", GPU {info['gpu']}" if info["gpu"] else ", no GPU")
+
+
+def run_bench(main: Callable[[], int], name: str) -> NoReturn:
+    """A benchmark module's entry point: exit with ``main()``'s code, or with 2 and the reason when the
+    benchmark cannot run here (:class:`BenchError`)."""
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"bench.{name}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def emit(result: dict[str, Any], headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str) -> None:
@@ -278,6 +306,15 @@ def emit(result: dict[str, Any], headers: Sequence[str], rows: Sequence[Sequence
     for row in cells:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     sys.stdout.flush()
+
+
+def files_under(root: Path) -> int:
+    """Committed files under ``root``, ignoring dot directories (the node's temp area)."""
+    total = 0
+    for _dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        total += len(filenames)
+    return total
 
 
 def fresh_dir(parent: Path, name: str) -> Path:

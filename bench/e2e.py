@@ -30,7 +30,6 @@ import math
 import shlex
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -48,11 +47,13 @@ from bench.common import (
     chest_image_files,
     cpu_seconds,
     dcmtk,
+    dcmtk_env,
     device_words,
     emit,
     free_port,
     fresh_dir,
     machine,
+    run_bench,
     storescu_command,
 )
 
@@ -190,7 +191,7 @@ class DcmtkPeers:
 
     def send(self, node: Node, batch: list[Image]) -> None:
         result = subprocess.run(storescu_command(node.port, [i.path for i in batch], node.ae_title),
-                                capture_output=True, check=False)
+                                capture_output=True, check=False, env=dcmtk_env())
         if result.returncode != 0:
             raise BenchError(f"storescu failed: {result.stderr.decode(errors='replace')[-2000:]}")
 
@@ -437,8 +438,4 @@ port = {receiver.port}
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench.e2e: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_bench(main, "e2e")

@@ -13,7 +13,13 @@ each receiver fed by one DCMTK ``storescu`` association and by ``--senders`` con
 JSON line and a table: images/s, MB/s (10^6 bytes of DICOM files per second of wall time from the
 first association to the last acknowledgement), node/storescp and node/dd ratios.
 
+``--tiny`` measures the per-message cost instead of bandwidth: 64 x 48 instances (``--count`` 200 unless
+given), and one more phase, the node's exporter as the sender (``pacs_node.dicom.scu.send_datasets``,
+the exporter's and ``pacs-node send``'s code, one association from this process) into ``storescp``.
+DCMTK's programs always run with ``TCP_NODELAY=1`` (the pynetdicom ends of the node set it themselves).
+
     python -m bench.ingest --count 40 --rows 3000 --cols 2500
+    python -m bench.ingest --tiny
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +39,14 @@ from bench.common import (
     Node,
     StoreSCP,
     chest_image_files,
+    cpu_seconds,
+    dcmtk_env,
     device_words,
     emit,
+    files_under,
     fresh_dir,
     machine,
+    run_bench,
     storescu_command,
 )
 
@@ -59,6 +68,9 @@ class Measurement:
     seconds: float
     images: int
     bytes: int
+    #: CPU seconds of the receiving process during the phase (the node's ``serve``; None where not
+    #: measured): on a machine others load, a steadier figure of the per-message cost than the wall time.
+    cpu_s: float | None = None
 
     @property
     def images_s(self) -> float:
@@ -88,7 +100,8 @@ def send(port: int, called: str, files: list[Path], senders: int) -> float:
     commands = [storescu_command(port, files[i::senders], called) for i in range(min(senders, len(files)))]
     os.sync()  # start with a quiet disk: the previous phase's dirty pages are not this phase's cost
     start = time.monotonic()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for cmd in commands]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dcmtk_env())
+             for cmd in commands]
     errors = []
     for proc in procs:
         _, err = proc.communicate()
@@ -100,47 +113,80 @@ def send(port: int, called: str, files: list[Path], senders: int) -> float:
     return seconds
 
 
-def _files_under(root: Path) -> int:
-    """Committed files under ``root``, ignoring dot directories (the node's temp area)."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        total += len(filenames)
-    return total
-
-
 def measure_storescp(work: Path, files: list[Path], nbytes: int, senders: int) -> Measurement:
     out = fresh_dir(work, "storescp")
     with StoreSCP(out, fork=senders > 1) as scp:
         seconds = send(scp.port, scp.ae_title, files, senders)
-    received = _files_under(out)
+    received = files_under(out)
     if received != len(files):
         raise BenchError(f"storescp stored {received} of {len(files)} files")
     return Measurement("storescp", senders, seconds, len(files), nbytes)
 
 
-def measure_node(work: Path, files: list[Path], nbytes: int, senders: int) -> Measurement:
-    node = Node(fresh_dir(work, "node"), NODE_TOML)
+def _wait_for_listeners(node: Node, count: int, timeout: float = 180.0) -> None:
+    """Until ``count`` listener processes have bound the port (the extra ones start after ``serve``)."""
+    deadline = time.monotonic() + timeout
+    while node.log_tail(10**7).count("pacs_node.dicom.server: listening as") < count:
+        if time.monotonic() > deadline:
+            raise BenchError(f"fewer than {count} listener processes after {timeout:.0f}s\n{node.log_tail()}")
+        time.sleep(0.2)
+
+
+def measure_node(work: Path, files: list[Path], nbytes: int, senders: int, listeners: int = 1) -> Measurement:
+    node = Node(fresh_dir(work, "node"), NODE_TOML, env={"PACS_NODE__NODE__LISTENER_PROCESSES": str(listeners)})
     with node:
+        assert node.proc is not None
+        _wait_for_listeners(node, listeners)
+        before = sum(cpu_seconds(node.proc.pid))  # serve and its extra listener processes
         seconds = send(node.port, node.ae_title, files, senders)
-    stored = _files_under(node.data_dir / "store")
+        cpu = sum(cpu_seconds(node.proc.pid)) - before
+    stored = files_under(node.data_dir / "store")
     if stored != len(files):
         raise BenchError(f"the node stored {stored} of {len(files)} files\n{node.log_tail()}")
-    return Measurement("node", senders, seconds, len(files), nbytes)
+    return Measurement("node", senders, seconds, len(files), nbytes, cpu_s=cpu)
+
+
+def measure_export(work: Path, files: list[Path], nbytes: int) -> Measurement:
+    """The node's C-STORE SCU (what the exporter and ``pacs-node send`` run) sending ``files``, read into
+    memory beforehand, on one association into ``storescp``."""
+    import pydicom
+
+    from pacs_node.config import Peer, Settings
+    from pacs_node.dicom.scu import send_datasets
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    out = fresh_dir(work, "export")
+    settings = Settings(node={"ae_title": "BENCHNODE"})
+    with StoreSCP(out) as scp:
+        peer = Peer(ae_title=scp.ae_title, host="127.0.0.1", port=scp.port)
+        start, cpu = time.monotonic(), time.process_time()
+        outcomes = send_datasets(settings, peer, datasets)
+        seconds, cpu = time.monotonic() - start, time.process_time() - cpu
+    failed = [o for o in outcomes if o != 0]
+    if failed or files_under(out) != len(files):
+        raise BenchError(f"export: {len(failed)} of {len(files)} sends failed ({failed[:3]})")
+    return Measurement("export", 1, seconds, len(files), nbytes, cpu_s=cpu)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--count", type=int, default=40, help="images per phase (default 40)")
-    p.add_argument("--rows", type=int, default=3000)
-    p.add_argument("--cols", type=int, default=2500)
+    p.add_argument("--tiny", action="store_true",
+                   help="per-message cost: 64 x 48 instances, 200 per phase, plus the node's exporter as sender")
+    p.add_argument("--count", type=int, help="images per phase (default 40; 200 with --tiny)")
+    p.add_argument("--rows", type=int, help="default 3000 (64 with --tiny)")
+    p.add_argument("--cols", type=int, help="default 2500 (48 with --tiny)")
     p.add_argument("--senders", type=int, default=4, help="concurrent storescu for the parallel phase (default 4)")
     p.add_argument("--repeat", type=int, default=1, help="runs of every phase; the median is reported")
+    p.add_argument("--listener-processes", type=int, default=1,
+                   help="the node's node.listener_processes (SO_REUSEPORT listeners; default 1)")
     p.add_argument("--workdir", type=Path, default=CACHE / "ingest-run",
                    help="where the receivers write (the filesystem under test); emptied per phase")
     p.add_argument("--cache", type=Path, default=CACHE, help="where generated inputs are kept between runs")
     args = p.parse_args(argv)
-    for name in ("count", "rows", "cols", "senders", "repeat"):
+    for name, chest, tiny in (("count", 40, 200), ("rows", 3000, 64), ("cols", 2500, 48)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else chest)
+    for name in ("count", "rows", "cols", "senders", "repeat", "listener_processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.rows < 64:
@@ -161,10 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):
         dd_runs.append(nbytes / MB / dd_fsync(work, nbytes))
         for senders in sender_counts:
-            for measure in (measure_storescp, measure_node):
-                m = measure(work, files, nbytes, senders)
+            for m in (measure_storescp(work, files, nbytes, senders),
+                      measure_node(work, files, nbytes, senders, args.listener_processes)):
                 runs.setdefault((m.receiver, senders), []).append(m)
-    for name in ("storescp", "node"):
+        if args.tiny:
+            m = measure_export(work, files, nbytes)
+            runs.setdefault((m.receiver, 1), []).append(m)
+    for name in ("storescp", "node", "export"):
         fresh_dir(work, name)  # leave no gigabytes behind
 
     def median(receiver: str, senders: int) -> Measurement:
@@ -173,13 +222,29 @@ def main(argv: list[str] | None = None) -> int:
 
     dd_mb_s = statistics.median(dd_runs)
     results = [median(r, s) for s in sender_counts for r in ("storescp", "node")]
+    if args.tiny:
+        results.append(median("export", 1))
     by = {(m.receiver, m.senders): m for m in results}
     par = args.senders
     ratios = {
         "node_vs_storescp_1_sender": by[("node", 1)].mb_s / by[("storescp", 1)].mb_s,
         f"node_vs_storescp_{par}_senders": by[("node", par)].mb_s / by[("storescp", par)].mb_s,
         f"node_{par}_senders_vs_dd_fsync": by[("node", par)].mb_s / dd_mb_s,
+        f"node_{par}_senders_vs_1_sender": by[("node", par)].mb_s / by[("node", 1)].mb_s,
     }
+    if args.tiny:
+        goals = {
+            "node_1_sender_at_least_200_images_s": by[("node", 1)].images_s >= 200,
+            "node_1_sender_at_least_0.15x_storescp": ratios["node_vs_storescp_1_sender"] >= 0.15,
+            f"node_{par}_senders_at_least_500_images_s": by[("node", par)].images_s >= 500,
+            "export_at_least_200_images_s": by[("export", 1)].images_s >= 200,
+        }
+    else:
+        goals = {
+            "node_1_sender_at_least_1.2x_storescp": ratios["node_vs_storescp_1_sender"] >= 1.2,
+            f"node_{par}_senders_at_least_80pct_of_dd": ratios[f"node_{par}_senders_vs_dd_fsync"] >= 0.8,
+            f"node_{par}_senders_at_least_1.5x_1_sender": ratios[f"node_{par}_senders_vs_1_sender"] >= 1.5,
+        }
     info = machine()
     result = {
         "bench": "ingest",
@@ -191,17 +256,18 @@ def main(argv: list[str] | None = None) -> int:
         "total_bytes": nbytes,
         "repeat": args.repeat,
         "dd_fsync_mb_s": round(dd_mb_s, 1),
-        "results": [{**asdict(m), "images_s": round(m.images_s, 2), "mb_s": round(m.mb_s, 1)} for m in results],
+        "results": [{**asdict(m), "images_s": round(m.images_s, 2), "mb_s": round(m.mb_s, 1),
+                     "cpu_ms_per_image": None if m.cpu_s is None else round(m.cpu_s / m.images * 1e3, 2)}
+                    for m in results],
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "goals": {
-            "node_1_sender_at_least_1.2x_storescp": ratios["node_vs_storescp_1_sender"] >= 1.2,
-            f"node_{par}_senders_at_least_80pct_of_dd": ratios[f"node_{par}_senders_vs_dd_fsync"] >= 0.8,
-        },
+        "tiny": args.tiny,
+        "listener_processes": args.listener_processes,
+        "goals": goals,
     }
-    rows = [("dd conv=fsync", "-", "-", f"{dd_mb_s:.1f}", "")]
-    rows += [(m.receiver, str(m.senders), f"{m.images_s:.2f}", f"{m.mb_s:.1f}",
-              f"{m.mb_s / dd_mb_s:.2f}") for m in results]
-    emit(result, ("receiver", "senders", "images/s", "MB/s", "of dd"), rows,
+    rows = [("dd conv=fsync", "-", "-", f"{dd_mb_s:.1f}", "", "")]
+    rows += [(m.receiver, str(m.senders), f"{m.images_s:.2f}", f"{m.mb_s:.1f}", f"{m.mb_s / dd_mb_s:.2f}",
+              "" if m.cpu_s is None else f"{m.cpu_s / m.images * 1e3:.2f}") for m in results]
+    emit(result, ("receiver", "senders", "images/s", "MB/s", "of dd", "CPU ms/image"), rows,
          title=f"ingest: {args.count} x {args.rows}x{args.cols} 16-bit ({nbytes / MB:.0f} MB) on "
                f"{result['device']}; median of {args.repeat}")
     for name, value in ratios.items():
@@ -210,8 +276,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench.ingest: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_bench(main, "ingest")

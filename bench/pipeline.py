@@ -1,12 +1,12 @@
 """Throughput of the report pipeline: the stock engine path against the fast path, with a fixed workload.
 
 Builds a preset with random weights (no bundle needed), forces the workload (exactly ``--regions`` selected
-regions per image, exactly ``--tokens`` greedy steps per region; see :class:`pipelines.accel.Workload`) and
+regions per image, exactly ``--tokens`` greedy steps per region; see :class:`bench.workload.Workload`) and
 measures, on the same random inputs:
 
-* ``engine``: :func:`pipelines.accel.engine.run_stages` with the stock detector and decoder — the body of
-  :meth:`pipelines.engine.Engine.infer`, i.e. the unoptimised engine path;
-* ``fast``: :class:`pipelines.accel.FastInference` (what ``Engine.infer`` routes to on CUDA);
+* ``engine``: :meth:`pipelines.engine.Engine.infer` composing the stock detector and decoder, i.e. the
+  unoptimised engine path;
+* ``fast``: the same composition of the fast parts (what ``Engine`` composes by default on CUDA);
 * images/s (host copies of each batch's results included), per-stage ms per image, and the matrix FLOPs per
   image (``--count-flops``), plus preprocessing of chest-sized 16-bit DICOMs on the host and with the
   mapping and resize on the device (``--preprocess-images``);
@@ -44,10 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # also runnable as ``python bench/pipeline.py``
     sys.path.insert(0, str(REPO))
 
-from pipelines.accel import FastInference, Workload
-from pipelines.accel.engine import run_stages
+from bench.workload import Workload
 from pipelines.bundle import DEFAULT_THRESHOLDS, Bundle
-from pipelines.engine import Engine, RawOutput
+from pipelines.engine import Engine
+from pipelines.outputs import RawOutput
 from pipelines.models.config import preset
 from pipelines.models.crrg import CRRGModel
 
@@ -58,14 +58,14 @@ STAGES = ("detector", "selector", "decoder", "clip")
 # -- setup ------------------------------------------------------------------------------------------------
 
 def build_engine(preset_name: str, device: str, batch: int, seed: int) -> Engine:
-    """A random-weight model of ``preset_name`` wrapped as a bundle-less :class:`Engine`."""
+    """A random-weight model of ``preset_name`` wrapped as a bundle-less :class:`Engine` of stock parts."""
     torch.manual_seed(seed)
     cfg = preset(preset_name)
     model = CRRGModel.from_config(cfg)
     manifest = {"name": f"bench-{preset_name}-random", "version": "0", "clinical_use": False,
                 "decoding": {"num_beams": 1, "max_new_tokens": cfg.max_sentence_tokens}}
     bundle = Bundle(Path("<random weights>"), manifest, cfg, model, None, dict(DEFAULT_THRESHOLDS))  # type: ignore[arg-type]
-    return Engine(bundle, device, batch)
+    return Engine(bundle, device, batch, fast=False)
 
 
 def make_images(n: int, size: int, mean: float, std: float, device: torch.device, seed: int) -> torch.Tensor:
@@ -78,21 +78,14 @@ def make_images(n: int, size: int, mean: float, std: float, device: torch.device
 
 
 def engine_path(engine: Engine, workload: Workload | None) -> Callable[..., RawOutput]:
-    """The stock modules composed as ``Engine.infer`` composes them (which itself routes to the fast path
-    on CUDA); without a workload, thresholds, beams and EOS as configured."""
-    m = engine.model
-    steps, beams = (workload.tokens, 1) if workload else (engine.max_new_tokens, engine.num_beams)
-
-    @torch.inference_mode()
-    def infer(images: torch.Tensor, timer=None) -> RawOutput:
-        return run_stages(engine, images, m.detector, lambda f: m.decoder.generate(f, steps, beams), workload,
-                          timer)
-
-    return infer
+    """``Engine.infer`` on the stock parts; without a workload, thresholds, beams and EOS as configured."""
+    return (workload.stock(engine) if workload else engine.with_parts(engine.stock_parts())).infer
 
 
-def fast_path(fast: FastInference, workload: Workload) -> Callable[..., RawOutput]:
-    return lambda images, timer=None: fast.infer(images, workload, timer)
+def fast_path(engine: Engine, workload: Workload, cuda_graphs: bool = True, channels_last: bool | None = None
+              ) -> Callable[..., RawOutput]:
+    """``Engine.infer`` on the fast parts under ``workload``."""
+    return workload.fast(engine, cuda_graphs, channels_last).infer
 
 
 # -- measuring ----------------------------------------------------------------------------------------------
@@ -179,17 +172,15 @@ def kernel_profile(fn: Callable[[], Any], device: torch.device, top: int = 20) -
     return [{"name": e.key[:100], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 3)} for e in events]
 
 
-def stage_profiles(engine: Engine, fast: FastInference, images: torch.Tensor, workload: Workload
+def stage_profiles(engine: Engine, fast: Engine, images: torch.Tensor, workload: Workload
                    ) -> dict[str, list[dict[str, Any]]]:
     """:func:`kernel_profile` of the fast path's detector, decoder (one ``generate`` of ``tokens`` steps over
     ``images x regions`` rows, without CUDA graphs so that every kernel shows; their device time is the
     same replayed) and CLIP, each on ``images``."""
-    from pipelines.accel.decoder import StaticGreedyDecoder
-
     dev = images.device
     rows = images.shape[0] * workload.regions
     features = torch.randn(rows, engine.model.decoder.feature_proj[0].in_features, device=dev)
-    eager = StaticGreedyDecoder(engine.model.decoder, fast.decoder.dtype, cuda_graphs=False)
+    eager = engine.fast_decoder(cuda_graphs=False)
 
     def under_autocast(fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
@@ -198,7 +189,7 @@ def stage_profiles(engine: Engine, fast: FastInference, images: torch.Tensor, wo
         return run
 
     return {
-        "detector": kernel_profile(under_autocast(lambda: fast.detector.detect(images)), dev),
+        "detector": kernel_profile(under_autocast(lambda: fast.parts.detector(images)), dev),
         "decoder": kernel_profile(under_autocast(lambda: eager.generate(features, workload.tokens, stop_at_eos=False)),
                                   dev),
         "clip": kernel_profile(under_autocast(lambda: engine.model.clip.label_probs(images)), dev),
@@ -289,7 +280,7 @@ def batched(infer: Callable[..., RawOutput], images: torch.Tensor, batch: int) -
         return torch.cat([getattr(p, field) for p in parts])
 
     return RawOutput(cat("boxes"), cat("detected"), cat("selected"), cat("abnormal_probs"), torch.cat(ids),
-                     cat("label_probs"))
+                     cat("label_probs"), cat("abnormal"))
 
 
 def equivalence(engine: Engine, workload: Workload, images: torch.Tensor, batch: int, engine_batch: int
@@ -302,16 +293,17 @@ def equivalence(engine: Engine, workload: Workload, images: torch.Tensor, batch:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
             ref = batched(engine_path(engine, workload), images, engine_batch)
-            out["float32"] = compare(ref, batched(fast_path(FastInference(engine), workload), images, batch))
+            out["float32"] = compare(ref, batched(fast_path(engine, workload), images, batch))
         finally:
             engine.autocast = autocast
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     label = "bfloat16" if engine.autocast else "float32"
     ref = batched(engine_path(engine, workload), images, engine_batch)
-    out[label] = compare(ref, batched(fast_path(FastInference(engine), workload), images, batch))
+    out[label] = compare(ref, batched(fast_path(engine, workload), images, batch))
     out[f"{label}_engine_batch1_vs_batched"] = compare(ref, batched(engine_path(engine, workload), images, 1))
     natural = images[: min(4, images.shape[0])]  # no workload: thresholds and EOS as in production
-    out[f"{label}_natural_workload"] = compare(engine_path(engine, None)(natural), FastInference(engine).infer(natural))
+    out[f"{label}_natural_workload"] = compare(engine_path(engine, None)(natural),
+                                               engine.with_parts(engine.fast_parts()).infer(natural))
     return out
 
 
@@ -369,14 +361,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_build = time.perf_counter()
     engine = build_engine(a.preset, a.device, a.engine_batch, a.seed)
     cfg = engine.cfg
-    fast = FastInference(engine, cuda_graphs=not a.no_cuda_graphs)
+    fast = workload.fast(engine, cuda_graphs=not a.no_cuda_graphs)
     build_s = time.perf_counter() - t_build
     images = make_images(max(a.images, a.engine_images, a.check_images), cfg.image_size, cfg.image_mean,
                          cfg.image_std, dev, a.seed)
     result: dict[str, Any] = {
         "bench": "pipeline", "preset": a.preset, "device": _device_name(dev), "torch": torch.__version__,
         "regions": a.regions, "tokens": a.tokens, "dtype": "bfloat16" if engine.autocast else "float32",
-        "build_s": round(build_s, 1), "host": platform.node(), "cuda_graphs": fast.decoder.cuda_graphs,
+        "build_s": round(build_s, 1), "host": platform.node(),
+        "cuda_graphs": dev.type == "cuda" and not a.no_cuda_graphs,
     }
     ref_script = _reference_script(a.reference, dev)
     if ref_script is not None:  # first, while the GPU holds nothing of ours beyond the weights
@@ -385,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batched": run_reference(ref_script, "batched", a.reference_batched_images, a.engine_batch, a.regions,
                                      a.tokens, 300),
         })
-    eng_infer, fast_infer = engine_path(engine, workload), fast_path(fast, workload)
+    eng_infer, fast_infer = engine_path(engine, workload), fast.infer
     result["engine"] = throughput(eng_infer, images[: a.engine_images], a.engine_batch)
     result["engine"]["stage_ms"] = stage_ms(eng_infer, images[: a.engine_batch * 2], a.engine_batch)
     _partial("engine", result["engine"])
@@ -412,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         few = images[:2]
         section(result, "gflop_per_image", lambda: {
             "engine": flops_per_image(eng_infer, few),
-            "fast": flops_per_image(fast_path(FastInference(engine, cuda_graphs=False), workload), few)})
+            "fast": flops_per_image(fast_path(engine, workload, cuda_graphs=False), few)})
     if a.profile:
         section(result, "profile", lambda: stage_profiles(engine, fast, images[: a.batch], workload))
     if a.check_images:
@@ -423,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                os.cpu_count() or 1, dev))
     if a.nchw:
         def nchw_run() -> dict[str, Any]:
-            nchw = fast_path(FastInference(engine, not a.no_cuda_graphs, channels_last=False), workload)
+            nchw = fast_path(engine, workload, not a.no_cuda_graphs, channels_last=False)
             out = throughput(nchw, images[: a.images], a.batch, a.repeats)
             out["stage_ms"] = stage_ms(nchw, images[: a.batch * 2], a.batch)
             return out

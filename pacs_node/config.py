@@ -79,17 +79,50 @@ class NodeConfig(Section):
     max_pdu: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
     #: Concurrent associations the listener serves.
     max_associations: Annotated[int, Field(ge=1)] = 16
+    #: Connections that have not yet sent a whole A-ASSOCIATE-RQ, held apart from the associations (they
+    #: never use an association slot); past this many the oldest is closed for the newcomer.
+    max_pending_connections: Annotated[int, Field(ge=1, le=10000)] = 64
+    #: Longest a connection may take from connecting to the last byte of its A-ASSOCIATE-RQ (TLS
+    #: handshake included); a real peer needs milliseconds.
+    request_deadline_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    #: Longest one PDU may take to arrive once its first byte has (a 4 MiB PDU at 70 kB/s).
+    pdu_deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    #: Reject associations whose called AE title is not ``ae_title`` (A-ASSOCIATE-RJ, reason 7).
+    check_called_ae: bool = True
+    #: Processes accepting associations on ``port`` (``SO_REUSEPORT``; the kernel spreads connections
+    #: over them), each filing what it receives durably on its own. ``auto``: one per two cores, at most 8
+    #: (1 on a 2-core machine, where a second one only competes with the workers for the CPU).
+    listener_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     #: DICOM TLS for every association on ``port``; absent means plain TCP.
     tls: ListenerTLSConfig | None = None
+
+    def listener_process_count(self) -> int:
+        """``listener_processes`` as a number (``auto`` resolved on this machine)."""
+        if self.listener_processes == "auto":
+            return max(1, min((os.cpu_count() or 1) // 2, 8))
+        return self.listener_processes
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class Service(StrEnum):
+    """What a caller may ask of the node (C-ECHO is always allowed to whoever may associate)."""
+
+    STORE = "store"
+    FIND = "find"
+    MOVE = "move"
+    GET = "get"
+
+
 class AllowedCaller(Section):
-    """A calling AE that may associate; ``host`` (an IP address) pins it to one machine."""
+    """A calling AE that may associate; ``host`` (an IP address) pins it to one machine. ``services``
+    are what it may ask for; ``move_destinations`` the peer names its C-MOVEs may name (empty: any
+    configured peer)."""
 
     ae_title: AETitle
     host: str | None = None
+    services: list[Service] = Field(default_factory=lambda: list(Service))
+    move_destinations: list[str] = Field(default_factory=list)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -117,13 +150,30 @@ class RetryConfig(Section):
 #: 80 attempts (about 36 hours). A peer marked down spends no attempts at all until it answers again.
 EXPORT_RETRY = {"attempts": 80, "first_delay_s": 10.0, "growth": 2.0, "max_delay_s": 1800.0}
 
+class DicomWebAuth(Section):
+    """How the node authenticates to a DICOMweb peer: a bearer token, or HTTP basic (both never logged)."""
+
+    bearer_token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DicomWebAuth:
+        if self.bearer_token is not None and self.username is not None:
+            raise ValueError("give either bearer_token or username/password, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
 
 class Peer(Section):
-    """A DICOM node we send to (or echo): a PACS, a viewer, a modality's result receiver."""
+    """A node we send to (or echo): a PACS, a viewer, a modality's result receiver. A DIMSE peer has
+    ``ae_title``/``host``/``port``; a DICOMweb peer has ``url`` (the base that ``/studies`` is appended to,
+    e.g. ``https://pacs/dicom-web``) and gets its results by STOW-RS."""
 
-    ae_title: AETitle
-    host: str
-    port: Port
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
     tls: TLSConfig | None = None
     #: This peer's own retry policy for results sent to it (default: ``export.retry``).
     retry: RetryConfig | None = None
@@ -144,8 +194,34 @@ class Peer(Section):
         if not UID(v).is_transfer_syntax:
             raise ValueError(f"{v!r} is not a transfer syntax UID pydicom knows")
         return v
+    url: str | None = None
+    auth: DicomWebAuth | None = None
+    #: PEM bundle that signs the DICOMweb server's certificate (default: the system's trust store).
+    ca_file: Path | None = None
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    _ae = field_validator("ae_title")(lambda v: v if v is None else _check_ae_title(v))
+
+    @model_validator(mode="after")
+    def _kind(self) -> Peer:
+        if self.url is None:
+            missing = [key for key in ("ae_title", "host", "port") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: missing (a DIMSE peer needs ae_title, host and port; "
+                                 "a DICOMweb peer needs url)")
+        else:
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"url: {self.url!r} is not an http:// or https:// URL")
+            if self.host is not None or self.port is not None or self.tls is not None:
+                raise ValueError("a DICOMweb peer (url) takes auth and ca_file, not host, port or tls")
+        return self
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.url is not None
+
+    def describe(self) -> str:
+        """Where the peer is, for messages (no credentials)."""
+        return self.url if self.url is not None else f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class RoutingRule(Section):
@@ -303,10 +379,73 @@ class ResultsConfig(Section):
     device_serial_number: str = "0"
 
 
+class Role(StrEnum):
+    READ_ONLY = "read-only"
+    ADMIN = "admin"
+
+
+class HttpToken(Section):
+    """One credential of the HTTP interface (``[[http.tokens]]``). The secret itself is never stored:
+    ``secret_hash`` is ``sha256:<hex>`` or ``pbkdf2_sha256$<iterations>$<salt>$<hex>`` (write one with
+    ``pacs-node http hash-secret``). A client sends the secret as ``Authorization: Bearer <secret>`` or
+    as the password of HTTP basic with ``name`` as the user; the console's login takes the same pair."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    role: Role = Role.READ_ONLY
+    secret_hash: str
+
+    @field_validator("secret_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if re.fullmatch(r"sha256:[0-9a-f]{64}", v) or re.fullmatch(r"pbkdf2_sha256\$\d+\$[^$]+\$[0-9a-f]{64}", v):
+            return v
+        raise ValueError("must be 'sha256:<64 hex>' or 'pbkdf2_sha256$<iterations>$<salt>$<64 hex>'")
+
+
+class HttpTLSConfig(Section):
+    """HTTPS on the HTTP port (``[http.tls]``); with ``ca_file`` clients must present a certificate."""
+
+    cert_file: Path
+    key_file: Path
+    key_password: SecretStr | None = None
+    ca_file: Path | None = None
+
+
 class HttpConfig(Section):
     bind: str = "127.0.0.1"
-    #: Port of ``/healthz`` and ``/metrics``; 0 turns the HTTP server off.
+    #: Port of ``/healthz``, ``/metrics``, DICOMweb, the admin API and the console; 0 turns it off.
     port: Annotated[int, Field(ge=0, le=65535)] = 8731
+    tls: HttpTLSConfig | None = None
+    tokens: list[HttpToken] = Field(default_factory=list)
+    #: Largest STOW-RS request body accepted (413 beyond); it is streamed to disk, never held in memory.
+    max_request_bytes: Annotated[int, Field(ge=1)] = 4 * 1024**3
+    #: Connections served at once; beyond it new requests get 503 instead of exhausting the process.
+    limit_concurrency: Annotated[int, Field(ge=1)] = 64
+    #: An idle keep-alive connection is closed after this long.
+    timeout_keep_alive_s: Annotated[float, Field(gt=0)] = 5.0
+    #: A connection must deliver a request's headers within this long (slow-header clients are dropped).
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    #: Longest wait for the next piece of a request body before the request is abandoned.
+    read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    #: A console login lasts this long.
+    session_minutes: Annotated[int, Field(ge=1)] = 480
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique(cls, v: list[HttpToken]) -> list[HttpToken]:
+        names = [t.name for t in v]
+        if len(names) != len(set(names)):
+            raise ValueError("token names must be unique")
+        return v
+
+
+class LimitsConfig(Section):
+    """Bounds on what a peer's dataset may cost before it is refused (status 0xC2xx)."""
+
+    #: Largest dataset a Deflated transfer syntax may inflate to.
+    max_inflated_bytes: Annotated[int, Field(ge=1024 * 1024)] = 256 * 1024 * 1024
+    #: Largest inflated / deflated ratio, checked once a dataset exceeds 16 MiB inflated.
+    max_inflate_ratio: Annotated[float, Field(ge=2)] = 100.0
 
 
 class LoggingConfig(Section):
@@ -331,6 +470,9 @@ class Settings(BaseSettings):
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     #: Allow any calling AE when ``allowed_callers`` is empty (convenient for a first run; say so in logs).
     allow_any_caller: bool = True
+    #: What a caller not listed in ``allowed_callers`` may do when ``allow_any_caller`` lets it in:
+    #: send images, not query or retrieve them (patient data goes only to configured callers).
+    any_caller_services: list[Service] = Field(default_factory=lambda: [Service.STORE])
     peers: dict[str, Peer] = Field(default_factory=dict)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -342,6 +484,7 @@ class Settings(BaseSettings):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @classmethod
@@ -365,6 +508,10 @@ class Settings(BaseSettings):
         for name in self.routing.always:
             if name not in self.peers:
                 raise ValueError(f"routing.always: unknown peer {name!r}")
+        for i, caller in enumerate(self.allowed_callers):
+            for name in caller.move_destinations:
+                if name not in self.peers:
+                    raise ValueError(f"allowed_callers.{i}.move_destinations: unknown peer {name!r}")
         return self
 
     # -- derived paths -------------------------------------------------------------------------------
@@ -410,6 +557,8 @@ def peer_by_ae_title(peers: Mapping[str, Peer], ae_title: str) -> tuple[str, Pee
     title = ae_title.strip()
     for exact in (True, False):
         for name, peer in peers.items():
+            if peer.ae_title is None:  # a DICOMweb peer: no AE title to match
+                continue
             candidate = peer.ae_title.strip()
             if candidate == title if exact else candidate.upper() == title.upper():
                 return name, peer
@@ -443,6 +592,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             # Cross-field checks name their own key: "routing.always: unknown peer 'x'".
             if loc == "(top level)" and ": " in msg:
                 loc, msg = msg.split(": ", 1)
+            elif re.match(r"^[a-z_]+: ", msg):  # a section's check names its own field: "port: ..."
+                field, msg = msg.split(": ", 1)
+                loc = f"{loc}.{field}"
         lines.append(f"{loc}: {msg} (in {source})")
     return "\n".join(lines)
 
@@ -482,9 +634,11 @@ EXAMPLE_TOML = """\
 # "example". Any key can be overridden by the environment: PACS_NODE__<SECTION>__<KEY>, e.g.
 # PACS_NODE__NODE__PORT=104 or PACS_NODE__PIPELINE__DEVICE=cuda.
 
-# Who may associate. With no [[allowed_callers]] and allow_any_caller = true, any AE may send to us;
+# Who may associate. With no [[allowed_callers]] and allow_any_caller = true, any AE may send to us
+# (C-ECHO and what any_caller_services allows: C-STORE only, no query/retrieve of patient data);
 # as soon as one [[allowed_callers]] entry exists, only listed AEs (and hosts) may.
 allow_any_caller = true
+any_caller_services = ["store"]
 
 [node]
 ae_title = "PACSNODE"          # our AE title (called AE for modalities and PACS)
@@ -493,6 +647,11 @@ bind = "0.0.0.0"               # address to listen on
 data_dir = "var"               # SQLite database and instance store live here by default
 max_pdu = 4194304              # largest PDU we accept (bytes)
 max_associations = 16
+max_pending_connections = 64   # connections still sending their A-ASSOCIATE-RQ (never use association slots)
+request_deadline_s = 10.0      # connect to complete A-ASSOCIATE-RQ (TLS handshake included)
+pdu_deadline_s = 60.0          # first to last byte of one PDU
+check_called_ae = true         # reject a called AE title other than ae_title
+listener_processes = 1         # processes accepting on the port (SO_REUSEPORT), or "auto"
 # [node.tls]                   # example: DICOM TLS on the port above (mutual TLS when ca_file is set)
 # cert_file = "/etc/pacs-node/node.pem"
 # key_file = "/etc/pacs-node/node.key"
@@ -512,6 +671,8 @@ max_associations = 16
 # [[allowed_callers]]          # example
 # ae_title = "CR_ROOM1"
 # host = "10.1.2.3"            # optional: only from this address
+# services = ["store"]         # default all of store, find, move, get; a modality needs only store
+# move_destinations = ["pacs"] # peers its C-MOVEs may name (default: any configured peer)
 
 [routing]
 default = "sender"             # no rule matched: back to the peer whose AE title is the caller's ("none": keep only)
@@ -572,10 +733,31 @@ device_serial_number = "0"
 # [results.per_finding_thresholds]        # example: report a pneumothorax already at 0.2
 # Pneumothorax = 0.2
 
+# [peers.cloud]                # example: a DICOMweb archive; results go by STOW-RS
+# url = "https://archive.example.org/dicom-web"
+# ca_file = "/etc/pacs-node/archive-ca.pem"
+# auth = { bearer_token = "..." }          # or { username = "node", password = "..." }
+
 [http]
-bind = "127.0.0.1"             # /healthz and /metrics
+bind = "127.0.0.1"             # /healthz, /metrics, /dicom-web, /api, the console
 port = 8731                    # 0 = off
+max_request_bytes = 4294967296 # largest STOW-RS request (streamed to disk)
+limit_concurrency = 64
+timeout_keep_alive_s = 5.0
+header_timeout_s = 10.0
+read_timeout_s = 30.0
+# [http.tls]                   # example: HTTPS
+# cert_file = "/etc/pacs-node/web.pem"
+# key_file = "/etc/pacs-node/web.key"
+# [[http.tokens]]              # example; secret_hash from `pacs-node http hash-secret`
+# name = "radiology-admin"
+# role = "admin"               # admin | read-only
+# secret_hash = "pbkdf2_sha256$600000$..."
+
+[limits]
+max_inflated_bytes = 268435456 # a Deflated dataset inflating past this is refused (0xC2xx)
+max_inflate_ratio = 100.0      # ... or inflating more than this many times its size (past 16 MiB)
 
 [logging]
-level = "INFO"
+level = "INFO"                 # DEBUG lets pynetdicom and highdicom log patient data (it says so)
 """

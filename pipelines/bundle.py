@@ -3,14 +3,15 @@
 ::
 
     manifest.json          name, version, preset, full ModelConfig, regions, labels, tokenizer, decoding
-                           settings, thresholds, intended use, clinical_use, training notes, and the sha256
-                           of every other file
+                           settings, thresholds, report assembly components, intended use, clinical_use,
+                           training notes, and the sha256 of every other file
     detector.safetensors   one file per CRRGModel module (see ``pipelines.models.crrg.MODULES``)
     selector.safetensors
     abnormality.safetensors
     decoder.safetensors
     clip.safetensors
     tokenizer.json
+    report/...             optional: the faithful report-assembly models (``pipelines.report``)
 
 Loading is from a local path only and refuses, with a :class:`BundleError` that names the culprit: an unknown
 manifest format version, a missing file, a checksum mismatch, a missing/unexpected tensor, or a tensor whose
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from transformers import PreTrainedTokenizerFast
 from pipelines.constants import CHEXPERT_LABELS, REGIONS
 from pipelines.models.config import ConfigError, ModelConfig
 from pipelines.models.crrg import MODULES, CRRGModel
+from pipelines.report import STAND_INS
 from pipelines.tokenizer import SPECIAL_TOKEN, load_tokenizer, save_tokenizer
 
 MANIFEST = "manifest.json"
@@ -43,9 +47,12 @@ FORMAT = "crrg-clip-bundle"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 
-#: Probability thresholds: a region gets a sentence when ``P(selected) > selection`` (RGRG: logit > -1),
-#: and is called abnormal when ``P(abnormal) > abnormal``.
-DEFAULT_THRESHOLDS = {"selection": 0.2689414213699951, "abnormal": 0.5}
+#: RGRG's decision rules, on the logits as RGRG compares them (no sigmoid, no rounded probability): a detected
+#: region gets a sentence when its selector logit is ``> selection_logit``, and is called abnormal when its
+#: abnormality logit is ``> abnormal_logit``.
+DEFAULT_THRESHOLDS = {"selection_logit": -1.0, "abnormal_logit": -1.0}
+#: Manifests written before the logit rules held probabilities under these names.
+_PROBABILITY_THRESHOLDS = {"selection": "selection_logit", "abnormal": "abnormal_logit"}
 
 
 class BundleError(Exception):
@@ -96,8 +103,14 @@ def save_bundle(
     thresholds: Mapping[str, float] | None = None,
     num_beams: int = 1,
     dtype: torch.dtype = torch.float16,
+    report: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
-    """Write ``model`` as a bundle into ``out_dir`` (created; must not already hold a manifest)."""
+    """Write ``model`` as a bundle into ``out_dir`` (created; must not already hold a manifest).
+
+    ``report`` is the manifest's report-assembly section (:mod:`pipelines.report`; default: the stand-ins);
+    ``extra_files`` (name inside the bundle -> source file) are copied in and checksummed like the weights:
+    the faithful report components a ``report`` section names."""
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise BundleError(f"{out / MANIFEST} already exists: refusing to overwrite a bundle")
@@ -110,11 +123,16 @@ def save_bundle(
     files: dict[str, str] = {}
     for module in MODULES:
         fname = f"{module}.safetensors"
-        state = _storable_state(getattr(model, module), dtype)
+        state = storable_state(getattr(model, module), dtype)
         save_file(state, str(out / fname), metadata={"module": module, "bundle": name, "version": version})
         files[fname] = sha256_file(out / fname)
     tok_file = save_tokenizer(tokenizer, out)
     files[tok_file] = sha256_file(out / tok_file)
+    for fname, source in (extra_files or {}).items():
+        target = out / fname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        files[fname] = sha256_file(target)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -127,6 +145,7 @@ def save_bundle(
         "tokenizer": {"file": tok_file, "special_token": SPECIAL_TOKEN, "vocab_size": len(tokenizer)},
         "decoding": {"num_beams": num_beams, "max_new_tokens": cfg.max_sentence_tokens},
         "thresholds": th,
+        "report": dict(report or STAND_INS),
         "intended_use": intended_use,
         "clinical_use": bool(clinical_use),
         "training": dict(training or {}),
@@ -134,21 +153,27 @@ def save_bundle(
         "weights_dtype": str(dtype).removeprefix("torch."),
         "files": files,
     }
+    return write_manifest(out, manifest)
+
+
+def write_manifest(out: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write ``manifest.json`` last and whole (temporary file, then rename): a half-written bundle has none."""
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out / MANIFEST)  # the manifest appears last and whole: a half-written bundle has none
+    tmp.replace(out / MANIFEST)
     return out
 
 
-def _storable_state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict without tied aliases (safetensors refuses shared storage), floats cast to ``dtype``."""
+def storable_state(module: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The state dict without tied aliases (safetensors refuses shared storage), floats cast to ``dtype``
+    (None: each tensor keeps its own precision)."""
     out: dict[str, torch.Tensor] = {}
     tied = _tied_keys(module)
     for key, tensor in module.state_dict().items():
         if key in tied:
             continue
         t = tensor.detach().to("cpu")
-        out[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+        out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
     return out
 
 
@@ -217,6 +242,10 @@ def _file_problems(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
     needed = set(manifest["weights"].values()) | {manifest["tokenizer"]["file"]}
     for fname in sorted(needed - set(files)):
         problems.append(f"{fname}: used by the manifest but has no checksum in 'files'")
+    for part, spec in sorted((manifest.get("report") or {}).items()):
+        folder = spec.get("path") if isinstance(spec, Mapping) else None
+        if folder is not None and not any(f.startswith(f"{folder}/") for f in files):
+            problems.append(f"{folder}: report.{part} is there but has no checksummed file in 'files'")
     for fname, expected in sorted(files.items()):
         path = bundle_dir / fname
         if Path(fname).is_absolute() or ".." in Path(fname).parts:
@@ -308,5 +337,19 @@ def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu") -> B
     if len(tokenizer) != cfg.vocab_size:
         raise BundleError(f"{root / tok_spec['file']}: {len(tokenizer)} tokens, config vocab_size is {cfg.vocab_size}")
     model.to(device).eval()
-    thresholds = {**DEFAULT_THRESHOLDS, **manifest["thresholds"]}
-    return Bundle(root, manifest, cfg, model, tokenizer, thresholds)
+    return Bundle(root, manifest, cfg, model, tokenizer, logit_thresholds(manifest["thresholds"]))
+
+
+def logit_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
+    """The manifest's thresholds as logit thresholds; an older manifest's probability ``p`` becomes
+    ``log(p / (1 - p))``, the same rule up to rounding at the boundary."""
+    out = dict(DEFAULT_THRESHOLDS)
+    for key, value in thresholds.items():
+        if key in _PROBABILITY_THRESHOLDS and _PROBABILITY_THRESHOLDS[key] not in thresholds:
+            p = float(value)
+            if not 0.0 < p < 1.0:
+                raise BundleError(f"manifest threshold {key!r} = {p} is not a probability in (0, 1)")
+            out[_PROBABILITY_THRESHOLDS[key]] = math.log(p / (1.0 - p))
+        elif key in DEFAULT_THRESHOLDS:
+            out[key] = float(value)
+    return out

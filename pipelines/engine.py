@@ -1,52 +1,49 @@
 """Batched inference: preprocessed images in, :class:`pipelines.interface.ImageResult` out.
 
-The hot path (:meth:`Engine.infer`) is a fixed sequence of whole-batch tensor operations — detector on ``B``
-images, both region MLPs on ``B x 29`` features, one decoder call over *every* selected region of the batch,
-CLIP on ``B`` images — with no Python loop over images, regions or boxes and a single host transfer at the
-end. :meth:`Engine.infer_reference` is the deliberately naive equivalent (one image, one region at a time)
-that the optimised path is checked and benchmarked against.
+:class:`Engine` composes injected parts the way torchvision's ``GeneralizedRCNN`` composes its backbone, RPN
+and RoI heads: a *detector* (``images[B,1,S,S] -> Detections``), a region *selection* rule
+(``selector_logits[B,29], detected[B,29] -> bool[B,29]``) and a sentence *decoder* (``features[N,D] ->
+token ids[N,T]``), around the bundle's region MLPs and CLIP. :meth:`Engine.infer` is the one composition: a
+fixed sequence of whole-batch tensor operations — detector on ``B`` images, both region MLPs on ``B x 29``
+features, one decoder call over *every* selected region of the batch, CLIP on ``B`` images — with no Python
+loop over images, regions or boxes and a single host transfer at the end.
 
-On CUDA the models run under bf16 autocast; on CPU in fp32 (``precision`` overrides either way). ``deterministic=True`` seeds torch and switches
-on deterministic algorithms (a process-wide setting) for reproducible tests.
+The parts are chosen at construction: the stock modules (:meth:`Engine.stock_parts`), or on CUDA with greedy
+decoding the fast ones of :mod:`pipelines.accel` (:meth:`Engine.fast_parts`: same outputs, fewer launches;
+docs/performance.md). Benchmarks inject their own (``bench/workload.py``).
+
+On CUDA the models run under bf16 autocast; on CPU in fp32 (``precision`` overrides either way).
+``deterministic=True`` seeds torch and switches on deterministic algorithms (a process-wide setting) for
+reproducible tests.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pydicom
 import torch
-from torch.nn.utils.rnn import pad_sequence
+from torch import Tensor
 
-from pipelines.accel import FastInference
+from pipelines.accel import FastDetector, StaticGreedyDecoder
 from pipelines.bundle import Bundle, load_bundle
-from pipelines.constants import CHEXPERT_LABELS, NUM_REGIONS, REGIONS
+from pipelines.constants import CHEXPERT_LABELS, REGIONS
 from pipelines.interface import ImageResult, PipelineError, PreprocessError, RegionResult
+from pipelines.models.decoder import ReportDecoder
+from pipelines.outputs import Decode, Detect, RawOutput, Select, StageTimer
 from pipelines.preprocess import Preprocessed, boxes_to_source, preprocess_many
+from pipelines.report import assembler_from_manifest
 from pipelines.tokenizer import decode_sentences
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RawOutput:
-    """What :meth:`Engine.infer` computes for a batch of ``B`` images, still as tensors (model pixels)."""
-
-    boxes: torch.Tensor  # [B, 29, 4]
-    detected: torch.Tensor  # [B, 29] bool
-    selected: torch.Tensor  # [B, 29] bool
-    abnormal_probs: torch.Tensor  # [B, 29]
-    token_ids: torch.Tensor  # [N, T] for the N selected regions in (image, region) row-major order
-    label_probs: torch.Tensor  # [B, 14]
-
-    def to(self, device: str | torch.device) -> RawOutput:
-        return RawOutput(*(t.to(device) for t in (self.boxes, self.detected, self.selected, self.abnormal_probs,
-                                                   self.token_ids, self.label_probs)))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -66,11 +63,48 @@ def set_deterministic(seed: int = 0) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+@dataclass(frozen=True)
+class ThresholdSelection:
+    """RGRG's selection rule: a detected region gets a sentence when its selector logit is ``> threshold``
+    (the bundle's ``selection_logit``, -1 in RGRG)."""
+
+    threshold: float
+
+    def __call__(self, selector_logits: Tensor, detected: Tensor) -> Tensor:
+        return (selector_logits.float() > self.threshold) & detected
+
+
+@dataclass(frozen=True)
+class SentenceDecoder:
+    """The stock decoder with the bundle's decoding settings: greedy or beam search, up to ``max_new_tokens``."""
+
+    decoder: ReportDecoder
+    max_new_tokens: int
+    num_beams: int
+
+    def __call__(self, features: Tensor) -> Tensor:
+        return self.decoder.generate(features, self.max_new_tokens, self.num_beams)
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    """The injected parts :meth:`Engine.infer` composes."""
+
+    detector: Detect
+    select: Select
+    decoder: Decode
+
+
 class Engine:
-    """Runs a loaded :class:`~pipelines.bundle.Bundle` on batches of :class:`Preprocessed` images."""
+    """Runs a loaded :class:`~pipelines.bundle.Bundle` on batches of :class:`Preprocessed` images.
+
+    ``fast`` chooses the parts: ``None`` (default) the fast ones on CUDA with greedy decoding, else the stock
+    ones; ``True``/``False`` force either (the fast ones also run, slowly, on the CPU: that is how they are
+    tested). ``parts`` injects others instead (see :meth:`with_parts`)."""
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", batch_size: int = 8,
-                 deterministic: bool = False, num_beams: int | None = None, precision: str = "auto") -> None:
+                 deterministic: bool = False, num_beams: int | None = None, precision: str = "auto",
+                 fast: bool | None = None, parts: EngineParts | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if precision not in ("auto", "bf16", "fp32"):
@@ -85,67 +119,82 @@ class Engine:
         decoding = bundle.decoding
         self.num_beams = int(num_beams if num_beams is not None else decoding.get("num_beams", 1))
         self.max_new_tokens = int(decoding.get("max_new_tokens", self.cfg.max_sentence_tokens))
-        self.selection_threshold = float(bundle.thresholds["selection"])
+        #: RGRG's logit thresholds: selection (detected regions only) and abnormality
+        self.selection_threshold = float(bundle.thresholds["selection_logit"])
+        self.abnormal_threshold = float(bundle.thresholds["abnormal_logit"])
         #: bf16 autocast around the models: on CUDA by default ("auto"), on request elsewhere
         self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        #: On CUDA with greedy decoding :meth:`infer` runs :class:`pipelines.accel.FastInference` (same
-        #: outputs; static KV cache in CUDA graphs, batched proposal filtering; docs/performance.md).
-        self.fast_path = self.device.type == "cuda" and self.num_beams == 1
-        self._fast: FastInference | None = None
+        self.fast_path = (self.device.type == "cuda" and self.num_beams == 1) if fast is None else fast
+        self.parts = parts or (self.fast_parts() if self.fast_path else self.stock_parts())
+        #: the selected regions' sentences -> report, with the components the manifest names
+        self.assembler = assembler_from_manifest(bundle.manifest.get("report"), bundle.path)
+
+    # -- parts ------------------------------------------------------------------------------------------------
+    def stock_parts(self) -> EngineParts:
+        """The bundle's own modules: ``RegionDetector``, the threshold rule, ``ReportDecoder.generate``."""
+        m = self.model
+        return EngineParts(m.detector, ThresholdSelection(self.selection_threshold),
+                           SentenceDecoder(m.decoder, self.max_new_tokens, self.num_beams))
+
+    def fast_parts(self, cuda_graphs: bool = True, channels_last: bool | None = None) -> EngineParts:
+        """:meth:`fast_detector` and, for greedy decoding, :meth:`fast_decoder` with the bundle's token limit;
+        beam search stays on the stock decoder."""
+        stock = self.stock_parts()
+        decoder: Decode = stock.decoder
+        if self.num_beams == 1:
+            decoder = partial(self.fast_decoder(cuda_graphs).generate, steps=self.max_new_tokens)
+        return EngineParts(self.fast_detector(channels_last), stock.select, decoder)
+
+    def fast_detector(self, channels_last: bool | None = None) -> FastDetector:
+        """:class:`~pipelines.accel.FastDetector` on the bundle's detector, NHWC by default on CUDA."""
+        nhwc = self.device.type == "cuda" if channels_last is None else channels_last
+        return FastDetector(self.model.detector, nhwc)
+
+    def fast_decoder(self, cuda_graphs: bool = True) -> StaticGreedyDecoder:
+        """:class:`~pipelines.accel.StaticGreedyDecoder` on the bundle's decoder, its matrix products in bf16
+        when the engine autocasts, else in the weights' dtype."""
+        decoder = self.model.decoder
+        dtype = torch.bfloat16 if self.autocast else decoder.lm.lm_head.weight.dtype
+        return StaticGreedyDecoder(decoder, dtype, cuda_graphs=cuda_graphs)
+
+    def with_parts(self, parts: EngineParts) -> Engine:
+        """The same engine (model, device, precision) composing ``parts`` instead."""
+        other = copy.copy(self)
+        other.parts = parts
+        return other
 
     # -- tensors in, tensors out ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def infer(self, images: torch.Tensor) -> RawOutput:
-        """The batched hot path on ``images[B,1,S,S]`` (already on :attr:`device`)."""
-        if self.fast_path:
-            if self._fast is None:
-                self._fast = FastInference(self)
-            return self._fast.infer(images)
-        m = self.model
+    def infer(self, images: Tensor, timer: StageTimer | None = None) -> RawOutput:
+        """The batched hot path on ``images[B,1,S,S]`` (already on :attr:`device`); ``timer``, when given,
+        wraps each stage (and is handed to a detector that times its sub-stages)."""
+        m, parts = self.model, self.parts
+        stage = timer or (lambda _name: nullcontext())
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            det = m.detector(images)
-            feats = det.features
-            selected = (m.selector(feats).float().sigmoid() > self.selection_threshold) & det.detected
-            abnormal = m.abnormality(feats).float().sigmoid()
-            token_ids = m.decoder.generate(feats[selected], self.max_new_tokens, self.num_beams)
-            label_probs = m.clip.label_probs(images)
-        return RawOutput(det.boxes.float(), det.detected, selected, abnormal, token_ids, label_probs.float())
-
-    @torch.inference_mode()
-    def infer_reference(self, images: torch.Tensor) -> RawOutput:
-        """Unoptimised reference: one image and one selected region at a time, same arithmetic."""
-        parts = [self._reference_one(images[i:i + 1]) for i in range(images.shape[0])]
-        sentences = [s for *_, image_sentences in parts for s in image_sentences]
-        token_ids = (pad_sequence(sentences, batch_first=True, padding_value=self.cfg.pad_token_id) if sentences
-                     else torch.empty((0, 0), dtype=torch.long, device=images.device))
-        boxes, detected, selected, abnormal, label_probs = (torch.cat(column) for column in zip(*(p[:5] for p in parts)))
-        return RawOutput(boxes, detected, selected, abnormal, token_ids, label_probs)
-
-    def _reference_one(self, image: torch.Tensor):
-        m = self.model
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            det = m.detector(image)
-            selected = torch.zeros((1, NUM_REGIONS), dtype=torch.bool, device=image.device)
-            abnormal = torch.zeros((1, NUM_REGIONS), device=image.device)
-            sentences = []
-            for r in range(NUM_REGIONS):
-                feat = det.features[0, r:r + 1]
-                abnormal[0, r] = m.abnormality(feat).float().sigmoid()[0]
-                if det.detected[0, r] and m.selector(feat).float().sigmoid()[0] > self.selection_threshold:
-                    selected[0, r] = True
-                    sentences.append(m.decoder.generate(feat, self.max_new_tokens, self.num_beams)[0])
-            label_probs = m.clip.label_probs(image).float()
-        return det.boxes.float(), det.detected, selected, abnormal, label_probs, sentences
+            with stage("detector"):
+                timed = timer is not None and getattr(parts.detector, "timed", False)
+                det = parts.detector(images, timer) if timed else parts.detector(images)  # type: ignore[call-arg]
+            with stage("selector"):
+                feats = det.features
+                selected = parts.select(m.selector(feats), det.detected)
+                abnormal_logits = m.abnormality(feats).float()
+                chosen = feats[selected]
+            with stage("decoder"):
+                token_ids = parts.decoder(chosen)
+            with stage("clip"):
+                label_probs = m.clip.label_probs(images)
+        return RawOutput(det.boxes.float(), det.detected, selected, abnormal_logits.sigmoid(), token_ids,
+                         label_probs.float(), abnormal_logits > self.abnormal_threshold)
 
     # -- preprocessed images in, results out ----------------------------------------------------------------
-    def run(self, batch: Sequence[Preprocessed], reference: bool = False) -> list[ImageResult]:
+    def run(self, batch: Sequence[Preprocessed]) -> list[ImageResult]:
         """Results in input order, in chunks of :attr:`batch_size`; boxes in source pixel coordinates."""
         results: list[ImageResult] = []
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start:start + self.batch_size]
             t0 = time.perf_counter()
             images = stack_on([p.tensor for p in chunk], self.device)
-            raw = (self.infer_reference if reference else self.infer)(images).to("cpu")
+            raw = self.infer(images).to("cpu")
             elapsed_ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)
             results += self._assemble(chunk, raw, {"inference": elapsed_ms})
         return results
@@ -153,19 +202,21 @@ class Engine:
     def _assemble(self, chunk: Sequence[Preprocessed], raw: RawOutput, timings: dict[str, float]
                   ) -> list[ImageResult]:
         boxes = boxes_to_source(raw.boxes, [p.transform for p in chunk]).tolist()
-        sentences = iter(decode_sentences(self.bundle.tokenizer, raw.token_ids, self.cfg.eos_token_id))
+        texts = iter(decode_sentences(self.bundle.tokenizer, raw.token_ids, self.cfg.eos_token_id))
         selected, detected = raw.selected.tolist(), raw.detected.tolist()
-        abnormal, label_probs = raw.abnormal_probs.tolist(), raw.label_probs.tolist()
+        abnormal_probs, label_probs = raw.abnormal_probs.tolist(), raw.label_probs.tolist()
+        abnormal = raw.abnormal.tolist()
         out = []
         for b, prep in enumerate(chunk):
+            generated = {r: next(texts) for r in range(len(REGIONS)) if selected[b][r]}  # raw decoded text
             regions = tuple(
-                RegionResult(name, tuple(boxes[b][r]), detected[b][r], selected[b][r], abnormal[b][r],
-                             next(sentences) if selected[b][r] else None)
+                RegionResult(name, tuple(boxes[b][r]), detected[b][r], selected[b][r], abnormal_probs[b][r],
+                             generated[r].strip() if r in generated else None, abnormal[b][r])
                 for r, name in enumerate(REGIONS)
             )
             out.append(ImageResult(
                 regions=regions,
-                report=assemble_report(r.sentence for r in regions if r.selected),
+                report=self.assembler(generated.values()),  # in region (anatomical) order
                 label_probs=dict(zip(CHEXPERT_LABELS, label_probs[b])),
                 model_name=self.bundle.name,
                 model_version=self.bundle.version,
@@ -185,21 +236,6 @@ def stack_on(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
         pinned = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
         return torch.stack(list(tensors), out=pinned).to(device, non_blocking=True)
     return torch.stack([t.to(device) for t in tensors])
-
-
-def assemble_report(sentences) -> str:
-    """Sentences in the given (anatomical) order, empty ones dropped, repeats (ignoring case, spacing and
-    the final full stop) kept once; each ends with a full stop."""
-    seen: set[str] = set()
-    kept = []
-    for sentence in sentences:
-        text = " ".join((sentence or "").split())
-        key = text.lower().rstrip(".").strip()
-        if not key or key in seen:
-            continue
-        seen.add(key)
-        kept.append(text if text.endswith(".") else text + ".")
-    return " ".join(kept)
 
 
 class CRRGPipeline:
@@ -223,7 +259,8 @@ class CRRGPipeline:
         cfg = self.engine.cfg
         t0 = time.perf_counter()
         prepared = preprocess_many(datasets, cfg.image_size, cfg.image_mean, cfg.image_std,
-                                   workers=self.preprocess_workers, device=self.preprocess_device)
+                                   workers=self.preprocess_workers, device=self.preprocess_device,
+                                   resize=cfg.image_resize)
         pre_ms = (time.perf_counter() - t0) * 1000.0 / max(len(datasets), 1)
         good = [p for p in prepared if not isinstance(p, PreprocessError)]
         for exc in prepared:

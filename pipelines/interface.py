@@ -40,6 +40,8 @@ class RegionResult:
     selected: bool
     abnormal_prob: float
     sentence: str | None = None
+    #: The model's abnormality decision (RGRG: abnormality logit > -1; the bundle's ``abnormal_logit``).
+    abnormal: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,14 @@ Steps, in the order the DICOM standard's grayscale pipeline defines them (PS3.3 
 3. VOI: the first VOI LUT of the dataset, else its first window (LINEAR, LINEAR_EXACT or SIGMOID), else the
    0.5-99.5 percentile range of the image, so a missing window never yields a black or white image;
 4. MONOCHROME1 is inverted so that, as for MONOCHROME2, bright means dense;
-5. the longest side is resized (antialiased) to the model size, the other keeps the aspect ratio, and the
-   image is centred on a black square (as RGRG's LongestMaxSize + PadIfNeeded);
+5. the longest side is resized to the model size, the other keeps the aspect ratio, and the image is centred
+   on a black square (as RGRG's LongestMaxSize + PadIfNeeded);
 6. ``(x - mean) / std``.
+
+Step 5 and 6 come in two flavours (``ModelConfig.image_resize``): ``bilinear``, the node's own (antialiased
+bilinear on the float image), and ``area-uint8``, RGRG's (albumentations on an 8-bit image: the grey levels
+rounded to 8 bits, OpenCV's ``INTER_AREA`` resize rounded to 8 bits, zero padding, then ``Normalize``'s
+``(x - 255 mean) / (255 std)`` in float32).
 
 :class:`BoxTransform` remembers step 5 so that boxes found in model pixels map back to source pixels.
 Anything undecodable or not a single-frame grayscale image raises
@@ -19,6 +24,7 @@ Anything undecodable or not a single-frame grayscale image raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,6 +128,10 @@ class Decoded:
         return unit.mul_(self.scale).add_(self.offset).clamp_(0.0, 1.0)
 
 
+#: Photometric interpretations whose first sample is the luminance.
+_LUMA_CHROMA = frozenset({"YBR_FULL", "YBR_FULL_422"})
+
+
 def dicom_to_unit(ds: pydicom.Dataset) -> np.ndarray:
     """Decoded, LUT-applied, MONOCHROME2-oriented image as float32 ``[rows, cols]`` in [0, 1]."""
     return decode(ds).unit()
@@ -133,10 +143,13 @@ def decode(ds: pydicom.Dataset) -> Decoded:
     if "PixelData" not in ds:
         raise PreprocessError("dataset has no Pixel Data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    # A radiograph captured in colour as luminance and chrominance (a digitiser, a secondary capture):
+    # its luminance Y is the grey image, read as decoded, without a round trip through RGB.
+    luma = photometric in _LUMA_CHROMA and int(ds.get("SamplesPerPixel", 1)) == 3
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") and not luma:
         raise PreprocessError(f"Photometric Interpretation {photometric or '(absent)'} is not grayscale "
-                              "(MONOCHROME1/2 expected)")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+                              f"(MONOCHROME1/2, or {'/'.join(sorted(_LUMA_CHROMA))} expected)")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 and not luma:
         raise PreprocessError(f"Samples per Pixel is {ds.SamplesPerPixel}, a grayscale image has 1")
     bits = int(ds.get("BitsAllocated", 0))
     if bits not in (8, 16):
@@ -148,7 +161,11 @@ def decode(ds: pydicom.Dataset) -> Decoded:
         raise PreprocessError(f"multi-frame image ({ds.NumberOfFrames} frames): one radiograph per instance expected")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        raw = ds.pixel_array
+        if luma:
+            ds.pixel_array_options(as_rgb=False)
+            raw = ds.pixel_array[..., 0]
+        else:
+            raw = ds.pixel_array
     except Exception as exc:  # pydicom/plugins raise many types for truncated or corrupt streams
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise PreprocessError(f"cannot decode pixel data ({name}): {exc}") from None
@@ -239,23 +256,134 @@ def _apply_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
 
 # -- [0, 1] grayscale -> model input ------------------------------------------------------------------------
 
-def fit_to_model(unit: np.ndarray | torch.Tensor, size: int, mean: float, std: float) -> Preprocessed:
-    """Resize the longest side to ``size``, centre on a black square, normalise."""
+RESIZES = ("bilinear", "area-uint8")
+
+
+def fit_to_model(unit: np.ndarray | torch.Tensor, size: int, mean: float, std: float, resize: str = "bilinear"
+                 ) -> Preprocessed:
+    """Resize the longest side to ``size``, centre on a black square, normalise (``resize``: module docstring)."""
     image = torch.as_tensor(unit, dtype=torch.float32)  # a tensor stays on its device: the resize runs there
     rows, cols = image.shape
     scale = size / max(rows, cols)
     new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
+    top, left = (size - new_rows) // 2, (size - new_cols) // 2
+    transform = BoxTransform(rows, cols, new_cols / cols, new_rows / rows, float(left), float(top))
+    canvas = torch.zeros((1, size, size), dtype=torch.float32, device=image.device)
+    if resize == "area-uint8":
+        grey = torch.round(image.clamp(0.0, 1.0) * 255.0)  # the 8-bit image RGRG's JPEGs hold
+        canvas[0, top:top + new_rows, left:left + new_cols] = resize_area_uint8(grey, new_rows, new_cols)
+        return Preprocessed(normalize_uint8(canvas, mean, std), transform)
+    if resize != "bilinear":
+        raise ValueError(f"image_resize must be one of {RESIZES}, not {resize!r}")
     resized = F.interpolate(image[None, None], size=(new_rows, new_cols), mode="bilinear", align_corners=False,
                             antialias=True)[0, 0]
-    top, left = (size - new_rows) // 2, (size - new_cols) // 2
-    canvas = torch.zeros((1, size, size), dtype=torch.float32, device=image.device)
     canvas[0, top:top + new_rows, left:left + new_cols] = resized.clamp_(0.0, 1.0)
-    transform = BoxTransform(rows, cols, new_cols / cols, new_rows / rows, float(left), float(top))
     return Preprocessed((canvas - mean) / std, transform)
 
 
-def preprocess(ds: pydicom.Dataset, size: int, mean: float, std: float, device: torch.device | None = None
-               ) -> Preprocessed:
+def normalize_uint8(grey: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """albumentations' ``Normalize(mean, std, max_pixel_value=255)`` on 0-255 grey levels, in its float32
+    arithmetic: ``(x - float32(mean) * 255) * (1 / (float32(std) * 255))``."""
+    mean32 = torch.tensor(mean, dtype=torch.float32) * 255.0
+    inverse = torch.reciprocal(torch.tensor(std, dtype=torch.float32) * 255.0)
+    return (grey.float() - mean32.to(grey.device)) * inverse.to(grey.device)
+
+
+def resize_area_uint8(grey: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """OpenCV's ``resize(..., interpolation=INTER_AREA)`` of an 8-bit image ``grey[H, W]`` (0-255 values as
+    float) to ``[rows, cols]``, in OpenCV's arithmetic so that the grey levels are identical (checked against
+    opencv-python in the tests).
+
+    Shrinking both axes: every output pixel is the mean of the source area it covers, partly covered pixels
+    weighted by the covered fraction (OpenCV's ``computeResizeAreaTab``), accumulated in float32 in OpenCV's
+    order and rounded half to even; an integer factor is OpenCV's block mean (a 2 x 2 block rounds halves up,
+    as its SIMD path does). Otherwise OpenCV's linear interpolation with INTER_AREA's coefficients in its
+    11-bit fixed point, with the vertical pass of its SIMD kernel."""
+    h, w = grey.shape
+    scale_y, scale_x = 1.0 / (rows / h), 1.0 / (cols / w)  # OpenCV: 1 / inv_scale
+    if scale_y >= 1.0 and scale_x >= 1.0:
+        int_y, int_x = round(scale_y), round(scale_x)
+        if abs(scale_y - int_y) < 2.2e-16 and abs(scale_x - int_x) < 2.2e-16:
+            blocks = grey.double()[: rows * int_y, : cols * int_x].reshape(rows, int_y, cols, int_x).sum((1, 3))
+            if int_y == int_x == 2:
+                return torch.floor((blocks + 2.0) / 4.0).float()
+            return torch.round(blocks.float() * (1.0 / (int_y * int_x))).clamp_(0.0, 255.0)
+        horizontal = _accumulate(grey.float(), *_area_taps(w, cols), dim=1)  # [H, cols]
+        out = _accumulate(horizontal, *_area_taps(h, rows), dim=0)  # [rows, cols]
+        return torch.round(out).clamp_(0.0, 255.0)  # saturate_cast: round half to even
+    (y0, by0, y1, by1), (x0, bx0, x1, bx1) = (tuple(t.to(grey.device) for t in _linear_area_taps(n, m))
+                                              for n, m in ((h, rows), (w, cols)))
+    pixels = grey.long()
+    horizontal = pixels[:, x0] * bx0 + pixels[:, x1] * bx1  # [H, cols], OpenCV's 11-bit fixed point
+    # OpenCV's SIMD vertical pass: 16-bit high products of (row >> 4) and the coefficient, rounded by 2 bits
+    value = ((horizontal[y0] >> 4) * by0[:, None] >> 16) + ((horizontal[y1] >> 4) * by1[:, None] >> 16)
+    return ((value + 2) >> 2).clamp_(0, 255).float()
+
+
+def _area_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shrinking axis of OpenCV's INTER_AREA (``computeResizeAreaTab``): for each output index, the source
+    indices ``[dst, taps]`` and float32 weights ``[dst, taps]`` in OpenCV's order (unused taps weigh 0)."""
+    scale = 1.0 / (dst / src)
+    rows: list[list[tuple[int, float]]] = []
+    for d in range(dst):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, src - f1)
+        s1, s2 = math.ceil(f1), math.floor(f2)
+        s2 = min(s2, src - 1)
+        s1 = min(s1, s2)
+        taps = [(s1 - 1, (s1 - f1) / cell)] if s1 - f1 > 1e-3 else []
+        taps += [(s, 1.0 / cell) for s in range(s1, s2)]
+        if f2 - s2 > 1e-3:
+            taps.append((s2, min(min(f2 - s2, 1.0), cell) / cell))
+        rows.append(taps)
+    width = max(len(t) for t in rows)
+    index = torch.zeros((dst, width), dtype=torch.long)
+    weight = torch.zeros((dst, width), dtype=torch.float32)
+    for d, taps in enumerate(rows):
+        for t, (s, a) in enumerate(taps):
+            index[d, t], weight[d, t] = s, a
+    return index, weight
+
+
+def _accumulate(image: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """OpenCV's float32 accumulation of one axis, tap after tap: ``sum_t image[.., index[:, t]] * weight[:, t]``
+    along ``dim``, each product and each sum rounded to float32 in OpenCV's order."""
+    index, weight = index.to(image.device), weight.to(image.device)
+    out = None
+    for t in range(index.shape[1]):
+        term = image.index_select(dim, index[:, t]) * weight[:, t].view((1, -1) if dim == 1 else (-1, 1))
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+def _linear_area_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OpenCV's linear resize with INTER_AREA's coefficients along one axis: for each output index the two
+    source indices and their 11-bit coefficients (``[dst]`` each)."""
+    i0, c0, i1, c1 = [], [], [], []
+    scale, inverse = 1.0 / (dst / src), dst / src
+    for d in range(dst):
+        s = math.floor(d * scale)
+        f = (d + 1) - (s + 1) * inverse
+        f = float(np.float32(0.0 if f <= 0 else f - math.floor(f)))  # OpenCV keeps it as a float
+        if s < 0:
+            s, f = 0, 0.0
+        if s >= src - 1:
+            s, f = src - 1, 0.0
+        i0.append(s)
+        i1.append(min(s + 1, src - 1))
+        c0.append(int(_round_half_even((1.0 - f) * 2048.0)))
+        c1.append(int(_round_half_even(f * 2048.0)))
+    return torch.tensor(i0), torch.tensor(c0), torch.tensor(i1), torch.tensor(c1)
+
+
+def _round_half_even(x: float) -> float:
+    return float(np.rint(np.float32(x)))
+
+
+def preprocess(ds: pydicom.Dataset, size: int, mean: float, std: float, device: torch.device | None = None,
+               resize: str = "bilinear") -> Preprocessed:
     """One dataset to a model input; :class:`PreprocessError` if it cannot be used.
 
     With ``device`` only decoding runs on the host; the grey-level mapping, resize and padding run on
@@ -263,17 +391,18 @@ def preprocess(ds: pydicom.Dataset, size: int, mean: float, std: float, device: 
     image's grey-level mapping and antialiased resize cost ~7-8 ms of one CPU core each and microseconds of
     GPU time, so without it a 16-core host preprocesses fewer images per second than the GPU analyses."""
     decoded = decode(ds)
-    return fit_to_model(decoded.unit() if device is None else decoded.unit_on(device), size, mean, std)
+    return fit_to_model(decoded.unit() if device is None else decoded.unit_on(device), size, mean, std, resize)
 
 
 def preprocess_many(datasets: Sequence[pydicom.Dataset], size: int, mean: float, std: float,
-                    workers: int = 4, device: torch.device | None = None) -> list[Preprocessed | PreprocessError]:
+                    workers: int = 4, device: torch.device | None = None, resize: str = "bilinear"
+                    ) -> list[Preprocessed | PreprocessError]:
     """:func:`preprocess` over a batch in a thread pool (decoders and numpy release the GIL); a dataset that
     fails yields its :class:`PreprocessError` in its slot."""
 
     def one(ds: pydicom.Dataset) -> Preprocessed | PreprocessError:
         try:
-            return preprocess(ds, size, mean, std, device)
+            return preprocess(ds, size, mean, std, device, resize)
         except PreprocessError as exc:
             return exc
 

@@ -76,10 +76,26 @@ def encode_sentences(tokenizer: PreTrainedTokenizerFast, sentences: list[str], m
     return input_ids, mask
 
 
+#: transformers 4.19's ``clean_up_tokenization`` (RGRG decodes with ``clean_up_tokenization_spaces=True``), in
+#: its order. transformers 5 no longer applies it to BPE tokenizers, so the node does it itself.
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    """``"normal ."`` -> ``"normal."``: the spaces before punctuation and English contractions removed."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
+
+
 def decode_sentences(tokenizer: PreTrainedTokenizerFast, ids: torch.Tensor, eos_token_id: int) -> list[str]:
-    """Generated ids ``[N, T]`` -> text, each cut at its first EOS."""
+    """Generated ids ``[N, T]`` -> text, each cut at its first EOS, special tokens skipped and tokenization
+    spaces cleaned up (RGRG's ``batch_decode(skip_special_tokens=True, clean_up_tokenization_spaces=True)``);
+    not stripped, so that the report is assembled from the text RGRG would assemble it from."""
     if ids.numel() == 0:
         return [""] * ids.shape[0]
     after_eos = (ids == eos_token_id).cumsum(dim=1) > 0
     ids = ids.masked_fill(after_eos, eos_token_id).cpu().tolist()
-    return [s.strip() for s in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return [clean_up_tokenization(t) for t in texts]

@@ -14,16 +14,21 @@ guarantees:
   ``SQLITE_BUSY`` when it tries to upgrade its lock, and concurrent claimers are serialised.
 * PostgreSQL connections are checked with ``pool_pre_ping`` so a restarted database server costs one
   reconnect, not a failed job.
+* No engine ever puts a statement's parameters in an error or a log line (``hide_parameters``): an
+  instance row's are a patient's name and ID.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
@@ -77,7 +82,7 @@ def make_engine(url: str) -> Engine:
         # A database host that stopped answering must cost an error after seconds, not a hung worker
         # (unless the URL sets its own ?connect_timeout=).
         timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-        engine = create_engine(url, pool_pre_ping=True, connect_args=timeout)
+        engine = create_engine(url, pool_pre_ping=True, connect_args=timeout, hide_parameters=True)
     else:
         raise ValueError(f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: {_USAGE}")
     _dispose_after_fork(engine)
@@ -88,7 +93,7 @@ def _make_sqlite_engine(url: str, database: str | None) -> Engine:
     in_memory = not database or database == ":memory:" or database.startswith("file::memory:")
     if database and not in_memory:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 (DBAPI connection)
@@ -262,3 +267,64 @@ def head_revision() -> str | None:
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     return ScriptDirectory.from_config(config).get_current_head()
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Unit(Generic[T]):
+    work: Callable[[Session], T]
+    result: T | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class GroupCommit:
+    """Transactions of many threads committed together: one durable commit (one WAL fsync on SQLite)
+    for every unit of work that arrived while the previous commit was in flight.
+
+    :meth:`run` returns only once the transaction holding its own unit has committed, so a caller that
+    answers after it (the listener's 0x0000) still answers after its own durable commit. There is no
+    committer thread and no waiting for company: a caller alone commits at once, itself; callers that
+    arrive while a commit is in flight queue their units, and the first of them to get the turn commits
+    all that are queued. A batch that fails is retried one unit per transaction, so one unit's error
+    (it is raised to its own caller) never fails the others."""
+
+    sessions: sessionmaker[Session]
+    _pending: list[_Unit[Any]] = field(default_factory=list)
+    _queue_lock: threading.Lock = field(default_factory=threading.Lock)
+    _turn: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """``work(session)`` inside a committed transaction (shared with other callers'); its result."""
+        unit: _Unit[T] = _Unit(work)
+        with self._queue_lock:
+            self._pending.append(unit)
+        with self._turn:
+            if not unit.done:  # not committed by the caller before us: commit all that is queued
+                with self._queue_lock:
+                    batch, self._pending = self._pending, []
+                self._commit(batch)
+        if unit.error is not None:
+            raise unit.error
+        return cast(T, unit.result)
+
+    def _commit(self, batch: list[_Unit[Any]]) -> None:
+        try:
+            with self.sessions() as session, session.begin():
+                for unit in batch:
+                    unit.result = unit.work(session)
+        except Exception as exc:
+            if len(batch) > 1:
+                for unit in batch:
+                    self._commit([unit])
+                return
+            batch[0].result, batch[0].error = None, exc
+        except BaseException as exc:  # the waiting callers must not wait for a commit that never comes
+            for unit in batch:
+                unit.error, unit.done = exc, True
+            raise
+        for unit in batch:
+            unit.done = True

@@ -28,11 +28,11 @@ def dialect_name(session: Session) -> str:
 
 
 def matching_keys(session: Session, key: InstrumentedAttribute, conditions: Sequence[ColumnElement[bool]],
-                  limit: int) -> list[str]:
+                  limit: int, offset: int = 0) -> list[str]:
     """Distinct non-null values of ``key`` (patient ID, study/series/SOP instance UID) of the instances
-    that meet ``conditions``, in key order, at most ``limit``."""
+    that meet ``conditions``, in key order, at most ``limit`` after skipping ``offset``."""
     query = select(key).distinct().where(*conditions, key.is_not(None))
-    return list(session.scalars(query.order_by(key).limit(limit)))
+    return list(session.scalars(query.order_by(key).offset(offset).limit(limit)))
 
 
 def entity_summaries(session: Session, key: InstrumentedAttribute, columns: Mapping[str, InstrumentedAttribute],

@@ -353,8 +353,21 @@ class JobQueue:
         return {kind: max((now - oldest).total_seconds(), 0.0) for kind, oldest in rows if oldest is not None}
 
     def retry(self, job_id: int) -> bool:
-        """Put a ``failed``, ``dead`` or ``cancelled`` job back in the queue with a fresh set of attempts."""
-        return self._requeue(Job.id == job_id) == 1
+        """Put a ``failed``, ``dead``, ``cancelled`` or ``done`` job back in the queue with a fresh set of
+        attempts (a done job runs again: an image analysed anew, a result sent again)."""
+        return self._requeue(Job.id == job_id, also_done=True) == 1
+
+    def requeue_for(self, kind: JobKind | str, sop_instance_uids: Iterable[str],
+                    destination: str | None = None) -> int:
+        """Run again every job of ``kind`` about these instances (only those to ``destination`` when
+        given), done ones included; a running job is left to finish. Returns how many were queued."""
+        uids = list(sop_instance_uids)
+        if not uids:
+            return 0
+        condition = and_(Job.kind == _value(kind, JobKind), Job.sop_instance_uid.in_(uids))
+        if destination is not None:
+            condition = and_(condition, Job.destination == destination)
+        return self._requeue(condition, also_done=True)
 
     def retry_all_failed(self) -> int:
         """Put every ``failed`` and ``dead`` job back in the queue with fresh attempts; returns how many."""
@@ -399,16 +412,47 @@ class JobQueue:
             return [(kind, state, int(n)) for kind, state, n in rows]
 
     def list(
-        self, state: JobState | str | None = None, kind: JobKind | str | None = None, limit: int = 100
+        self, state: JobState | str | None = None, kind: JobKind | str | None = None, limit: int = 100,
+        *, destination: str | None = None, sop_instance_uids: Iterable[str] | None = None, offset: int = 0,
     ) -> builtins.list[JobRecord]:
-        """The newest ``limit`` jobs, optionally only those in ``state`` and/or of ``kind``."""
-        query = select(Job).order_by(Job.id.desc()).limit(limit)
+        """The newest ``limit`` jobs (after skipping ``offset``), optionally only those in ``state``, of
+        ``kind``, to ``destination`` and/or about ``sop_instance_uids``."""
+        query = select(Job).order_by(Job.id.desc()).offset(offset).limit(limit)
         if state is not None:
             query = query.where(Job.state == _value(state, JobState))
         if kind is not None:
             query = query.where(Job.kind == _value(kind, JobKind))
+        if destination is not None:
+            query = query.where(Job.destination == destination)
+        if sop_instance_uids is not None:
+            query = query.where(Job.sop_instance_uid.in_(builtins.list(sop_instance_uids)))
         with self._read() as session:
             return [JobRecord.of(job) for job in session.scalars(query)]
+
+    def destinations(self) -> builtins.list[dict[str, Any]]:
+        """Per export destination: jobs in each state, and the newest error of a failed or dead job —
+        what an operator looks at to see which peer is failing."""
+        with self._read() as session:
+            rows = session.execute(
+                select(Job.destination, Job.state, func.count())
+                .where(Job.kind == JobKind.EXPORT.value).group_by(Job.destination, Job.state)
+            ).all()
+            summary: dict[str, dict[str, Any]] = {}
+            for destination, state, number in rows:
+                entry = summary.setdefault(destination or "", {"destination": destination or "",
+                                                               "counts": {s.value: 0 for s in JobState},
+                                                               "last_error": None})
+                entry["counts"][state] = number
+            for entry in summary.values():
+                failing = [JobState.FAILED.value, JobState.DEAD.value]
+                if any(entry["counts"][state] for state in failing):
+                    entry["last_error"] = session.scalars(
+                        select(Job.last_error)
+                        .where(Job.kind == JobKind.EXPORT.value, Job.destination == entry["destination"],
+                               Job.state.in_(failing))
+                        .order_by(Job.updated_at.desc()).limit(1)
+                    ).first()
+        return sorted(summary.values(), key=lambda entry: entry["destination"])
 
     def get(self, job_id: int) -> JobRecord | None:
         with self._read() as session:
@@ -462,11 +506,14 @@ class JobQueue:
         history.record_job(Session.object_session(job), job, now)
         log.warning("job %s (%s) is dead after %s attempt(s)", job.id, job.kind, job.attempts)
 
-    def _requeue(self, condition) -> int:  # noqa: ANN001 (SQL expression)
+    def _requeue(self, condition, *, also_done: bool = False) -> int:  # noqa: ANN001 (SQL expression)
+        states = [*_WAITING, JobState.DEAD.value, JobState.CANCELLED.value]
+        if also_done:
+            states.append(JobState.DONE.value)
         with self._writing() as (session, now):
             result = session.execute(
                 update(Job)
-                .where(condition, Job.state.in_([*_WAITING, JobState.DEAD.value, JobState.CANCELLED.value]))
+                .where(condition, Job.state.in_(states))
                 .values(state=JobState.QUEUED.value, attempts=0, not_before=now, lease_owner=None,
                         lease_expires_at=None, finished_at=None, updated_at=now)
                 .execution_options(synchronize_session=False)

@@ -107,12 +107,17 @@ def instance_counts(session: Session) -> list[tuple[str, str, int, int]]:
     return [(origin, disposition, int(n), int(size)) for origin, disposition, n, size in rows]
 
 
-def instances_for_study(session: Session, study_instance_uid: str) -> Sequence[Instance]:
-    """All instances of a study, received and produced, in series then instance order."""
+def instances_for_study(session: Session, study_instance_uid: str, series_instance_uid: str | None = None,
+                        sop_instance_uid: str | None = None) -> Sequence[Instance]:
+    """All instances of a study (of one of its series, or the one instance), received and produced, in
+    series then instance order."""
+    query = select(Instance).where(Instance.study_instance_uid == study_instance_uid)
+    if series_instance_uid is not None:
+        query = query.where(Instance.series_instance_uid == series_instance_uid)
+    if sop_instance_uid is not None:
+        query = query.where(Instance.sop_instance_uid == sop_instance_uid)
     return session.scalars(
-        select(Instance)
-        .where(Instance.study_instance_uid == study_instance_uid)
-        .order_by(Instance.series_instance_uid, Instance.instance_number, Instance.id)
+        query.order_by(Instance.series_instance_uid, Instance.instance_number, Instance.id)
     ).all()
 
 
@@ -153,3 +158,31 @@ def delete_instance(session: Session, sop_instance_uid: str) -> str | None:
     session.execute(delete(Instance).where(Instance.id == instance.id))
     history.forget(session, sop_instance_uid)
     return instance.path
+
+
+def find_studies(session: Session, *, study_instance_uid: str | None = None, accession_number: str | None = None,
+                 patient_id: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+    """Studies (newest received first) by exact StudyInstanceUID, AccessionNumber and/or PatientID: the
+    admin's look-up, with the counts of received and produced instances."""
+    query = select(
+        Instance.study_instance_uid,
+        func.min(Instance.accession_number), func.min(Instance.patient_id), func.min(Instance.study_date),
+        func.min(Instance.study_description), func.max(Instance.received_at),
+        func.count().filter(Instance.origin == Origin.RECEIVED.value),
+        func.count().filter(Instance.origin == Origin.RESULT.value),
+    ).group_by(Instance.study_instance_uid)
+    if study_instance_uid is not None:
+        query = query.where(Instance.study_instance_uid == study_instance_uid)
+    if accession_number is not None:
+        query = query.where(Instance.study_instance_uid.in_(
+            select(Instance.study_instance_uid).where(Instance.accession_number == accession_number)))
+    if patient_id is not None:
+        query = query.where(Instance.study_instance_uid.in_(
+            select(Instance.study_instance_uid).where(Instance.patient_id == patient_id)))
+    rows = session.execute(query.order_by(func.max(Instance.received_at).desc(), Instance.study_instance_uid)
+                           .offset(offset).limit(limit)).all()
+    return [{"study_instance_uid": uid, "accession_number": accession, "patient_id": patient, "study_date": date,
+             "study_description": description, "last_received_at": last, "received": received,
+             "results": results}
+            for uid, accession, patient, date, description, last, received, results in rows]
+

@@ -263,6 +263,11 @@ class InstanceStore:
     def temp_leftovers(self, older_than_s: float = 3600.0) -> list[TempLeftover]:
         """Temp files that will never be committed: their writer on this host is gone, or they are older
         than ``older_than_s`` (a writer on another host sharing the store cannot be checked)."""
+        return [leftover for leftover in self.temp_files()
+                if leftover.age_s > older_than_s or _writer_is_gone(leftover.path.name)]
+
+    def temp_files(self) -> list[TempLeftover]:
+        """Every file in the temp area, in name order: files being written now, and leftovers."""
         now = time.time()
         found = []
         for entry in sorted(os.scandir(self._tmp), key=lambda e: e.name):
@@ -270,9 +275,7 @@ class InstanceStore:
                 info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # committed or discarded meanwhile
-            age = now - info.st_mtime
-            if age > older_than_s or _writer_is_gone(entry.name):
-                found.append(TempLeftover(Path(entry.path), info.st_size, age))
+            found.append(TempLeftover(Path(entry.path), info.st_size, now - info.st_mtime))
         return found
 
     # -- internals -------------------------------------------------------------------------------

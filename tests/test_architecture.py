@@ -76,9 +76,7 @@ def import_cycles(package: str) -> list[list[str]]:
 @pytest.mark.parametrize("package", [
     "pacs_node",
     "storage",
-    pytest.param("pipelines", marks=pytest.mark.xfail(strict=False, reason=(
-        "pipelines.engine and pipelines.accel.engine still import each other; issue 11's Engine "
-        "composition (RawOutput in its own module) removes the cycle"))),
+    "pipelines",
 ])
 def test_no_import_cycles_inside_a_package(package: str) -> None:
     assert import_cycles(package) == []

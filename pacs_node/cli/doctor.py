@@ -45,6 +45,7 @@ def doctor(
         "missing_files": report.missing_files,
         "size_mismatches": report.size_mismatches,
         "temp_leftovers": report.temp_leftovers,
+        "temp_in_flight": report.temp_in_flight,
         "stuck_jobs": report.stuck_jobs,
         "orphaned_leases": [f"{holder}: jobs {', '.join(map(str, ids))}"
                             for holder, ids in report.orphaned_leases.items()],

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from pacs_node.cli import config, db, doctor, models, peers, queue, results, serve, training
+from pacs_node.cli import config, db, doctor, http, models, peers, queue, results, serve, training
 from pacs_node.cli.common import CliState
 
 app = typer.Typer(
@@ -40,12 +40,16 @@ def main(
 # running
 app.command()(serve.serve)
 app.command()(serve.worker)
+app.command()(serve.listen)
 # talking to peers
 app.command()(peers.echo)
 app.command()(peers.send)
 # looking at what the node holds
 app.command()(results.stats)
 app.command()(results.results)
+app.command()(results.reanalyse)
+app.command()(results.resend)
+app.add_typer(http.app, name="http")
 # command groups
 app.add_typer(queue.app, name="queue")
 app.add_typer(config.app, name="config")

@@ -13,7 +13,7 @@ from rich.table import Table
 from pacs_node.cli.common import JsonOpt, fail, out, print_json, settings
 from pacs_node.config import Peer, Settings
 from pacs_node.dicom.scu import ScuError, send_datasets
-from pacs_node.dicom.scu import echo as c_echo
+from pacs_node.ops import admin
 
 _AD_HOC_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
 
@@ -31,21 +31,16 @@ def resolve_peer(s: Settings, name: str) -> Peer:
 
 def echo(peer: Annotated[str, typer.Argument(help="Peer name from the config, or AE@host:port.")],
          as_json: JsonOpt = False) -> None:
-    """C-ECHO a peer."""
+    """C-ECHO a peer (a DICOMweb peer: a QIDO-RS request)."""
     s = settings()
-    target = resolve_peer(s, peer)
-    try:
-        status = c_echo(s, target)
-    except ScuError as exc:
-        if as_json:
-            print_json({"peer": peer, "ok": False, "error": str(exc)})
-            raise typer.Exit(1) from None
-        fail(str(exc))
+    result = admin.echo_peer(s, peer, resolve_peer(s, peer))
     if as_json:
-        print_json({"peer": peer, "ok": status == 0, "status": status})
+        print_json(result)
+    elif "error" in result:
+        fail(result["error"])
     else:
-        out.print(f"C-ECHO {target.ae_title}@{target.host}:{target.port}: status 0x{status:04X}")
-    raise typer.Exit(0 if status == 0 else 1)
+        out.print(f"C-ECHO {result['address']}: status 0x{result['status']:04X}")
+    raise typer.Exit(0 if result["ok"] else 1)
 
 
 def send(peer: Annotated[str, typer.Argument(help="Peer name from the config, or AE@host:port.")],

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from pacs_node.cli.common import JsonOpt, db_errors, fail, jsonable, out, parse_duration, print_json, runtime, settings
-from storage.schema import JobKind
+from pacs_node.ops import admin
 
 app = typer.Typer(help="Inspect and steer the job queue.", no_args_is_help=True)
 
@@ -40,7 +40,7 @@ def queue_ls(
     """List jobs, newest first."""
     rt = runtime(settings())
     try:
-        jobs = rt.queue.list(state=state, kind=kind, limit=limit)
+        jobs = admin.list_jobs(rt, state=state, kind=kind, limit=limit)
     except ValueError as exc:
         fail(str(exc), 2)
     if as_json:
@@ -73,14 +73,14 @@ def queue_retry(
     all_failed: Annotated[bool, typer.Option("--all-failed", help="Retry every failed and dead job.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Put a failed, dead or cancelled job (or all failed and dead ones) back in the queue."""
+    """Run a job again — a failed, dead, cancelled or done one — or every failed and dead job."""
     if (job_id is None) == (not all_failed):
         fail("give a job ID or --all-failed (not both)", 2)
     rt = runtime(settings())
-    n = rt.queue.retry_all_failed() if all_failed else int(rt.queue.retry(job_id))
-    if n:
-        for kind in JobKind:  # a running node on this host takes them now, not at its next poll
-            rt.doorbell(kind).ring()
+    try:
+        n = admin.retry_all_failed(rt) if all_failed else int(admin.retry_job(rt, job_id))
+    except admin.NotFound as exc:
+        fail(str(exc))
     if as_json:
         print_json({"retried": n})
     else:
@@ -92,9 +92,12 @@ def queue_retry(
 @app.command("cancel")
 @db_errors
 def queue_cancel(job_id: int, as_json: JsonOpt = False) -> None:
-    """Cancel a job that has not finished."""
+    """Cancel a job that has not finished (a running one stops: its worker loses the job)."""
     rt = runtime(settings())
-    ok = rt.queue.cancel(job_id)
+    try:
+        ok = admin.cancel_job(rt, job_id)
+    except admin.NotFound:
+        ok = False
     if as_json:
         print_json({"cancelled": ok})
     else:
@@ -111,7 +114,7 @@ def queue_purge(
     """Delete finished jobs (done, cancelled, dead) last changed before the given age."""
     age = parse_duration(older_than)
     rt = runtime(settings())
-    n = rt.queue.purge(age)
+    n = admin.purge_jobs(rt, age)
     if as_json:
         print_json({"purged": n})
     else:

@@ -1,4 +1,5 @@
-"""``pacs-node results`` and ``pacs-node stats``: what the node holds and what it made of it."""
+"""``pacs-node results``, ``stats``, ``reanalyse`` and ``resend``: what the node holds, what it made of
+it, and doing that again (the operations live in :mod:`pacs_node.ops.admin`, shared with the HTTP API)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,14 @@ import typer
 from pydicom.uid import UID
 from rich.table import Table
 
-from pacs_node.cli.common import JsonOpt, db_errors, fail, jsonable, out, print_json, runtime, settings
-from pacs_node.ops.context import ServerContext
-from storage.history import analysis_counts, analysis_of, deliveries_of
-from storage.repository import instance_counts, instances_for_study
-from storage.schema import Analysis, Delivery
+from pacs_node.cli.common import JsonOpt, db_errors, fail, out, print_json, runtime, settings
+from pacs_node.ops import admin
 
 
 @db_errors
 def stats(as_json: JsonOpt = False) -> None:
     """Instances by origin and disposition, jobs by kind and state, store space."""
-    s = settings()
-    rt = runtime(s)
-    with rt.read_session() as session:
-        instances = instance_counts(session)
-        analyses = analysis_counts(session)
-    data = {
-        "analyses": analyses,
-        "instances": [{"origin": o, "disposition": d, "count": n, "bytes": int(b)} for o, d, n, b in instances],
-        "jobs": [{"kind": k, "state": st, "count": n} for k, st, n in rt.queue_depth()],
-        "store": {"path": str(rt.store.root), "free_bytes": rt.store.free_bytes(),
-                  "min_free_bytes": rt.store.min_free_bytes},
-    }
+    data = admin.stats(runtime(settings()))
     if as_json:
         print_json(data)
         return
@@ -72,48 +59,69 @@ def _deliveries(rt: ServerContext, sop_instance_uid: str, history: list[Delivery
 
 
 @db_errors
-def results(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")], as_json: JsonOpt = False) -> None:
-    """A study's received instances, what happened to each, and the result objects made from them."""
+def results(
+    study_uid: Annotated[str | None, typer.Argument(help="Study Instance UID.")] = None,
+    accession: Annotated[str | None, typer.Option("--accession", help="Find the study by Accession Number.")] = None,
+    patient_id: Annotated[str | None, typer.Option("--patient-id", help="Find the studies of a Patient ID.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A study's received instances, what happened to each, and the result objects made from them (the
+    study by its UID, or every study with the Accession Number or Patient ID given)."""
+    if sum(v is not None for v in (study_uid, accession, patient_id)) != 1:
+        fail("give a Study Instance UID, --accession or --patient-id (one of them)", 2)
     rt = runtime(settings())
-    with rt.read_session() as session:
-        rows = instances_for_study(session, study_uid)
-    if not rows:
-        fail(f"no instances of study {study_uid}")
-    received = [row for row in rows if row.origin == "received"]
-    produced = [row for row in rows if row.origin == "result"]
-    with rt.read_session() as session:
-        analyses = {row.sop_instance_uid: analysis_of(session, row.sop_instance_uid) for row in received}
-        deliveries = deliveries_of(session, [row.sop_instance_uid for row in produced])
-    data = []
-    for row in received:
-        data.append({
-            "sop_instance_uid": row.sop_instance_uid,
-            "modality": row.modality,
-            "disposition": row.disposition,
-            "reason": row.reason,
-            "analysis": _analysis(rt, row.sop_instance_uid, analyses[row.sop_instance_uid]),
-            "results": [
-                {"sop_instance_uid": r.sop_instance_uid, "sop_class_uid": r.sop_class_uid, "path": r.path,
-                 "exports": _deliveries(rt, r.sop_instance_uid,
-                                        [d for d in deliveries if d.sop_instance_uid == r.sop_instance_uid])}
-                for r in produced if r.source_sop_instance_uid == row.sop_instance_uid
-            ],
-        })
+    if study_uid is None:
+        studies = [s["study_instance_uid"] for s in admin.find(rt, accession_number=accession,
+                                                                patient_id=patient_id, limit=500)]
+        if not studies:
+            fail("no study matches")
+    else:
+        studies = [study_uid]
+    try:
+        reports = {uid: admin.study_report(rt, uid) for uid in studies}
+    except admin.NotFound as exc:
+        fail(str(exc))
     if as_json:
-        print_json(data)
+        print_json(reports[studies[0]] if study_uid is not None else
+                   [{"study_instance_uid": uid, "instances": report} for uid, report in reports.items()])
         return
-    table = Table("received instance", "disposition", "analysis", "result", "class", "exports")
-    for item in data:
-        analysis = ", ".join(f"#{j['id']} {j['state']}" + (f" ({j['attempts']} attempts)" if j["attempts"] > 1 else "")
-                             for j in item["analysis"]) or (item["reason"] or "")
-        if not item["results"]:
-            table.add_row(item["sop_instance_uid"], item["disposition"], analysis, "", "", "")
-        for i, r in enumerate(item["results"]):
-            exports = ", ".join(f"{e['destination']}: {e['state']}"
-                                + (f" {e['delivered_at'][:19]}Z" if e["delivered_at"] else "")
-                                + (f" ({e['attempts']} attempts)" if e["attempts"] > 1 else "")
-                                + (f", commitment {e['commitment']}" if e["commitment"] else "")
-                                for e in r["exports"]) or "-"
-            table.add_row(item["sop_instance_uid"] if i == 0 else "", item["disposition"] if i == 0 else "",
-                          analysis if i == 0 else "", r["sop_instance_uid"], UID(r["sop_class_uid"]).name, exports)
-    out.print(table)
+    for uid, data in reports.items():
+        table = Table("received instance", "disposition", "analysis", "result", "class", "exports", title=uid)
+        for item in data:
+            analysis = ", ".join(f"#{j['id']} {j['state']}" for j in item["analysis"]) or (item["reason"] or "")
+            if not item["results"]:
+                table.add_row(item["sop_instance_uid"], item["disposition"], analysis, "", "", "")
+            for i, r in enumerate(item["results"]):
+                exports = ", ".join(f"{e['destination']}: {e['state']}" for e in r["exports"]) or "-"
+                table.add_row(item["sop_instance_uid"] if i == 0 else "", item["disposition"] if i == 0 else "",
+                              analysis if i == 0 else "", r["sop_instance_uid"], UID(r["sop_class_uid"]).name,
+                              exports)
+        out.print(table)
+
+
+@db_errors
+def reanalyse(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")], as_json: JsonOpt = False) -> None:
+    """Analyse a study's chest radiographs again (results keep their UIDs: the PACS sees updates)."""
+    try:
+        n = admin.reanalyse(runtime(settings()), study_uid)
+    except admin.AdminError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"queued": n})
+    else:
+        out.print(f"{n} analysis job(s) queued")
+
+
+@db_errors
+def resend(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+           peer: Annotated[str, typer.Option("--peer", help="Configured peer to send to.")],
+           as_json: JsonOpt = False) -> None:
+    """Send a study's result objects to a peer again (or for the first time)."""
+    try:
+        n = admin.resend(runtime(settings()), study_uid, peer)
+    except admin.AdminError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"queued": n})
+    else:
+        out.print(f"{n} export job(s) queued for {peer}")

@@ -1,4 +1,4 @@
-"""``pacs-node serve`` and ``pacs-node worker``: the long-running processes of the node."""
+"""``pacs-node serve``, ``pacs-node worker`` and ``pacs-node listen``: the long-running processes of the node."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from pacs_node.cli.common import config_path, fail, settings
 from pacs_node.ops.context import prepare_metrics_dir
 from pacs_node.ops.logs import setup_logging
+from pacs_node.ops.serve import listen as run_listen
 from pacs_node.ops.serve import serve as run_serve
 from pacs_node.work.worker import PipelineUnavailable, run_worker
 
@@ -35,3 +36,15 @@ def worker(
     except PipelineUnavailable as exc:
         fail(str(exc))
     raise typer.Exit(code)
+
+
+def listen(
+    parent_pid: Annotated[int | None, typer.Option(hidden=True, help="Set by `serve`.")] = None,
+) -> None:
+    """Run one more DICOM listener on the node's port (``serve`` starts these for
+    ``node.listener_processes`` > 1)."""
+    s = settings()
+    setup_logging(s.logging.level, process="listen")
+    if parent_pid is not None:
+        prepare_metrics_dir(s, fresh=False)
+    raise typer.Exit(run_listen(s, parent_pid=parent_pid))

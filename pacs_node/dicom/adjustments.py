@@ -21,8 +21,9 @@ _ADJUSTMENTS: tuple[tuple[Any, str, Any], ...] = (
     # Receive C-STORE datasets straight to a file instead of into memory: a 30 MB radiograph never has
     # to fit in RAM, and the file is created inside the store (see pacs_node.dicom.spooling).
     (_config, "STORE_RECV_CHUNKED_DATASET", True),
-    # pynetdicom logs C-FIND/C-MOVE identifiers (patient names and IDs) unless told not to.
+    # pynetdicom logs C-FIND/C-MOVE identifiers, asked and answered (patient names and IDs), unless told not to.
     (_config, "LOG_REQUEST_IDENTIFIERS", False),
+    (_config, "LOG_RESPONSE_IDENTIFIERS", False),
     # A write error while spooling (disk full) becomes a 0xA700 answer instead of a dead association.
     (dimse_messages, "NamedTemporaryFile", open_receive_file),
 )

@@ -27,7 +27,8 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
-from pacs_node.config import Peer, Settings, peer_by_ae_title
+from pacs_node.config import Peer, Service, Settings, peer_by_ae_title
+from pacs_node.dicom.permissions import NOT_AUTHORISED, CallerPolicy
 from pacs_node.dicom.scu import ScuError, make_scu, tls_args
 from pacs_node.ops.context import ServerContext
 from storage.commitment import held_instances
@@ -94,14 +95,22 @@ def commit(runtime: ServerContext, request: Dataset) -> CommitmentResult:
 
 
 class StorageCommitmentSCP:
-    """The listener's N-ACTION handler for the Storage Commitment Push Model SOP Class."""
+    """The listener's N-ACTION and N-EVENT-REPORT handlers for the Storage Commitment Push Model. Both
+    belong to storing: a caller without the ``store`` service gets 0x0124 (not authorised)."""
 
-    def __init__(self, settings: Settings, runtime: ServerContext) -> None:
-        self.settings, self.rt = settings, runtime
+    def __init__(self, settings: Settings, runtime: ServerContext, policy: CallerPolicy) -> None:
+        self.settings, self.rt, self.policy = settings, runtime, policy
+
+    def _authorised(self, event: Event) -> bool:
+        requestor = event.assoc.requestor
+        return self.policy.allows(str(requestor.ae_title).strip(), requestor.address, Service.STORE)
 
     def on_n_action(self, event: Event) -> tuple[int, Dataset | None]:
         request = event.request
         caller = str(event.assoc.requestor.ae_title).strip()
+        if not self._authorised(event):
+            log.warning("storage commitment request from %s refused: not authorised to store", caller)
+            return NOT_AUTHORISED, None
         if request.RequestedSOPClassUID != StorageCommitmentPushModel:
             return INVALID_ARGUMENT, None
         if request.ActionTypeID != REQUEST_STORAGE_COMMITMENT:
@@ -128,6 +137,8 @@ class StorageCommitmentSCP:
 
     def on_n_event_report(self, event: Event) -> tuple[int, Dataset | None]:
         """A peer's answer to a commitment request of ours: record it on the deliveries it names."""
+        if not self._authorised(event):
+            return NOT_AUTHORISED, None
         if event.request.AffectedSOPClassUID != StorageCommitmentPushModel:
             return INVALID_ARGUMENT, None
         try:

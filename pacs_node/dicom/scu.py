@@ -2,7 +2,8 @@
 
 Used by the exporter (:mod:`pacs_node.work.export`) and the ``echo`` and ``send`` commands. Every outgoing
 association reads through pynetdicom's own socket: the server's adjustments
-(:mod:`pacs_node.dicom.adjustments`, :mod:`pacs_node.dicom.transport`) do not apply to it.
+(:mod:`pacs_node.dicom.adjustments`, :mod:`pacs_node.dicom.transport`) do not apply to it; only its AE's
+(:class:`~pacs_node.dicom.transport.NoDelayAE`: TCP_NODELAY) do.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorag
 from pacs_node.config import Peer, Settings
 from pacs_node.dicom.tls import TLSConfigError, peer_tls_args
 from pacs_node.dicom.transcoding import TranscodeError, accepted_syntaxes, for_peer, proposed_syntaxes
+from pacs_node.dicom.transport import NoDelayAE
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
 
 
 def make_scu(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.node.ae_title)
+    ae = NoDelayAE(ae_title=settings.node.ae_title)
     timeout = settings.export.timeout_s
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     return ae

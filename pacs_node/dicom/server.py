@@ -12,18 +12,19 @@ import logging
 import threading
 from pathlib import Path
 
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from pacs_node.config import Settings
+from pacs_node.config import Service, Settings
 from pacs_node.dicom.adjustments import apply_pynetdicom_adjustments, undo_pynetdicom_adjustments
 from pacs_node.dicom.commitment import StorageCommitmentSCP
+from pacs_node.dicom.permissions import NOT_AUTHORISED, CallerPolicy
 from pacs_node.dicom.presentation_contexts import add_scp_contexts, storage_sop_classes
 from pacs_node.dicom.qr import QueryRetrieveService
 from pacs_node.dicom.spooling import ReceiveSpool
 from pacs_node.dicom.tls import server_context
-from pacs_node.dicom.transport import GuardedAssociationServer, start_guarded_server
+from pacs_node.dicom.transport import GuardedAssociationServer, NoDelayAE, start_guarded_server
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
 from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
@@ -39,17 +40,6 @@ _SOURCE_SERVICE_USER = 0x01
 _DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
 
 
-def caller_allowed(settings: Settings, ae_title: str, host: str | None) -> bool:
-    """Whether ``ae_title`` calling from ``host`` may associate (see ``allowed_callers`` in the config)."""
-    if not settings.allowed_callers:
-        return settings.allow_any_caller
-    title = ae_title.strip()
-    return any(
-        entry.ae_title == title and (entry.host is None or entry.host == host)
-        for entry in settings.allowed_callers
-    )
-
-
 class Listener:
     """Owns the AE and its server thread; ``start`` returns once the port is bound."""
 
@@ -57,19 +47,24 @@ class Listener:
         self.settings = settings
         self.rt = runtime
         self.ingestor = Ingestor(settings, runtime)
-        self.ae = AE(ae_title=settings.node.ae_title)
+        self.policy = CallerPolicy(settings)
+        self.ae = NoDelayAE(ae_title=settings.node.ae_title)  # C-MOVE sub-associations are requested from it
         self.ae.maximum_pdu_size = settings.node.max_pdu
         self.ae.maximum_associations = settings.node.max_associations
         # pynetdicom's acceptor waits this long for an A-ASSOCIATE-RQ even after the peer has hung up, so
         # every connection that never sends a valid one (a port scan, garbage) holds an association slot
         # for it: 30 s by default. A real peer sends its request within milliseconds of connecting.
         self.ae.acse_timeout = _ASSOCIATE_RQ_TIMEOUT_S
+        # A-ASSOCIATE-RJ (permanent, service user, "called AE title not recognised") for a request
+        # addressed to another AE: a misconfigured modality learns at once, instead of storing to the
+        # wrong node.
+        self.ae.require_called_aet = settings.node.check_called_ae
         storage_classes = storage_sop_classes(settings.policy.any_storage_class)
         add_scp_contexts(self.ae, storage_classes)
-        query_retrieve = QueryRetrieveService.from_runtime(settings, runtime)
+        query_retrieve = QueryRetrieveService.from_runtime(settings, runtime, self.policy)
         query_retrieve.add_contexts(self.ae, storage_classes)
         self.ae.add_supported_context(StorageCommitmentPushModel)
-        self._commitment = StorageCommitmentSCP(settings, runtime)
+        self._commitment = StorageCommitmentSCP(settings, runtime, self.policy)
         self._qr_handlers = query_retrieve.handlers()
         # pynetdicom writes arriving datasets into the store's temp directory, so filing is a rename.
         self.spool = ReceiveSpool(runtime.incoming_dir)
@@ -83,7 +78,7 @@ class Listener:
         requestor = event.assoc.requestor
         ae_title = str(requestor.primitive.calling_ae_title).strip()
         host = requestor.address
-        if not caller_allowed(self.settings, ae_title, host):
+        if self.policy.grant(ae_title, host) is None:
             log.warning("association from %s at %s rejected: calling AE not allowed", ae_title, host)
             metrics.ASSOCIATIONS_REJECTED.labels("calling_ae").inc()
             event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNISED)
@@ -98,6 +93,13 @@ class Listener:
         requestor = event.assoc.requestor
         caller = Caller(ae_title=str(requestor.ae_title).strip(), host=requestor.address)
         path = Path(event.dataset_path)
+        if not self.spool.claim(path):  # its association ended (aborted) while it waited for this handler
+            return OUT_OF_RESOURCES
+        if not self.policy.allows(caller.ae_title, caller.host, Service.STORE):
+            log.warning("C-STORE from %s at %s refused (0x%04X): the caller may not store", caller.ae_title,
+                        caller.host, NOT_AUTHORISED)
+            metrics.INSTANCES_RECEIVED.labels("refused").inc()
+            return NOT_AUTHORISED
         failure = self.spool.failure(path)
         if failure is not None:  # the disk filled (or failed) while the dataset arrived
             log.error("could not receive instance from %s (0x%04X): %s", caller.ae_title, OUT_OF_RESOURCES, failure)
@@ -117,7 +119,8 @@ class Listener:
 
     # -- life cycle -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, reuse_port: bool = False) -> None:
+        """Bind and serve; ``reuse_port`` when other listener processes share the port."""
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -133,7 +136,11 @@ class Listener:
         try:
             self._server = start_guarded_server(
                 self.ae, bind, ssl_context=ssl_context, evt_handlers=handlers,
-                max_pdu=self.settings.node.max_pdu, spool=self.spool,
+                max_pdu=self.settings.node.max_pdu, spool=self.spool, reuse_port=reuse_port,
+                pdu_deadline_s=self.settings.node.pdu_deadline_s,
+                request_deadline_s=self.settings.node.request_deadline_s,
+                max_pending=self.settings.node.max_pending_connections,
+                dropped=lambda reason: metrics.ASSOCIATIONS_REJECTED.labels(reason).inc(),
             )
         except BaseException:
             undo_pynetdicom_adjustments()

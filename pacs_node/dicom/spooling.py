@@ -15,6 +15,13 @@ instead of raising it, truncates the partial data at once (giving the space back
 of the dataset, so the DIMSE message completes normally. The server then asks :meth:`ReceiveSpool.failure`
 before ingesting and answers 0xA700 (out of resources), which a modality understands as "try again later".
 
+pynetdicom also forgets a spool file whose dataset never completes: an A-ABORT, a dropped connection or
+a stalled sender ends the association with the partial file left in the store's temp area (26 of them
+filled a small store). Every spool file is therefore registered to its association when it is opened,
+:meth:`ReceiveSpool.claim` takes it off the register when the C-STORE handler receives it whole, and
+:meth:`ReceiveSpool.discard_unclaimed`, called when the association has ended, deletes what was never
+claimed.
+
 :func:`open_receive_file` is what :func:`pacs_node.dicom.adjustments.apply_pynetdicom_adjustments` hands to
 pynetdicom: it finds the spool of the server whose association is being read, and gives any other
 association (a C-GET requestor in the same process) pynetdicom's own temp file.
@@ -39,11 +46,42 @@ class ReceiveSpool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._failures: dict[str, str] = {}
+        #: Spool files not yet handed to a C-STORE handler, by the ``id`` of the receiving association.
+        self._unclaimed: dict[int, dict[str, SpoolFile]] = {}
         self._lock = threading.Lock()
 
     def open(self, *args: Any, **kwargs: Any) -> SpoolFile:
         """pynetdicom's ``NamedTemporaryFile(...)`` call, answered with a file in :attr:`directory`."""
-        return SpoolFile(self, *args, dir=self.directory, **kwargs)
+        spool_file = SpoolFile(self, *args, dir=self.directory, **kwargs)
+        assoc = getattr(threading.current_thread(), "assoc", None)
+        if assoc is not None:
+            with self._lock:
+                self._unclaimed.setdefault(id(assoc), {})[spool_file.name] = spool_file
+        return spool_file
+
+    def claim(self, path: str | os.PathLike[str]) -> bool:
+        """Take the spool file at ``path`` off its association's register, as the C-STORE handler
+        receives it whole; False when it was already discarded (its association ended first)."""
+        name = str(path)
+        with self._lock:
+            for files in self._unclaimed.values():
+                if files.pop(name, None) is not None:
+                    return True
+        return os.path.exists(name)
+
+    def discard_unclaimed(self, assoc: object) -> int:
+        """Delete the spool files of ``assoc`` (an association that has ended) that no handler
+        received; how many there were."""
+        with self._lock:
+            files = self._unclaimed.pop(id(assoc), {})
+            for name in files:
+                self._failures.pop(name, None)
+        for name, spool_file in files.items():
+            spool_file.discard()
+        if files:
+            log.warning("removed %d partly received dataset(s): the association ended before they were "
+                        "complete", len(files))
+        return len(files)
 
     def failed(self, name: str) -> bool:
         with self._lock:
@@ -111,6 +149,14 @@ class SpoolFile:
     def file(self) -> SpoolFile:
         """pynetdicom calls ``.file.flush()`` after each fragment."""
         return self
+
+    def discard(self) -> None:
+        """Close and delete the file (a dataset that will never be complete)."""
+        if self._file is not None:
+            with suppress(OSError):
+                self._file.close()
+        with suppress(OSError):
+            os.unlink(self.name)
 
     def close(self) -> None:
         if self._file is not None and not self.failed:

@@ -67,6 +67,15 @@ class QueueDepthCollector(Collector):
         yield family
 
 
+class _ProcessCollector:
+    """Everything in prometheus_client's default registry."""
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client import REGISTRY
+
+        yield from REGISTRY.collect()
+
+
 def scrape_registry(counts: Callable[[], Iterable[tuple[str, str, int]]],
                     collectors: Iterable[Collector] = ()) -> CollectorRegistry:
     """The registry ``/metrics`` renders: every process's samples, the queue depth and ``collectors``
@@ -75,9 +84,9 @@ def scrape_registry(counts: Callable[[], Iterable[tuple[str, str, int]]],
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
     else:
-        from prometheus_client import REGISTRY
-
-        registry = REGISTRY
+        # This process's own samples, through a registry of its own: several applications in one
+        # process (tests) must not register the queue gauge twice in the global one.
+        registry.register(_ProcessCollector())
     registry.register(QueueDepthCollector(counts))
     for collector in collectors:
         registry.register(collector)

@@ -1,5 +1,8 @@
-"""``pacs-node serve``: the listener, the exporter threads, housekeeping, the HTTP endpoints and the
-supervised worker processes, in one long-running process.
+"""``pacs-node serve``: the listener, the exporter threads, housekeeping, the HTTP application and the
+supervised worker processes, in one long-running process; with ``node.listener_processes`` > 1, also
+supervised ``pacs-node listen`` processes accepting on the same port (``SO_REUSEPORT``), so that several
+cores receive. Each listener files what it receives on its own, with the same durability (fsync,
+rename, its own database commit) before its success status.
 
 Start-up order follows what depends on what (schema before listener, listener before anyone is told
 the node is healthy); shutdown is the reverse, and the listener goes first so no new image is accepted
@@ -19,8 +22,8 @@ from pacs_node.config import Settings
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from pacs_node.ops.housekeeping import remove_dead_temp_files, start_housekeeping
-from pacs_node.ops.http import HttpServer
-from pacs_node.ops.supervisor import Supervisor
+from pacs_node.web.server import WebServer
+from pacs_node.ops.supervisor import Supervisor, exit_with_parent
 from pacs_node.work.export import Exporter
 
 log = logging.getLogger(__name__)
@@ -43,9 +46,10 @@ def serve(settings: Settings, config_path: Path | None) -> int:
                   "and queued but not analysed until it is", bundle)
 
     # The two ports first: if either is taken, stop before anything else has started.
+    listeners = settings.node.listener_process_count()
     listener = Listener(settings, runtime)
     try:
-        listener.start()
+        listener.start(reuse_port=listeners > 1)
     except OSError as exc:
         log.error("node.port: cannot listen on %s:%d: %s", settings.node.bind, settings.node.port, exc)
         runtime.close()
@@ -53,30 +57,56 @@ def serve(settings: Settings, config_path: Path | None) -> int:
     http = None
     if settings.http.port:
         try:
-            http = HttpServer(runtime, settings.http.bind, settings.http.port, listener=listener)
+            http = WebServer(settings, runtime, listener=listener)
+            http.start()
         except OSError as exc:
-            log.error("http.port: cannot listen on %s:%d: %s", settings.http.bind, settings.http.port, exc)
+            log.error("http.port: cannot serve on %s:%d: %s", settings.http.bind, settings.http.port, exc)
             listener.stop()
             runtime.close()
             return 1
-        http.start()
     # Lease owners are host:pid[/thread]: the doctor can tell whose holder is gone.
     exporter = Exporter(settings, runtime, worker_id=f"{socket.gethostname()}:{os.getpid()}")
     exporter.start()
     scheduler = start_housekeeping(settings, runtime)
+    extra_listeners = Supervisor(listeners - 1, config_path, command="listen")
+    extra_listeners.start()
     supervisor = Supervisor(settings.worker.count, config_path, release_leases=runtime.queue.release_owner)
     supervisor.start()
-    log.info("pacs-node ready: %d worker process(es), %d exporter thread(s)",
-             settings.worker.count, settings.export.concurrency)
+    log.info("pacs-node ready: %d listener process(es), %d worker process(es), %d exporter thread(s)",
+             listeners, settings.worker.count, settings.export.concurrency)
 
     while not stop.wait(1.0):
         pass
     log.info("stopping")
     listener.stop()
+    extra_listeners.stop()
     supervisor.stop()
     exporter.stop()
     scheduler.shutdown(wait=False)
     if http is not None:
         http.stop()
+    runtime.close()
+    return 0
+
+
+def listen(settings: Settings, *, parent_pid: int | None = None) -> int:
+    """``pacs-node listen``: one more listener process on ``serve``'s port (started by ``serve`` when
+    ``node.listener_processes`` > 1; stops with it). Receiving only: exporting, housekeeping and the
+    HTTP endpoints stay in ``serve``."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if parent_pid is not None:
+        threading.Thread(target=exit_with_parent, args=(parent_pid, stop), daemon=True).start()
+    runtime = ServerContext.open(settings, migrate=False)
+    listener = Listener(settings, runtime)
+    try:
+        listener.start(reuse_port=True)
+    except OSError as exc:
+        log.error("node.port: cannot listen on %s:%d: %s", settings.node.bind, settings.node.port, exc)
+        runtime.close()
+        return 1
+    stop.wait()
+    listener.stop()
     runtime.close()
     return 0

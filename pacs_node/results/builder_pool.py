@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 
+from pacs_node.ops.logs import setup_logging
 from pacs_node.results import build_result_objects
 from pacs_node.results.common import without_pixel_data
 from pacs_node.results.options import ResultOptions
@@ -68,6 +69,11 @@ def pixel_free(ds: Dataset) -> Dataset:
     return header
 
 
+def _start_builder(level: str) -> None:
+    """A spawned builder logs (and scrubs warnings) as its worker does."""
+    setup_logging(level, process="builder")
+
+
 class ResultBuilders:
     """``build([(source, result), ...])`` -> per image, its :class:`Built` objects or the exception that
     stopped them, in order. ``processes`` 0 builds in this process."""
@@ -113,6 +119,8 @@ class ResultBuilders:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_builder, initargs=(level,))
             log.info("building results in %d processes", self.processes)
         return self._pool

@@ -33,9 +33,10 @@ LAYER = "AI_REGIONS"
 
 def build_gsps(source: Dataset, result: ImageResult,
                options: ResultOptions) -> GrayscaleSoftcopyPresentationState | None:
-    """The GSPS for one image, or None when no region was reported."""
+    """The GSPS for one image, or None when no region was reported or the image is in colour (a
+    grayscale presentation state can only reference single-sample images)."""
     regions = result.selected_regions
-    if not regions:
+    if not regions or int(source.get("SamplesPerPixel", 1) or 1) != 1:
         return None
     rows, columns = int(source.Rows), int(source.Columns)
     graphics, texts = [], []
@@ -69,7 +70,9 @@ def build_gsps(source: Dataset, result: ImageResult,
         **character_set_kwargs(source, result),
     )
     gsps.SeriesDescription = "AI regions" if result.clinical_use else "AI regions - NOT FOR CLINICAL USE"
-    # General Series Laterality (2C): dciodvfy requires it on PR; copy the image's, else empty.
-    gsps.Laterality = source.get("Laterality") or source.get("ImageLaterality") or None
+    # General Series Laterality (2C): dciodvfy requires it on PR; copy the image's, else empty. Its
+    # enumerated values are R and L only: Image Laterality's B (both) and U (unpaired) have no place here.
+    laterality = str(source.get("Laterality") or source.get("ImageLaterality") or "").strip().upper()
+    gsps.Laterality = laterality if laterality in ("R", "L") else None
     copy_patient_study(source, gsps)
     return gsps

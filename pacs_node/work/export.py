@@ -3,7 +3,8 @@
 An exporter thread claims the due jobs (up to ``export.batch_size``) and sends each destination's share on
 one association: an image's results (AI findings SR, narrative SR, key object selection, presentation
 state) travel together instead of paying an association each, which at GPU throughput would be thousands
-of associations a second. Each job still succeeds or fails on its own C-STORE status. The destinations of
+of associations a second. Each job still succeeds or fails on its own C-STORE status. A DICOMweb peer
+gets the same batch as one STOW-RS request (:mod:`pacs_node.work.dicomweb_export`). The destinations of
 a batch are sent to side by side and a few threads claim at once, so a peer that is down or hangs costs
 only that peer's jobs a retry with backoff (``JobQueue.fail``).
 A receiver that refuses Comprehensive 3D SR in negotiation (many PACSs predate it) gets the
@@ -31,6 +32,7 @@ from pacs_node.ops.context import ServerContext
 from pacs_node.ops.liveness import Beacon, ProcessState
 from pacs_node.results import comprehensive_fallback
 from pacs_node.work.destinations import DestinationMonitor
+from pacs_node.work.dicomweb_export import stow_datasets
 from pacs_node.work.job_loop import JobLoop, complete_job
 from storage.commitment import held_instances
 from storage.history import commitment_requested
@@ -142,7 +144,10 @@ class Exporter:
         if not datasets:
             return outcomes
         try:
-            sent = send_datasets(self.settings, peer, datasets, comprehensive_fallback)
+            if peer.is_dicomweb:
+                sent = stow_datasets(self.settings, peer, datasets)
+            else:
+                sent = send_datasets(self.settings, peer, datasets, comprehensive_fallback)
         except ScuError as exc:
             if exc.retryable:
                 self.destinations.failed(destination, str(exc))
@@ -153,7 +158,8 @@ class Exporter:
             if isinstance(result, ScuError):
                 outcomes[i] = result
             elif code_to_category(result) not in (STATUS_SUCCESS, STATUS_WARNING):
-                outcomes[i] = ScuError(f"{peer.ae_title} answered C-STORE with status 0x{result:04X}")
+                verb = "STOW-RS" if peer.is_dicomweb else "C-STORE"
+                outcomes[i] = ScuError(f"{peer.describe()} answered {verb} with status 0x{result:04X}")
         return outcomes
 
     def _ask_commitment(self, destination: str, delivered: list[str]) -> None:

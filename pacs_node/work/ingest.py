@@ -6,7 +6,8 @@ makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
 2. fsync the file, rename it into place, fsync the directory (``InstanceStore.commit``);
-3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, its ``analyse`` job;
+3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, its ``analyse`` job
+   (concurrent associations share that transaction's commit: ``storage.db.GroupCommit``);
 4. only then return 0x0000.
 
 A crash before 4 means the sender saw no success and sends again; a crash after 3 leaves a complete,
@@ -22,14 +23,20 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
 from pydicom.valuerep import VR
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
-from pacs_node.work.instance_record import MissingAttribute, declared_pixels, instance_record
+from pacs_node.dicom import datasets
+from pacs_node.dicom.datasets import DatasetRefused, InflateLimits
+from pacs_node.ops.logs import scrub
+from pacs_node.work.instance_record import MissingAttribute, instance_record
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
+from storage.db import GroupCommit
 from storage.repository import add_instance, instance_exists
 from storage.schema import Disposition, JobKind, Origin
 from storage.store import StoreFullError
@@ -39,6 +46,9 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
+#: The database refuses the row for this dataset's values: permanent, so never 0xA7xx (which tells the
+#: sender to try again, for ever).
+CANNOT_RECORD = 0xC220
 
 
 class UnreadableDataset(Exception):
@@ -51,23 +61,27 @@ class Caller:
     host: str | None
 
 
-def read_header(path: Path, expected_sop_instance_uid: str | None) -> Dataset:
-    """The dataset's header, fully decoded, without reading pixel data.
+def read_header(path: Path, expected_sop_instance_uid: str | None, limits: InflateLimits) -> Dataset:
+    """The dataset's header, fully decoded, without reading pixel data (a Deflated dataset inflated
+    within ``limits``, see :mod:`pacs_node.dicom.datasets`).
 
     pydicom decodes element values lazily, so every top-level element is touched here: a value that
     cannot be decoded must fail now, on the receive path, not later in the worker."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        header = datasets.read_header(path, limits)
+        ds = header.dataset
         for _ in ds:  # force decoding of every top-level element
             pass
         record = instance_record(ds)
-        _check_consistency(path, ds)
+        _check_consistency(path, header)
     except UnreadableDataset:
         raise
+    except DatasetRefused as exc:
+        raise UnreadableDataset(str(exc)) from exc
     except (InvalidDicomError, MissingAttribute) as exc:
         raise UnreadableDataset(str(exc)) from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
-        raise UnreadableDataset(f"{type(exc).__name__}: {exc}") from exc
+        raise UnreadableDataset(f"{type(exc).__name__}: {scrub(str(exc))}") from exc
     if expected_sop_instance_uid and record.sop_instance_uid != expected_sop_instance_uid:
         raise UnreadableDataset("SOP Instance UID in the dataset differs from the C-STORE request's")
     return ds
@@ -87,30 +101,39 @@ def _looks_explicit(path: Path, ds: Dataset) -> bool | None:
     return head[4:6].decode("latin-1") in VR.__members__
 
 
-def _check_consistency(path: Path, ds: Dataset) -> None:
-    """Refuse what pydicom reads only by guessing, and native pixel data that cannot be complete.
+def _check_consistency(path: Path, header: datasets.Header) -> None:
+    """Refuse what pydicom reads only by guessing, native pixel data that cannot be complete, and a
+    compressed frame whose own size is not the header's.
 
     pydicom silently falls back to implicit VR when a dataset said to be explicit is not: the file would
     be stored with a transfer syntax that lies, which stricter readers (a PACS, DCMTK) then refuse. And
-    ``stop_before_pixels`` never sees the pixel data, so a file too small for its Rows x Columns is caught
-    here by its size instead of by the worker."""
+    ``stop_before_pixels`` never sees the pixel data, so a dataset too small for its Rows x Columns
+    (inflated, for a Deflated one; subsampled, for YBR_FULL_422) is caught here by its size instead of
+    by the worker."""
+    ds = header.dataset
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_transfer_syntax:
         return
     if not syntax.is_deflated and _looks_explicit(path, ds) is syntax.is_implicit_VR:
         raise UnreadableDataset(f"dataset encoding does not match its transfer syntax ({syntax.name})")
-    if syntax.is_compressed or "Rows" not in ds or "Columns" not in ds:
+    if "Rows" not in ds or "Columns" not in ds:
         return
-    bits = int(ds.get("BitsAllocated", 0) or 0)  # US, as are SamplesPerPixel, Rows and Columns
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if syntax.is_encapsulated:
+        if header.pixel_offset is not None:
+            datasets.check_frame_size(ds, datasets.pixel_value_prefix(path, header.pixel_offset))
+        return
     try:
-        pixels = declared_pixels(ds)
-    except ValueError as exc:
-        raise UnreadableDataset(str(exc)) from exc
-    needed = pixels * samples * bits // 8
-    if needed and path.stat().st_size < needed:
-        raise UnreadableDataset(f"the file ({path.stat().st_size} bytes) is too small for its "
-                                f"{ds.Rows} x {ds.Columns} x {bits}-bit pixel data ({needed} bytes)")
+        needed = get_expected_length(ds, "bytes") if "BitsAllocated" in ds else 0
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise UnreadableDataset(f"image dimensions are not usable: {exc}") from exc
+    if needed and header.dataset_bytes < needed:
+        raise UnreadableDataset(f"the dataset ({header.dataset_bytes} bytes) is too small for its "
+                                f"{ds.Rows} x {ds.Columns} pixel data ({needed} bytes)")
+
+
+def inflate_limits(settings: Settings) -> InflateLimits:
+    """``[limits]`` of the config as the dataset reader takes them."""
+    return InflateLimits(max_bytes=settings.limits.max_inflated_bytes, max_ratio=settings.limits.max_inflate_ratio)
 
 
 class Ingestor:
@@ -120,6 +143,7 @@ class Ingestor:
         self.settings = settings
         self.rt = runtime
         self._analyse_bell = runtime.doorbell(JobKind.ANALYSE)
+        self._commits = GroupCommit(runtime.write_sessions)
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.rt.read_session() as session:
@@ -148,7 +172,7 @@ class Ingestor:
             return OUT_OF_RESOURCES
 
         try:
-            ds = read_header(temp_path, sop_instance_uid)
+            ds = read_header(temp_path, sop_instance_uid, inflate_limits(self.settings))
         except UnreadableDataset as exc:
             log.warning("unreadable dataset from %s refused (0x%04X): %s", caller.ae_title,
                         CANNOT_UNDERSTAND, exc)
@@ -176,33 +200,39 @@ class Ingestor:
         reason = decision.reason
         if discard:
             reason = f"{reason}; file discarded (policy.non_chest = discard)"
-        try:
-            with self.rt.write_session() as session, session.begin():
-                inserted = add_instance(
+
+        queued: dict[str, int | None] = {}  # the analyse job's id, for the log line
+
+        def insert(session: Session) -> bool:
+            inserted = add_instance(
+                session,
+                record,
+                path=relpath,
+                size_bytes=0 if discard else size,
+                origin=Origin.RECEIVED,
+                disposition=Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
+                reason=reason,
+                calling_ae=caller.ae_title[:16],
+                calling_host=(caller.host or "")[:64] or None,
+            )
+            if inserted and decision.analyse:
+                queued["job"] = self.rt.queue.enqueue(
                     session,
-                    record,
-                    path=relpath,
-                    size_bytes=0 if discard else size,
-                    origin=Origin.RECEIVED,
-                    disposition=Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
-                    reason=reason,
-                    calling_ae=caller.ae_title[:16],
-                    calling_host=(caller.host or "")[:64] or None,
+                    kind=JobKind.ANALYSE,
+                    dedupe_key=f"analyse:{record.sop_instance_uid}",
+                    sop_instance_uid=record.sop_instance_uid,
+                    max_attempts=self.settings.worker.max_attempts,
                 )
-                job_id = None
-                if inserted and decision.analyse:
-                    job_id = self.rt.queue.enqueue(
-                        session,
-                        kind=JobKind.ANALYSE,
-                        dedupe_key=f"analyse:{record.sop_instance_uid}",
-                        sop_instance_uid=record.sop_instance_uid,
-                        max_attempts=self.settings.worker.max_attempts,
-                    )
-        except SQLAlchemyError:
-            log.exception("could not record instance from %s (0x%04X)", caller.ae_title, OUT_OF_RESOURCES)
+            return inserted
+
+        try:
+            inserted = self._commits.run(insert)
+        except SQLAlchemyError as exc:
+            status = CANNOT_RECORD if isinstance(exc, DataError) else OUT_OF_RESOURCES
+            log.exception("could not record instance from %s (0x%04X)", caller.ae_title, status)
             self._remove_unrecorded(relpath, record.sop_instance_uid)
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
-            return OUT_OF_RESOURCES
+            return status
         if not inserted:
             # Another association filed the same instance between our check and our insert: it is
             # stored (same path) and recorded once, which is all the sender needs to know.
@@ -215,7 +245,7 @@ class Ingestor:
         if decision.analyse:
             self._analyse_bell.ring()
             log.info("stored %s instance from %s and queued it for analysis as job %s", record.modality,
-                     caller.ae_title, job_id)
+                     caller.ae_title, queued.get("job"))
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS

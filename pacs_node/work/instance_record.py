@@ -1,5 +1,6 @@
 """The :class:`storage.repository.InstanceRecord` of a dataset: the header attributes Q/R matches on,
-clipped to the columns.
+clipped to the columns and sanitised (control characters, NUL above all, become U+FFFD) so that every
+database holds them.
 
 Used for received images (from their header only) and for the result objects the worker produces, so
 both kinds are found by the same C-FIND queries.
@@ -7,6 +8,7 @@ both kinds are found by the same C-FIND queries.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydicom import Dataset
@@ -52,10 +54,28 @@ def _clip(name: str, value: str) -> str:
     return value[:limit] if limit else value
 
 
+#: Characters no text column may hold: C0 controls and DEL (PostgreSQL refuses NUL outright, and none
+#: of them belongs in a DICOM text value of these attributes; ESC is kept for ISO 2022 character sets
+#: only in the file, which is never changed).
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+#: What stands in for each of them in the row.
+REPLACEMENT = "\ufffd"
+
+
+def sanitised(value: str) -> str:
+    """``value`` as a database row can hold it on SQLite and PostgreSQL alike: control characters
+    (NUL above all) and anything that is not a Unicode scalar value (a lone surrogate) become U+FFFD.
+    Only the row is sanitised; the stored file keeps the bytes the sender sent."""
+    value = value.encode("utf-8", "replace").decode("utf-8") if not value.isascii() else value
+    return _CONTROL.sub(REPLACEMENT, value)
+
+
 def _required_uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip()
+    value = str(ds.get(keyword, "") or "").strip().rstrip("\x00").strip()
     if not value:
         raise MissingAttribute(f"{keyword} is missing or empty")
+    if sanitised(value) != value:
+        raise MissingAttribute(f"{keyword} contains control characters")
     if len(value) > 64:
         raise MissingAttribute(f"{keyword} is longer than 64 characters")
     return value
@@ -77,7 +97,7 @@ def instance_record(ds: Dataset) -> InstanceRecord:
     fields["transfer_syntax_uid"] = tsyntax or "1.2.840.10008.1.2.1"
     for column, keyword in _TEXT_COLUMNS.items():
         value = ds.get(keyword)
-        text = str(value).strip() if value is not None else ""
+        text = sanitised(str(value)).strip() if value is not None else ""
         fields[column] = _clip(column, text) if text else None
     for column, keyword in _INT_COLUMNS.items():
         value = ds.get(keyword)

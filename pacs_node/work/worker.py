@@ -17,23 +17,26 @@ worker died half-way and that runs again produces the same objects once.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.ops import metrics
 from pacs_node.config import Device, Settings
+from pacs_node.dicom.datasets import DatasetRefused, check_frame_size, check_inflated_size
+from pacs_node.ops.logs import scrub
+from pacs_node.work.ingest import inflate_limits
 from pacs_node.results.builder_pool import Built, ResultBuilders, auto_processes
 from pacs_node.work.instance_record import declared_pixels
 from pacs_node.work.job_loop import JobLoop, complete_job
@@ -42,6 +45,7 @@ from pacs_node.results.options import ResultOptions
 from pacs_node.work.routing import RouteKey, destinations
 from pacs_node.ops.context import ServerContext
 from pacs_node.ops.liveness import Beacon, ProcessState
+from pacs_node.ops.supervisor import exit_with_parent
 from pipelines.interface import FakePipeline, ImageResult, Pipeline, PipelineError
 from storage.queue import ClaimedJob
 from storage.repository import add_instance, get_instance
@@ -64,6 +68,23 @@ def check_dimensions(ds: Dataset) -> None:
     if pixels > MAX_SOURCE_PIXELS:
         raise PipelineError(f"image of {pixels:,} pixels ({ds.get('Rows')} x {ds.get('Columns')}) exceeds the "
                             f"limit of {MAX_SOURCE_PIXELS:,}; not decoded")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_encapsulated and "PixelData" in ds:
+        try:
+            check_frame_size(ds, ds.PixelData[:_FRAME_PROBE])
+        except DatasetRefused as exc:
+            raise PipelineError(str(exc)) from None
+
+
+#: Bytes of encapsulated Pixel Data searched for the first frame's own size.
+_FRAME_PROBE = 128 * 1024
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether building or storing results may succeed when tried again: a full disk, a database or
+    a builder process that went away; not an error of the result builders' own (the same image builds
+    the same way every time)."""
+    return isinstance(exc, (OSError, SQLAlchemyError, BrokenProcessPool, MemoryError))
 
 
 class PipelineUnavailable(RuntimeError):
@@ -170,7 +191,7 @@ class Worker:
                 # A batch-level failure (out of memory, one image that breaks the model) says nothing
                 # about the others: run each alone, so only the image at fault spends its attempts.
                 log.warning("pipeline failed on a batch of %d (%s: %s); retrying the images one by one",
-                            len(work), type(exc).__name__, exc)
+                            len(work), type(exc).__name__, scrub(str(exc)))
                 for w in work:
                     self._analyse_and_record([w])
                 return
@@ -201,7 +222,7 @@ class Worker:
                 produced = self._store_results(w, objects)
             except Exception as exc:
                 log.exception("job %d: building or storing its results failed", w.job.id)
-                self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=True)
+                self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=_transient(exc))
                 continue
             self._finished(w.job.id)
             if complete_job(self.rt, w.job, self.worker_id, {"results": produced}):
@@ -214,10 +235,12 @@ class Worker:
             raise PipelineError("the instance is no longer stored")
         path: Path = self.rt.store.path(row.path)
         try:
+            # pydicom inflates a Deflated file whole, in memory: only once it is known to be bounded.
+            check_inflated_size(path, inflate_limits(self.settings))
             ds = pydicom.dcmread(path)
         except FileNotFoundError as exc:
             raise PipelineError(f"the instance's file {row.path} is missing from the store") from exc
-        except InvalidDicomError as exc:  # the same bytes will fail the same way: not retryable
+        except (InvalidDicomError, DatasetRefused) as exc:  # the same bytes will fail the same way
             raise PipelineError(f"the stored file {row.path} is not readable DICOM: {exc}") from exc
         check_dimensions(ds)
         return _Work(job, ds, row.calling_ae)
@@ -268,28 +291,13 @@ class Worker:
             self._heartbeat.release(job_id)
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> None:
+        error = scrub(error)  # an exception's message may quote a value of the dataset
         self._finished(job.id)
         metrics.JOBS_FAILED.labels(job.kind).inc()
         state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable,
                                    policy=self.settings.worker.retry.policy())
         log.warning("job %d failed (attempt %d/%d, now %s): %s", job.id, job.attempts, job.max_attempts,
                     state.value, error)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
-    """A worker started by ``serve`` stops when ``serve`` is gone (even after ``kill -9``), so a restarted
-    ``serve`` never finds stale workers from its previous life. On Linux the kernel signals us at once
-    (``PR_SET_PDEATHSIG``); polling ``getppid`` covers other systems and a parent that died before."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the polling below still works
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    while not stop.is_set():
-        if os.getppid() != parent_pid:
-            log.warning("parent process %d is gone; stopping", parent_pid)
-            stop.set()
-        stop.wait(1.0)
 
 
 #: A supervised worker whose pipeline did not load tries again this often (the bundle may be being copied).
@@ -320,7 +328,7 @@ def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if parent_pid is not None:
-        _watch_parent = threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True)
+        _watch_parent = threading.Thread(target=exit_with_parent, args=(parent_pid, stop), daemon=True)
         _watch_parent.start()
     runtime = ServerContext.open(settings, migrate=False)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"

@@ -34,14 +34,15 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import clip_boxes_to_image
 
 from pipelines.constants import NUM_REGIONS
-from pipelines.models.detector import Detections, RegionDetector, _check_images
+from pipelines.models.detector import Detections, RegionDetector, _check_images, top1_per_class
 
 #: Images per chunk in the box head (bounds the ``G`` and ``A`` working set: ~70 MB per paper image in bf16).
 BOX_HEAD_CHUNK = 32
 
 
 class FastDetector:
-    """``detect(images[B,1,S,S]) -> Detections`` for a :class:`RegionDetector` in eval mode."""
+    """``detect(images[B,1,S,S], timer=None) -> Detections`` (also its ``__call__``) for a
+    :class:`RegionDetector` in eval mode."""
 
     def __init__(self, detector: RegionDetector, channels_last: bool = False, box_head_mode: str = "auto",
                  fuse_batch_norm: bool = True) -> None:
@@ -95,12 +96,13 @@ class FastDetector:
         with stage("det.box_head"):
             logits, regression = self.box_head(fmap, proposals, valid)
         with stage("det.top1_features"):
-            boxes, scores, detected = _top1_padded(logits, regression, proposals, valid, det.roi_heads.box_coder,
-                                                   det.image_size)
-            features = self.region_features(fmap, boxes)
-        return Detections(boxes, scores, detected, features)
+            top = top1_per_class(logits, regression, proposals, valid, det.roi_heads.box_coder, det.image_size)
+            features = self.region_features(fmap, top.proposals)
+        return Detections(top.boxes, top.scores, top.detected, features, top.proposals)
 
-    detect.timed = True  # type: ignore[attr-defined]  # run_stages passes its timer through
+    __call__ = detect
+    #: :meth:`pipelines.engine.Engine.infer` hands its stage timer to :meth:`detect`.
+    timed = True
 
     def proposals(self, images: Tensor, fmap: Tensor) -> tuple[Tensor, Tensor]:
         """RPN proposals as ``boxes[B,P,4]`` plus ``valid[B,P]``, each image's kept boxes first in the order
@@ -168,7 +170,8 @@ class FastDetector:
         return heads.box_predictor(x)
 
     def region_features(self, fmap: Tensor, boxes: Tensor) -> Tensor:
-        """``[B,29,D]``: ``region_proj`` of each final box's RoIAlign averaged over its bins."""
+        """``[B,29,D]``: ``region_proj`` of the RoIAlign of each of ``boxes[B,29,4]`` (the winning proposals)
+        averaged over its bins."""
         b, _, h, w = fmap.shape
         scale = 2.0 ** round(math.log2(h / self.det.image_size))
         wy, wx = roi_align_weights(boxes.reshape(-1, 4).float(), scale, h, w, self.out_size, self.sampling)
@@ -240,23 +243,3 @@ def greedy_nms(boxes: Tensor, valid: Tensor, threshold: float) -> Tensor:
             nxt, keep = keep, nxt
         if bool((nxt == keep).all()):  # the last iteration changed nothing: fixed point reached
             return keep
-
-
-def _top1_padded(logits: Tensor, regression: Tensor, proposals: Tensor, valid: Tensor, box_coder, image_size: int
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`pipelines.models.detector.top1_per_class` on padded ``proposals[B,P,4]`` / ``valid[B,P]``."""
-    b, p, _ = proposals.shape
-    fg = logits.float().softmax(-1)[:, 1:]
-    score, cls = fg.max(dim=1)
-    score = score.view(b, p).masked_fill(~valid, -1.0)
-    cls = cls.view(b, p).masked_fill(~valid, -1)
-    classes = torch.arange(NUM_REGIONS, device=logits.device)
-    votes = torch.where(cls.unsqueeze(-1) == classes, score.unsqueeze(-1), -1.0)  # [B, P, 29]
-    top_score, top_idx = votes.max(dim=1)
-    detected = top_score >= 0
-    rows = torch.arange(b, device=logits.device)[:, None]
-    deltas = regression.view(b, p, NUM_REGIONS + 1, 4)[rows, top_idx, classes + 1]  # [B, 29, 4]
-    decoded = box_coder.decode_single(deltas.reshape(-1, 4).float(), proposals[rows, top_idx].reshape(-1, 4).float())
-    decoded = clip_boxes_to_image(decoded, (image_size, image_size)).view(b, NUM_REGIONS, 4)
-    fallback = decoded.new_tensor([0.0, 0.0, image_size, image_size])
-    return torch.where(detected.unsqueeze(-1), decoded, fallback), top_score.clamp(min=0.0), detected

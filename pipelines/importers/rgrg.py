@@ -19,10 +19,21 @@ parts; this is how each maps onto :class:`pipelines.models.CRRGModel`:
 
 RGRG has no CLIP classifier: the bundle's CLIP is the given open_clip state dict, or random weights, and the
 manifest says which (``training.clip``).
+
+What RGRG computes besides the weights, and where the bundle says so:
+
+* decoding (``generate_reports_for_images.py``): 4 beams, ``max_length`` 300 with BOS counted, i.e. up to 299
+  tokens (``decoding``); the decoder's beam search has transformers 4.19's ``early_stopping=True`` semantics;
+* GPT-2: ``gelu_new`` and layer-norm epsilon 1e-5 (``healx/gpt-2-pubmed-medium``); the importer checks that the
+  decoder it builds uses them, and that a ``config.json`` of the GPT-2 the user gives agrees;
+* precision: the checkpoint's own unless another is asked for (``weights_dtype``, ``training.precision``);
+* report assembly: spaCy sentences and BERTScore de-duplication with the faithful models when their local
+  directories are given, the stand-ins otherwise (``report``, :mod:`pipelines.report`).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,14 +43,24 @@ import torch
 from torch import Tensor
 
 from pipelines.bundle import save_bundle
+from pipelines.report import component_files, report_section
 from pipelines.models.config import ModelConfig, paper
 from pipelines.models.crrg import CRRGModel
 from pipelines.tokenizer import gpt2_tokenizer
+
+log = logging.getLogger(__name__)
 
 DET, SEL, ABN, LM = ("object_detector.", "binary_classifier_region_selection.",
                      "binary_classifier_region_abnormal.", "language_model.")
 _GPT = LM + "gpt_with_lm_head."
 _LAYER = re.compile(re.escape(_GPT) + r"transformer\.h\.(\d+)\.")
+
+#: RGRG's report generation settings: ``NUM_BEAMS`` and ``MAX_NUM_TOKENS_GENERATE`` (a ``max_length``: BOS counts).
+NUM_BEAMS, MAX_LENGTH = 4, 300
+#: RGRG's image normalisation (``generate_reports_for_images.py``; computed over its training images).
+IMAGE_MEAN, IMAGE_STD = 0.471, 0.302
+#: What RGRG's GPT-2 (``healx/gpt-2-pubmed-medium``, GPT-2 medium) computes with; the importer's decoder must match.
+GPT2_ASSUMED: dict[str, Any] = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
 
 
 class RGRGImportError(ValueError):
@@ -63,8 +84,8 @@ def _need(state: Mapping[str, Tensor], key: str) -> Tensor:
 
 def config_from_checkpoint(state: Mapping[str, Tensor], base: ModelConfig | None = None,
                            decoder_heads: int = 16) -> ModelConfig:
-    """``base`` (default: the paper preset) with the sizes read off the checkpoint's tensor shapes.
-    GPT-2's head count is not visible in any shape; RGRG uses 16."""
+    """``base`` (default: the paper preset) with the sizes read off the checkpoint's tensor shapes and RGRG's
+    token limit. GPT-2's head count is not visible in any shape; RGRG uses 16."""
     base = base or paper()
     wte = _need(state, _GPT + "transformer.wte.weight")
     layers = {int(m.group(1)) for k in state if (m := _LAYER.match(k))}
@@ -72,6 +93,9 @@ def config_from_checkpoint(state: Mapping[str, Tensor], base: ModelConfig | None
         raise RGRGImportError("RGRG checkpoint: language model layers are missing or not numbered 0..L-1")
     positions = _need(state, _GPT + "transformer.wpe.weight").shape[0]
     return base.replace(
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        image_resize="area-uint8",
         feature_dim=_need(state, DET + "roi_heads.dim_reduction.weight").shape[0],
         box_head_dim=_need(state, DET + "roi_heads.box_head.fc6.weight").shape[0],
         mlp_hidden=tuple(_need(state, f"{SEL}classifier.{i}.weight").shape[0] for i in (0, 2)),
@@ -80,7 +104,7 @@ def config_from_checkpoint(state: Mapping[str, Tensor], base: ModelConfig | None
         decoder_layers=max(layers) + 1,
         decoder_heads=decoder_heads,
         decoder_positions=positions,
-        max_sentence_tokens=min(base.max_sentence_tokens, positions - 1),
+        max_sentence_tokens=min(MAX_LENGTH - 1, positions - 1),
     )
 
 
@@ -148,21 +172,65 @@ def build_model(state: Mapping[str, Tensor], cfg: ModelConfig,
     return model
 
 
+def check_gpt2(model: CRRGModel, gpt2_config: Mapping[str, Any] | None = None) -> None:
+    """Refuse (``RGRGImportError``) a decoder whose GPT-2 activation or layer-norm epsilon is not what RGRG's
+    GPT-2 uses, or a user-given GPT-2 ``config.json`` that disagrees with it (activation, epsilon, heads)."""
+    built = model.decoder.lm.config
+    for key, want in GPT2_ASSUMED.items():
+        if getattr(built, key) != want:
+            raise RGRGImportError(f"the decoder's GPT-2 {key} is {getattr(built, key)!r}; RGRG's is {want!r}")
+    if gpt2_config is None:
+        return
+    expected = {**GPT2_ASSUMED, "n_head": built.n_head, "n_embd": built.n_embd, "n_layer": built.n_layer}
+    for key, want in expected.items():
+        if key in gpt2_config and gpt2_config[key] != want:
+            raise RGRGImportError(f"GPT-2 config.json says {key} = {gpt2_config[key]!r}, the imported decoder "
+                                  f"computes with {want!r}")
+    missing = sorted(set(GPT2_ASSUMED) - set(gpt2_config))
+    if missing:  # transformers' defaults then apply: gelu_new and 1e-5, what RGRG ran with
+        log.info("GPT-2 config.json has no %s: transformers' defaults (what RGRG ran with) apply", ", ".join(missing))
+
+
+def checkpoint_dtype(state: Mapping[str, Tensor]) -> torch.dtype:
+    """The precision of the checkpoint's floating-point tensors (the widest, if they are mixed)."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if not dtypes:
+        raise RGRGImportError("RGRG checkpoint has no floating-point tensors")
+    return max(dtypes, key=lambda d: (torch.finfo(d).bits, torch.finfo(d).eps < 1e-3))
+
+
 def import_rgrg(checkpoint: str | Path, out_dir: str | Path, *, vocab_json: str | Path, merges_txt: str | Path,
                 name: str = "rgrg-import", version: str = "1", base: ModelConfig | None = None,
-                clip_state: Mapping[str, Tensor] | None = None, dtype: torch.dtype = torch.float16,
-                state: Mapping[str, Tensor] | None = None) -> Path:
-    """Checkpoint file (or an in-memory ``state``) -> bundle directory. Returns ``out_dir``."""
+                clip_state: Mapping[str, Tensor] | None = None, dtype: torch.dtype | None = None,
+                state: Mapping[str, Tensor] | None = None, gpt2_config: Mapping[str, Any] | None = None,
+                spacy_dir: Path | None = None, bertscore_dir: Path | None = None) -> Path:
+    """Checkpoint file (or an in-memory ``state``) -> bundle directory. Returns ``out_dir``.
+
+    ``dtype`` None keeps the checkpoint's precision; ``gpt2_config`` is the GPT-2's ``config.json`` (checked);
+    ``spacy_dir``/``bertscore_dir`` are local copies of ``en_core_web_trf`` and ``distilbert-base-uncased``
+    for RGRG's report assembly, copied into the bundle."""
     state = dict(state) if state is not None else read_checkpoint(checkpoint)
-    cfg = config_from_checkpoint(state, base)
+    heads = int(gpt2_config.get("n_head", 16)) if gpt2_config else 16
+    cfg = config_from_checkpoint(state, base, decoder_heads=heads)
     model = build_model(state, cfg, clip_state)
+    check_gpt2(model, gpt2_config)
     tokenizer = gpt2_tokenizer(vocab_json, merges_txt)
+    source_dtype = checkpoint_dtype(state)
+    stored = source_dtype if dtype is None else dtype
     training: dict[str, Any] = {
         "source": f"RGRG full-model checkpoint {Path(str(checkpoint)).name}",
         "clip": "weights supplied at import" if clip_state is not None else "random initialisation (RGRG has no CLIP)",
+        "precision": (f"{_name(stored)}, the checkpoint's own" if stored == source_dtype
+                      else f"{_name(stored)} as asked; the checkpoint holds {_name(source_dtype)}"),
+        "gpt2_config": "checked against the given config.json" if gpt2_config else "transformers' GPT-2 defaults",
     }
     return save_bundle(
         model, cfg, out_dir, name=name, version=version, tokenizer=tokenizer,
         intended_use="Research reproduction of RGRG region-guided report generation; not for clinical use.",
-        clinical_use=False, training=training, dtype=dtype,
+        clinical_use=False, training=training, dtype=stored, num_beams=NUM_BEAMS,
+        report=report_section(spacy_dir, bertscore_dir), extra_files=component_files(spacy_dir, bertscore_dir),
     )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,17 +1,28 @@
 """The CLIP half of CRRG-CLIP: an open_clip image/text model that scores the 14 CheXpert findings.
 
-Built from an architecture dict (``ModelConfig.clip_model``) with ``open_clip.CLIP(**cfg)`` — the same
-constructor ``open_clip.create_model(name, pretrained=None)`` ends in, without touching open_clip's global
-model registry and never any pretrained weights. Text is tokenised with open_clip's own BPE
-(``SimpleTokenizer``), whose vocabulary file ships inside the open_clip wheel: nothing is fetched.
+Built from an architecture dict (``ModelConfig.clip_model``: open_clip's model config, e.g. the contents of
+its ``model_configs/ViT-B-32.json``, plus ``quick_gelu`` for OpenAI-trained towers) with the class open_clip's
+own factory picks for it (``CLIP``, or ``CustomTextCLIP`` for ``custom_text`` configs), without touching
+open_clip's model registry and never any pretrained weights. Text is tokenised with open_clip's BPE
+(``SimpleTokenizer``, the same vocabulary as OpenAI's CLIP; it ships inside the open_clip wheel) at the
+model's own context length: nothing is fetched. Towers that need Hugging Face downloads (``hf_model_name``,
+``hf_tokenizer_name``) and CoCa are refused with a :class:`ConfigError`.
+
+Each published model keeps its own image preprocessing (``ModelConfig.clip_preprocess``, see
+:meth:`ChestCLIP.clip_input`): CheXzero's 0-255 tensors normalised with its own mean/std and resized bicubic,
+open_clip's [0, 1] RGB normalised with the model's mean/std.
 
 Two ways to turn an image into 14 probabilities:
 
-* zero-shot: for each label a (positive, negative) prompt pair; ``P(label) = softmax(scale * cos)[pos]``;
+* zero-shot: for each label a (positive, negative) prompt pair; ``P(label) = softmax(s * cos)[pos]`` with
+  ``s`` the learned logit scale, or 1 where the model was evaluated on raw cosines (CheXzero);
 * a trained linear head on the image embedding (``label_head``), used whenever the config says it exists.
 """
 
 from __future__ import annotations
+
+import copy
+from typing import Any
 
 import open_clip
 import torch
@@ -20,36 +31,77 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from pipelines.constants import NUM_LABELS
-from pipelines.models.config import ModelConfig
+from pipelines.models.config import ConfigError, ModelConfig
+
+
+def build_open_clip(architecture: dict[str, Any]) -> nn.Module:
+    """The untrained open_clip module ``architecture`` describes (the class choice open_clip's
+    ``create_model`` makes, with weights left at their initialisation)."""
+    arch = copy.deepcopy(architecture)
+    text_cfg = arch.get("text_cfg", {})
+    if "multimodal_cfg" in arch:
+        raise ConfigError("model config key 'clip_model': CoCa models are not supported (no zero-shot head)")
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if key in text_cfg:
+            raise ConfigError(f"model config key 'clip_model': text_cfg.{key} needs files from the Hugging Face "
+                              "hub, which this node never downloads")
+    if "timm_model_name" in arch.get("vision_cfg", {}):
+        arch["vision_cfg"]["timm_model_pretrained"] = False
+    custom_text = bool(arch.pop("custom_text", False))
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    return cls(**arch)
 
 
 class ChestCLIP(nn.Module):
     """``encode_image(images[B,1,S,S])``, ``encode_text(tokens)``, ``contrastive_loss(images, tokens)``,
-    ``label_probs(images) -> [B,14]``. Images arrive as the normalised grayscale model input at any size;
-    they are resized to the CLIP input size and repeated to three channels."""
+    ``label_probs(images) -> [B,14]``. Images arrive as the detector's normalised grayscale input (the
+    letterboxed square, any size); :meth:`clip_input` turns them into what this CLIP model was trained on."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.model = open_clip.CLIP(**cfg.clip_model)
+        self.model = build_open_clip(cfg.clip_model)
         self.image_size = cfg.clip_image_size
-        self.context_length = int(cfg.clip_model["text_cfg"]["context_length"])
+        text_cfg = cfg.clip_model["text_cfg"]
+        self.context_length = int(text_cfg["context_length"])
+        self.tokenizer_kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
         self.label_head = nn.Linear(int(cfg.clip_model["embed_dim"]), NUM_LABELS) if cfg.clip_label_head else None
         self.prompts = cfg.label_prompts
+        self.preprocess = dict(cfg.clip_preprocess)
+        self.logit_scaled = cfg.clip_logit_scale
+        self.input_mean, self.input_std = cfg.image_mean, cfg.image_std
         self._tokenizer: SimpleTokenizer | None = None
         # normalised (positive, negative) prompt embeddings [2, 14, E], computed once per eval session
         self.register_buffer("prompt_embeddings", None, persistent=False)
 
-    # -- towers ---------------------------------------------------------------------------------------------
+    # -- inputs ---------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> Tensor:
         if self._tokenizer is None:
-            self._tokenizer = SimpleTokenizer(context_length=self.context_length)
+            self._tokenizer = SimpleTokenizer(context_length=self.context_length, **self.tokenizer_kwargs)
         return self._tokenizer(texts)
 
+    def clip_input(self, images: Tensor) -> Tensor:
+        """``[B,3,s,s]`` CLIP input from the detector's input ``images[B,1,S,S]``.
+
+        Without a ``clip_preprocess`` spec: the detector input resized (bilinear, antialiased), which is what
+        the node's own CLIP training sees. With one, the published model's steps: the detector
+        normalisation is undone (the letterboxed [0, 1] image), resized to ``canvas`` if given, scaled to
+        ``scale``, resized to ``size``, clamped if ``clamp``, normalised per RGB channel."""
+        spec = self.preprocess
+        if not spec:
+            return _resize(images, self.image_size, "bilinear", True).expand(-1, 3, -1, -1)
+        x = (images.float() * self.input_std + self.input_mean).clamp_(0.0, 1.0)
+        if spec.get("canvas"):
+            x = _resize(x, int(spec["canvas"]), "bilinear", True)
+        x = _resize(x * float(spec["scale"]), int(spec["size"]), spec["interpolation"], bool(spec.get("antialias")))
+        if spec.get("clamp"):
+            x = x.clamp(0.0, float(spec["scale"]))
+        mean = torch.tensor(spec["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x.expand(-1, 3, -1, -1) - mean) / std
+
+    # -- towers ---------------------------------------------------------------------------------------------
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
-        return self.model.encode_image(images.expand(-1, 3, -1, -1), normalize=normalize)
+        return self.model.encode_image(self.clip_input(images), normalize=normalize)
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         return self.model.encode_text(tokens, normalize=normalize)
@@ -79,8 +131,16 @@ class ChestCLIP(nn.Module):
         if self.label_head is not None:
             return self.label_head(emb)
         prompts = self._prompt_embeddings(images.device).to(emb.dtype)
-        sims = self.model.logit_scale.exp() * torch.einsum("be,sle->bsl", emb, prompts)  # [B, 2, 14]
+        sims = torch.einsum("be,sle->bsl", emb, prompts)  # [B, 2, 14] cosine similarities
+        if self.logit_scaled:
+            sims = self.model.logit_scale.exp() * sims
         return sims[:, 0] - sims[:, 1]  # softmax over the pair == sigmoid of the difference
 
     def label_probs(self, images: Tensor) -> Tensor:
         return self.label_logits(images).float().sigmoid()
+
+
+def _resize(images: Tensor, size: int, mode: str, antialias: bool) -> Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False, antialias=antialias)

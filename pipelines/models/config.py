@@ -47,9 +47,11 @@ class ModelConfig:
     # -- input -------------------------------------------------------------------------------------------
     #: Side of the square model input in pixels; the longest image side is resized to this and padded.
     image_size: int
-    #: Normalisation of the [0, 1] grayscale image: ``(x - mean) / std``.
+    #: Normalisation of the [0, 1] grayscale image: ``(x - mean) / std`` (RGRG: 0.471, 0.302).
     image_mean: float = 0.5
     image_std: float = 0.25
+    #: ``bilinear`` (the node's own) or ``area-uint8`` (RGRG's 8-bit OpenCV INTER_AREA): :mod:`pipelines.preprocess`.
+    image_resize: str = "bilinear"
 
     # -- detector ----------------------------------------------------------------------------------------
     #: ``resnet50`` (single stride-32 map, as RGRG), ``mobilenet_v3_large_fpn`` or ``small_cnn`` (tests).
@@ -94,6 +96,17 @@ class ModelConfig:
     #: Whether the CLIP classifier has a trained linear head (14 outputs) used instead of zero-shot.
     clip_label_head: bool = False
     label_prompts: tuple[tuple[str, str], ...] = DEFAULT_LABEL_PROMPTS
+    #: How the CLIP tower sees the image (:meth:`pipelines.models.clip.ChestCLIP.clip_input`). Empty: the
+    #: detector's input resized to the CLIP size, as the node's own CLIP is trained. Otherwise the
+    #: published model's own steps, applied to the letterboxed [0, 1] image: ``canvas`` (longest side resized
+    #: to it and padded to a square first, or null), ``scale`` (the value of white: 255 for models trained on
+    #: 0-255 tensors), per-channel ``mean``/``std`` on that scale, ``size``, ``interpolation`` (bilinear or
+    #: bicubic), ``antialias`` and ``clamp`` (whether the resized image saturates at [0, scale], as a resize
+    #: of an 8-bit PIL image does).
+    clip_preprocess: dict[str, Any] = field(default_factory=dict)
+    #: Zero-shot logits are ``logit_scale * cos`` (open_clip's usage) when true, the raw cosine similarity
+    #: (CheXzero's positive-vs-negative softmax) when false.
+    clip_logit_scale: bool = True
 
     def __post_init__(self) -> None:
         _check(self)
@@ -179,6 +192,7 @@ def _check(cfg: ModelConfig) -> None:
 
     need(cfg.image_size >= 32, "image_size", "must be at least 32")
     need(cfg.image_std > 0, "image_std", "must be positive")
+    need(cfg.image_resize in ("bilinear", "area-uint8"), "image_resize", "must be 'bilinear' or 'area-uint8'")
     need(cfg.detector_backbone in _BACKBONES, "detector_backbone", f"must be one of {_BACKBONES}")
     need(len(cfg.anchor_sizes) >= 1 and all(cfg.anchor_sizes), "anchor_sizes", "needs one non-empty tuple per map")
     need(all(r > 0 for r in cfg.anchor_aspect_ratios), "anchor_aspect_ratios", "must be positive")
@@ -192,6 +206,19 @@ def _check(cfg: ModelConfig) -> None:
          "label_prompts", f"needs one (positive, negative) pair per CheXpert label ({len(CHEXPERT_LABELS)})")
     need({"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg.clip_model), "clip_model",
          "needs embed_dim, vision_cfg and text_cfg")
+    if cfg.clip_preprocess:
+        missing = sorted({"scale", "mean", "std", "size", "interpolation"} - set(cfg.clip_preprocess))
+        need(not missing, "clip_preprocess", f"lacks {', '.join(missing)}")
+        need(cfg.clip_preprocess["interpolation"] in ("bilinear", "bicubic"), "clip_preprocess",
+             "interpolation must be bilinear or bicubic")
+        need(len(cfg.clip_preprocess["mean"]) == 3 and len(cfg.clip_preprocess["std"]) == 3, "clip_preprocess",
+             "mean and std need three (RGB) values")
+
+
+#: The ModelConfig fields that describe the CLIP half of a bundle; every other field describes the regions
+#: half (detector, region classifiers, decoder). ``pipelines.bundle.compose_bundle`` combines the two.
+CLIP_FIELDS: tuple[str, ...] = ("clip_model", "clip_label_head", "label_prompts", "clip_preprocess",
+                                "clip_logit_scale")
 
 
 def _vit_b16() -> dict[str, Any]:

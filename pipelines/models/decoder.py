@@ -116,36 +116,108 @@ class ReportDecoder(nn.Module):
         return torch.stack(out, dim=1)
 
     def _beam(self, features: Tensor, steps: int, k: int, length_penalty: float = 1.0) -> Tensor:
-        """Fixed-width beam search: a finished beam keeps its slot and can only be extended by PAD at zero
-        cost, so all bookkeeping is tensor ops on ``[N, K]``; the best beam by ``score / length**penalty``
-        wins."""
+        """RGRG's beam search: transformers 4.19's ``BeamSearchScorer`` with ``early_stopping=True``, tensor-batched
+        over the ``N`` regions (what RGRG runs one ``BeamSearchScorer`` batch entry per region for).
+
+        Per region and step, the ``2k`` best continuations of the ``k`` live beams are taken in order; one that
+        ends in EOS goes, if it is among the first ``k``, to the region's pool of finished hypotheses, scored
+        ``sum of log-probabilities / length ** length_penalty`` with length = BOS + the tokens before EOS; the
+        first ``k`` that do not end become the next live beams, so ``k`` beams always continue. A pool holds
+        ``k`` hypotheses (a better one replaces the worst); the region is done once it holds ``k``. At the
+        token limit the live beams join the pool as they are. The best-scoring hypothesis wins."""
         n, device = features.shape[0], features.device
-        cache = self.prefix_cache(features.repeat_interleave(k, dim=0))
-        scores = torch.full((n, k), float("-inf"), device=device)
-        scores[:, 0] = 0.0  # all beams start identical: expand only the first
-        token = torch.full((n * k, 1), self.bos, dtype=torch.long, device=device)
-        done = torch.zeros(n * k, dtype=torch.bool, device=device)
-        lengths = torch.zeros(n * k, device=device)
-        seqs = torch.empty((n * k, 0), dtype=torch.long, device=device)
-        rows = torch.arange(n, device=device).unsqueeze(1) * k
-        mask = torch.ones((n * k, steps + 1), dtype=torch.long, device=device)
         vocab = self.gpt2_config.vocab_size
-        frozen = torch.full((1, vocab), float("-inf"), device=device)  # a finished beam's only continuation
-        frozen[0, self.pad] = 0.0
+        cache = self.prefix_cache(features.repeat_interleave(k, dim=0))
+        rows = torch.arange(n, device=device)
+        beam_rows = (rows.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)  # [N*K]: itself
+        scores = torch.full((n, k), -1e9, device=device)  # 4.19: every beam but the first starts at -1e9
+        scores[:, 0] = 0.0
+        seqs = torch.empty((n * k, 0), dtype=torch.long, device=device)  # tokens after BOS
+        token = torch.full((n * k, 1), self.bos, dtype=torch.long, device=device)
+        mask = torch.ones((n * k, steps + 1), dtype=torch.long, device=device)
+        pool = _HypothesisPool(n, k, steps, self.pad, device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        rank = torch.arange(2 * k, device=device)
         for step in range(steps):
-            logp = self._step(token, cache, torch.full((n * k, 1), step, device=device), mask[:, : step + 2])
-            logp = torch.where(done.unsqueeze(1), frozen, logp[:, -1].float().log_softmax(-1))
-            cand = (scores.view(-1, 1) + logp).view(n, k * vocab)
-            scores, idx = cand.topk(k, dim=1)
-            src = (rows + idx // vocab).view(-1)
-            nxt = (idx % vocab).view(-1)
+            logits = self._step(token, cache, torch.full((n * k, 1), step, device=device), mask[:, : step + 2])
+            cand = (scores.view(-1, 1) + logits[:, -1].float().log_softmax(-1)).view(n, k * vocab)
+            top, idx = cand.topk(2 * k, dim=1)  # [N, 2K], best first
+            beam, tok = idx // vocab, idx % vocab
+            ended = tok == self.eos
+            for r in range(k):  # EOS among the first k candidates: a finished hypothesis, in rank order
+                adds = ended[:, r] & ~done
+                if bool(adds.any()):
+                    src = rows * k + beam[:, r]
+                    pool.add(adds, seqs[src], top[:, r] / float(step + 1) ** length_penalty, True)
+            # the first k candidates that do not end continue, in rank order
+            keep = torch.where(ended, rank + 2 * k, rank).argsort(dim=1)[:, :k]  # [N, K]
+            src = (rows.unsqueeze(1) * k + beam.gather(1, keep)).view(-1)
+            nxt = tok.gather(1, keep).view(-1)
+            scores = top.gather(1, keep)
+            # a finished region's rows only idle along (4.19 pads them), so they cannot change its result
+            idle = done.repeat_interleave(k)
+            src = torch.where(idle, beam_rows, src)
+            nxt = nxt.masked_fill(idle, self.pad)
             seqs = torch.cat([seqs[src], nxt.unsqueeze(1)], dim=1)
-            lengths = lengths[src] + (~done[src]).float()
-            done = done[src] | (nxt == self.eos)
             cache.reorder_cache(src)
+            done |= pool.count >= k  # early_stopping=True: k finished hypotheses end the region
             if bool(done.all()):
                 break
             token = nxt.unsqueeze(1)
-        norm = scores / lengths.view(n, k).clamp(min=1.0) ** length_penalty
-        best = rows.squeeze(1) + norm.argmax(dim=1)
-        return seqs[best]
+        else:  # the token limit: the live beams of unfinished regions join the pool as they are
+            length = float(steps + 1) ** length_penalty
+            for b in range(k):
+                pool.add(~done, seqs[rows * k + b], scores[:, b] / length, False)
+        return pool.best(self.eos)
+
+
+class _HypothesisPool:
+    """Each region's finished hypotheses, as 4.19's ``BeamHypotheses`` keeps them: up to ``k``; when full, a
+    hypothesis scoring above the worst replaces it (the earliest added of equal worst ones); the best is the
+    highest score (the latest added of equal best ones, as 4.19's stable sort and ``pop()`` choose)."""
+
+    def __init__(self, n: int, k: int, steps: int, pad: int, device: torch.device) -> None:
+        self.k, self.pad = k, pad
+        self.scores = torch.full((n, k), float("-inf"), device=device)
+        self.stamp = torch.full((n, k), -1, dtype=torch.long, device=device)  # insertion order; -1 = empty
+        self.tokens = torch.full((n, k, steps), pad, dtype=torch.long, device=device)
+        self.length = torch.zeros((n, k), dtype=torch.long, device=device)  # tokens after BOS, EOS excluded
+        self.ended = torch.zeros((n, k), dtype=torch.bool, device=device)  # finished by EOS (gets one appended)
+        self.count = torch.zeros(n, dtype=torch.long, device=device)
+        self._clock = 0
+
+    def add(self, which: Tensor, seqs: Tensor, score: Tensor, ended: bool) -> None:
+        """Offer ``seqs[N, t]`` (tokens after BOS) with ``score[N]`` for the regions in ``which[N]``."""
+        filled = self.stamp >= 0
+        worst = self.scores.masked_fill(~filled, float("inf")).amin(1)
+        full = self.count >= self.k
+        take = which & (~full | (score > worst))
+        if not bool(take.any()):
+            return
+        # a free slot while not full, else the worst (earliest added among equal worst)
+        big = torch.iinfo(torch.long).max
+        order = torch.where(filled, self.stamp, big)
+        worst_slot = torch.where(filled & (self.scores == worst.unsqueeze(1)), order, big).argmin(1)
+        slot = torch.where(full, worst_slot, self.count.clamp(max=self.k - 1))
+        r = take.nonzero().squeeze(1)
+        s = slot[r]
+        t = seqs.shape[1]
+        self.tokens[r, s] = self.pad
+        self.tokens[r, s, :t] = seqs[r]
+        self.length[r, s] = t
+        self.ended[r, s] = ended
+        self.scores[r, s] = score[r]
+        self.stamp[r, s] = self._clock
+        self._clock += 1
+        self.count[r] = (self.count[r] + 1).clamp(max=self.k)
+
+    def best(self, eos: int) -> Tensor:
+        """``[N, T]``: each region's best hypothesis, tokens after BOS, EOS appended to one that ended, padded."""
+        best_score = self.scores.amax(1, keepdim=True)
+        winner = torch.where(self.scores == best_score, self.stamp, -1).argmax(1)  # latest among equal best
+        rows = torch.arange(self.scores.shape[0], device=self.scores.device)
+        tokens, length, ended = self.tokens[rows, winner], self.length[rows, winner], self.ended[rows, winner]
+        width = int((length + ended.long()).max()) if rows.numel() else 0
+        out = torch.cat([tokens, tokens.new_full((rows.numel(), 1), self.pad)], dim=1)
+        out[rows, length] = torch.where(ended, torch.full_like(length, eos), out[rows, length])
+        return out[:, :width]

@@ -7,19 +7,20 @@ best-scoring proposal (RGRG's "top-1 per class"), decoded with that class's box 
 no proposal is reported ``detected=False`` with a full-image fallback box, so every image always yields 29
 boxes and 29 features and downstream shapes never depend on the data.
 
-Region features are computed *on the final boxes* in one batched RoIAlign over all ``B x 29`` boxes,
-average-pooled and projected to ``D`` (RGRG's ``avg_pool`` + ``dim_reduction``; RGRG pooled the un-regressed
-proposal, we pool the box that is reported, so that what the sentence describes is what is drawn).
+Region features are RGRG's: the RoIAlign of each class's *winning proposal* (before box regression; for a
+class no proposal voted for, the image's first proposal, as RGRG's arg-max over all-zero scores picks),
+average-pooled and projected to ``D`` (RGRG's ``avg_pool`` + ``dim_reduction``), in one batched RoIAlign over
+all ``B x 29`` proposals. The regressed box is what is displayed and reported.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
@@ -38,13 +39,15 @@ NUM_CLASSES = NUM_REGIONS + 1  # class 0 is background
 class Detections:
     """Per image and region (``REGIONS`` order), all in model pixels of the square input."""
 
-    boxes: Tensor  # [B, 29, 4] float, x1 y1 x2 y2
+    boxes: Tensor  # [B, 29, 4] float, x1 y1 x2 y2: the winning proposal after box regression, clipped
     scores: Tensor  # [B, 29] float, softmax probability of the winning proposal (0 when not detected)
     detected: Tensor  # [B, 29] bool
-    features: Tensor  # [B, 29, D] float
+    features: Tensor  # [B, 29, D] float, pooled on ``proposals``
+    proposals: Tensor  # [B, 29, 4] float, the winning proposal itself (see the module docstring)
 
     def to(self, device: torch.device | str) -> Detections:
-        return Detections(*(t.to(device) for t in (self.boxes, self.scores, self.detected, self.features)))
+        return Detections(*(t.to(device) for t in (self.boxes, self.scores, self.detected, self.features,
+                                                     self.proposals)))
 
 
 def _small_cnn(channels: tuple[int, ...]) -> nn.Sequential:
@@ -163,46 +166,61 @@ class RegionDetector(FasterRCNN):
         heads = self.roi_heads
         pooled = heads.box_roi_pool(maps, proposals, image_list.image_sizes)
         logits, regression = heads.box_predictor(heads.box_head(pooled))
-        boxes, scores, detected = top1_per_class(logits, regression, proposals, heads.box_coder, self.image_size)
-        return Detections(boxes, scores, detected, self.region_features(maps, boxes))
+        counts = [p.shape[0] for p in proposals]
+        padded, valid = pad_per_image(torch.cat(proposals), counts)
+        top = top1_per_class(pad_per_image(logits, counts)[0], pad_per_image(regression, counts)[0], padded, valid,
+                             heads.box_coder, self.image_size)
+        return Detections(top.boxes, top.scores, top.detected, self.region_features(maps, top.proposals),
+                          top.proposals)
 
 
-def top1_per_class(logits: Tensor, regression: Tensor, proposals: list[Tensor], box_coder, image_size: int
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+class Top1(NamedTuple):
+    """The winner of each (image, region class), in model pixels; a class that no proposal voted for is not
+    ``detected`` and gets the full-image fallback box and score 0."""
+
+    boxes: Tensor  # [B, 29, 4] the winning proposal decoded with its class's box regression, clipped
+    scores: Tensor  # [B, 29] its softmax probability for the class
+    detected: Tensor  # [B, 29] bool
+    proposals: Tensor  # [B, 29, 4] the winning proposal itself (before box regression); for a class that is not
+    # detected the image's first proposal (RGRG's arg-max over all-zero scores), whose features RGRG still uses
+
+
+def pad_per_image(rows: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
+    """``rows[sum(counts), ...]`` (every image's rows concatenated, as torchvision's RoI heads hold them) ->
+    ``padded[B, P, ...]`` (zeros after each image's own rows, ``P = max(max(counts), 1)``) and ``valid[B, P]``."""
+    width = max(max(counts, default=0), 1)
+    padded = rows.new_zeros((len(counts), width, *rows.shape[1:]))
+    valid = torch.zeros((len(counts), width), dtype=torch.bool, device=rows.device)
+    for i, part in enumerate(rows.split(counts)):
+        padded[i, : part.shape[0]] = part
+        valid[i, : part.shape[0]] = True
+    return padded, valid
+
+
+def top1_per_class(logits: Tensor, regression: Tensor, proposals: Tensor, valid: Tensor, box_coder, image_size: int
+                   ) -> Top1:
     """RGRG's selection: each proposal belongs to its arg-max foreground class; per (image, class) keep the
     proposal with the highest probability among those that chose it.
 
-    ``logits[P,30]`` and ``regression[P,30*4]`` for the proposals of all images concatenated;
-    returns ``boxes[B,29,4]``, ``scores[B,29]``, ``detected[B,29]``.
-    """
-    b = len(proposals)
-    counts = [p.shape[0] for p in proposals]
-    fg = logits.float().softmax(-1)[:, 1:]  # background still takes its share of the softmax
-    score, cls = fg.max(dim=1)  # [P]
-    # [B, Pmax], padding can never win: class -1, score -1
-    score_b = pad_sequence(list(score.split(counts)), batch_first=True, padding_value=-1.0)
-    cls_b = pad_sequence(list(cls.split(counts)), batch_first=True, padding_value=-1)
-    if score_b.shape[1] == 0:  # no proposal at all in the whole batch
-        score_b = score_b.new_full((b, 1), -1.0)
-        cls_b = cls_b.new_full((b, 1), -1)
+    ``logits[B,P,30]`` (or ``[B*P,30]``), ``regression[B,P,120]`` (or ``[B*P,120]``), ``proposals[B,P,4]`` and
+    ``valid[B,P]`` (padding rows are never a winner) for every image's proposals, padded to a common ``P``."""
+    b, p, _ = proposals.shape
+    fg = logits.float().view(b, p, NUM_CLASSES).softmax(-1)[..., 1:]  # background still takes its share
+    score, cls = fg.max(dim=-1)  # [B, P]
+    score = score.masked_fill(~valid, -1.0)
+    cls = cls.masked_fill(~valid, -1)
     classes = torch.arange(NUM_REGIONS, device=logits.device)
-    votes = torch.where(cls_b.unsqueeze(-1) == classes, score_b.unsqueeze(-1), -1.0)  # [B, Pmax, 29]
+    votes = torch.where(cls.unsqueeze(-1) == classes, score.unsqueeze(-1), -1.0)  # [B, P, 29]
     top_score, top_idx = votes.max(dim=1)  # [B, 29]
     detected = top_score >= 0
-
-    n_props = sum(counts)
-    offsets = torch.tensor([0] + counts[:-1], device=logits.device).cumsum(0)
-    flat = (offsets.unsqueeze(1) + top_idx).clamp_(max=max(n_props - 1, 0))  # [B, 29]; losers masked below
-    if n_props:
-        all_props, all_regr = torch.cat(proposals), regression.view(-1, NUM_CLASSES, 4)
-    else:  # nothing to decode: placeholders that the fallback box replaces
-        all_props, all_regr = logits.new_zeros((1, 4)), logits.new_zeros((1, NUM_CLASSES, 4))
-    deltas = all_regr[flat, classes + 1]  # [B, 29, 4]: the regression of the winning class
-    decoded = box_coder.decode_single(deltas.reshape(-1, 4).float(), all_props[flat].reshape(-1, 4).float())
+    rows = torch.arange(b, device=logits.device)[:, None]
+    deltas = regression.view(b, p, NUM_CLASSES, 4)[rows, top_idx, classes + 1]  # [B, 29, 4]: the winning class's
+    won = proposals[rows, top_idx].float()  # [B, 29, 4]
+    decoded = box_coder.decode_single(deltas.reshape(-1, 4).float(), won.reshape(-1, 4))
     decoded = clip_boxes_to_image(decoded, (image_size, image_size)).view(b, NUM_REGIONS, 4)
     fallback = decoded.new_tensor([0.0, 0.0, image_size, image_size])
-    boxes = torch.where(detected.unsqueeze(-1), decoded, fallback)
-    return boxes, top_score.clamp(min=0.0), detected
+    mask = detected.unsqueeze(-1)
+    return Top1(torch.where(mask, decoded, fallback), top_score.clamp(min=0.0), detected, won)
 
 
 def _check_images(images: Tensor, size: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -43,14 +44,28 @@ def train(
     name: str = typer.Option("crrg-clip-demo", help="Bundle name."),
     version: str = typer.Option("1.0.0", help="Bundle version."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    accumulate: int = typer.Option(1, min=1, help="Micro-batches per step on each process (gradient accumulation)."),
+    stream: bool | None = typer.Option(None, "--stream/--cache",
+                                       help="Stream images through the data workers each step, or cache them in "
+                                            "memory once (default: stream unless the data are phantoms)."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU), bf16 or fp32."),
+    log_every: int = typer.Option(25, min=1, help="Log (and show) the loss every N steps."),
+    checkpoint_every: int = typer.Option(500, min=1, help="Write the checkpoint every N steps."),
 ) -> None:
-    """Train (or resume) every stage, optionally export the bundle."""
+    """Train (or resume) every stage, optionally export the bundle.
+
+    On N GPUs (or N CPU processes): ``torchrun --nproc_per_node=N -m pacs_node train ...``; the batch sizes
+    are global (split over the processes and ``--accumulate``), rank 0 writes checkpoints, log and bundle."""
     from pipelines.training.trainer import Trainer, TrainSettings, parse_stage_values
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = TrainSettings(run_dir=out, train_data=data, preset=preset, demo_overrides=demo_overrides, device=device,
-                                 workers=workers, seed=seed, vocab_size=vocab_size, progress=not quiet)
+                                 workers=workers, seed=seed, vocab_size=vocab_size, progress=not quiet,
+                                 accumulate=accumulate, stream=stream, precision=precision, log_every=log_every,
+                                 checkpoint_every=checkpoint_every)
         chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
         unknown = [s for s in chosen if s not in STAGES]
         if unknown:
@@ -62,14 +77,20 @@ def train(
                 setattr(settings.plans[stage], attr, value)
     except (ValueError, KeyError) as exc:
         _fail(str(exc))
-    trainer = Trainer(settings)
+    try:
+        trainer = Trainer(settings)
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         trainer.prepare()
         losses = trainer.run()
-        typer.echo(json.dumps({"final_loss": losses}))
-        if export is not None:
-            path = trainer.export(export, name=name, version=version)
-            typer.echo(f"bundle written: {path}")
+        if trainer.main:
+            typer.echo(json.dumps({"final_loss": losses}))
+            if export is not None:
+                path = trainer.export(export, name=name, version=version)
+                typer.echo(f"bundle written: {path}")
+    except ValueError as exc:
+        _fail(str(exc))
     finally:
         trainer.close()
 

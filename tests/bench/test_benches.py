@@ -41,15 +41,16 @@ def run_bench(module: str, *args: str, timeout: float = 300) -> dict:
 
 @pytest.mark.usefixtures("dcmtk_tools")
 def test_ingest_bench_runs_tiny(tmp_path: Path) -> None:
-    out = run_bench("ingest", "--count", "3", "--rows", "64", "--cols", "48", "--senders", "2",
+    out = run_bench("ingest", "--tiny", "--count", "3", "--senders", "2",
                     "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
-    assert out["bench"] == "ingest" and out["count"] == 3
+    assert out["bench"] == "ingest" and out["count"] == 3 and (out["rows"], out["cols"]) == (64, 48)
     assert {(r["receiver"], r["senders"]) for r in out["results"]} == {
-        ("storescp", 1), ("node", 1), ("storescp", 2), ("node", 2)}
+        ("storescp", 1), ("node", 1), ("storescp", 2), ("node", 2), ("export", 1)}
     assert all(r["images"] == 3 and r["mb_s"] >= 0 for r in out["results"])
     assert out["dd_fsync_mb_s"] > 0
     assert set(out["ratios"]) == {"node_vs_storescp_1_sender", "node_vs_storescp_2_senders",
-                                  "node_2_senders_vs_dd_fsync"}
+                                  "node_2_senders_vs_dd_fsync", "node_2_senders_vs_1_sender"}
+    assert "export_at_least_200_images_s" in out["goals"]
     assert "CPU" in out["device"]
     # nothing left behind in the work directory but empty receiver directories
     assert not [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
@@ -76,3 +77,37 @@ def test_results_bench_runs_tiny() -> None:
     out = run_bench("results", "--images", "2", "--processes", "0,1")
     assert out["bench"] == "results" and set(out["by_processes"]) == {"0", "1"}
     assert all(r["images_per_s"] > 0 and r["objects_per_image"] >= 2 for r in out["by_processes"].values())
+
+
+def test_training_bench_runs_tiny() -> None:
+    out = run_bench("training", "--preset", "tiny", "--stage", "heads", "--steps", "4", "--warmup", "1",
+                    "--batch", "4", "--count", "8", "--procs", "1")
+    assert out["bench"] == "training" and [r["procs"] for r in out["runs"]] == [1]
+    assert out["runs"][0]["images_per_s_per_process"] > 0
+
+
+@pytest.mark.usefixtures("dcmtk_tools")
+def test_stow_bench_runs_tiny(tmp_path: Path) -> None:
+    out = run_bench("stow", "--count", "2", "--rows", "64", "--cols", "48",
+                    "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
+    assert out["bench"] == "stow" and out["count"] == 2
+    assert [r["path"] for r in out["results"]] == ["storescu", "stow-1-request", "stow-per-image"]
+    assert all(r["images"] == 2 for r in out["results"])
+    assert set(out["ratios"]) == {"stow-1-request_vs_storescu", "stow-per-image_vs_storescu"}
+
+
+def test_lockout_bench_runs_tiny(dcmtk_tools: None) -> None:
+    out = run_bench("lockout", "--tricklers", "4", "--trickle-s", "0.5", "--idlers", "2", "--reopen-s", "0.5",
+                    "--duration-s", "2", "--deadline-s", "1", "--every-s", "1")
+    assert out["bench"] == "lockout" and out["sends"] >= 1 and out["failed"] == 0
+    assert out["attack_connections"] >= 6
+
+
+@pytest.mark.usefixtures("dcmtk_tools")
+def test_qr_bench_runs_tiny(tmp_path: Path) -> None:
+    out = run_bench("qr", "--count", "3", "--repeat", "1",
+                    "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))
+    assert out["bench"] == "qr" and out["count"] == 3
+    assert set(out["results"]) == {"node", "dcmqrscp"}
+    assert all(r["find_s"] > 0 and r["move_instances_s"] > 0 for r in out["results"].values())
+    assert set(out["goals"]) == {"find_3_matches_within_1_s", "move_at_least_200_instances_s"}

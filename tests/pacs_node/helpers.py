@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -207,3 +208,20 @@ def new_ports() -> tuple[int, int, int]:
     while len(ports) < 3:
         ports.add(free_port())
     return tuple(ports)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def running_listener(settings: Any) -> Iterator[Any]:
+    """The node's listener in this process, on its own ServerContext, for as long as the block runs;
+    yields the context (its store, sessions, queue)."""
+    from pacs_node.dicom.server import Listener
+    from pacs_node.ops.context import ServerContext
+
+    runtime = ServerContext.open(settings)
+    listener = Listener(settings, runtime)
+    listener.start()
+    try:
+        yield runtime
+    finally:
+        listener.stop()
+        runtime.close()

@@ -36,7 +36,7 @@ def test_manifest_describes_the_bundle(tiny_bundle):
     assert set(manifest["files"]) == {f"{m}.safetensors" for m in MODULES} | {"tokenizer.json"}
     for fname, digest in manifest["files"].items():
         assert sha256_file(tiny_bundle / fname) == digest
-    assert manifest["decoding"]["num_beams"] == 1 and manifest["thresholds"]["selection"] > 0
+    assert manifest["decoding"]["num_beams"] == 1 and manifest["thresholds"]["selection_logit"] == -1.0
 
 
 def test_round_trip_keeps_weights(tiny_bundle, tiny_tokenizer):

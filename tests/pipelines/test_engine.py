@@ -9,9 +9,10 @@ import torch
 
 from pipelines.bundle import load_bundle
 from pipelines.constants import CHEXPERT_LABELS, REGIONS
-from pipelines.engine import CRRGPipeline, Engine, assemble_report, load_pipeline
+from pipelines.engine import CRRGPipeline, Engine, load_pipeline
 from pipelines.interface import ImageResult, PreprocessError
 from pipelines.preprocess import fit_to_model
+from tests.pipelines.reference import infer_reference
 from tests.pipelines.test_preprocess import make_ds
 
 
@@ -50,7 +51,7 @@ def test_results_have_the_interface_shape(engine):
             if not region.detected:
                 assert region.box == pytest.approx((0.0, 0.0, cols, rows), abs=1e-3)
         assert result.selected_regions, "the test bundle selects every detected region"
-        assert result.report == assemble_report(r.sentence for r in result.selected_regions)
+        assert result.report == engine.assembler(r.sentence for r in result.selected_regions)
         assert result.model_name == "tiny-test" and result.clinical_use is False
 
 
@@ -69,7 +70,7 @@ def test_batch_results_equal_per_image_results(engine):
 
 def test_vectorised_path_equals_naive_reference(engine):
     images = torch.stack([p.tensor for p in _prepared(engine, 2, seed=1)])
-    fast, slow = engine.infer(images), engine.infer_reference(images)
+    fast, slow = engine.infer(images), infer_reference(engine, images)
     assert torch.equal(fast.detected, slow.detected) and torch.equal(fast.selected, slow.selected)
     assert torch.allclose(fast.boxes, slow.boxes, atol=1e-3)
     assert torch.allclose(fast.abnormal_probs, slow.abnormal_probs, atol=1e-5)
@@ -77,12 +78,6 @@ def test_vectorised_path_equals_naive_reference(engine):
     assert fast.token_ids.shape[0] == int(fast.selected.sum())
     width = min(fast.token_ids.shape[1], slow.token_ids.shape[1])
     assert torch.equal(fast.token_ids[:, :width], slow.token_ids[:, :width])
-
-
-def test_report_keeps_anatomical_order_and_drops_repeats():
-    sentences = ["The right lung is clear.", "", None, "the right lung is clear", "Heart size is normal",
-                 "  Heart   size is normal. "]
-    assert assemble_report(sentences) == "The right lung is clear. Heart size is normal."
 
 
 def test_pipeline_puts_errors_in_their_slots(tiny_bundle):
@@ -123,11 +118,11 @@ def test_real_rg1_in_three_transfer_syntaxes_through_the_pipeline(tiny_bundle, r
 def test_bf16_autocast_path_runs(tiny_bundle):
     """The CUDA precision, exercised on the CPU so that dtype mistakes show up without a GPU."""
     fp32 = Engine(load_bundle(tiny_bundle), device="cpu", batch_size=4)
-    bf16 = Engine(load_bundle(tiny_bundle), device="cpu", batch_size=4, precision="bf16")
-    assert bf16.autocast and not fp32.autocast
+    assert not fp32.autocast
     images = torch.stack([p.tensor for p in _prepared(fp32, 3, seed=2)])
     for num_beams in (1, 2):
-        bf16.num_beams = num_beams
+        bf16 = Engine(load_bundle(tiny_bundle), device="cpu", batch_size=4, precision="bf16", num_beams=num_beams)
+        assert bf16.autocast
         out = bf16.infer(images)
         assert out.boxes.dtype == out.label_probs.dtype == out.abnormal_probs.dtype == torch.float32
         assert out.token_ids.shape[0] == int(out.selected.sum()) > 0

@@ -9,7 +9,7 @@ import torch
 
 from pipelines.constants import NUM_LABELS, NUM_REGIONS
 from pipelines.models import ConfigError, CRRGModel, ModelConfig, preset
-from pipelines.models.detector import top1_per_class
+from pipelines.models.detector import pad_per_image, top1_per_class
 from tests.pipelines.conftest import exercised_model, tiny_config
 
 
@@ -72,7 +72,10 @@ def test_top1_per_class_picks_best_voting_proposal():
     logits[2, 2] = 3.0  # region 1
     regression = torch.zeros(3, (NUM_REGIONS + 1) * 4)
     proposals = [torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]]), torch.zeros((0, 4))]
-    boxes, scores, detected = top1_per_class(logits, regression, proposals, BoxCoder((10.0, 10.0, 5.0, 5.0)), 64)
+    padded, valid = pad_per_image(torch.cat(proposals), [3, 0])
+    boxes, scores, detected, _ = top1_per_class(pad_per_image(logits, [3, 0])[0],
+                                                pad_per_image(regression, [3, 0])[0], padded, valid,
+                                                BoxCoder((10.0, 10.0, 5.0, 5.0)), 64)
     assert detected[0, :2].tolist() == [True, True] and not detected[0, 2:].any() and not detected[1].any()
     assert boxes[0, 0].tolist() == pytest.approx([5, 5, 20, 20])
     assert boxes[0, 1].tolist() == pytest.approx([1, 1, 4, 4])
@@ -137,9 +140,11 @@ def test_greedy_generation_is_batch_invariant_and_matches_one_beam(model):
 def test_generation_stops_at_eos(tiny_tokenizer):
     cfg = tiny_config(tiny_tokenizer)
     model = CRRGModel.from_config(cfg).eval()
-    with torch.no_grad():  # all-zero hidden states -> all-zero logits -> arg-max is token 0 = EOS
-        model.decoder.lm.transformer.ln_f.weight.zero_()
-        model.decoder.lm.transformer.ln_f.bias.zero_()
+    with torch.no_grad():  # constant hidden state along EOS's (tied, enlarged) embedding: EOS always wins
+        tr = model.decoder.lm.transformer
+        tr.wte.weight[cfg.eos_token_id] *= 100.0
+        tr.ln_f.weight.zero_()
+        tr.ln_f.bias.copy_(tr.wte.weight[cfg.eos_token_id] / tr.wte.weight[cfg.eos_token_id].norm())
     feats = torch.randn(4, cfg.feature_dim)
     assert model.decoder.generate(feats).tolist() == [[cfg.eos_token_id]] * 4
     beams = model.decoder.generate(feats, num_beams=2)

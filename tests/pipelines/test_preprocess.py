@@ -246,3 +246,16 @@ def test_corrupt_jpeg2000_stream_is_a_preprocess_error(rg1):
     ds.PixelData = pydicom.encaps.encapsulate([frames[0][: len(frames[0]) // 50]])
     with pytest.raises(PreprocessError, match="JPEG 2000"):
         preprocess(ds, SIZE, MEAN, STD)
+
+
+def test_ybr_full_422_is_read_by_its_luminance() -> None:
+    """A colour capture (native YBR_FULL_422, subsampled chroma) is the grey image of its Y samples."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))
+    unit = dicom_to_unit(ds)
+    reference = pydicom.dcmread(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))
+    reference.pixel_array_options(as_rgb=False)
+    y = reference.pixel_array[..., 0].astype(np.float32)
+    assert unit.shape == (100, 100)
+    np.testing.assert_allclose(unit, (y - y.min()) / (y.max() - y.min()), atol=1 / 255)

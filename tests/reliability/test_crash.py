@@ -5,6 +5,7 @@ refused before the pipeline decodes a pixel."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -86,7 +87,10 @@ def test_a_decompression_bomb_is_refused_before_decoding(runtime, tmp_path: Path
     settings, rt = runtime
     ds = make_cr(tmp_path / "bomb.dcm")
     ds.Rows = ds.Columns = 60000  # 3.6 gigapixels declared ...
-    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])  # ... in a 64-byte J2K stream
+    # ... in a 64-byte J2K stream whose SIZ says the same (a frame that contradicts its header is refused
+    # at ingest already, see tests/pacs_node/dicom/test_datasets.py)
+    siz = b"\xff\x4f\xff\x51" + struct.pack(">HHIIII", 41, 0, 60000, 60000, 0, 0)
+    ds.PixelData = encapsulate([siz + b"\x00" * (64 - len(siz))])
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     ds.save_as(tmp_path / "bomb.dcm", enforce_file_format=True)

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from pacs_node.config import Peer, Settings, load_settings
 from pacs_node.dicom.scu import ScuError, send_datasets
-from pacs_node.ops.http import HttpServer
+from pacs_node.web.server import WebServer
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from pacs_node.dicom.tls import TLSConfigError, server_context
@@ -137,15 +137,24 @@ def test_pynetdicom_right_and_wrong_certificates(tls_node: tuple[Settings, Serve
 
 def test_silent_tls_client_does_not_block_others(tls_node: tuple[Settings, ServerContext], certs: Certs,
                                                  tmp_path: Path) -> None:
-    """The handshake happens in the association's thread: a client that connects and says nothing
-    does not hold up the accept loop."""
+    """The handshake happens in the doorman, without blocking: clients that connect and say nothing, or
+    stop half-way through their ClientHello, hold up neither the accept loop nor an association slot,
+    however many more of them there are than slots."""
+    import contextlib
     import socket
 
     settings, _ = tls_node
     image = tmp_path / "cr.dcm"
     make_cr(image)
-    with socket.create_connection(("127.0.0.1", settings.node.port)):
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # the first bytes of a ClientHello, no more
+    with contextlib.ExitStack() as stack:
+        for i in range(settings.node.max_associations + 4):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", settings.node.port)))
+            if i % 2:
+                sock.sendall(hello)
         assert _pynetdicom_store(settings.node.port, (certs.client.cert, certs.client.key), certs.ca, image) == 0
+        done = _storescu_tls(settings.node.port, certs.client.key, certs.client.cert, certs.ca, [image])
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_export_over_tls_to_dcmtk_storescp(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
@@ -200,7 +209,7 @@ def test_http_endpoint_binds_loopback_by_default(tmp_path: Path) -> None:
     settings = Settings(node={"data_dir": tmp_path / "var"}, store={"min_free_bytes": 0}, http={"port": free_port()})
     assert settings.http.bind == "127.0.0.1"
     runtime = ServerContext.open(settings)
-    server = HttpServer(runtime, settings.http.bind, settings.http.port)
+    server = WebServer(settings, runtime)
     server.start()
     try:
         # it answers on loopback (503: no worker runs in this test, so nothing could be analysed)

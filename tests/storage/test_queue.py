@@ -259,3 +259,36 @@ def test_list_and_get(queue: JobQueue, sessions: sessionmaker[Session]) -> None:
     assert queue.list(state="done") == []
     assert queue.get(424242) is None
     assert [job.dedupe_key for job in queue.for_instance(UID)] == ["a", "b"]
+
+
+def test_a_done_job_runs_again_on_retry_and_requeue_for(queue: JobQueue, sessions: sessionmaker[Session]) -> None:
+    _add(queue, sessions, f"analyse:{UID}")
+    _add(queue, sessions, f"export:{UID}:pacs", kind=JobKind.EXPORT, destination="pacs")
+    _add(queue, sessions, f"export:{UID}:archive", kind=JobKind.EXPORT, destination="archive")
+    for job in queue.claim("w1", [JobKind.ANALYSE, JobKind.EXPORT], limit=3):
+        assert queue.complete(job.id, "w1")
+    analyse = queue.list(kind=JobKind.ANALYSE)[0]
+    assert queue.retry(analyse.id) and queue.get(analyse.id).state == JobState.QUEUED.value
+    assert queue.get(analyse.id).attempts == 0
+    # only the export to one destination, about these instances; running jobs are left alone
+    assert queue.requeue_for(JobKind.EXPORT, [UID], destination="pacs") == 1
+    assert {j.destination: j.state for j in queue.list(kind=JobKind.EXPORT)} == {"pacs": "queued", "archive": "done"}
+    assert queue.requeue_for(JobKind.EXPORT, []) == 0
+    assert [j.destination for j in queue.list(destination="archive")] == ["archive"]
+    assert len(queue.list(sop_instance_uids=[UID], limit=2, offset=1)) == 2
+
+
+def test_destinations_summarise_exports_with_the_newest_error(queue: JobQueue, sessions: sessionmaker[Session],
+                                                             clock: Clock) -> None:
+    _add(queue, sessions, "export:1:pacs", kind=JobKind.EXPORT, destination="pacs")
+    _add(queue, sessions, "export:2:pacs", kind=JobKind.EXPORT, destination="pacs")
+    _add(queue, sessions, "export:1:archive", kind=JobKind.EXPORT, destination="archive")
+    first, second, third = queue.claim("w1", [JobKind.EXPORT], limit=3)
+    queue.fail(first.id, "w1", "old refusal", retryable=False)
+    clock.advance(1)
+    queue.fail(second.id, "w1", "connection refused")
+    queue.complete(third.id, "w1")
+    summary = {d["destination"]: d for d in queue.destinations()}
+    assert summary["pacs"]["counts"]["dead"] == 1 and summary["pacs"]["counts"]["failed"] == 1
+    assert summary["pacs"]["last_error"] == "connection refused"
+    assert summary["archive"]["counts"]["done"] == 1 and summary["archive"]["last_error"] is None

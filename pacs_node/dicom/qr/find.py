@@ -15,10 +15,11 @@ from pacs_node.dicom.qr.matching import ATTRIBUTES, COUNTS, LEVEL_KEY, Level, id
 from storage import query
 
 
-def matching_keys(session: Session, identifier: Dataset, level: Level, limit: int) -> list[str]:
-    """Keys (patient ID, study/series/SOP instance UID) of the entities that match, in key order."""
+def matching_keys(session: Session, identifier: Dataset, level: Level, limit: int, offset: int = 0) -> list[str]:
+    """Keys (patient ID, study/series/SOP instance UID) of the entities that match, in key order
+    (``offset`` of them skipped: QIDO-RS pages through the same matches C-FIND returns)."""
     conditions = identifier_conditions(identifier, level, query.dialect_name(session))
-    return query.matching_keys(session, LEVEL_KEY[level], conditions, limit)
+    return query.matching_keys(session, LEVEL_KEY[level], conditions, limit, offset)
 
 
 def _level_attributes(level: Level) -> list[str]:

@@ -211,3 +211,15 @@ def identifier_conditions(identifier: Dataset, level: Level, dialect: str) -> li
         if condition is not None:
             conditions.append(condition)
     return conditions
+
+
+def selective(identifier: Dataset, level: Level) -> bool:
+    """Whether some matching key at or above ``level`` has a value that is more than wildcards and
+    range dashes: ``PatientID=?*`` matches every patient, and must not pass for a key."""
+    for element in identifier:
+        keyword = element.keyword
+        if element.VR == "SQ" or keyword not in ATTRIBUTES or ATTRIBUTES[keyword].level.depth > level.depth:
+            continue
+        if _text(element.value).strip(" *?-^=\\"):
+            return True
+    return False

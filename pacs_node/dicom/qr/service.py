@@ -28,11 +28,12 @@ from pynetdicom.sop_class import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_node.config import Peer, Settings, peer_by_ae_title
+from pacs_node.config import Peer, Service, Settings, peer_by_ae_title
+from pacs_node.dicom.permissions import NOT_AUTHORISED, CallerPolicy, Grant
 from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from pacs_node.dicom.transcoding import accepted_syntaxes, for_peer, proposed_syntaxes
 from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
-from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level
+from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level, selective
 from pacs_node.ops.context import ServerContext
 from storage import query
 from storage.query import StoredInstance
@@ -68,21 +69,44 @@ class QueryRetrieveService:
 
     ``peers`` are the configured peers: the only C-MOVE destinations. A move to any other AE title fails with 0xA801 (Move Destination unknown), so a caller cannot make the node
     send images to an address of its choosing.
+
+    ``policy`` says which caller may find, move (and to which peers) and get; a refused C-FIND or C-GET
+    is answered 0x0124 (Refused: Not authorized), a refused C-MOVE 0xA801 (pynetdicom answers a C-MOVE
+    with a status of its own only before it has associated with the destination, and a destination the
+    caller may not name is, to it, unknown). ``None`` lets every caller do everything.
     """
 
     def __init__(self, sessions: sessionmaker[Session], store: InstanceStore,
                  peers: Mapping[str, Peer], *, ae_title: str | None = None,
-                 max_matches: int = 10000) -> None:
+                 max_matches: int = 10000, policy: CallerPolicy | None = None) -> None:
         self.sessions = sessions
         self.store = store
         self.peers = dict(peers)
         self.ae_title = ae_title
         self.max_matches = max_matches
+        self.policy = policy
 
     @classmethod
-    def from_runtime(cls, settings: Settings, runtime: ServerContext) -> QueryRetrieveService:
+    def from_runtime(cls, settings: Settings, runtime: ServerContext,
+                     policy: CallerPolicy | None = None) -> QueryRetrieveService:
         """The service as the listener builds it: configured peers, the runtime's store and sessions."""
-        return cls(runtime.sessions, runtime.store, settings.peers, ae_title=settings.node.ae_title)
+        return cls(runtime.sessions, runtime.store, settings.peers, ae_title=settings.node.ae_title,
+                   policy=policy)
+
+    def _grant(self, event: Event) -> Grant | None:
+        if self.policy is None:
+            return Grant(frozenset(Service))
+        requestor = event.assoc.requestor
+        return self.policy.grant(str(requestor.ae_title), requestor.address)
+
+    def _refused(self, event: Event, service: Service) -> bool:
+        """Whether the caller may not use ``service`` (logged, without the identifier)."""
+        grant = self._grant(event)
+        if grant is not None and service in grant.services:
+            return False
+        log.warning("C-%s from %s refused: the caller may not %s", service.value.upper(), _caller(event),
+                    service.value)
+        return True
 
     # -- wiring -----------------------------------------------------------------------------------
 
@@ -101,6 +125,9 @@ class QueryRetrieveService:
     # -- C-FIND -----------------------------------------------------------------------------------
 
     def on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+        if self._refused(event, Service.FIND):
+            yield NOT_AUTHORISED, None
+            return
         sop_class = str(event.request.AffectedSOPClassUID)
         try:
             identifier = event.identifier
@@ -142,9 +169,10 @@ class QueryRetrieveService:
         level = query_level(identifier, _levels(str(event.request.AffectedSOPClassUID)))
         with self.sessions() as session:
             conditions = identifier_conditions(identifier, level, query.dialect_name(session))
-            if not conditions:
-                # Retrieving everything is never what a PACS means; require at least one key.
-                raise QueryError("C-MOVE/C-GET identifier has no matching key")
+            if not conditions or not selective(identifier, level):
+                # Retrieving everything is never what a PACS means; require at least one key that is
+                # more than wildcards (PatientID=?* matches every patient).
+                raise QueryError("C-MOVE/C-GET identifier has no selective matching key")
             return query.instances_to_retrieve(session, conditions)
 
     def _datasets(self, event: Event, matches: list[StoredInstance],
@@ -164,6 +192,10 @@ class QueryRetrieveService:
             yield PENDING, dataset
 
     def on_get(self, event: Event) -> Iterator[Any]:
+        if self._refused(event, Service.GET):
+            yield 1
+            yield NOT_AUTHORISED, None
+            return
         try:
             matches = self._matches(event)
         except QueryError as exc:
@@ -184,19 +216,29 @@ class QueryRetrieveService:
         yield len(matches)
         yield from self._datasets(event, matches, accepted_syntaxes(event.assoc))
 
-    def destination(self, ae_title: str) -> tuple[str, int] | None:
-        """Host and port of the configured peer with this AE title (see :func:`peer_by_ae_title`)."""
+    def destination(self, ae_title: str) -> tuple[str, str, int] | None:
+        """Name, host and port of the configured peer with this AE title (see :func:`peer_by_ae_title`)."""
         found = peer_by_ae_title(self.peers, ae_title)
-        return None if found is None else (found[1].host, found[1].port)
+        return None if found is None else (found[0], found[1].host, found[1].port)
 
     def on_move(self, event: Event) -> Iterator[Any]:
         raw = event.move_destination
         ae_title = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
-        destination = self.destination(ae_title)
-        if destination is None:
+        if self._refused(event, Service.MOVE):
+            yield None, None  # 0xA801, see the class docstring
+            return
+        found = self.destination(ae_title)
+        if found is None:
             log.warning("C-MOVE from %s to unknown destination %r", _caller(event), ae_title.strip())
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
+        grant = self._grant(event)
+        if grant is None or not grant.may_move_to(found[0]):
+            log.warning("C-MOVE from %s to %r refused: the caller may not name that destination",
+                        _caller(event), ae_title.strip())
+            yield None, None
+            return
+        destination = found[1:]
         try:
             matches = self._matches(event)
             error = None

@@ -179,3 +179,43 @@ def test_full_store_answers_a700_and_writes_nothing(node: tuple[Settings, Server
     monkeypatch.setattr(runtime.store, "min_free_bytes", 0)
     assert _send_with_pynetdicom(settings.node.port, image) == 0  # space is back: accepted
     assert _counts(runtime) == (1, 1)
+
+
+def test_nul_and_control_characters_are_stored_sanitised_once(node: tuple[Settings, ServerContext],
+                                                              tmp_path: Path) -> None:
+    """PostgreSQL refuses NUL in text: the row holds U+FFFD instead, the file the sender's bytes, and
+    the sender is answered once, with success (before: 0xA700 for ever)."""
+    settings, runtime = node
+    path = tmp_path / "nul.dcm"
+    ds = make_cr(path)
+    ds.PatientName = "NUL\x00NAME"
+    ds.PatientID = "ID\x01\x00"
+    ds.StudyDescription = "Chest\x00\x7f PA"
+    ds.save_as(path, enforce_file_format=True)
+    assert _send_with_pynetdicom(settings.node.port, path) == 0x0000
+    assert _send_with_pynetdicom(settings.node.port, path) == 0x0000  # a duplicate, acknowledged
+    with runtime.read_session() as session:
+        row = session.scalars(select(Instance)).one()
+    assert (row.patient_name, row.patient_id, row.study_description) == (
+        "NUL\ufffdNAME", "ID\ufffd", "Chest\ufffd\ufffd PA")
+    assert "\x00" in str(pydicom.dcmread(runtime.store.path(row.path)).PatientName)
+    assert _counts(runtime) == (1, 1)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_row_the_database_refuses_is_a_permanent_failure(node: tuple[Settings, ServerContext], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever else a database may refuse in a row (a fault the sanitising leaves no way to cause for
+    real), the sender hears 0xC2xx, never the 0xA7xx that makes it retry for ever."""
+    from sqlalchemy.exc import DataError
+
+    import pacs_node.work.ingest as ingest
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise DataError("INSERT INTO instances ...", {}, ValueError("invalid byte sequence"))
+
+    monkeypatch.setattr(ingest, "add_instance", refuse)
+    make_cr(tmp_path / "image.dcm")
+    status = _send_with_pynetdicom(node[0].node.port, tmp_path / "image.dcm")
+    assert 0xC200 <= status <= 0xC2FF
+    assert _counts(node[1]) == (0, 0)

@@ -75,7 +75,14 @@ def test_send_export_move_and_get_to_an_uncompressed_only_peer(make_node: Callab
     expected = {str(pydicom.dcmread(lossless, stop_before_pixels=True).SOPInstanceUID): original,
                 str(pydicom.dcmread(lossy, stop_before_pixels=True).SOPInstanceUID): lossy_pixels,
                 str(jls.SOPInstanceUID): jls.pixel_array}
-    node = make_node()
+    node = make_node("""
+[[allowed_callers]]
+ae_title = "RECEIVER"
+services = ["store"]
+[[allowed_callers]]
+ae_title = "VIEWER"
+services = ["find", "move", "get"]
+""")
 
     # pacs-node send: one association, each file transcoded as the peer needs
     node.cli("send", "receiver", str(lossless), str(lossy), str(tmp_path / "jls.dcm"))

@@ -336,3 +336,21 @@ def test_nonconformant_header_values_do_not_stop_results(result: ImageResult, ke
     report = narrative(source, result)
     assert str(report.get(keyword) or "") == written
     assert str(source.get(keyword)) == sent  # the caller's dataset is not touched
+
+
+@pytest.mark.parametrize(("image_laterality", "series_laterality"), [("B", None), ("U", None), ("L", "L")])
+def test_gsps_series_laterality_takes_only_r_or_l(source: Dataset, result: ImageResult, image_laterality: str,
+                                                  series_laterality: str | None) -> None:
+    """Image Laterality B (both lungs: every PA chest) is not a General Series Laterality (R/L only)."""
+    lateral = copy.deepcopy(source)
+    lateral.ImageLaterality = image_laterality
+    gsps = build_result_objects(lateral, result, ResultOptions())[-1]
+    assert gsps.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage
+    assert (gsps.get("Laterality") or None) == series_laterality
+
+
+def test_no_grayscale_presentation_state_for_a_colour_source(source: Dataset, result: ImageResult) -> None:
+    colour = copy.deepcopy(source)
+    colour.SamplesPerPixel, colour.PhotometricInterpretation = 3, "YBR_FULL_422"
+    objects = build_result_objects(colour, result, ResultOptions())
+    assert GrayscaleSoftcopyPresentationStateStorage not in {o.SOPClassUID for o in objects}

@@ -308,3 +308,32 @@ def test_a_refused_c_store_is_retried_later(runtime: ServerContext, receiver: Re
     record = runtime.queue.get(job.id)
     assert record.state == "failed" and "0xA700" in record.last_error and record.not_before > record.updated_at
     assert receiver.received == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
+def test_a_result_the_builders_refuse_fails_at_once_a_full_disk_is_retried(runtime: ServerContext, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same image builds the same way every time: a builder's own error is not worth 5 attempts;
+    an OSError while storing the results (a full disk) is."""
+    import pacs_node.results.builder_pool as builder_pool
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise ValueError("For grayscale presentation states, all referenced images must have a single sample")
+
+    monkeypatch.setattr(builder_pool, "build_result_objects", refuse)
+    source = make_cr(tmp_path / "cr.dcm")
+    receive(runtime, source)
+    run_worker_once(runtime)
+    (job,) = jobs(runtime, "analyse")
+    assert (job.state, job.attempts) == ("dead", 1)
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise OSError(28, "No space left on device")
+
+    second = make_cr(tmp_path / "cr2.dcm", seed=2)
+    receive(runtime, second)
+    monkeypatch.setattr(runtime.store, "write_bytes", full)
+    run_worker_once(runtime)
+    job = jobs(runtime, "analyse")[-1]
+    assert job.state == "failed" and job.attempts == 1  # will be tried again after its backoff

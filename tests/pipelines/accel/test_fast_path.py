@@ -9,16 +9,11 @@ import pytest
 import torch
 from torchvision.ops import nms, roi_align
 
-from pipelines.accel import (
-    FastDetector,
-    FastInference,
-    StaticGreedyDecoder,
-    Workload,
-    select_regions,
-)
+from bench.workload import Workload
+from pipelines.accel import FastDetector, StaticGreedyDecoder
 from pipelines.accel.detector import greedy_nms, roi_align_weights
 from pipelines.bundle import DEFAULT_THRESHOLDS, Bundle
-from pipelines.engine import Engine
+from pipelines.engine import Engine, ThresholdSelection
 from pipelines.models import CRRGModel, preset
 
 
@@ -145,12 +140,12 @@ def _assert_same(a, b) -> None:
 
 def test_fast_inference_equals_engine_infer(engine):
     images = _images(4, 7)
-    _assert_same(engine.infer(images), FastInference(engine).infer(images))
+    _assert_same(engine.infer(images), engine.with_parts(engine.fast_parts()).infer(images))
 
 
 def test_workload_fixes_regions_and_tokens(engine):
     images = _images(3, 8)
-    out = FastInference(engine).infer(images, Workload(regions=5, tokens=6))
+    out = Workload(regions=5, tokens=6).fast(engine).infer(images)
     assert out.selected.sum(1).tolist() == [5, 5, 5]
     assert out.token_ids.shape == (15, 6)
 
@@ -158,7 +153,7 @@ def test_workload_fixes_regions_and_tokens(engine):
 def test_select_regions_threshold_and_workload():
     logits = torch.tensor([[2.0, -3.0, 0.5, 1.0]])
     detected = torch.tensor([[True, True, False, True]])
-    assert select_regions(logits, detected, 0.5, None).tolist() == [[True, False, False, True]]
-    assert select_regions(logits, detected, 0.5, Workload(2, 1)).tolist() == [[True, False, False, True]]
+    assert ThresholdSelection(0.0)(logits, detected).tolist() == [[True, False, False, True]]
+    assert Workload(2, 1).select(logits, detected).tolist() == [[True, False, False, True]]
     with pytest.raises(ValueError, match="regions"):
         Workload(30, 1)

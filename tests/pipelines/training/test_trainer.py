@@ -19,7 +19,7 @@ STEPS = 6
 
 
 def _settings(run_dir, preset="tiny", stages=STAGES, steps=STEPS, count=8, **kw) -> TrainSettings:
-    plans = {s: StagePlan(steps=steps, lr=2e-3, batch_size=4 if s in ("detector", "clip", "labels") else 32)
+    plans = {s: StagePlan(steps=steps, lr=2e-3, batch_size=4)
              for s in STAGES}
     return TrainSettings(run_dir=run_dir, train_data=f"phantoms:seed=0,count={count}", preset=preset,
                          demo_overrides=preset != "tiny", workers=0, plans=plans, stages=tuple(stages),
@@ -71,11 +71,11 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = first._detector_step
 
-    def crash_on_step_four(batch, gen):
+    def crash_on_step_four(indices, batch):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return original(batch, gen)
+        return original(indices, batch)
 
     first._detector_step = crash_on_step_four
     with pytest.raises(KeyboardInterrupt):

@@ -25,6 +25,12 @@ host = "127.0.0.1"
 port = {receiver_port}
 [routing]
 default = "none"
+[[allowed_callers]]
+ae_title = "MODALITY"
+services = ["store"]
+[[allowed_callers]]
+ae_title = "VIEWER"
+services = ["find", "move", "get"]
 """)
     node = Node(tmp_path, write_config(tmp_path, config), port, http_port, tmp_path / "serve.log")
     try:

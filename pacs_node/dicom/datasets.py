@@ -1,0 +1,243 @@
+"""Reading a dataset a peer sent without trusting it: bounded inflation, headers without pixel data, and
+compressed frames whose size is checked against the header before anything decodes them.
+
+pydicom reads a Deflated Explicit VR Little Endian file by inflating all of it in memory, even with
+``stop_before_pixels``: a 1 MB file that inflates to 1 GiB costs 1 GiB (and the node's memory) before a
+single attribute is seen. Here the deflate stream is inflated in chunks, its size counted as it goes and
+refused past :class:`InflateLimits` (an absolute size and a ratio to the compressed size), so what a
+bomb costs is one chunk of memory and the CPU time to reach the limit. Only the prefix before Pixel Data
+is kept to be parsed.
+
+Encapsulated pixel data (JPEG, JPEG-LS, JPEG 2000) carries its own frame size in the codestream. A
+decoder allocates what the codestream says, not what Rows and Columns say, so a frame claiming
+12000 x 12000 inside a 64 x 64 header is refused here, by reading a few hundred bytes of its first
+fragment, instead of by a decoder after it has allocated hundreds of megabytes.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.tag import BaseTag
+
+#: Bytes of a file's first fragment searched for the codestream's frame header (SOF / SIZ).
+_FRAGMENT_PROBE = 64 * 1024
+#: Compressed bytes read per step of the inflation.
+_INFLATE_IN = 64 * 1024
+#: Most inflated bytes one step may produce (what a bomb costs in memory at a time).
+_INFLATE_OUT = 1024 * 1024
+#: Inflated bytes kept for the header: everything before Pixel Data must fit in this.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: Below this inflated size the ratio is not checked: a small dataset of zeros compresses very well.
+_RATIO_FLOOR = 16 * 1024 * 1024
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+
+
+class DatasetRefused(Exception):
+    """The bytes cannot be accepted as a dataset; the message is safe to log (no patient data)."""
+
+
+@dataclass(frozen=True)
+class InflateLimits:
+    """Bounds on a Deflated dataset (``[limits]`` in the config)."""
+
+    #: Largest inflated dataset accepted.
+    max_bytes: int = 256 * 1024 * 1024
+    #: Largest inflated/compressed ratio accepted once the dataset exceeds 16 MiB inflated.
+    max_ratio: float = 100.0
+
+
+@dataclass(frozen=True)
+class Header:
+    """A dataset's attributes before Pixel Data, and where its dataset bytes are."""
+
+    dataset: FileDataset
+    #: Bytes of the dataset after the file meta, inflated for a Deflated file.
+    dataset_bytes: int
+    #: File offset of the Pixel Data element, ``None`` when there is none or the file is Deflated.
+    pixel_offset: int | None
+
+
+def _dataset_offset(meta: Dataset) -> int:
+    """Offset of the dataset after the file meta: preamble, "DICM", (0002,0000) and the group it counts."""
+    length = meta.get("FileMetaInformationGroupLength")
+    if length is None:
+        raise DatasetRefused("the file meta information has no group length")
+    return 128 + 4 + 12 + int(length)
+
+
+def _inflate(fp: BinaryIO, limits: InflateLimits, keep: int) -> tuple[bytes, int]:
+    """Inflate the raw deflate stream at ``fp``'s position within ``limits``; the first ``keep``
+    inflated bytes and the inflated total."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    kept = bytearray()
+    total = consumed = 0
+    while not inflater.eof:
+        data = inflater.unconsumed_tail or fp.read(_INFLATE_IN)
+        if not data:
+            raise DatasetRefused("the deflated dataset is truncated")
+        if not inflater.unconsumed_tail:
+            consumed += len(data)
+        try:
+            out = inflater.decompress(data, _INFLATE_OUT)
+        except zlib.error as exc:
+            raise DatasetRefused(f"the deflated dataset is corrupt: {exc}") from None
+        total += len(out)
+        if len(kept) < keep:
+            kept += out[: keep - len(kept)]
+        if total > limits.max_bytes:
+            raise DatasetRefused(f"the deflated dataset inflates to more than limits.max_inflated_bytes "
+                                 f"({limits.max_bytes} bytes); refused as a decompression bomb")
+        if total > _RATIO_FLOOR and total > limits.max_ratio * max(consumed, 1):
+            raise DatasetRefused(f"the deflated dataset inflates more than limits.max_inflate_ratio "
+                                 f"({limits.max_ratio:g}) times its size; refused as a decompression bomb")
+    return bytes(kept), total
+
+
+def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) in _PIXEL_TAGS
+
+
+def read_header(path: Path, limits: InflateLimits) -> Header:
+    """The attributes before Pixel Data, decoded lazily as pydicom does; Pixel Data never read.
+
+    A Deflated dataset is inflated once, in bounded chunks, all the way to its end (so a bomb or a
+    truncated stream is refused now, before the sender is told its image is safe)."""
+    meta = read_file_meta_info(path)
+    syntax = meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_deflated:
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            position = fp.tell()
+            fp.seek(0, io.SEEK_END)
+            end = fp.tell()
+        offset = _dataset_offset(ds.file_meta) if "FileMetaInformationGroupLength" in ds.file_meta else 0
+        return Header(ds, end - offset, position if position < end else None)
+    offset = _dataset_offset(meta)
+    with open(path, "rb") as fp:
+        preamble = fp.read(128)
+        fp.seek(offset)
+        prefix, total = _inflate(fp, limits, MAX_HEADER_BYTES)
+    stopped = False
+
+    def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
+        nonlocal stopped
+        stopped = _stop_at_pixels(tag, vr, length)
+        return stopped
+
+    if total > len(prefix):
+        # Only the prefix was kept: the header must end (at Pixel Data) inside it.
+        dataset = read_dataset(io.BytesIO(prefix), is_implicit_VR=False, is_little_endian=True, stop_when=stop)
+        if not stopped:
+            raise DatasetRefused(f"the attributes before Pixel Data exceed {MAX_HEADER_BYTES} bytes")
+    else:
+        dataset = read_dataset(io.BytesIO(prefix), is_implicit_VR=False, is_little_endian=True,
+                               stop_when=_stop_at_pixels)
+    ds = FileDataset(str(path), dataset, preamble, meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return Header(ds, total, None)
+
+
+def check_inflated_size(path: Path, limits: InflateLimits) -> None:
+    """Refuse a stored Deflated file whose dataset breaks ``limits`` before pydicom inflates it whole
+    (what the worker does before it reads a file; cheap for any other transfer syntax)."""
+    meta = read_file_meta_info(path)
+    syntax = meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_deflated:
+        return
+    offset = _dataset_offset(meta)
+    with open(path, "rb") as fp:
+        fp.seek(offset)
+        _inflate(fp, limits, 0)
+
+
+# -- compressed frames ----------------------------------------------------------------------------------
+
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}  # JPEG SOFn, JPEG-LS SOF55
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` from a JPEG or JPEG-LS frame header, walking the marker segments."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if marker in _SOF_MARKERS:
+            if i + 9 > len(data):
+                return None
+            rows, cols = struct.unpack_from(">HH", data, i + 5)
+            return rows, cols
+        i += 2 + length
+    return None
+
+
+def _j2k_size(data: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` from a JPEG 2000 codestream's SIZ segment (raw, or inside a JP2 file)."""
+    at = data.find(b"\xff\x4f\xff\x51")
+    if at < 0 or at + 4 + 2 + 2 + 16 > len(data):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, at + 4 + 2 + 2)
+    return ysiz - yosiz, xsiz - xosiz
+
+
+def frame_size(fragment: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` a compressed frame declares, ``None`` when its format is not recognised."""
+    return _jpeg_size(fragment) or _j2k_size(fragment)
+
+
+def _first_fragment(value: bytes) -> bytes:
+    """The start of the first fragment of an encapsulated Pixel Data value (after its offset table)."""
+    position = 0
+    for _ in range(2):  # the Basic Offset Table item, then the first fragment
+        if position + 8 > len(value):
+            return b""
+        group, element, length = struct.unpack_from("<HHI", value, position)
+        if (group, element) != (0xFFFE, 0xE000):
+            return b""
+        position += 8
+        if _ == 0:
+            position += length
+    return value[position:position + _FRAGMENT_PROBE]
+
+
+def check_frame_size(ds: Dataset, encapsulated_value_prefix: bytes) -> None:
+    """Refuse a compressed image whose first frame declares another size than Rows x Columns.
+
+    ``encapsulated_value_prefix`` is the start of the Pixel Data value (its items), a few kilobytes
+    are enough."""
+    declared = frame_size(_first_fragment(encapsulated_value_prefix))
+    if declared is None:
+        return
+    try:
+        header = (int(ds.Rows), int(ds.Columns))
+    except (AttributeError, TypeError, ValueError):
+        return
+    if declared != header:
+        raise DatasetRefused(f"the compressed frame is {declared[0]} x {declared[1]} but the header says "
+                             f"{header[0]} x {header[1]}; not decoded")
+
+
+def pixel_value_prefix(path: Path, pixel_offset: int) -> bytes:
+    """The start of the encapsulated Pixel Data value of the file at ``path`` (the element at
+    ``pixel_offset``: tag, explicit VR OB, reserved, undefined length, then the items)."""
+    with open(path, "rb") as fp:
+        fp.seek(pixel_offset + 12)
+        return fp.read(_FRAGMENT_PROBE + 1024)

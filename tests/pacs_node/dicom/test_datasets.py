@@ -1,0 +1,187 @@
+"""Datasets built to cost the node memory (a deflate bomb, a JPEG frame far larger than its header),
+sent to a ``pacs-node serve`` subprocess, and the legitimate Deflated and YBR images they must not be
+confused with: DCMTK ``storescu -xd``, pydicom's writer, pydicom's own ``image_dfl.dcm``, native
+YBR_FULL_422."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pydicom.encaps
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
+
+from pacs_node.dicom.datasets import DatasetRefused, InflateLimits, check_frame_size, read_header
+from tests.pacs_node.helpers import Node, make_cr, storescu
+from tests.support import dcmtk
+
+MiB = 1024 * 1024
+
+
+def _header(rows: int, cols: int, syntax: str) -> pydicom.Dataset:
+    ds = make_cr_dataset(rows, cols)
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def make_cr_dataset(rows: int, cols: int) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality, ds.BodyPartExamined = "Bomb^Test", "BOMB1", "CR", "CHEST"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    return ds
+
+
+def write_deflate_bomb(path: Path, inflated: int = 1024 * MiB) -> None:
+    """A Deflated CR whose Pixel Data inflates to ``inflated`` bytes of zeros, in about 1/1000 of that.
+
+    Built without compressing a gibibyte: after a full flush a deflate segment references nothing
+    before it, so one compressed MiB of zeros repeated N times inflates to N MiB."""
+    ds = make_cr_dataset(16384, inflated // (16384 * 2))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_dataset(header, ds)
+    pixel_tag = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, inflated)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = deflater.compress(header.getvalue() + pixel_tag) + deflater.flush(zlib.Z_FULL_FLUSH)
+    segment = deflater.compress(bytes(MiB)) + deflater.flush(zlib.Z_FULL_FLUSH)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(f, ds.file_meta, enforce_standard=True)
+        f.write(start)
+        for _ in range(inflated // MiB):
+            f.write(segment)
+        f.write(deflater.flush())
+
+
+def write_jpeg_liar(path: Path, claimed: int = 12000) -> None:
+    """A 64 x 64 CR header around a baseline JPEG frame whose SOF says ``claimed`` x ``claimed``."""
+    ds = _header(64, 64, JPEGBaseline8Bit)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, claimed, claimed, 1) + b"\x01\x11\x00"
+    frame = b"\xff\xd8" + sof + b"\xff\xd9"
+    ds.PixelData = pydicom.encaps.encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _send(port: int, path: Path, sop_class: str, syntax: str) -> int:
+    """C-STORE of ``path`` straight from the file (the sender inflates nothing) -> status."""
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+        assert assoc.is_established
+        try:
+            return int(assoc.send_c_store(path).Status)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def _peak_rss(node: Node) -> int:
+    assert node.proc is not None
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture
+def node(make_node) -> Iterator[Node]:  # noqa: ANN001
+    yield make_node()
+
+
+@pytest.mark.timeout(180)
+def test_deflate_bomb_and_lying_jpeg_refused_while_serve_stays_small(node: Node, tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.dcm"
+    write_deflate_bomb(bomb)
+    assert bomb.stat().st_size < 2 * MiB
+    liar = tmp_path / "liar.dcm"
+    write_jpeg_liar(liar)
+    status = _send(node.port, bomb, ComputedRadiographyImageStorage, DeflatedExplicitVRLittleEndian)
+    assert 0xC200 <= status <= 0xC2FF, hex(status)
+    assert 0xC200 <= _send(node.port, liar, ComputedRadiographyImageStorage, JPEGBaseline8Bit) <= 0xC2FF
+    peak = _peak_rss(node)
+    print(f"serve peak RSS after a 1 GiB deflate bomb: {peak / MiB:.0f} MiB")
+    assert peak < 300 * MiB
+    assert "decompression bomb" in node.log()
+    assert "12000 x 12000" in node.log()
+    assert node.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_valid_deflated_and_ybr_images_are_accepted_and_analysed(node: Node, tmp_path: Path) -> None:
+    dcmtk("storescu")
+    plain = tmp_path / "plain.dcm"
+    make_cr(plain, seed=1)
+    # DCMTK compresses on the wire (-xd proposes Deflated first); the node stores what it received.
+    sent = storescu(node.port, [plain], "-xd", "-R")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    written = tmp_path / "pydicom-deflated.dcm"
+    ds = make_cr(tmp_path / "tmp.dcm", seed=2)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(written, enforce_file_format=True)
+    assert _send(node.port, written, ComputedRadiographyImageStorage, DeflatedExplicitVRLittleEndian) == 0
+    stock = Path(get_testdata_file("image_dfl.dcm"))
+    assert _send(node.port, stock, SecondaryCaptureImageStorage, DeflatedExplicitVRLittleEndian) == 0
+    ybr = tmp_path / "ybr.dcm"
+    source = pydicom.dcmread(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))
+    source.Modality, source.BodyPartExamined = "CR", "CHEST"  # a chest radiograph, as a colour capture
+    source.save_as(ybr, enforce_file_format=True)
+    assert _send(node.port, ybr, SecondaryCaptureImageStorage, ExplicitVRLittleEndian) == 0
+    rows = node.query("SELECT transfer_syntax_uid, disposition FROM instances WHERE origin = 'received'")
+    assert len(rows) == 4
+    assert sum(r["transfer_syntax_uid"] == DeflatedExplicitVRLittleEndian for r in rows) == 3
+    node.wait_jobs(lambda jobs: len([j for j in jobs if j["kind"] == "analyse"]) == 3
+                   and all(j["state"] == "done" for j in jobs if j["kind"] == "analyse"))
+
+
+def test_header_of_a_bomb_costs_one_chunk(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.dcm"
+    write_deflate_bomb(bomb, inflated=64 * MiB)
+    with pytest.raises(DatasetRefused, match="bomb"):
+        read_header(bomb, InflateLimits(max_bytes=32 * MiB, max_ratio=1e9))
+    with pytest.raises(DatasetRefused, match="ratio"):
+        read_header(bomb, InflateLimits(max_bytes=1024 * MiB, max_ratio=100))
+    header = read_header(bomb, InflateLimits(max_bytes=1024 * MiB, max_ratio=1e9))
+    assert header.dataset_bytes > 64 * MiB and "PixelData" not in header.dataset
+    assert header.dataset.PatientID == "BOMB1"
+
+
+def test_frame_size_of_jpeg_and_jpeg2000(tmp_path: Path) -> None:
+    liar = tmp_path / "liar.dcm"
+    write_jpeg_liar(liar, claimed=12000)
+    ds = pydicom.dcmread(liar)
+    with pytest.raises(DatasetRefused, match="12000 x 12000"):
+        check_frame_size(ds, ds.PixelData)
+    for name in ("JPEG2000.dcm", "SC_rgb_jpeg.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm"):
+        honest = pydicom.dcmread(get_testdata_file(name))
+        check_frame_size(honest, honest.PixelData)  # its own size: accepted
+        honest.Rows = int(honest.Rows) * 4
+        with pytest.raises(DatasetRefused):
+            check_frame_size(honest, honest.PixelData)
