@@ -225,7 +225,8 @@ def resend(rt: ServerContext, study_instance_uid: str, peer: str) -> int:
     with rt.write_session() as session, session.begin():
         queued += sum(
             rt.queue.enqueue(session, kind=JobKind.EXPORT, sop_instance_uid=uid, destination=peer,
-                             dedupe_key=f"export:{uid}:{peer}", max_attempts=rt.settings.export.retries)
+                             dedupe_key=f"export:{uid}:{peer}",
+                             max_attempts=rt.settings.export_retry(peer).attempts) is not None
             for uid in results
         )
     if queued:
