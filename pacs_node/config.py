@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipelines.constants import CHEXPERT_LABELS
+from storage.queue import RetryPolicy
 
 #: Where ``pacs-node`` looks for its config file when neither ``--config`` nor ``PACS_NODE_CONFIG`` says.
 DEFAULT_CONFIG_FILE = Path("pacs-node.toml")
@@ -126,6 +127,29 @@ class AllowedCaller(Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class RetryConfig(Section):
+    """How a failed job is retried: ``attempts`` in all, the first retry after ``first_delay_s``, each next
+    delay ``growth`` times longer, never longer than ``max_delay_s`` (each delay jittered into its upper half)."""
+
+    attempts: Annotated[int, Field(ge=1)] = 5
+    first_delay_s: Annotated[float, Field(ge=0)] = 10.0
+    growth: Annotated[float, Field(ge=1)] = 2.0
+    max_delay_s: Annotated[float, Field(gt=0)] = 600.0
+
+    @model_validator(mode="after")
+    def _cap(self) -> RetryConfig:
+        if self.max_delay_s < self.first_delay_s:
+            raise ValueError("max_delay_s: must be at least first_delay_s")
+        return self
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(self.attempts, self.first_delay_s, self.growth, self.max_delay_s)
+
+
+#: Export retries by default outlast a day-long outage of the PACS: 10 s, 20 s, ... up to 30 min apart,
+#: 80 attempts (about 36 hours). A peer marked down spends no attempts at all until it answers again.
+EXPORT_RETRY = {"attempts": 80, "first_delay_s": 10.0, "growth": 2.0, "max_delay_s": 1800.0}
+
 class DicomWebAuth(Section):
     """How the node authenticates to a DICOMweb peer: a bearer token, or HTTP basic (both never logged)."""
 
@@ -151,6 +175,25 @@ class Peer(Section):
     host: str | None = None
     port: Port | None = None
     tls: TLSConfig | None = None
+    #: This peer's own retry policy for results sent to it (default: ``export.retry``).
+    retry: RetryConfig | None = None
+    #: Transfer syntax UID to send in when the peer accepts it (e.g. a lossless one it decodes fastest);
+    #: otherwise the stored one, else whatever the peer accepts, transcoded.
+    transfer_syntax: str | None = None
+    #: After results are delivered, ask this peer for storage commitment (PS3.4 Annex J) and record its
+    #: answer per delivery; the peer reports back to our AE, so it must know our address.
+    storage_commitment: bool = False
+
+    @field_validator("transfer_syntax")
+    @classmethod
+    def _transfer_syntax(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from pydicom.uid import UID
+
+        if not UID(v).is_transfer_syntax:
+            raise ValueError(f"{v!r} is not a transfer syntax UID pydicom knows")
+        return v
     url: str | None = None
     auth: DicomWebAuth | None = None
     #: PEM bundle that signs the DICOMweb server's certificate (default: the system's trust store).
@@ -238,13 +281,27 @@ class PipelineConfig(Section):
     #: still fill, and a lone image at a quiet hour does not wait for company that is not coming.
     max_batch_latency_s: Annotated[float, Field(ge=0, le=60)] = 0.0
     deterministic: bool = False
+    #: Only with ``bundle = "fake"``: seconds each batch of the test double takes (tests of crashes mid-job).
+    fake_delay_s: Annotated[float, Field(ge=0, le=60)] = 0.0
+
+
+def _legacy_attempts(data: Any, key: str) -> Any:
+    """Read an older config's flat attempts key (``worker.max_attempts``, ``export.retries``) as
+    ``retry.attempts``, so a working config keeps working."""
+    if isinstance(data, dict) and key in data:
+        data = dict(data)
+        retry = dict(data.get("retry") or {})
+        retry.setdefault("attempts", data.pop(key))
+        data["retry"] = retry
+    return data
 
 
 class WorkerConfig(Section):
     #: Worker processes ``serve`` starts (0: run ``pacs-node worker`` yourself, e.g. on a GPU host).
     count: Annotated[int, Field(ge=0, le=64)] = 1
     lease_seconds: Annotated[int, Field(ge=5)] = 300
-    max_attempts: Annotated[int, Field(ge=1)] = 5
+    #: Retries of a failed analysis (a missing bundle is not a failure: no job is claimed without a pipeline).
+    retry: RetryConfig = Field(default_factory=RetryConfig)
     #: How often an idle worker or export thread looks for work it was not rung for (a retry whose backoff
     #: ended, a job queued by another host sharing the database); on this host a doorbell wakes it at once.
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
@@ -252,16 +309,33 @@ class WorkerConfig(Section):
     #: none when the models run on the CPU, else all cores but two (at most 16); 0 builds in the worker.
     result_processes: Annotated[int, Field(ge=0, le=64)] | None = None
 
+    _legacy = model_validator(mode="before")(classmethod(lambda cls, data: _legacy_attempts(data, "max_attempts")))
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retry.attempts
+
 
 class ExportConfig(Section):
-    #: Attempts of one C-STORE of one result to one destination before the job is dead.
-    retries: Annotated[int, Field(ge=1)] = 8
+    #: Retries of one result to one destination (each peer may have its own: ``peers.<name>.retry``).
+    retry: RetryConfig = Field(default_factory=lambda: RetryConfig(**EXPORT_RETRY))
+    #: A destination whose sends failed this many times in a row is marked down: nothing is sent to it
+    #: (no attempt spent) until a C-ECHO probe answers, then its waiting results go at once. 0: never.
+    down_after_failures: Annotated[int, Field(ge=0)] = 3
+    #: How often a destination marked down is probed with C-ECHO.
+    probe_interval_s: Annotated[float, Field(gt=0)] = 30.0
     #: Network timeout for association and DIMSE with a peer.
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     #: Sends in flight at once (threads of ``serve``); a peer that hangs holds only one of them.
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     #: Results one thread takes at once and sends on one association per destination.
     batch_size: Annotated[int, Field(ge=1, le=1000)] = 32
+
+    _legacy = model_validator(mode="before")(classmethod(lambda cls, data: _legacy_attempts(data, "retries")))
+
+    @property
+    def retries(self) -> int:
+        return self.retry.attempts
 
 
 class RetentionConfig(Section):
@@ -282,6 +356,9 @@ class PolicyConfig(Section):
     #: What happens to a received instance that is not a chest radiograph: it is always acknowledged and
     #: recorded with the reason; ``keep`` also stores its file, ``discard`` does not.
     non_chest: NonChestAction = NonChestAction.KEEP
+    #: Accept every storage SOP class (a PACS rule "forward everything" must not fail on an ultrasound);
+    #: off: only radiograph and result classes, others refused at association time.
+    any_storage_class: bool = True
 
 
 class StudiesConfig(Section):
@@ -475,6 +552,11 @@ class Settings(BaseSettings):
             return Path(self.pipeline.bundle).expanduser().resolve()
         return demo_bundle_path()
 
+    def export_retry(self, destination: str) -> RetryPolicy:
+        """The retry policy of results sent to ``destination``: the peer's own, else ``export.retry``."""
+        peer = self.peers.get(destination)
+        return (peer.retry if peer is not None and peer.retry is not None else self.export.retry).policy()
+
     def peer_for_ae(self, ae_title: str) -> tuple[str, Peer] | None:
         """The configured peer whose AE title is ``ae_title`` (by :func:`peer_by_ae_title`)."""
         return peer_by_ae_title(self.peers, ae_title)
@@ -595,6 +677,8 @@ listener_processes = 1         # processes accepting on the port (SO_REUSEPORT),
 # port = 104
 # tls = { ca_file = "/etc/pacs-node/ca.pem", cert_file = "/etc/pacs-node/node.pem",
 #         key_file = "/etc/pacs-node/node.key" }
+# retry = { attempts = 200, first_delay_s = 30, growth = 2, max_delay_s = 3600 }  # this peer's own policy
+# transfer_syntax = "1.2.840.10008.1.2.4.80"   # preferred when the peer accepts it (here JPEG-LS lossless)
 
 # [[allowed_callers]]          # example
 # ae_title = "CR_ROOM1"
@@ -629,12 +713,15 @@ deterministic = false
 [worker]
 count = 1                      # worker processes started by `serve` (0 = run `pacs-node worker` yourself)
 lease_seconds = 300            # a job whose worker stops heartbeating comes back after this
-max_attempts = 5               # analyse attempts before a job is dead
+retry = { attempts = 5, first_delay_s = 10.0, growth = 2.0, max_delay_s = 600.0 }  # failed analyses
 poll_interval_s = 0.5          # idle re-check; new work on this host rings a doorbell instead
 # result_processes = 8         # builders of result objects per worker (unset: 0 on CPU, cores - 2 on a GPU)
 
 [export]
-retries = 8                    # C-STORE attempts per result and destination (exponential backoff)
+# per result and destination: 10 s, 20 s, ... 30 min apart, 80 attempts (~36 h: a day-long outage)
+retry = { attempts = 80, first_delay_s = 10.0, growth = 2.0, max_delay_s = 1800.0 }
+down_after_failures = 3        # consecutive failed sends that mark a destination down (0 = never)
+probe_interval_s = 30.0        # C-ECHO of a down destination; when it answers its results go at once
 timeout_s = 30.0
 concurrency = 4                # sends in flight at once
 batch_size = 32                # results sent on one association per destination, at most
@@ -646,6 +733,7 @@ interval_s = 30.0              # housekeeping period
 
 [policy]
 non_chest = "keep"             # keep | discard: file of instances that are not chest radiographs
+any_storage_class = true       # accept (and record as not processed) any storage SOP class, e.g. ultrasound
 
 [studies]
 settle_s = 90.0                # a study is analysed once no instance of it arrived for this long

@@ -6,7 +6,9 @@ and RoI heads: a *detector* (``images[B,1,S,S] -> Detections``), a region *selec
 token ids[N,T]``), around the bundle's region MLPs and CLIP. :meth:`Engine.infer` is the one composition: a
 fixed sequence of whole-batch tensor operations — detector on ``B`` images, both region MLPs on ``B x 29``
 features, one decoder call over *every* selected region of the batch, CLIP on ``B`` images — with no Python
-loop over images, regions or boxes and a single host transfer at the end.
+loop over images, regions or boxes and a single host transfer at the end. CLIP sees the detector input
+(the node's own CLIP) or, for an imported published CLIP, its own input made from the original image
+(``Preprocessed.clip``, :func:`pipelines.preprocess.fit_to_clip`), stacked like the detector input.
 
 The parts are chosen at construction: the stock modules (:meth:`Engine.stock_parts`), or on CUDA with greedy
 decoding the fast ones of :mod:`pipelines.accel` (:meth:`Engine.fast_parts`: same outputs, fewer launches;
@@ -130,6 +132,7 @@ class Engine:
         self.parts = parts or (self.fast_parts() if self.fast_path else self.stock_parts())
         #: the selected regions' sentences -> report, with the components the manifest names
         self.assembler = assembler_from_manifest(bundle.manifest.get("report"), bundle.path)
+        self._warned_clip_approximation = False
 
     # -- parts ------------------------------------------------------------------------------------------------
     def stock_parts(self) -> EngineParts:
@@ -167,9 +170,11 @@ class Engine:
 
     # -- tensors in, tensors out ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def infer(self, images: Tensor, timer: StageTimer | None = None) -> RawOutput:
+    def infer(self, images: Tensor, timer: StageTimer | None = None, clip_images: Tensor | None = None
+              ) -> RawOutput:
         """The batched hot path on ``images[B,1,S,S]`` (already on :attr:`device`); ``timer``, when given,
-        wraps each stage (and is handed to a detector that times its sub-stages)."""
+        wraps each stage (and is handed to a detector that times its sub-stages). ``clip_images[B,3,s,s]``,
+        when given, is CLIP's own input (``Preprocessed.clip``); else CLIP works from ``images``."""
         m, parts = self.model, self.parts
         stage = timer or (lambda _name: nullcontext())
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -184,7 +189,8 @@ class Engine:
             with stage("decoder"):
                 token_ids = parts.decoder(chosen)
             with stage("clip"):
-                label_probs = m.clip.label_probs(images)
+                label_probs = (m.clip.label_probs(images) if clip_images is None
+                               else m.clip.label_probs(clip_images, prepared=True))
         return RawOutput(det.boxes.float(), det.detected, selected, abnormal_logits.sigmoid(), token_ids,
                          label_probs.float(), abnormal_logits > self.abnormal_threshold)
 
@@ -209,10 +215,25 @@ class Engine:
             chunk = batch[start:start + self.batch_size]
             t0 = time.perf_counter()
             images = stack_on([p.tensor for p in chunk], self.device)
-            raw = self.infer(images).to("cpu")
+            raw = self.infer(images, clip_images=self._clip_images(chunk)).to("cpu")
             elapsed_ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)
             results += self._assemble(chunk, raw, {"inference": elapsed_ms})
         return results
+
+    def _clip_images(self, chunk: Sequence[Preprocessed]) -> Tensor | None:
+        """``[B,3,s,s]`` CLIP inputs of a chunk on :attr:`device`, or None where CLIP works from the detector
+        input: for the node's own CLIP, and (with a warning, once) for an imported one given images without
+        ``Preprocessed.clip`` (made by ``fit_to_model`` alone), whose CLIP input is then only approximated."""
+        clips = [p.clip for p in chunk]
+        if all(c is None for c in clips):
+            if self.model.clip.preprocess and not self._warned_clip_approximation:
+                self._warned_clip_approximation = True
+                log.warning("CLIP input approximated from the detector input: the images were preprocessed "
+                            "without the bundle's clip_preprocess (pipelines.preprocess.fit_to_clip)")
+            return None
+        if any(c is None for c in clips):
+            raise ValueError("a batch mixes images with and without a CLIP input (Preprocessed.clip)")
+        return stack_on(clips, self.device)  # type: ignore[arg-type]
 
     def _assemble(self, chunk: Sequence[Preprocessed], raw: RawOutput, timings: dict[str, float]
                   ) -> list[ImageResult]:
@@ -258,6 +279,8 @@ class CRRGPipeline:
 
     ``preprocess_on_device`` (default: when the engine runs on CUDA) leaves only decoding to the host
     threads and maps, resizes and pads each image on the engine's device (:func:`pipelines.preprocess.preprocess`).
+    A bundle with a ``clip_preprocess`` spec (an imported CLIP) gets its CLIP input made there too, from the
+    same unit image.
     """
 
     def __init__(self, engine: Engine, preprocess_workers: int = 4, preprocess_on_device: bool | None = None
@@ -277,7 +300,7 @@ class CRRGPipeline:
         t0 = time.perf_counter()
         prepared = preprocess_many(datasets, cfg.image_size, cfg.image_mean, cfg.image_std,
                                    workers=self.preprocess_workers, device=self.preprocess_device,
-                                   resize=cfg.image_resize)
+                                   resize=cfg.image_resize, clip=cfg.clip_preprocess or None)
         pre_ms = (time.perf_counter() - t0) * 1000.0 / max(len(datasets), 1)
         good = [p for p in prepared if not isinstance(p, PreprocessError)]
         for exc in prepared:

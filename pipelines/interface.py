@@ -7,6 +7,8 @@ per dataset, with boxes already mapped to the *source* image's pixel grid, so th
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -100,8 +102,15 @@ class FakePipeline:
     model_version = "0"
     clinical_use = False
     views = FRONTAL_VIEWS
+    #: Seconds each batch takes, like a model would: lets tests catch a worker in the middle of a job.
+    delay_s = 0.0
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
 
     def analyse(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageResult | PipelineError]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         out: list[ImageResult | PipelineError] = []
         for ds in datasets:
             rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)

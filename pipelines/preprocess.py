@@ -25,9 +25,10 @@ Anything undecodable or not a single-frame grayscale image raises
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -78,6 +79,9 @@ def boxes_to_source(boxes: torch.Tensor, transforms: Sequence[BoxTransform]) -> 
 class Preprocessed:
     tensor: torch.Tensor  # [1, S, S] float32, normalised
     transform: BoxTransform
+    #: ``[3, s, s]`` float32: a published CLIP's input made from the unit image by its own preprocessing
+    #: (:func:`fit_to_clip`); None where CLIP sees the detector input (the node's own CLIP, no spec)
+    clip: torch.Tensor | None = None
 
 
 # -- DICOM -> [0, 1] grayscale ------------------------------------------------------------------------------
@@ -281,6 +285,51 @@ def fit_to_model(unit: np.ndarray | torch.Tensor, size: int, mean: float, std: f
     return Preprocessed((canvas - mean) / std, transform)
 
 
+def fit_to_clip(unit: np.ndarray | torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
+    """``[3, s, s]`` input of a published CLIP from the unit image ``unit[H, W]``, by the model's own
+    preprocessing (``ModelConfig.clip_preprocess``), on the unit image's device.
+
+    With a ``canvas`` (CheXzero): the image letterboxed onto a ``canvas``-pixel square (as :func:`fit_to_model`
+    does for the detector), then :func:`normalize_for_clip` (0-255 scale, bicubic resize to ``size``
+    without antialiasing, its mean/std). Without (open_clip's ``Resize(size)`` + ``CenterCrop(size)``): the
+    shorter side resized to ``size`` (the longer one truncated, as torchvision computes it), the centre
+    ``size`` square cut out, then :func:`normalize_for_clip`."""
+    image = torch.as_tensor(unit, dtype=torch.float32)
+    size = int(spec["size"])
+    if spec.get("canvas"):
+        return normalize_for_clip(fit_to_model(image, int(spec["canvas"]), 0.0, 1.0).tensor[None], spec)[0]
+    rows, cols = image.shape
+    if rows <= cols:
+        new_rows, new_cols = size, int(size * cols / rows)
+    else:
+        new_rows, new_cols = int(size * rows / cols), size
+    resized = F.interpolate(image[None, None] * float(spec["scale"]), size=(new_rows, new_cols),
+                            mode=spec["interpolation"], align_corners=False, antialias=bool(spec.get("antialias")))
+    top, left = int(round((new_rows - size) / 2.0)), int(round((new_cols - size) / 2.0))
+    return normalize_for_clip(resized[..., top:top + size, left:left + size], spec, scaled=True)[0]
+
+
+def normalize_for_clip(images: torch.Tensor, spec: Mapping[str, Any], scaled: bool = False) -> torch.Tensor:
+    """The steps a CLIP ``spec`` takes after its geometry: ``images[B, 1, h, w]`` in [0, 1] (or already
+    multiplied by ``scale`` when ``scaled``) -> ``[B, 3, size, size]``: scaled to ``scale``, resized to ``size``
+    (``interpolation``, ``antialias``; nothing to do when it is that size already), clamped to [0, scale] if
+    ``clamp``, normalised per RGB channel with ``mean``/``std``."""
+    x = images if scaled else images * float(spec["scale"])
+    x = resize_square(x, int(spec["size"]), spec["interpolation"], bool(spec.get("antialias")))
+    if spec.get("clamp"):
+        x = x.clamp(0.0, float(spec["scale"]))
+    mean = torch.tensor(spec["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+def resize_square(images: torch.Tensor, size: int, mode: str, antialias: bool) -> torch.Tensor:
+    """``images[B, C, h, w]`` resized to ``[B, C, size, size]``; returned as is when already that size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False, antialias=antialias)
+
+
 def normalize_uint8(grey: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """albumentations' ``Normalize(mean, std, max_pixel_value=255)`` on 0-255 grey levels, in its float32
     arithmetic: ``(x - float32(mean) * 255) * (1 / (float32(std) * 255))``."""
@@ -383,26 +432,29 @@ def _round_half_even(x: float) -> float:
 
 
 def preprocess(ds: pydicom.Dataset, size: int, mean: float, std: float, device: torch.device | None = None,
-               resize: str = "bilinear") -> Preprocessed:
-    """One dataset to a model input; :class:`PreprocessError` if it cannot be used.
+               resize: str = "bilinear", clip: Mapping[str, Any] | None = None) -> Preprocessed:
+    """One dataset to a model input; :class:`PreprocessError` if it cannot be used. With a ``clip`` spec
+    (``ModelConfig.clip_preprocess``) also the CLIP input from the same unit image (:func:`fit_to_clip`).
 
     With ``device`` only decoding runs on the host; the grey-level mapping, resize and padding run on
     ``device`` and the result lives there. Where a GPU does the model's work this is where it pays: a chest
     image's grey-level mapping and antialiased resize cost ~7-8 ms of one CPU core each and microseconds of
     GPU time, so without it a 16-core host preprocesses fewer images per second than the GPU analyses."""
     decoded = decode(ds)
-    return fit_to_model(decoded.unit() if device is None else decoded.unit_on(device), size, mean, std, resize)
+    unit = decoded.unit() if device is None else decoded.unit_on(device)
+    prepared = fit_to_model(unit, size, mean, std, resize)
+    return replace(prepared, clip=fit_to_clip(unit, clip)) if clip else prepared
 
 
 def preprocess_many(datasets: Sequence[pydicom.Dataset], size: int, mean: float, std: float,
-                    workers: int = 4, device: torch.device | None = None, resize: str = "bilinear"
-                    ) -> list[Preprocessed | PreprocessError]:
+                    workers: int = 4, device: torch.device | None = None, resize: str = "bilinear",
+                    clip: Mapping[str, Any] | None = None) -> list[Preprocessed | PreprocessError]:
     """:func:`preprocess` over a batch in a thread pool (decoders and numpy release the GIL); a dataset that
     fails yields its :class:`PreprocessError` in its slot."""
 
     def one(ds: pydicom.Dataset) -> Preprocessed | PreprocessError:
         try:
-            return preprocess(ds, size, mean, std, device, resize)
+            return preprocess(ds, size, mean, std, device, resize, clip)
         except PreprocessError as exc:
             return exc
 

@@ -174,7 +174,13 @@ def ping(engine: Engine) -> None:
 
 def insert_if_absent(session: Session, model: type[Base], values: dict[str, Any], key: str) -> bool:
     """``INSERT ... ON CONFLICT (key) DO NOTHING`` for ``model`` in the caller's transaction; whether a row
-    was inserted.
+    was inserted (see :func:`insert_returning_id`)."""
+    return insert_returning_id(session, model, values, key) is not None
+
+
+def insert_returning_id(session: Session, model: type[Base], values: dict[str, Any], key: str) -> Any | None:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING`` for ``model`` in the caller's transaction; the new row's
+    primary key, or None when a row with ``key`` existed.
 
     A duplicate neither raises nor aborts the transaction (after an IntegrityError PostgreSQL refuses
     every further statement in it), and two processes inserting the same key at once cannot both win.
@@ -186,8 +192,23 @@ def insert_if_absent(session: Session, model: type[Base], values: dict[str, Any]
         raise NotImplementedError(f"no idempotent insert for the {dialect.name!r} dialect")
     statement = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])  # type: ignore[attr-defined]
     if dialect.insert_returning:  # rowcount of an INSERT is not reliable on every driver
-        return session.execute(statement.returning(*table.primary_key.columns)).first() is not None
-    return rowcount(session.execute(statement)) == 1  # SQLite before 3.35
+        row = session.execute(statement.returning(*table.primary_key.columns)).first()
+        return None if row is None else row[0]
+    result = session.execute(statement)  # SQLite before 3.35
+    return result.inserted_primary_key[0] if rowcount(result) == 1 else None  # type: ignore[attr-defined]
+
+
+def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: list[str],
+           update: dict[str, Any]) -> None:
+    """``INSERT ... ON CONFLICT (keys) DO UPDATE SET update`` for ``model`` in the caller's transaction:
+    one statement, so two writers of the same key cannot both insert."""
+    table = cast(Table, model.__table__)
+    dialect = session.get_bind(model).dialect
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no upsert for the {dialect.name!r} dialect")
+    statement = dialect_insert(table).values(**values)
+    session.execute(statement.on_conflict_do_update(index_elements=keys, set_=update))  # type: ignore[attr-defined]
 
 
 def rowcount(result: Result[Any]) -> int:

@@ -32,7 +32,8 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import insert_if_absent, make_sessionmaker, rowcount
+from storage import history
+from storage.db import insert_returning_id, make_sessionmaker, rowcount
 from storage.schema import Job, JobKind, JobState, utcnow
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,32 @@ _WAITING = (JobState.QUEUED.value, JobState.FAILED.value)
 FINISHED_STATES = (JobState.DONE, JobState.CANCELLED, JobState.DEAD)
 #: ``last_error`` is kept to this many characters (a traceback can be long; the row should not be).
 MAX_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a job is retried: ``attempts`` in all, the first retry after
+    ``first_delay_s``, each next delay ``growth`` times the previous one, never more than ``max_delay_s``."""
+
+    attempts: int = 5
+    first_delay_s: float = 10.0
+    growth: float = 2.0
+    max_delay_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.first_delay_s < 0 or self.growth < 1 or self.max_delay_s < self.first_delay_s:
+            raise ValueError(f"need attempts >= 1, growth >= 1 and 0 <= first_delay_s <= max_delay_s: {self}")
+
+    def ceiling(self, attempts: int) -> float:
+        """The longest wait after ``attempts`` failed attempts (before jitter)."""
+        exponent = max(attempts - 1, 0)
+        if self.growth > 1 and exponent > 64:  # beyond any cap; avoids an overflowing power
+            return self.max_delay_s
+        return min(self.max_delay_s, self.first_delay_s * self.growth ** exponent)
+
+    def patience_s(self) -> float:
+        """Seconds from the first failure until the last attempt (without jitter): the outage survived."""
+        return sum(self.ceiling(n) for n in range(1, self.attempts))
 
 
 class JobNotFound(KeyError):
@@ -117,6 +144,7 @@ class JobQueue:
         lease_seconds: float = 300,
         backoff_base_s: float = 10,
         backoff_max_s: float = 3600,
+        policy: RetryPolicy | None = None,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
     ) -> None:
@@ -124,6 +152,8 @@ class JobQueue:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
         if backoff_base_s < 0 or backoff_max_s < backoff_base_s:
             raise ValueError(f"need 0 <= backoff_base_s <= backoff_max_s, got {backoff_base_s!r}, {backoff_max_s!r}")
+        #: Used by ``fail`` when the caller names no policy of its own; ``policy`` wins over ``backoff_*``.
+        self.default_policy = policy or RetryPolicy(first_delay_s=backoff_base_s, max_delay_s=backoff_max_s)
         bind = sessionmaker.kw.get("bind")
         if bind is None:
             raise ValueError("the sessionmaker must be bound to an engine (storage.db.make_sessionmaker)")
@@ -149,8 +179,9 @@ class JobQueue:
         max_attempts: int = 5,
         priority: int = 0,
         not_before: datetime | None = None,
-    ) -> bool:
-        """Add a job inside the caller's transaction; ``False`` (and no new row) if ``dedupe_key`` exists.
+    ) -> int | None:
+        """Add a job inside the caller's transaction: its id (for log lines that follow the image), or
+        ``None`` (and no new row) if ``dedupe_key`` exists.
 
         Uses ``INSERT ... ON CONFLICT DO NOTHING``, so a duplicate neither raises nor aborts the caller's
         transaction (on PostgreSQL an IntegrityError would poison it). Higher ``priority`` runs first;
@@ -173,7 +204,7 @@ class JobQueue:
             created_at=now,
             updated_at=now,
         )
-        return insert_if_absent(session, Job, values, "dedupe_key")
+        return insert_returning_id(session, Job, values, "dedupe_key")
 
     def cancel_waiting(self, session: Session, dedupe_prefix: str, keep: str) -> int:
         """Inside the caller's transaction, cancel the not yet started jobs whose ``dedupe_key`` starts with
@@ -192,23 +223,27 @@ class JobQueue:
 
     # -- working ---------------------------------------------------------------------------------
 
-    def claim(self, worker_id: str, kinds: Iterable[JobKind | str], limit: int = 1) -> list[ClaimedJob]:
+    def claim(self, worker_id: str, kinds: Iterable[JobKind | str], limit: int = 1,
+              skip_destinations: Iterable[str] = ()) -> list[ClaimedJob]:
         """Take up to ``limit`` due jobs of ``kinds`` for ``worker_id``: highest priority, then oldest.
 
         Due means ``queued``/``failed`` whose ``not_before`` has passed, or ``running`` with an expired
         lease (its worker is presumed dead). A job whose lease expired on its last allowed attempt goes
-        to ``dead`` instead of being claimed.
+        to ``dead`` instead of being claimed. Jobs for ``skip_destinations`` (peers known to be down) stay
+        where they are, spending no attempt, until their peer answers again.
         """
         kinds = [_value(kind, JobKind) for kind in kinds]
         if not kinds or limit < 1:
             return []
+        skipped = sorted(set(skip_destinations))
+        not_skipped = or_(Job.destination.is_(None), Job.destination.not_in(skipped)) if skipped else True
         claimed: list[ClaimedJob] = []
         with self._writing() as (session, now):
             while len(claimed) < limit:
                 candidates = session.scalars(
                     _locked(
                         select(Job)
-                        .where(Job.kind.in_(kinds), self._due(now))
+                        .where(Job.kind.in_(kinds), self._due(now), not_skipped)
                         .order_by(Job.priority.desc(), Job.created_at, Job.id)
                         .limit(limit - len(claimed))
                     )
@@ -255,12 +290,15 @@ class JobQueue:
                 job.payload = {**(job.payload or {}), **payload_update}
             _end_attempt(job, JobState.DONE, now, error=None)
             job.finished_at = now
+            history.record_job(session, job, now)
             return True
 
-    def fail(self, job_id: int, worker_id: str, error: str, retryable: bool = True) -> JobState:
-        """Record a failed attempt: ``failed`` (due again after the backoff) or ``dead`` when out of
-        attempts or not retryable. Returns the job's state afterwards; if the lease was lost the job is
-        left alone and its current state (another owner's) is returned.
+    def fail(self, job_id: int, worker_id: str, error: str, retryable: bool = True,
+             policy: RetryPolicy | None = None) -> JobState:
+        """Record a failed attempt: ``failed`` (due again after ``policy``'s delay, the queue's default
+        policy if none) or ``dead`` when out of attempts or not retryable. Returns the job's state
+        afterwards; if the lease was lost the job is left alone and its current state (another owner's)
+        is returned.
         """
         with self._writing() as (session, now):
             job = self._owned(session, job_id, worker_id)
@@ -275,14 +313,15 @@ class JobQueue:
                 self._bury(job, now, error)
             else:
                 _end_attempt(job, JobState.FAILED, now, error)
-                job.not_before = now + timedelta(seconds=self.backoff_delay(job.attempts))
+                job.not_before = now + timedelta(seconds=self.backoff_delay(job.attempts, policy))
+                history.record_job(session, job, now)
             return JobState(job.state)
 
-    def backoff_delay(self, attempts: int) -> float:
-        """Seconds to wait after ``attempts`` failed attempts: ``base * 2**(attempts-1)``, capped at the
-        maximum, with "equal jitter" (a uniform draw in the upper half) so that jobs which failed together
+    def backoff_delay(self, attempts: int, policy: RetryPolicy | None = None) -> float:
+        """Seconds to wait after ``attempts`` failed attempts: ``first * growth**(attempts-1)``, capped,
+        with "equal jitter" (a uniform draw in the upper half) so that jobs which failed together
         (a destination down) do not all retry in the same second."""
-        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** max(attempts - 1, 0))
+        ceiling = (policy or self.default_policy).ceiling(attempts)
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
     # -- housekeeping ----------------------------------------------------------------------------
@@ -294,13 +333,41 @@ class JobQueue:
         with self._writing() as (session, now):
             jobs = session.scalars(_locked(select(Job).where(self._expired(now)))).all()
             for job in jobs:
-                message = f"lease of {job.lease_owner} expired"
-                if job.attempts >= job.max_attempts:
-                    self._bury(job, now, message + " on the last attempt")
-                else:
-                    _end_attempt(job, JobState.FAILED, now, message)
-                    job.not_before = now
+                self._hand_back(session, job, now, f"lease of {job.lease_owner} expired")
             return len(jobs)
+
+    def release_owner(self, owner: str) -> int:
+        """Hand back at once every job leased by ``owner`` or its threads (``owner/...``), which is known
+        to be dead (the supervisor saw its process exit): due now, the lost attempt counted, buried if it
+        was the last. Returns how many jobs were released."""
+        with self._writing() as (session, now):
+            jobs = session.scalars(_locked(select(Job).where(
+                Job.state == JobState.RUNNING.value,
+                or_(Job.lease_owner == owner, Job.lease_owner.startswith(f"{owner}/", autoescape=True))))).all()
+            for job in jobs:
+                self._hand_back(session, job, now, f"{job.lease_owner} died while holding the lease")
+            return len(jobs)
+
+    def release_destination(self, destination: str) -> int:
+        """Make every waiting export job for ``destination`` due now (its peer answers again after an
+        outage: no reason to wait out each job's backoff). Returns how many."""
+        with self._writing() as (session, now):
+            result = session.execute(
+                update(Job)
+                .where(Job.kind == JobKind.EXPORT.value, Job.destination == destination,
+                       Job.state.in_(_WAITING), Job.not_before > now)
+                .values(not_before=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            return rowcount(result)
+
+    def oldest_waiting_age_s(self) -> dict[str, float]:
+        """Per kind, how long the oldest queued or failed job has waited since it was created (seconds)."""
+        with self._read() as session:
+            rows = session.execute(select(Job.kind, func.min(Job.created_at))
+                                   .where(Job.state.in_(_WAITING)).group_by(Job.kind)).all()
+        now = self._clock()
+        return {kind: max((now - oldest).total_seconds(), 0.0) for kind, oldest in rows if oldest is not None}
 
     def retry(self, job_id: int) -> bool:
         """Put a ``failed``, ``dead``, ``cancelled`` or ``done`` job back in the queue with a fresh set of
@@ -448,10 +515,20 @@ class JobQueue:
         ).one_or_none()
         return job
 
+    def _hand_back(self, session: Session, job: Job, now: datetime, message: str) -> None:
+        """A running job whose owner is gone: due again now, or dead if that was its last attempt."""
+        if job.attempts >= job.max_attempts:
+            self._bury(job, now, message + " on the last attempt")
+        else:
+            _end_attempt(job, JobState.FAILED, now, message)
+            job.not_before = now
+            history.record_job(session, job, now)
+
     @staticmethod
     def _bury(job: Job, now: datetime, error: str) -> None:
         _end_attempt(job, JobState.DEAD, now, error)
         job.finished_at = now
+        history.record_job(Session.object_session(job), job, now)
         log.warning("job %s (%s) is dead after %s attempt(s)", job.id, job.kind, job.attempts)
 
     def _requeue(self, condition, *, also_done: bool = False) -> int:  # noqa: ANN001 (SQL expression)

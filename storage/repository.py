@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from storage import history
 from storage.db import insert_if_absent
 from storage.schema import Instance, Origin, utcnow
 
@@ -155,6 +156,7 @@ def delete_instance(session: Session, sop_instance_uid: str) -> str | None:
     if instance is None:
         return None
     session.execute(delete(Instance).where(Instance.id == instance.id))
+    history.forget(session, sop_instance_uid)
     return instance.path
 
 

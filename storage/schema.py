@@ -10,7 +10,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -158,4 +158,82 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_claim", "state", "kind", "not_before"),
         Index("ix_jobs_lease", "state", "lease_expires_at"),
+        # SQLite reuses the largest rowid after a delete: "job 7 done" must never mean two images.
+        {"sqlite_autoincrement": True},
     )
+
+
+class Analysis(Base):
+    """The lasting outcome of analysing one received instance: written with the job's last change, kept
+    when the job is purged (the queue is work in flight; this is history)."""
+
+    __tablename__ = "analyses"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    state: Mapped[str] = mapped_column(String(16))  # a JobState value: done, failed, dead, cancelled
+    attempts: Mapped[int] = mapped_column(Integer)
+    results: Mapped[list[str]] = mapped_column(JSON, default=list)  # SOP Instance UIDs produced
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Delivery(Base):
+    """Each result object's delivery to one destination: attempts, last status, when it arrived. Kept
+    when the export job is purged, so "what was sent where" stays answerable."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # the result object
+    destination: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    state: Mapped[str] = mapped_column(String(16))  # a JobState value
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    first_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    #: Storage commitment asked of the destination: requested, committed or failed (None: not asked).
+    commitment: Mapped[str | None] = mapped_column(String(16))
+    commitment_transaction_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    committed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "destination", name="uq_deliveries_result_destination"),)
+
+
+class DestinationState(str, enum.Enum):
+    UP = "up"
+    DOWN = "down"  # consecutive failures: not sent to until a C-ECHO probe answers
+
+
+class Destination(Base):
+    """What the exporters know about one peer: whether it is up, since when it is down, and why."""
+
+    __tablename__ = "destinations"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(8), default=DestinationState.UP.value)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    down_since: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_probe_at: Mapped[datetime | None] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class NodeProcess(Base):
+    """A live worker or exporter, as it reports itself (``seen_at`` renewed every few seconds): how
+    ``/healthz`` in one process knows whether another can analyse, and what its pipeline load did."""
+
+    __tablename__ = "node_processes"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # its lease owner id
+    role: Mapped[str] = mapped_column(String(16))  # worker | exporter
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))  # starting | ready | failed | stopped
+    detail: Mapped[str | None] = mapped_column(Text)  # the pipeline loaded, or why it did not load
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -21,8 +21,10 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from pacs_node.config import ConfigError, Settings, config_path_from_env, load_settings
 from pacs_node.ops.context import ServerContext
 
-out = Console()
-err = Console(stderr=True)
+#: Piped output (``| grep``, a log file) is not cut or wrapped at 80 columns: a UID is 64 characters.
+_PIPED_WIDTH = 100_000
+out = Console(width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -69,7 +71,8 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, datetime):
-        return value.isoformat()
+        # the database's naive datetimes are UTC: say so
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
     if isinstance(value, Enum):
         return value.value
     return value

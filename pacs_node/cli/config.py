@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pacs_node.cli.common import JsonOpt, config_path, fail, out, print_json, settings
+from pacs_node.cli.common import JsonOpt, config_path, err, fail, out, print_json, settings
 from pacs_node.config import EXAMPLE_TOML
 
 app = typer.Typer(help="Write or check the configuration file.", no_args_is_help=True)
@@ -28,8 +28,16 @@ def config_init(
 
 @app.command("check")
 def config_check(as_json: JsonOpt = False) -> None:
-    """Validate the configuration and print the effective values (exit 2 with the bad key if invalid)."""
+    """Validate the configuration, the bundle, TLS files, database URL and peers' addresses, and print the
+    effective values (exit 2, naming each bad key, if anything would keep the node from working)."""
+    from pacs_node.ops.preflight import check_settings
+
     s = settings()
+    problems = check_settings(s)
+    if problems:
+        for problem in problems:
+            err.print(str(problem), markup=False, highlight=False)
+        raise typer.Exit(2)
     if as_json:
         print_json(json.loads(s.model_dump_json()))
         return

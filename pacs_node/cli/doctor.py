@@ -31,8 +31,8 @@ def doctor(
     grace: Annotated[str, typer.Option("--grace", help="Files younger than this are never orphans (30m, 1h, 0s).")] = "1h",
     as_json: JsonOpt = False,
 ) -> None:
-    """Report orphan files, rows without files, size mismatches, temp leftovers and stuck leases;
-    with --repair, fix them."""
+    """Report orphan files, rows without files, size mismatches, temp leftovers, stuck leases and jobs
+    whose lease holder is gone; with --repair, fix them."""
     grace_s = parse_duration(grace, "--grace").total_seconds()
     rt = runtime(settings())
     try:
@@ -47,6 +47,8 @@ def doctor(
         "temp_leftovers": report.temp_leftovers,
         "temp_in_flight": report.temp_in_flight,
         "stuck_jobs": report.stuck_jobs,
+        "orphaned_leases": [f"{holder}: jobs {', '.join(map(str, ids))}"
+                            for holder, ids in report.orphaned_leases.items()],
     }
     if as_json:
         print_json({"ok": report.ok, "repaired": repair, **findings, "actions": report.actions})

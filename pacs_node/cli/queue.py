@@ -22,7 +22,7 @@ def _job_table(jobs: list[Any]) -> Table:
     for job in jobs:
         table.add_row(
             str(job.id), job.kind, job.state, job.sop_instance_uid, job.destination or "",
-            f"{job.attempts}/{job.max_attempts}", job.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            f"{job.attempts}/{job.max_attempts}", job.updated_at.strftime("%Y-%m-%d %H:%M:%SZ"),
             (job.last_error or "")[:60],
         )
     return table

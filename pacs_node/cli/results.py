@@ -3,7 +3,7 @@ it, and doing that again (the operations live in :mod:`pacs_node.ops.admin`, sha
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydicom.uid import UID
@@ -24,11 +24,38 @@ def stats(as_json: JsonOpt = False) -> None:
     for row in data["instances"]:
         table.add_row(row["origin"], row["disposition"], str(row["count"]), str(row["bytes"]))
     out.print(table)
+    table = Table("outcome", "count", title="analyses (kept after jobs are purged)")
+    for outcome, n in sorted(data["analyses"].items()):
+        table.add_row(outcome, str(n))
+    out.print(table)
     table = Table("kind", "state", "count", title="jobs")
     for row in data["jobs"]:
         table.add_row(row["kind"], row["state"], str(row["count"]))
     out.print(table)
     out.print(f"store {data['store']['path']}: {data['store']['free_bytes'] / 1e9:.1f} GB free")
+
+
+def _analysis(rt: ServerContext, sop_instance_uid: str, history: Analysis | None) -> list[dict[str, Any]]:
+    """An instance's analysis: its lasting record (kept after ``queue purge``), else the job in flight."""
+    if history is not None:
+        return jsonable([{"id": history.job_id, "state": history.state, "attempts": history.attempts,
+                          "finished_at": history.finished_at, "last_error": history.last_error}])
+    return jsonable([{"id": j.id, "state": j.state, "attempts": j.attempts, "finished_at": j.finished_at,
+                      "last_error": j.last_error} for j in rt.queue.for_instance(sop_instance_uid)])
+
+
+def _deliveries(rt: ServerContext, sop_instance_uid: str, history: list[Delivery]) -> list[dict[str, Any]]:
+    """A result's deliveries: each destination's lasting record, plus jobs not attempted yet."""
+    rows = [{"id": d.job_id, "destination": d.destination, "state": d.state, "attempts": d.attempts,
+             "first_attempt_at": d.first_attempt_at, "last_attempt_at": d.last_attempt_at,
+             "delivered_at": d.delivered_at, "last_error": d.last_error, "commitment": d.commitment,
+             "committed_at": d.committed_at} for d in history]
+    recorded = {d.destination for d in history}
+    rows += [{"id": j.id, "destination": j.destination, "state": j.state, "attempts": j.attempts,
+              "first_attempt_at": None, "last_attempt_at": None, "delivered_at": None, "last_error": j.last_error,
+              "commitment": None, "committed_at": None}
+             for j in rt.queue.for_instance(sop_instance_uid) if j.destination not in recorded]
+    return jsonable(rows)
 
 
 @db_errors

@@ -23,6 +23,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
     Comprehensive3DSRStorage,
@@ -78,10 +79,20 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
 )
 
 
-def add_scp_contexts(ae: AE) -> None:
-    """Verification plus storage of images and results, in every accepted transfer syntax."""
+def storage_sop_classes(any_storage_class: bool) -> tuple[UID, ...]:
+    """The storage classes the listener accepts: radiographs and results, and with ``any_storage_class``
+    every other storage class pynetdicom knows (an ultrasound from a PACS that forwards everything is
+    acknowledged, then kept or discarded by policy and recorded as not processed)."""
+    if not any_storage_class:
+        return STORAGE_SOP_CLASSES
+    others = (UID(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+    return STORAGE_SOP_CLASSES + tuple(uid for uid in others if uid not in STORAGE_SOP_CLASSES)
+
+
+def add_scp_contexts(ae: AE, sop_classes: tuple[UID, ...] = STORAGE_SOP_CLASSES) -> None:
+    """Verification plus storage of ``sop_classes``, in every accepted transfer syntax."""
     ae.add_supported_context(Verification)
-    for sop_class in STORAGE_SOP_CLASSES:
+    for sop_class in sop_classes:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
 
 

@@ -13,12 +13,13 @@ import ssl
 from collections.abc import Callable
 
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification
 
 from pacs_node.config import Peer, Settings
 from pacs_node.dicom.tls import TLSConfigError, peer_tls_args
+from pacs_node.dicom.transcoding import TranscodeError, accepted_syntaxes, for_peer, proposed_syntaxes
 from pacs_node.dicom.transport import NoDelayAE
 
 log = logging.getLogger(__name__)
@@ -72,16 +73,17 @@ def send_datasets(settings: Settings, peer: Peer, datasets: list[Dataset],
     negotiation: not retryable; the association lost before its turn: retryable).
 
     A dataset whose SOP class the peer refused is replaced by ``fallback(ds)`` when that gives something (a
-    Comprehensive SR for a Comprehensive 3D SR). Raises :class:`ScuError` when no association is made."""
+    Comprehensive SR for a Comprehensive 3D SR). A dataset stored in a syntax the peer does not accept is
+    transcoded (:mod:`pacs_node.dicom.transcoding`). Raises :class:`ScuError` when no association is made."""
     ae = make_scu(settings)
-    wanted: dict[str, set[str]] = {}
+    wanted: dict[str, list[str]] = {}
     for ds in datasets:
-        syntaxes = wanted.setdefault(ds.SOPClassUID, {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
-        syntaxes.add(ds.file_meta.TransferSyntaxUID)
+        wanted.setdefault(ds.SOPClassUID, []).append(ds.file_meta.TransferSyntaxUID)
         if ds.SOPClassUID == Comprehensive3DSRStorage and fallback is not None:
-            wanted.setdefault(ComprehensiveSRStorage, {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
-    for sop_class, syntaxes in wanted.items():
-        ae.add_requested_context(sop_class, sorted(syntaxes))
+            wanted.setdefault(ComprehensiveSRStorage, []).append(ExplicitVRLittleEndian)
+    for sop_class, stored in wanted.items():
+        for syntaxes in proposed_syntaxes(dict.fromkeys(stored), peer.transfer_syntax):
+            ae.add_requested_context(sop_class, syntaxes)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(peer))
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if not assoc.is_established:
@@ -94,7 +96,7 @@ def send_datasets(settings: Settings, peer: Peer, datasets: list[Dataset],
                               "known to it?)")
         raise ScuError(f"no association with {where} (connection refused, aborted or timed out)")
     try:
-        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        accepted = accepted_syntaxes(assoc)
         outcomes: list[int | ScuError] = []
         for ds in datasets:
             if not assoc.is_established:
@@ -110,6 +112,11 @@ def send_datasets(settings: Settings, peer: Peer, datasets: list[Dataset],
                 log.info("%s refuses SOP class %s; sending %s instead", peer.ae_title, ds.SOPClassUID,
                          replacement.SOPClassUID)
                 to_send = replacement
+            try:
+                to_send = for_peer(to_send, accepted[to_send.SOPClassUID], peer.transfer_syntax)
+            except TranscodeError as exc:
+                outcomes.append(ScuError(f"{peer.ae_title}: {exc}", retryable=False))
+                continue
             status = assoc.send_c_store(to_send)
             if not status or "Status" not in status:
                 outcomes.append(ScuError(f"no C-STORE response from {peer.ae_title} (timeout or abort)"))

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from pynetdicom import evt
 from pynetdicom.events import Event
+from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from pacs_node.config import Service, Settings
 from pacs_node.dicom.adjustments import apply_pynetdicom_adjustments, undo_pynetdicom_adjustments
+from pacs_node.dicom.commitment import StorageCommitmentSCP
 from pacs_node.dicom.permissions import NOT_AUTHORISED, CallerPolicy
-from pacs_node.dicom.presentation_contexts import add_scp_contexts
+from pacs_node.dicom.presentation_contexts import add_scp_contexts, storage_sop_classes
 from pacs_node.dicom.qr import QueryRetrieveService
 from pacs_node.dicom.spooling import ReceiveSpool
 from pacs_node.dicom.tls import server_context
@@ -57,9 +59,12 @@ class Listener:
         # addressed to another AE: a misconfigured modality learns at once, instead of storing to the
         # wrong node.
         self.ae.require_called_aet = settings.node.check_called_ae
-        add_scp_contexts(self.ae)
+        storage_classes = storage_sop_classes(settings.policy.any_storage_class)
+        add_scp_contexts(self.ae, storage_classes)
         query_retrieve = QueryRetrieveService.from_runtime(settings, runtime, self.policy)
-        query_retrieve.add_contexts(self.ae)
+        query_retrieve.add_contexts(self.ae, storage_classes)
+        self.ae.add_supported_context(StorageCommitmentPushModel)
+        self._commitment = StorageCommitmentSCP(settings, runtime, self.policy)
         self._qr_handlers = query_retrieve.handlers()
         # pynetdicom writes arriving datasets into the store's temp directory, so filing is a rename.
         self.spool = ReceiveSpool(runtime.incoming_dir)
@@ -120,6 +125,8 @@ class Listener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self._commitment.on_n_action),
+            (evt.EVT_N_EVENT_REPORT, self._commitment.on_n_event_report),
             *self._qr_handlers,
         ]
         bind = (self.settings.node.bind, self.settings.node.port)
@@ -142,6 +149,11 @@ class Listener:
         log.info("listening as %s on %s:%d%s", self.settings.node.ae_title, *bind,
                  " (DICOM TLS, client certificates required)" if tls and tls.ca_file
                  else " (DICOM TLS)" if tls else "")
+
+    @property
+    def serving(self) -> bool:
+        """Whether the association server is running (``/healthz``)."""
+        return self._server is not None
 
     def stop(self) -> None:
         if self._server is not None:

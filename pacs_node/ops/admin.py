@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pacs_node.config import Peer, Settings
 from pacs_node.ops.context import ServerContext
+from storage.history import analysis_counts, analysis_of, deliveries_of
 from storage.queue import JobRecord
 from storage.repository import find_studies, instance_counts, instances_for_study
-from storage.schema import Disposition, Instance, JobKind, Origin
+from storage.schema import Analysis, Delivery, Disposition, Instance, JobKind, Origin
 from storage.studies import get_study
 
 
@@ -96,7 +97,9 @@ def stats(rt: ServerContext) -> dict[str, Any]:
     with rt.read_session() as session:
         instances = [{"origin": o, "disposition": d, "count": n, "bytes": b}
                      for o, d, n, b in instance_counts(session)]
+        analyses = analysis_counts(session)
     return {
+        "analyses": analyses,  # outcomes from the lasting history: kept after jobs are purged
         "instances": instances,
         "jobs": [{"kind": k, "state": st, "count": n} for k, st, n in rt.queue_depth()],
         "store": {"path": str(rt.store.root), "free_bytes": rt.store.free_bytes(),
@@ -123,6 +126,39 @@ def _study_rows(rt: ServerContext, study_instance_uid: str) -> Sequence[Instance
     return rows
 
 
+def _utc(value: datetime | None) -> str | None:
+    return value.replace(tzinfo=timezone.utc).isoformat() if value is not None else None
+
+
+def _analysis(jobs: list[JobRecord], history: Analysis | None) -> list[dict[str, Any]]:
+    """An instance's analysis jobs, or, once they are purged, its lasting record."""
+    if jobs or history is None:
+        return [{"id": j.id, "state": j.state, "attempts": j.attempts, "max_attempts": j.max_attempts,
+                 "last_error": j.last_error} for j in jobs]
+    return [{"id": history.job_id, "state": history.state, "attempts": history.attempts, "max_attempts": None,
+             "last_error": history.last_error, "finished_at": _utc(history.finished_at)}]
+
+
+def _exports(jobs: list[JobRecord], history: list[Delivery]) -> list[dict[str, Any]]:
+    """Per destination: the export job in flight, else the lasting delivery record; either way with when
+    it was delivered and what storage commitment said."""
+    recorded = {d.destination: d for d in history}
+    out = []
+    for destination in dict.fromkeys([*(j.destination for j in jobs), *recorded]):
+        job = next((j for j in reversed(jobs) if j.destination == destination), None)
+        delivery = recorded.get(destination)
+        entry: dict[str, Any] = (
+            {"id": job.id, "destination": destination, "state": job.state, "attempts": job.attempts,
+             "max_attempts": job.max_attempts, "last_error": job.last_error} if job is not None else
+            {"id": delivery.job_id, "destination": destination, "state": delivery.state,
+             "attempts": delivery.attempts, "max_attempts": None, "last_error": delivery.last_error})
+        entry |= {"delivered_at": _utc(delivery.delivered_at) if delivery else None,
+                  "commitment": delivery.commitment if delivery else None,
+                  "committed_at": _utc(delivery.committed_at) if delivery else None}
+        out.append(entry)
+    return out
+
+
 def study_report(rt: ServerContext, study_instance_uid: str) -> list[dict[str, Any]]:
     """A study's received instances, what happened to each (its analysis jobs), the result objects made
     from it and each result's exports per destination."""
@@ -135,6 +171,11 @@ def study_report(rt: ServerContext, study_instance_uid: str) -> list[dict[str, A
     for jobs in jobs_by_uid.values():
         jobs.sort(key=lambda job: job.id)
     images = {i["sop_instance_uid"]: i for i in study_analysis(rt, study_instance_uid).get("images", [])}
+    with rt.read_session() as session:  # the lasting history: what purged jobs did
+        analyses = {row.sop_instance_uid: analysis_of(session, row.sop_instance_uid) for row in received}
+        deliveries: dict[str, list[Delivery]] = {}
+        for delivery in deliveries_of(session, [row.sop_instance_uid for row in produced]):
+            deliveries.setdefault(delivery.sop_instance_uid, []).append(delivery)
     report = []
     for row in received:
         mine = [r for r in produced if r.source_sop_instance_uid == row.sop_instance_uid]
@@ -150,15 +191,11 @@ def study_report(rt: ServerContext, study_instance_uid: str) -> list[dict[str, A
             "view": images.get(row.sop_instance_uid, {}).get("view"),
             "role": images.get(row.sop_instance_uid, {}).get("role"),
             "why": images.get(row.sop_instance_uid, {}).get("reason"),
-            "analysis": [{"id": j.id, "state": j.state, "attempts": j.attempts, "max_attempts": j.max_attempts,
-                          "last_error": j.last_error}
-                         for j in jobs_by_uid.get(row.sop_instance_uid, [])],
+            "analysis": _analysis(jobs_by_uid.get(row.sop_instance_uid, []), analyses[row.sop_instance_uid]),
             "results": [
                 {"sop_instance_uid": r.sop_instance_uid, "series_instance_uid": r.series_instance_uid,
                  "sop_class_uid": r.sop_class_uid, "path": r.path,
-                 "exports": [{"id": j.id, "destination": j.destination, "state": j.state, "attempts": j.attempts,
-                              "max_attempts": j.max_attempts, "last_error": j.last_error}
-                             for j in jobs_by_uid.get(r.sop_instance_uid, [])]}
+                 "exports": _exports(jobs_by_uid.get(r.sop_instance_uid, []), deliveries.get(r.sop_instance_uid, []))}
                 for r in mine
             ],
         })
@@ -205,7 +242,8 @@ def resend(rt: ServerContext, study_instance_uid: str, peer: str) -> int:
     with rt.write_session() as session, session.begin():
         queued += sum(
             rt.queue.enqueue(session, kind=JobKind.EXPORT, sop_instance_uid=uid, destination=peer,
-                             dedupe_key=f"export:{uid}:{peer}", max_attempts=rt.settings.export.retries)
+                             dedupe_key=f"export:{uid}:{peer}",
+                             max_attempts=rt.settings.export_retry(peer).attempts) is not None
             for uid in results
         )
     if queued:

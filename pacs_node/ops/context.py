@@ -25,10 +25,6 @@ from storage.queue import JobQueue
 from storage.schema import JobKind
 from storage.store import TEMP_DIR, InstanceStore
 
-#: Backoff of failed jobs: first retry after ~this many seconds, doubling, capped.
-BACKOFF_BASE_S = 5.0
-BACKOFF_MAX_S = 1800.0
-
 
 @dataclass
 class ServerContext:
@@ -51,8 +47,7 @@ class ServerContext:
         queue = JobQueue(
             sessions,
             lease_seconds=settings.worker.lease_seconds,
-            backoff_base_s=BACKOFF_BASE_S,
-            backoff_max_s=BACKOFF_MAX_S,
+            policy=settings.worker.retry.policy(),  # exports name their destination's policy when they fail
         )
         return cls(settings, engine, sessions, make_sessionmaker(engine, immediate=True),
                    InstanceStore(settings.store_path, min_free_bytes=settings.store.min_free_bytes), queue)

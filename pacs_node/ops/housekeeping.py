@@ -85,6 +85,23 @@ def remove_dead_temp_files(runtime: ServerContext) -> int:
     return n
 
 
+def forget_gone_processes(runtime: ServerContext) -> int:
+    """Drop the liveness rows of processes long gone (each restarted worker leaves one)."""
+    from pacs_node.ops.liveness import FORGET_AFTER
+    from storage.processes import forget_older_than
+    from storage.schema import utcnow
+
+    with runtime.write_session() as session, session.begin():
+        return forget_older_than(session, FORGET_AFTER, utcnow())
+
+
+def probe_destinations(settings: Settings, runtime: ServerContext) -> int:
+    """C-ECHO the destinations marked down; one that answers has its waiting results sent at once."""
+    from pacs_node.work.destinations import DestinationMonitor
+
+    return DestinationMonitor(settings, runtime).probe()
+
+
 def _guarded(name: str, fn, *args) -> None:  # noqa: ANN001
     try:
         fn(*args)
@@ -100,11 +117,17 @@ def start_housekeeping(settings: Settings, runtime: ServerContext) -> Background
     scheduler.add_job(_guarded, "interval", seconds=every,
                       args=("remove_dead_temp_files", remove_dead_temp_files, runtime),
                       id="remove_dead_temp_files", max_instances=1, coalesce=True)
+    scheduler.add_job(_guarded, "interval", seconds=settings.export.probe_interval_s,
+                      args=("probe_destinations", probe_destinations, settings, runtime),
+                      id="probe_destinations", max_instances=1, coalesce=True)
     scheduler.add_job(_guarded, "interval", seconds=max(every, 60.0),
                       args=("purge_instances", purge_instances, settings, runtime),
                       id="purge_instances", max_instances=1, coalesce=True)
     scheduler.add_job(_guarded, "interval", seconds=max(every, 300.0),
                       args=("purge_jobs", purge_jobs, settings, runtime),
                       id="purge_jobs", max_instances=1, coalesce=True)
+    scheduler.add_job(_guarded, "interval", seconds=max(every, 300.0),
+                      args=("forget_gone_processes", forget_gone_processes, runtime),
+                      id="forget_gone_processes", max_instances=1, coalesce=True)
     scheduler.start()
     return scheduler

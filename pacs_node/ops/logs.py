@@ -20,6 +20,18 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from datetime import datetime
+
+#: pynetdicom's own words for an association that could not be made. The node logs one line of its own
+#: for that send (which peer, what happens next), so these two ERROR lines per attempt go to DEBUG.
+_CONNECT_FAILURES = ("Association request failed", "TCP Initialisation Error")
+
+
+def _demote_connect_failures(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and record.getMessage().startswith(_CONNECT_FAILURES):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+    return True
 
 #: Loggers whose messages the node writes itself (and keeps free of patient data by construction).
 _OWN_PACKAGES = frozenset({"pacs_node", "storage", "pipelines", "bench"})
@@ -39,7 +51,12 @@ def scrub(text: str) -> str:
 
 
 class ScrubbingFormatter(logging.Formatter):
-    """Scrubs lines of foreign loggers and every traceback (see the module docstring)."""
+    """Scrubs lines of foreign loggers and every traceback (see the module docstring). Timestamps are
+    ISO 8601 with the UTC offset (``2026-12-01T14:03:07.123+01:00``): a log read in another time zone, or
+    across a daylight-saving change, is still unambiguous."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (stdlib)
+        return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         text = super().formatMessage(record)
@@ -55,6 +72,7 @@ def setup_logging(level: str, *, process: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(ScrubbingFormatter(
         f"%(asctime)s %(levelname)s {process}[%(process)d] %(name)s: %(message)s"))
+    handler.addFilter(_demote_connect_failures)
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)
     if level != "DEBUG":

@@ -3,15 +3,16 @@
 ``serve`` and the worker processes it starts are separate processes, so counters and histograms use
 prometheus_client's multiprocess mode, switched on by :func:`use_multiprocess_dir` (called through
 :func:`pacs_node.ops.context.prepare_metrics_dir` by the ``serve`` and ``worker`` commands at start, in
-whatever order modules were imported), and ``/metrics`` aggregates every process's files. Queue depth is not counted by anyone: it is read from the database at scrape time, so
-it is right even after a crash.
+whatever order modules were imported), and ``/metrics`` aggregates every process's files. Queue depth is
+not counted by anyone: it is read from the database at scrape time, so it is right even after a crash; so
+are the liveness of workers and exporters, the state of each destination and the age of the oldest
+waiting job (:class:`pacs_node.ops.health.NodeStateCollector`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
@@ -35,6 +36,10 @@ JOB_SECONDS = Histogram(
 JOBS_FAILED = Counter("pacs_node_job_failures_total", "Failed job attempts, by kind", ["kind"])
 EXPORT_FAILURES = Counter(
     "pacs_node_export_failures_total", "Failed C-STORE attempts of results, by destination", ["destination"]
+)
+PIPELINE_LOAD_FAILURES = Counter(
+    "pacs_node_pipeline_load_failures_total", "Workers whose pipeline (model bundle) failed to load, by error type",
+    ["error"],
 )
 
 
@@ -71,8 +76,10 @@ class _ProcessCollector:
         yield from REGISTRY.collect()
 
 
-def scrape_registry(counts: Callable[[], Iterable[tuple[str, str, int]]]) -> CollectorRegistry:
-    """The registry ``/metrics`` renders: every process's samples plus the queue depth."""
+def scrape_registry(counts: Callable[[], Iterable[tuple[str, str, int]]],
+                    collectors: Iterable[Collector] = ()) -> CollectorRegistry:
+    """The registry ``/metrics`` renders: every process's samples, the queue depth and ``collectors``
+    (:class:`pacs_node.ops.health.NodeStateCollector`: liveness, destinations, oldest waiting job)."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
@@ -81,6 +88,8 @@ def scrape_registry(counts: Callable[[], Iterable[tuple[str, str, int]]]) -> Col
         # process (tests) must not register the queue gauge twice in the global one.
         registry.register(_ProcessCollector())
     registry.register(QueueDepthCollector(counts))
+    for collector in collectors:
+        registry.register(collector)
     return registry
 
 

@@ -12,6 +12,7 @@ while the rest stops.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -56,19 +57,20 @@ def serve(settings: Settings, config_path: Path | None) -> int:
     http = None
     if settings.http.port:
         try:
-            http = WebServer(settings, runtime)
+            http = WebServer(settings, runtime, listener=listener)
             http.start()
         except OSError as exc:
             log.error("http.port: cannot serve on %s:%d: %s", settings.http.bind, settings.http.port, exc)
             listener.stop()
             runtime.close()
             return 1
-    exporter = Exporter(settings, runtime, worker_id=f"{socket.gethostname()}:serve")
+    # Lease owners are host:pid[/thread]: the doctor can tell whose holder is gone.
+    exporter = Exporter(settings, runtime, worker_id=f"{socket.gethostname()}:{os.getpid()}")
     exporter.start()
     scheduler = start_housekeeping(settings, runtime)
     extra_listeners = Supervisor(listeners - 1, config_path, command="listen")
     extra_listeners.start()
-    supervisor = Supervisor(settings.worker.count, config_path)
+    supervisor = Supervisor(settings.worker.count, config_path, release_leases=runtime.queue.release_owner)
     supervisor.start()
     log.info("pacs-node ready: %d listener process(es), %d worker process(es), %d exporter thread(s)",
              listeners, settings.worker.count, settings.export.concurrency)

@@ -5,7 +5,8 @@ Workers are full ``pacs-node worker`` subprocesses (not forks of the listener): 
 model in their own address space, and whatever kills one (out-of-memory killer, a crashing native
 decoder) cannot reach the listener. Extra listeners are ``pacs-node listen`` subprocesses on the same
 port. A process that exits is started again, after a delay that grows while it keeps crashing, so a
-broken bundle does not spin the CPU.
+broken bundle does not spin the CPU. A worker's jobs are handed back at once (``release_leases``): the
+supervisor saw it die, so there is no reason to wait for its leases to run out.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pacs_node.ops import metrics
@@ -50,10 +53,12 @@ def exit_with_parent(parent_pid: int, stop: threading.Event) -> None:
 class Supervisor:
     """``count`` ``pacs-node <command>`` subprocesses (``worker`` or ``listen``), restarted when they exit."""
 
-    def __init__(self, count: int, config_path: Path | None, command: str = "worker") -> None:
+    def __init__(self, count: int, config_path: Path | None, command: str = "worker",
+                 release_leases: Callable[[str], int] | None = None) -> None:
         self.count = count
         self.config_path = config_path
         self.command = command
+        self._release_leases = release_leases
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self._started_at = [0.0] * count
         self._delay = [_RESTART_DELAY_MIN_S] * count
@@ -86,6 +91,7 @@ class Supervisor:
                     continue
                 if proc is not None:
                     metrics.process_exited(proc.pid)
+                    self._hand_back_jobs(proc.pid)
                     lived = now - self._started_at[slot]
                     if lived >= _HEALTHY_AFTER_S:
                         self._delay[slot] = _RESTART_DELAY_MIN_S
@@ -100,6 +106,18 @@ class Supervisor:
                     except OSError:
                         log.exception("cannot start %s %d", self.command, slot)
                         self._next_start[slot] = now + self._delay[slot]
+
+    def _hand_back_jobs(self, pid: int) -> None:
+        """The jobs of a worker that exited: claimable again now (its lease owner id is host:pid)."""
+        if self._release_leases is None:
+            return
+        try:
+            n = self._release_leases(f"{socket.gethostname()}:{pid}")
+        except Exception:
+            log.exception("cannot release the jobs of worker pid %d; their leases will run out", pid)
+            return
+        if n:
+            log.warning("released %d job(s) held by worker pid %d", n, pid)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every process (a worker finishes its batch), SIGKILL what is still there after ``timeout``."""

@@ -19,7 +19,7 @@ from pacs_node.config import Settings
 from pacs_node.dicom.qr.matching import Level, QueryError
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
-from pacs_node.ops.http import health
+from pacs_node.ops.health import Listening, NodeStateCollector, node_health
 from pacs_node.web import api, console
 from pacs_node.web.auth import SESSION_COOKIE, Authenticator, Principal
 from pacs_node.web.roles import admin
@@ -76,20 +76,21 @@ def _cookie(header: str, name: str) -> str | None:
     return None
 
 
-def create_app(settings: Settings, runtime: ServerContext) -> FastAPI:
-    """The application for one process; nothing happens until it is served."""
+def create_app(settings: Settings, runtime: ServerContext, listener: Listening | None = None) -> FastAPI:
+    """The application for one process; nothing happens until it is served. ``listener``: the DICOM
+    listener of this process, for ``/healthz``."""
     app = FastAPI(title="pacs-node", version="1", openapi_url="/api/openapi.json", docs_url=None,
                   redoc_url=None, description="Admin API of the chest-radiograph AI node.")
     auth = Authenticator(settings.http.tokens, settings.http.session_minutes * 60)
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.auth = auth
-    registry = metrics.scrape_registry(runtime.queue_depth)
+    registry = metrics.scrape_registry(runtime.queue_depth, [NodeStateCollector(runtime)])
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Response:
-        ok, checks = health(runtime)
-        return JSONResponse({"ok": ok, "checks": checks}, status_code=200 if ok else 503)
+        report = node_health(runtime, listener=listener)
+        return JSONResponse(report.to_json(), status_code=report.http_status)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics_endpoint() -> Response:

@@ -24,6 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pacs_node.config import Settings
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.health import Listening
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ class WebServer:
     ``start`` returns at once: the application is built and served in the thread, and connections made
     meanwhile wait in the socket's backlog, so ``serve`` starts its workers without waiting for it."""
 
-    def __init__(self, settings: Settings, runtime: ServerContext) -> None:
+    def __init__(self, settings: Settings, runtime: ServerContext, listener: Listening | None = None) -> None:
         self.settings = settings
         self.runtime = runtime
+        self.listener = listener
         http = settings.http
         self._socket = socket.create_server((http.bind, http.port), family=_family(http.bind), backlog=128)
         self._server: uvicorn.Server | None = None
@@ -93,7 +95,7 @@ class WebServer:
             if http.tls.ca_file is not None:
                 tls |= {"ssl_ca_certs": str(http.tls.ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         return uvicorn.Config(
-            create_app(self.settings, self.runtime), http=protocol, ws="none", lifespan="off", interface="asgi3",
+            create_app(self.settings, self.runtime, self.listener), http=protocol, ws="none", lifespan="off", interface="asgi3",
             timeout_keep_alive=int(max(1, http.timeout_keep_alive_s)), limit_concurrency=http.limit_concurrency,
             timeout_graceful_shutdown=5, log_config=None, access_log=False, server_header=False, **tls,
         )

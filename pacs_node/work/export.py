@@ -20,16 +20,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pydicom
+from pydicom.uid import generate_uid
 from pydicom.errors import InvalidDicomError
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from pacs_node.config import Settings
+from pacs_node.dicom.commitment import request_commitment
 from pacs_node.dicom.scu import ScuError, send_datasets
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.liveness import Beacon, ProcessState
 from pacs_node.results import comprehensive_fallback
+from pacs_node.work.destinations import DestinationMonitor
 from pacs_node.work.dicomweb_export import stow_datasets
 from pacs_node.work.job_loop import JobLoop, complete_job
+from storage.commitment import held_instances
+from storage.history import commitment_requested
 from storage.queue import ClaimedJob
 from storage.repository import stored_paths
 from storage.schema import JobKind, utcnow
@@ -48,8 +54,12 @@ class Exporter:
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.destinations = DestinationMonitor(self.settings, self.runtime)
+        self._beacon = Beacon(self.runtime, self.worker_id, "exporter")
 
     def start(self) -> None:
+        self._beacon.__enter__()
+        self._beacon.set(ProcessState.READY, f"{self.settings.export.concurrency} thread(s)")
         for i in range(self.settings.export.concurrency):
             thread = threading.Thread(target=self._loop, args=(f"{self.worker_id}/export{i}",),
                                       name=f"export-{i}", daemon=True)
@@ -60,10 +70,12 @@ class Exporter:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
+        self._beacon.__exit__(None)
 
     def _loop(self, owner: str) -> None:
         loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self.runtime.queue.claim(
-            owner, [JobKind.EXPORT], limit=self.settings.export.batch_size))
+            owner, [JobKind.EXPORT], limit=self.settings.export.batch_size,
+            skip_destinations=self.destinations.down()))
         loop.run(self._stop, lambda jobs, leases: self.run_jobs(jobs, owner, leases.release))
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
@@ -82,6 +94,8 @@ class Exporter:
             for job, outcome in zip(group, outcomes, strict=True):
                 settled(job.id)
                 self._settle(job, owner, outcome)
+            self._ask_commitment(destination, [job.sop_instance_uid for job, outcome in zip(group, outcomes)
+                                               if outcome is None])
 
         if len(by_destination) == 1:
             send(*next(iter(by_destination.items())))
@@ -95,7 +109,8 @@ class Exporter:
         queue = self.runtime.queue
         if outcome is not None:
             metrics.EXPORT_FAILURES.labels(job.destination or "?").inc()
-            state = queue.fail(job.id, owner, str(outcome), retryable=outcome.retryable)
+            policy = self.settings.export_retry(job.destination or "")
+            state = queue.fail(job.id, owner, str(outcome), retryable=outcome.retryable, policy=policy)
             log.warning("export job %d to %s failed (attempt %d/%d, now %s): %s", job.id, job.destination,
                         job.attempts, job.max_attempts, state.value, outcome)
             return
@@ -134,7 +149,11 @@ class Exporter:
             else:
                 sent = send_datasets(self.settings, peer, datasets, comprehensive_fallback)
         except ScuError as exc:
+            if exc.retryable:
+                self.destinations.failed(destination, str(exc))
             sent = [exc] * len(datasets)
+        else:
+            self.destinations.answered(destination)
         for i, result in zip(sending, sent, strict=True):
             if isinstance(result, ScuError):
                 outcomes[i] = result
@@ -142,3 +161,22 @@ class Exporter:
                 verb = "STOW-RS" if peer.is_dicomweb else "C-STORE"
                 outcomes[i] = ScuError(f"{peer.describe()} answered {verb} with status 0x{result:04X}")
         return outcomes
+
+    def _ask_commitment(self, destination: str, delivered: list[str]) -> None:
+        """Ask a peer with ``storage_commitment`` to commit the results just delivered to it (after their
+        jobs are settled, so the deliveries exist); a failed request is logged and leaves them unasked."""
+        peer = self.settings.peers.get(destination)
+        if peer is None or not peer.storage_commitment or not delivered:
+            return
+        with self.runtime.read_session() as session:
+            classes = held_instances(session, delivered)
+        transaction = generate_uid()
+        with self.runtime.write_session() as session, session.begin():
+            commitment_requested(session, destination, delivered, transaction)
+        try:
+            request_commitment(self.settings, peer, [(classes[uid], uid) for uid in delivered if uid in classes],
+                               transaction)
+        except ScuError as exc:
+            log.warning("storage commitment request to %s failed: %s", destination, exc)
+            with self.runtime.write_session() as session, session.begin():
+                commitment_requested(session, destination, delivered, None)

@@ -213,6 +213,8 @@ class Ingestor:
         if discard:
             reason = f"{reason}; file discarded (policy.non_chest = discard)"
 
+        queued: dict[str, int | None] = {}  # the analyse job's id, for the log line
+
         def insert(session: Session) -> bool:
             inserted = add_instance(
                 session,
@@ -226,7 +228,7 @@ class Ingestor:
                 calling_host=(caller.host or "")[:64] or None,
             )
             if inserted and decision.analyse:
-                self._open_study(session, ds, record, caller)
+                queued["job"] = self._open_study(session, ds, record, caller)
             return inserted
 
         try:
@@ -248,15 +250,15 @@ class Ingestor:
         metrics.INSTANCES_RECEIVED.labels(outcome).inc()
         if decision.analyse:
             self._analyse_bell.ring()
-            log.info("stored %s instance from %s; its study is analysed once it settles", record.modality,
-                     caller.ae_title)
+            log.info("stored %s instance from %s; its study is analysed once it settles (job %s)", record.modality,
+                     caller.ae_title, queued.get("job"))
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS
 
-    def _open_study(self, session: Session, ds: Dataset, record: InstanceRecord, caller: Caller) -> None:
+    def _open_study(self, session: Session, ds: Dataset, record: InstanceRecord, caller: Caller) -> int | None:
         """(Re-)open the instance's study and enqueue the analysis of its new set of instances, due when
-        the study has been quiet for its settle time (in the caller's transaction)."""
+        the study has been quiet for its settle time (in the caller's transaction); the job's id."""
         study = record.study_instance_uid
         route = RouteKey(calling_ae=caller.ae_title, modality=record.modality,
                          station_name=str(ds.get("StationName", "") or "") or None)
@@ -266,7 +268,7 @@ class Ingestor:
         set_hash = instance_set_hash(study_image_uids(session, study))
         key = f"{STUDY_JOB_PREFIX}{study}:{set_hash}"
         self.rt.queue.cancel_waiting(session, f"{STUDY_JOB_PREFIX}{study}:", keep=key)
-        self.rt.queue.enqueue(
+        job = self.rt.queue.enqueue(
             session,
             kind=JobKind.ANALYSE,
             dedupe_key=key,
@@ -276,6 +278,7 @@ class Ingestor:
             not_before=due,
         )
         set_pending(session, study, set_hash)
+        return job
 
     def _remove_unrecorded(self, relpath: str, sop_instance_uid: str) -> None:
         """Undo the rename when the row could not be written, so the store holds only recorded files

@@ -55,6 +55,7 @@ from pacs_node.results.options import ResultOptions
 from pacs_node.work.routing import RouteKey, destinations
 from pacs_node.work.views import Candidate, Choice, View, acquisition_time, choose, classify_view
 from pacs_node.ops.context import ServerContext
+from pacs_node.ops.liveness import Beacon, ProcessState
 from pacs_node.ops.supervisor import exit_with_parent
 from pipelines.constants import FRONTAL_VIEWS
 from pipelines.interface import FakePipeline, ImageResult, NotInterpreted, Pipeline, PipelineError
@@ -117,7 +118,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
     bundle = settings.bundle_path
     if bundle is None:
         log.warning("pipeline.bundle = \"fake\": results come from the test double, not a model")
-        return FakePipeline()
+        return FakePipeline(settings.pipeline.fake_delay_s)
     if not bundle.is_dir():
         raise PipelineUnavailable(f"pipeline.bundle: {bundle} is not a model bundle directory")
     from pipelines.engine import load_pipeline as load_engine
@@ -392,7 +393,7 @@ class Worker:
                         sop_instance_uid=record.sop_instance_uid,
                         destination=peer,
                         dedupe_key=f"export:{record.sop_instance_uid}:{peer}",
-                        max_attempts=self.settings.export.retries,
+                        max_attempts=self.settings.export_retry(peer).attempts,
                     )
             for previous in report.predecessors.values():
                 # a version not yet delivered is not sent after the one that replaces it
@@ -410,7 +411,8 @@ class Worker:
         error = scrub(error)  # an exception's message may quote a value of the dataset
         self._finished(job.id)
         metrics.JOBS_FAILED.labels(job.kind).inc()
-        state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable)
+        state = self.rt.queue.fail(job.id, self.worker_id, error, retryable=retryable,
+                                   policy=self.settings.worker.retry.policy())
         log.warning("job %d failed (attempt %d/%d, now %s): %s", job.id, job.attempts, job.max_attempts,
                     state.value, error)
 
@@ -449,6 +451,28 @@ def _analysis_record(w: _Work, report: StudyReport, objects: list[Built]) -> dic
     }
 
 
+#: A supervised worker whose pipeline did not load tries again this often (the bundle may be being copied).
+PIPELINE_RETRY_S = 30.0
+
+
+def _load_reporting(settings: Settings, beacon: Beacon, stop: threading.Event, *,
+                    keep_trying: bool) -> Pipeline | None:
+    """Load the pipeline, telling the liveness row (and ``/healthz``) why it did not. A worker under
+    ``serve`` keeps trying every :data:`PIPELINE_RETRY_S` (alive, visibly failed, claiming nothing) instead
+    of exiting into a restart loop; one run by hand raises at once. None when stopped while waiting."""
+    while True:
+        try:
+            return load_pipeline(settings)
+        except Exception as exc:
+            metrics.PIPELINE_LOAD_FAILURES.labels(type(exc).__name__).inc()
+            beacon.set(ProcessState.FAILED, f"pipeline did not load: {exc}")
+            if not keep_trying:
+                raise
+            log.error("pipeline did not load (%s); trying again in %.0fs", exc, PIPELINE_RETRY_S)
+        if stop.wait(PIPELINE_RETRY_S):
+            return None
+
+
 def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
     """Body of ``pacs-node worker``: returns the exit code."""
     stop = threading.Event()
@@ -458,11 +482,16 @@ def run_worker(settings: Settings, *, parent_pid: int | None = None) -> int:
         _watch_parent = threading.Thread(target=exit_with_parent, args=(parent_pid, stop), daemon=True)
         _watch_parent.start()
     runtime = ServerContext.open(settings, migrate=False)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        pipeline = load_pipeline(settings)
-        worker = Worker(settings, runtime, pipeline)
-        log.info("worker %s ready (pipeline %s %s)", worker.worker_id, pipeline.model_name, pipeline.model_version)
-        worker.run(stop)
+        with Beacon(runtime, worker_id, "worker") as beacon:
+            pipeline = _load_reporting(settings, beacon, stop, keep_trying=parent_pid is not None)
+            if pipeline is None:
+                return 0
+            worker = Worker(settings, runtime, pipeline, worker_id=worker_id)
+            beacon.set(ProcessState.READY, f"pipeline {pipeline.model_name} {pipeline.model_version}")
+            log.info("worker %s ready (pipeline %s %s)", worker_id, pipeline.model_name, pipeline.model_version)
+            worker.run(stop)
     finally:
         runtime.close()
     return 0

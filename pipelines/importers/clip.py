@@ -17,9 +17,9 @@ Each model keeps what it was trained and evaluated with, written into the bundle
 
 * preprocessing: ``chexzero`` - the image letterboxed onto a 320-pixel square, on the 0-255 scale,
   normalised with CheXzero's mean 101.48761 and std 83.43944 and resized bicubic (torchvision's tensor
-  resize: no antialiasing) to the model's input size; ``open_clip`` - [0, 1] RGB at the model's input size
-  (bicubic, antialiased and saturating as PIL resizes) normalised with the model's mean/std (OpenAI's
-  unless given);
+  resize: no antialiasing) to the model's input size; ``open_clip`` - [0, 1] RGB, the shorter side resized to the
+  model's input size and the centre cut out (bicubic, antialiased and saturating as PIL resizes), normalised
+  with the model's mean/std (OpenAI's unless given);
 * tokenizer and context length: CLIP's BPE at the checkpoint's positional-embedding length;
 * zero-shot scheme: a positive and a negative template per label (CheXzero: ``"{}"`` and ``"no {}"``)
   compared by a softmax over the pair, on raw cosine similarities (CheXzero) or scaled by the learned

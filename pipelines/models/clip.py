@@ -8,9 +8,10 @@ open_clip's model registry and never any pretrained weights. Text is tokenised w
 model's own context length: nothing is fetched. Towers that need Hugging Face downloads (``hf_model_name``,
 ``hf_tokenizer_name``) and CoCa are refused with a :class:`ConfigError`.
 
-Each published model keeps its own image preprocessing (``ModelConfig.clip_preprocess``, see
-:meth:`ChestCLIP.clip_input`): CheXzero's 0-255 tensors normalised with its own mean/std and resized bicubic,
-open_clip's [0, 1] RGB normalised with the model's mean/std.
+Each published model keeps its own image preprocessing (``ModelConfig.clip_preprocess``), applied to the
+original image by :func:`pipelines.preprocess.fit_to_clip` (``Preprocessed.clip``, what the engine uses):
+CheXzero's 320-px letterbox on the 0-255 scale normalised with its own mean/std and resized bicubic,
+open_clip's [0, 1] RGB resized and centre-cropped, normalised with the model's mean/std.
 
 Two ways to turn an image into 14 probabilities:
 
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from pipelines.constants import NUM_LABELS
 from pipelines.models.config import ConfigError, ModelConfig
+from pipelines.preprocess import normalize_for_clip, resize_square
 
 
 def build_open_clip(architecture: dict[str, Any]) -> nn.Module:
@@ -55,7 +57,8 @@ def build_open_clip(architecture: dict[str, Any]) -> nn.Module:
 class ChestCLIP(nn.Module):
     """``encode_image(images[B,1,S,S])``, ``encode_text(tokens)``, ``contrastive_loss(images, tokens)``,
     ``label_probs(images) -> [B,14]``. Images arrive as the detector's normalised grayscale input (the
-    letterboxed square, any size); :meth:`clip_input` turns them into what this CLIP model was trained on."""
+    letterboxed square, any size), which :meth:`clip_input` turns into what this CLIP model was trained on,
+    or (``prepared=True``) as that CLIP input ``[B,3,s,s]`` already made from the original image."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -83,25 +86,25 @@ class ChestCLIP(nn.Module):
         """``[B,3,s,s]`` CLIP input from the detector's input ``images[B,1,S,S]``.
 
         Without a ``clip_preprocess`` spec: the detector input resized (bilinear, antialiased), which is what
-        the node's own CLIP training sees. With one, the published model's steps: the detector
-        normalisation is undone (the letterboxed [0, 1] image), resized to ``canvas`` if given, scaled to
-        ``scale``, resized to ``size``, clamped if ``clamp``, normalised per RGB channel."""
+        the node's own CLIP training sees. With one, an approximation of the published model's steps from the
+        detector input (training; callers without the original image): the detector normalisation undone (the
+        letterboxed [0, 1] image), resized to ``canvas`` if given, then
+        :func:`~pipelines.preprocess.normalize_for_clip`. The engine gives an imported model its exact input
+        instead, made from the original image (:func:`~pipelines.preprocess.fit_to_clip`,
+        ``Preprocessed.clip``)."""
         spec = self.preprocess
         if not spec:
-            return _resize(images, self.image_size, "bilinear", True).expand(-1, 3, -1, -1)
+            return resize_square(images, self.image_size, "bilinear", True).expand(-1, 3, -1, -1)
         x = (images.float() * self.input_std + self.input_mean).clamp_(0.0, 1.0)
         if spec.get("canvas"):
-            x = _resize(x, int(spec["canvas"]), "bilinear", True)
-        x = _resize(x * float(spec["scale"]), int(spec["size"]), spec["interpolation"], bool(spec.get("antialias")))
-        if spec.get("clamp"):
-            x = x.clamp(0.0, float(spec["scale"]))
-        mean = torch.tensor(spec["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(spec["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x.expand(-1, 3, -1, -1) - mean) / std
+            x = resize_square(x, int(spec["canvas"]), "bilinear", True)
+        return normalize_for_clip(x, spec)
 
     # -- towers ---------------------------------------------------------------------------------------------
-    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        return self.model.encode_image(self.clip_input(images), normalize=normalize)
+    def encode_image(self, images: Tensor, normalize: bool = True, prepared: bool = False) -> Tensor:
+        """``[B,E]`` embeddings of the detector input ``images[B,1,S,S]`` or, when ``prepared``, of the CLIP
+        input ``images[B,3,s,s]`` itself (``Preprocessed.clip``)."""
+        return self.model.encode_image(images if prepared else self.clip_input(images), normalize=normalize)
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         return self.model.encode_text(tokens, normalize=normalize)
@@ -125,9 +128,10 @@ class ChestCLIP(nn.Module):
             self.prompt_embeddings = emb.view(2, NUM_LABELS, -1)
         return self.prompt_embeddings
 
-    def label_logits(self, images: Tensor) -> Tensor:
-        """``[B,14]`` logits: the trained head's when present, else zero-shot positive-vs-negative logits."""
-        emb = self.encode_image(images)
+    def label_logits(self, images: Tensor, prepared: bool = False) -> Tensor:
+        """``[B,14]`` logits: the trained head's when present, else zero-shot positive-vs-negative logits
+        (``images``, ``prepared``: :meth:`encode_image`)."""
+        emb = self.encode_image(images, prepared=prepared)
         if self.label_head is not None:
             return self.label_head(emb)
         prompts = self._prompt_embeddings(images.device).to(emb.dtype)
@@ -136,11 +140,6 @@ class ChestCLIP(nn.Module):
             sims = self.model.logit_scale.exp() * sims
         return sims[:, 0] - sims[:, 1]  # softmax over the pair == sigmoid of the difference
 
-    def label_probs(self, images: Tensor) -> Tensor:
-        return self.label_logits(images).float().sigmoid()
+    def label_probs(self, images: Tensor, prepared: bool = False) -> Tensor:
+        return self.label_logits(images, prepared).float().sigmoid()
 
-
-def _resize(images: Tensor, size: int, mode: str, antialias: bool) -> Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False, antialias=antialias)

@@ -98,8 +98,9 @@ class ModelConfig:
     label_prompts: tuple[tuple[str, str], ...] = DEFAULT_LABEL_PROMPTS
     #: How the CLIP tower sees the image (:meth:`pipelines.models.clip.ChestCLIP.clip_input`). Empty: the
     #: detector's input resized to the CLIP size, as the node's own CLIP is trained. Otherwise the
-    #: published model's own steps, applied to the letterboxed [0, 1] image: ``canvas`` (longest side resized
-    #: to it and padded to a square first, or null), ``scale`` (the value of white: 255 for models trained on
+    #: published model's own steps, applied to the original [0, 1] image (``preprocess.fit_to_clip``):
+    #: ``canvas`` (longest side resized to it and padded to a square first, or null: the shorter side resized
+    #: to ``size`` and the centre cropped, as open_clip), ``scale`` (the value of white: 255 for models trained on
     #: 0-255 tensors), per-channel ``mean``/``std`` on that scale, ``size``, ``interpolation`` (bilinear or
     #: bicubic), ``antialias`` and ``clamp`` (whether the resized image saturates at [0, scale], as a resize
     #: of an 8-bit PIL image does).

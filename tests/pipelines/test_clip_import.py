@@ -8,16 +8,20 @@ import json
 
 import numpy as np
 import open_clip
+import pydicom
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import InterpolationMode, Normalize, Resize
+from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, Resize
 
-from pipelines.bundle import BundleError, load_bundle, verify_bundle
+from pipelines.bundle import BundleError, load_bundle, save_bundle, verify_bundle
 from pipelines.compose import compose_bundle
 from pipelines.constants import CHEXPERT_LABELS
+from pipelines.engine import CRRGPipeline, Engine
 from pipelines.importers.clip import CHEXZERO_MEAN, CHEXZERO_STD, ClipImportError, import_clip
+from pipelines.preprocess import dicom_to_unit, preprocess
+from tests.pipelines.conftest import exercised_model, tiny_config
 
 #: a small open_clip architecture with open_clip's custom text tower (``CustomTextCLIP``)
 SMALL_OPEN_CLIP = {
@@ -176,3 +180,66 @@ def test_cli_imports_and_composes(tiny_bundle, tmp_path):
     composed = runner.invoke(app, ["compose", "--regions", str(tiny_bundle), "--clip", str(tmp_path / "b"),
                                    "--out", str(tmp_path / "c")])
     assert composed.exit_code == 0 and verify_bundle(tmp_path / "c") == [], composed.output
+
+
+def _chexzero_input(unit: np.ndarray) -> torch.Tensor:
+    """CheXzero's preprocessing of the original unit image, written out here: the longest side to 320 px
+    (antialiased bilinear on the float image, the node's letterbox resize), centred on a black square, the
+    0-255 scale, Normalize with CheXzero's statistics, then torchvision's bicubic tensor Resize to 224."""
+    rows, cols = unit.shape
+    new_rows, new_cols = round(rows * 320 / max(rows, cols)), round(cols * 320 / max(rows, cols))
+    small = F.interpolate(torch.from_numpy(unit)[None, None], size=(new_rows, new_cols), mode="bilinear",
+                          align_corners=False, antialias=True)[0, 0].clamp(0.0, 1.0)
+    square = torch.zeros((320, 320))
+    top, left = (320 - new_rows) // 2, (320 - new_cols) // 2
+    square[top:top + new_rows, left:left + new_cols] = small
+    normalised = Normalize((CHEXZERO_MEAN,) * 3, (CHEXZERO_STD,) * 3)((square * 255.0)[None].repeat(3, 1, 1))
+    return Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=False)(normalised)[None]
+
+
+def _open_clip_input(unit: np.ndarray) -> torch.Tensor:
+    """open_clip's ``Resize(224, bicubic)`` + ``CenterCrop(224)`` + ``Normalize`` written with torchvision's
+    tensor transforms on the float image (antialiased, saturating as PIL does)."""
+    grey = torch.from_numpy(unit)[None]
+    resized = Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=True)(grey).clamp(0.0, 1.0)
+    cropped = CenterCrop(224)(resized).repeat(3, 1, 1)
+    return Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)(cropped)[None]
+
+
+@pytest.mark.parametrize("scheme", ["chexzero", "open_clip"])
+def test_engine_gives_an_imported_clip_its_input_from_the_original_image(scheme, openai_vit_b32, tiny_tokenizer,
+                                                                         shared_dir, tmp_path):
+    """The engine's CLIP probabilities and embedding of a real CR, with a 512-px detector input (the paper's),
+    equal open_clip's own model on the scheme's preprocessing of the original image; the detector's letterbox
+    does not (so the old path would fail), on the host and with device preprocessing alike."""
+    cfg = tiny_config(tiny_tokenizer).replace(image_size=512)
+    regions = tmp_path / "regions-512"
+    save_bundle(exercised_model(cfg), cfg, regions, name="tiny-512", version="0.1", tokenizer=tiny_tokenizer,
+                intended_use="unit tests", clinical_use=False)
+    bundle = load_bundle(compose_bundle(regions, import_clip(openai_vit_b32, "openai", scheme=scheme),
+                                        tmp_path / "b"))
+    engine = Engine(bundle, "cpu")
+    ds = pydicom.dcmread(shared_dir / "data" / "real-dicom" / "RG1_UNCR.dcm")
+    unit = dicom_to_unit(ds)
+
+    state = torch.load(openai_vit_b32, weights_only=True)
+    reference = open_clip.model.build_model_from_openai_state_dict(state, cast_dtype=None).float().eval()
+    node = bundle.model.clip
+    prompts = [p for p, _ in node.prompts] + [n for _, n in node.prompts]
+    ref_input = (_chexzero_input if scheme == "chexzero" else _open_clip_input)(unit)
+    with torch.no_grad():
+        ref_img = reference.encode_image(ref_input)
+        ref_probs = _pair_probs(ref_img, reference.encode_text(open_clip.tokenize(prompts)),
+                                1.0 if scheme == "chexzero" else float(reference.logit_scale.exp()))[0]
+        config = bundle.config
+        prepared = preprocess(ds, config.image_size, config.image_mean, config.image_std,
+                              clip=config.clip_preprocess)
+        assert prepared.clip is not None and prepared.clip.shape == (3, 224, 224)
+        img = node.encode_image(prepared.clip[None], normalize=False, prepared=True)
+        old = node.encode_image(prepared.tensor[None], normalize=False)  # from the detector's 512-px letterbox
+    assert (img - ref_img).abs().max() < 1e-5
+    assert (old - ref_img).abs().max() > 1e-3
+    for on_device in (False, True):
+        result = CRRGPipeline(engine, preprocess_workers=1, preprocess_on_device=on_device).analyse([ds])[0]
+        probs = torch.tensor([result.label_probs[label] for label in CHEXPERT_LABELS], dtype=torch.float64)
+        assert (probs - ref_probs.double()).abs().max() < 1e-5

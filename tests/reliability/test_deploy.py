@@ -38,7 +38,37 @@ def test_compose_configuration_is_valid(monkeypatch: pytest.MonkeyPatch) -> None
     settings = load_settings(DEPLOY / "pacs-node.compose.toml")
     assert settings.worker.count == 0 and settings.routing.always == ["orthanc"]
     assert settings.database_url.startswith("postgresql+psycopg://")
-    assert settings.http.bind == "127.0.0.1"
+    assert settings.http.bind == "0.0.0.0"  # the prometheus container scrapes it over the compose network
+
+
+def test_compose_services_run_as_written() -> None:
+    """Read without a container engine: every image a service runs is built by that service, the default
+    worker needs no GPU, and Prometheus scrapes the listener's metrics port."""
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    built = {service["image"] for service in services.values() if "build" in service and "image" in service}
+    for name, service in services.items():
+        if service.get("image", "").startswith("pacs-node"):
+            assert "build" in service and service["image"] in built, f"{name} runs an image it does not build"
+    assert "deploy" not in services["worker"] and services["worker"]["command"] == ["worker"]
+    assert services["worker-gpu"]["profiles"] == ["gpu"]
+    assert "8731" in services["listener"]["expose"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["static_configs"][0]["targets"] == ["listener:8731"]
+
+
+def test_dashboard_queries_metrics_the_node_exports() -> None:
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "pacs-node.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"pacs_node_[a-z_]+", target["expr"])}
+    sources = "".join((REPO / "pacs_node" / "ops" / module).read_text() for module in ("metrics.py", "health.py"))
+    exported = set(re.findall(r'"(pacs_node_[a-z_]+)"', sources))
+    suffixes = ("_bucket", "_total")
+    missing = {name for name in queried
+               if name not in exported and not any(name.removesuffix(s) in exported for s in suffixes)}
+    assert queried and not missing, missing
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.listener", "Dockerfile.worker"])

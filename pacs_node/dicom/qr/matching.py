@@ -9,6 +9,7 @@ Sequence matching is not supported: a sequence key is returned empty and does no
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -126,8 +127,22 @@ def _wildcard_condition(column: InstrumentedAttribute, pattern: str, *, case_ins
     return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
 
 
-def _range_condition(column: InstrumentedAttribute, value: str, vr: str) -> ColumnElement[bool]:
+#: PS3.5 6.2: a DA is YYYYMMDD; a TM is HH, HHMM, HHMMSS or HHMMSS.F{1,6}.
+_DATE_OR_TIME = {"DA": re.compile(r"^\d{8}$"), "TM": re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")}
+
+
+def _checked(value: str, vr: str, keyword: str) -> str:
+    """``value`` if it is a valid DA/TM (an empty bound of a range is fine), else :class:`QueryError`:
+    a malformed date must fail the query, not silently match nothing."""
+    if value and not _DATE_OR_TIME[vr].match(value):
+        form = "YYYYMMDD" if vr == "DA" else "HHMMSS[.FFFFFF]"
+        raise QueryError(f"{keyword} {value!r} is not a valid {vr} ({form}, or a range of them)")
+    return value
+
+
+def _range_condition(column: InstrumentedAttribute, value: str, vr: str, keyword: str) -> ColumnElement[bool]:
     low, _, high = (part.strip() for part in value.partition("-"))
+    low, high = _checked(low, vr, keyword), _checked(high, vr, keyword)
     if vr == "TM":
         # Stored times are HHMMSS[.ffffff]; comparing as text works once the bounds are aligned.
         high = high.ljust(6, "9") + ".999999" if high and "." not in high else high
@@ -152,8 +167,11 @@ def attribute_condition(attribute: Attribute, value: str, dialect: str) -> Colum
             return column == int(value)
         except ValueError:
             return false()
-    if attribute.vr in ("DA", "TM") and "-" in value:
-        return _range_condition(column, value, attribute.vr)
+    if attribute.vr in ("DA", "TM"):
+        if "-" in value:
+            return _range_condition(column, value, attribute.vr, attribute.keyword)
+        if "*" not in value and "?" not in value:
+            _checked(value, attribute.vr, attribute.keyword)
     values = value.split("\\") if attribute.vr == "CS" else [value]
     conditions = []
     for one in values:

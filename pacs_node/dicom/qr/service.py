@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_node.config import Peer, Service, Settings, peer_by_ae_title
 from pacs_node.dicom.permissions import NOT_AUTHORISED, CallerPolicy, Grant
 from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from pacs_node.dicom.transcoding import accepted_syntaxes, for_peer, proposed_syntaxes
 from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
 from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level, selective
 from pacs_node.ops.context import ServerContext
@@ -113,12 +114,12 @@ class QueryRetrieveService:
         return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
 
     @staticmethod
-    def add_contexts(ae: AE) -> None:
+    def add_contexts(ae: AE, storage_classes: tuple[UID, ...] = STORAGE_SOP_CLASSES) -> None:
         """Q/R information models, and the storage classes with the SCP role a C-GET requestor asks
         for (it receives our C-STOREs on its own association)."""
         for sop_class in _QR_CLASSES:
             ae.add_supported_context(sop_class)
-        for sop_class in STORAGE_SOP_CLASSES:
+        for sop_class in storage_classes:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES), scu_role=False, scp_role=True)
 
     # -- C-FIND -----------------------------------------------------------------------------------
@@ -143,6 +144,10 @@ class QueryRetrieveService:
             with self.sessions() as session:
                 keys = matching_keys(session, identifier, level, self.max_matches)
                 rows = list(entity_rows(session, level, keys))
+        except QueryError as exc:  # e.g. a malformed StudyDate: a failure status, not an empty answer
+            log.warning("C-FIND from %s refused: %s", _caller(event), exc)
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
         except SQLAlchemyError:
             log.exception("C-FIND from %s: database error", _caller(event))
             yield UNABLE_TO_PROCESS, None
@@ -170,15 +175,18 @@ class QueryRetrieveService:
                 raise QueryError("C-MOVE/C-GET identifier has no selective matching key")
             return query.instances_to_retrieve(session, conditions)
 
-    def _datasets(self, event: Event, matches: list[StoredInstance]) -> Iterator[tuple[int, Dataset | None]]:
+    def _datasets(self, event: Event, matches: list[StoredInstance],
+                  accepted: Mapping[str, list[str]]) -> Iterator[tuple[int, Dataset | None]]:
+        """Each match read from the store and put in a syntax the receiver accepted for its class
+        (``accepted``: SOP class -> syntaxes of the store sub-association)."""
         for match in matches:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
             try:
-                dataset = dcmread(self.store.path(match.path))
-            except Exception as exc:  # missing or unreadable file: a failed sub-operation, not an abort
-                log.error("cannot read stored instance %s (%s): %s", match.sop_instance_uid, match.path, exc)
+                dataset = for_peer(dcmread(self.store.path(match.path)), accepted.get(match.sop_class_uid, []))
+            except Exception as exc:  # missing, unreadable, untranscodable: a failed sub-operation, not an abort
+                log.error("cannot send stored instance %s (%s): %s", match.sop_instance_uid, match.path, exc)
                 dataset = Dataset()
                 dataset.SOPInstanceUID = match.sop_instance_uid  # listed in Failed SOP Instance UID List
             yield PENDING, dataset
@@ -206,7 +214,7 @@ class QueryRetrieveService:
             return
         log.info("C-GET from %s: %d instance(s)", _caller(event), len(matches))
         yield len(matches)
-        yield from self._datasets(event, matches)
+        yield from self._datasets(event, matches, accepted_syntaxes(event.assoc))
 
     def destination(self, ae_title: str) -> tuple[str, str, int] | None:
         """Name, host and port of the configured peer with this AE title (see :func:`peer_by_ae_title`)."""
@@ -241,7 +249,13 @@ class QueryRetrieveService:
         # pynetdicom associates with the destination before it takes a failure status, and an
         # association needs one context: Verification stands in when there is nothing to send.
         contexts = _storage_contexts(matches) or [build_context(Verification)]
-        yield destination[0], destination[1], {"contexts": contexts}
+        negotiated: dict[str, list[str]] = {}
+
+        def store_association_accepted(accepted: Event) -> None:  # what the destination took, to transcode to
+            negotiated.update(accepted_syntaxes(accepted.assoc))
+
+        yield destination[0], destination[1], {"contexts": contexts,
+                                               "evt_handlers": [(evt.EVT_ACCEPTED, store_association_accepted)]}
         if error is not None:
             log.warning("C-MOVE from %s refused: %s", _caller(event), error[1])
             yield 1
@@ -253,17 +267,22 @@ class QueryRetrieveService:
             return
         log.info("C-MOVE from %s to %s: %d instance(s)", _caller(event), ae_title.strip(), len(matches))
         yield len(matches)
-        yield from self._datasets(event, matches)
+        yield from self._datasets(event, matches, negotiated)
 
 
 def _storage_contexts(matches: list[StoredInstance]) -> list[Any]:
-    """One requested context per (SOP class, stored transfer syntax): instances are sent exactly as
-    stored, never transcoded, so the destination must accept that exact syntax."""
-    pairs = sorted({(m.sop_class_uid, m.transfer_syntax_uid) for m in matches})
-    if len(pairs) > _MAX_CONTEXTS:
+    """Per SOP class, one requested context per stored transfer syntax plus one uncompressed: an
+    instance goes as stored where the destination accepts that, transcoded where it does not."""
+    stored: dict[str, dict[str, None]] = {}
+    for m in matches:
+        stored.setdefault(m.sop_class_uid, {})[m.transfer_syntax_uid] = None
+    contexts = [build_context(UID(sop), syntaxes)
+                for sop in sorted(stored) for syntaxes in proposed_syntaxes(sorted(stored[sop]))]
+    if len(contexts) > _MAX_CONTEXTS:
         log.warning("C-MOVE needs %d presentation contexts; only the first %d are proposed",
-                    len(pairs), _MAX_CONTEXTS)
-    return [build_context(UID(sop), [UID(ts)]) for sop, ts in pairs[:_MAX_CONTEXTS]]
+                    len(contexts), _MAX_CONTEXTS)
+    return contexts[:_MAX_CONTEXTS]
+
 
 
 def _caller(event: Event) -> str:

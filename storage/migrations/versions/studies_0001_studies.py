@@ -1,7 +1,7 @@
 """studies: instances collected per study until it settles, then analysed once per set of instances
 
 Revision ID: studies_0001
-Revises: 0001
+Revises: ops_0001
 Create Date: 2026-12-01
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "studies_0001"
-down_revision: str | Sequence[str] | None = "0001"
+down_revision: str | Sequence[str] | None = "ops_0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

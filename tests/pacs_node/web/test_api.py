@@ -54,7 +54,7 @@ def test_https_when_configured(tmp_path: Path) -> None:
                                            "key_password": KEY_PASSWORD})
     try:
         url = f"https://localhost:{server.port}/healthz"
-        assert requests.get(url, verify=str(certs.ca), timeout=10).json()["ok"] is True
+        assert requests.get(url, verify=str(certs.ca), timeout=10).json()["checks"]["database"]["ok"] is True
         assert requests.get(f"https://localhost:{server.port}/api/stats", headers=web.reader, verify=str(certs.ca),
                             timeout=10).ok
     finally:

@@ -140,6 +140,18 @@ def test_bad_level_is_refused(qr_scp: Scp) -> None:
     assert status == 0xA900
 
 
+@pytest.mark.parametrize("study_date", ["2026-01-01", "20261301x", "2026010", "20260101-2026", "yesterday"])
+def test_a_malformed_study_date_is_a_failure_not_an_empty_answer(qr_scp: Scp, study_date: str) -> None:
+    answers, status = find(qr_scp, q("STUDY", StudyDate=study_date))
+    assert (answers, status) == ([], 0xA900)
+
+
+def test_well_formed_dates_and_times_still_match(qr_scp: Scp) -> None:
+    for keys in ({"StudyDate": "19000101-"}, {"StudyDate": "-20991231"}, {"StudyTime": "00-235959.999"}):
+        _, status = find(qr_scp, q("STUDY", **keys))
+        assert status == 0x0000, keys
+
+
 def test_dcmtk_findscu_finds_results_by_study_and_modality(archive: Archive, qr_scp: Scp,
                                                            tmp_path: Path) -> None:
     uid, objects = first_study(archive)

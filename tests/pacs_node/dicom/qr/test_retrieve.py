@@ -129,5 +129,5 @@ def test_missing_file_is_a_failed_suboperation(archive: Archive, qr_scp: Scp, tm
         is_cancelled = False
 
     matches = [Match("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1", "aa/bb/missing.dcm")]
-    (status, ds), = list(service._datasets(_Event(), matches))
+    (status, ds), = list(service._datasets(_Event(), matches, {}))
     assert status == 0xFF00 and ds.SOPInstanceUID == "1.2.3.4" and "SOPClassUID" not in ds
