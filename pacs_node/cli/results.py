@@ -83,8 +83,12 @@ def results(
         fail(str(exc))
     summaries = {uid: {"study_instance_uid": uid, **_summary(admin.study_analysis(rt, uid)), "instances": report}
                  for uid, report in reports.items()}
-    if as_json:
-        print_json(summaries[studies[0]] if study_uid is not None else list(summaries.values()))
+    if as_json:  # one study: its instances, each with the study's analysis beside it; several: per study
+        if study_uid is not None:
+            study = {k: v for k, v in summaries[study_uid].items() if k != "instances"}
+            print_json([{**item, "study": study} for item in reports[study_uid]])
+        else:
+            print_json(list(summaries.values()))
         return
     for uid, data in summaries.items():
         gate = ("" if data["gate_score"] is None

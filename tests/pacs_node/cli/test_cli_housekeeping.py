@@ -90,7 +90,7 @@ def test_queue_commands(config: Path, runtime: ServerContext) -> None:
     stats = json.loads(out)
     assert stats["instances"] == [{"origin": "received", "disposition": "queued", "count": 3, "bytes": 30}]
     code, out = cli(config, "results", "1.2.3", "--json")
-    assert code == 0 and len(json.loads(out)["instances"]) == 3
+    assert code == 0 and len(json.loads(out)) == 3
     # human tables work too
     assert cli(config, "queue", "ls")[0] == 0 and cli(config, "stats")[0] == 0
 

@@ -77,7 +77,7 @@ def test_pa_and_lateral_on_two_associations_then_a_crash_while_settling_then_a_l
     uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (pa, lateral)}
     assert evidence(narrative) == evidence(findings) == uids
     report = node.cli_json("results", study)
-    roles = {i["view"]: (i["role"], i["why"]) for i in report["instances"]}
+    roles = {i["view"]: (i["role"], i["why"]) for i in report}
     assert roles["PA"][0] == "analysed" and roles["LATERAL"][0] == "set aside"
     assert roles["LATERAL"][1].startswith("lateral view")
     assert [a["state"] for a in analyses(node)] == ["cancelled", "done"]  # one analysis for the two images
@@ -135,4 +135,5 @@ def test_the_demo_model_does_not_interpret_a_chest_labelled_hand_and_survives_a_
     assert any("outside what the model was trained on" in t for t in texts)
     assert [o for o in got if o.StudyInstanceUID == hand_ds.StudyInstanceUID] == [not_read]  # no findings SR, KOS
     report = node.cli_json("results", str(hand_ds.StudyInstanceUID))
-    assert report["interpreted"] is False and report["gate_score"] > report["gate_threshold"]
+    (item,) = report
+    assert item["study"]["interpreted"] is False and item["study"]["gate_score"] > item["study"]["gate_threshold"]
