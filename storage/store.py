@@ -97,7 +97,7 @@ class InstanceStore:
         Hand it to ``commit`` when complete or to ``discard`` when not; ``temp()`` does the latter for
         you. Its name carries host and process id so the doctor can tell a live writer from a dead one.
         """
-        name = f"{_HOST}-{os.getpid()}-{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+        name = f"{writer_prefix()}{secrets.token_hex(8)}{_TEMP_SUFFIX}"
         try:
             return open(self._tmp / name, "x+b")  # noqa: SIM115 (ownership passes to the caller)
         except OSError as exc:
@@ -338,9 +338,16 @@ def _raise_full_or(exc: OSError, path: Path) -> NoReturn:
     raise exc
 
 
+def writer_prefix() -> str:
+    """How every temp file written by this process starts: its host and process id, so that the doctor
+    and housekeeping can tell a live writer from a dead one (``tempfile`` names need it as ``prefix``)."""
+    return f"{_HOST}-{os.getpid()}-"
+
+
 def _writer_is_gone(name: str) -> bool:
-    """Whether the temp file ``name`` was opened by a process on this host that no longer exists."""
-    match = re.fullmatch(rf"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{16}}{re.escape(_TEMP_SUFFIX)}", name)
+    """Whether the temp file ``name`` (made with :func:`writer_prefix`) was opened by a process on this
+    host that no longer exists."""
+    match = re.fullmatch(r"(?P<host>.+)-(?P<pid>\d+)-[0-9A-Za-z_]+\.[a-z]+", name)
     if match is None or match["host"] != _HOST:
         return False
     pid = int(match["pid"])
@@ -355,4 +362,4 @@ def _writer_is_gone(name: str) -> bool:
     return False
 
 
-__all__ = ["InstanceStore", "StoreFullError", "TempLeftover", "ORPHAN_DIR", "TEMP_DIR"]
+__all__ = ["InstanceStore", "StoreFullError", "TempLeftover", "ORPHAN_DIR", "TEMP_DIR", "writer_prefix"]

@@ -37,6 +37,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from storage.store import writer_prefix
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,7 @@ class ReceiveSpool:
 
     def open(self, *args: Any, **kwargs: Any) -> SpoolFile:
         """pynetdicom's ``NamedTemporaryFile(...)`` call, answered with a file in :attr:`directory`."""
-        spool_file = SpoolFile(self, *args, dir=self.directory, **kwargs)
+        spool_file = SpoolFile(self, *args, dir=self.directory, prefix=writer_prefix(), **kwargs)
         assoc = getattr(threading.current_thread(), "assoc", None)
         if assoc is not None:
             with self._lock:

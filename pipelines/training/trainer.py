@@ -294,7 +294,7 @@ class Trainer:
             bar.update(1)
             if step % self.s.log_every == 0 or step == plan.steps - 1:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                self._log(stage=stage, step=step, loss=loss_value, lr=lr, elapsed_s=round(time.monotonic() - t0, 2),
+                self._log(stage=stage, step=step, loss=loss_value, lr=lr, elapsed_s=round(time.monotonic() - t0, 4),
                           **means)
             if (step + 1) % self.s.checkpoint_every == 0:
                 self.state.update(step=step + 1, elapsed=time.monotonic() - t0)
@@ -302,7 +302,7 @@ class Trainer:
         else:
             step = plan.steps
         bar.close()
-        self._log(stage=stage, step=step, loss=loss_value, event="stage_end", elapsed_s=round(time.monotonic() - t0, 2))
+        self._log(stage=stage, step=step, loss=loss_value, event="stage_end", elapsed_s=round(time.monotonic() - t0, 4))
         self.state.setdefault("trained_steps", {})[stage] = step
         return loss_value
 
