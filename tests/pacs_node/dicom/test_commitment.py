@@ -192,7 +192,8 @@ def test_the_node_asks_the_pacs_to_commit_its_results_and_records_the_answer(tmp
                         store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
                         peers={"pacs": {"ae_title": pacs_ae, "host": "127.0.0.1", "port": pacs_port,
                                         "storage_commitment": True}},
-                        routing={"default": "none", "always": ["pacs"]}, export={"timeout_s": 10})
+                        routing={"default": "none", "always": ["pacs"]}, export={"timeout_s": 10},
+                            studies={"settle_s": 0})  # analysed as soon as it is stored
     runtime = ServerContext.open(settings)
     listener = Listener(settings, runtime)
     listener.start()

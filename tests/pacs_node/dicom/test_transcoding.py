@@ -94,8 +94,9 @@ services = ["find", "move", "get"]
         assert sent.returncode == 0, sent.stderr
     stored = node.query("SELECT transfer_syntax_uid FROM instances WHERE origin = 'received'")
     assert {r["transfer_syntax_uid"] for r in stored} == {JPEG2000Lossless, JPEG2000, JPEGLSLossless}  # as received
+    # one study: the sets before the last are superseded (cancelled), the last one's results all sent
     node.wait_jobs(lambda jobs: len([j for j in jobs if j["kind"] == "export"]) >= 3
-                   and all(j["state"] == "done" for j in jobs), timeout=120)
+                   and all(j["state"] in ("done", "cancelled") for j in jobs), timeout=120)
     moved_to = StoreSCP(tmp_path / "moved", ports[2])
     receiver.stop()
     moved_to.start()
