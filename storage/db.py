@@ -27,6 +27,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
@@ -184,18 +185,28 @@ def insert_returning_id(session: Session, model: type[Base], values: dict[str, A
 
     A duplicate neither raises nor aborts the transaction (after an IntegrityError PostgreSQL refuses
     every further statement in it), and two processes inserting the same key at once cannot both win.
+    The statement is built once per table and dialect and executed with ``values`` as its parameters,
+    so SQLAlchemy compiles it once too (a statement built with ``.values(...)`` is a new statement with
+    new literals every time: building and cache-keying it cost more than the insert itself).
     """
     table = cast(Table, model.__table__)
-    dialect = session.get_bind(model).dialect
-    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
-    if dialect_insert is None:
-        raise NotImplementedError(f"no idempotent insert for the {dialect.name!r} dialect")
-    statement = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])  # type: ignore[attr-defined]
+    connection = session.connection(bind_arguments={"mapper": model})
+    dialect = connection.dialect
+    statement = _idempotent_insert(table, dialect.name, key, bool(dialect.insert_returning))
     if dialect.insert_returning:  # rowcount of an INSERT is not reliable on every driver
-        row = session.execute(statement.returning(*table.primary_key.columns)).first()
+        row = connection.execute(statement, values).first()
         return None if row is None else row[0]
-    result = session.execute(statement)  # SQLite before 3.35
+    result = connection.execute(statement, values)  # SQLite before 3.35
     return result.inserted_primary_key[0] if rowcount(result) == 1 else None  # type: ignore[attr-defined]
+
+
+@lru_cache(maxsize=None)
+def _idempotent_insert(table: Table, dialect_name: str, key: str, returning: bool) -> Any:
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect_name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no idempotent insert for the {dialect_name!r} dialect")
+    statement = dialect_insert(table).on_conflict_do_nothing(index_elements=[key])
+    return statement.returning(*table.primary_key.columns) if returning else statement
 
 
 def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: list[str],

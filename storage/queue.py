@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import history
@@ -44,6 +44,16 @@ _WAITING = (JobState.QUEUED.value, JobState.FAILED.value)
 FINISHED_STATES = (JobState.DONE, JobState.CANCELLED, JobState.DEAD)
 #: ``last_error`` is kept to this many characters (a traceback can be long; the row should not be).
 MAX_ERROR_CHARS = 4000
+
+#: ``cancel_waiting``'s statement, built once (the listener runs it for every instance it receives).
+_JOBS = Job.__table__
+_CANCEL_WAITING = (
+    update(_JOBS)
+    .where(_JOBS.c.dedupe_key.like(bindparam("pattern"), escape="\\"), _JOBS.c.dedupe_key != bindparam("keep"),
+           _JOBS.c.state.in_(_WAITING))
+    .values(state=JobState.CANCELLED.value, finished_at=bindparam("now"), updated_at=bindparam("now"),
+            last_error="superseded by a later instance of the study")
+)
 
 
 @dataclass(frozen=True)
@@ -212,13 +222,8 @@ class JobQueue:
         by a later one. Returns how many were cancelled."""
         now = self._clock()
         pattern = dedupe_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        result = session.execute(
-            update(Job)
-            .where(Job.dedupe_key.like(pattern, escape="\\"), Job.dedupe_key != keep, Job.state.in_(_WAITING))
-            .values(state=JobState.CANCELLED.value, finished_at=now, updated_at=now,
-                    last_error="superseded by a later instance of the study")
-            .execution_options(synchronize_session=False)
-        )
+        result = session.connection(bind_arguments={"mapper": Job}).execute(
+            _CANCEL_WAITING, {"pattern": pattern, "keep": keep, "now": now})
         return rowcount(result)
 
     # -- working ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from storage import history
@@ -84,8 +84,14 @@ def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:
 
 def instance_exists(session: Session, sop_instance_uid: str) -> bool:
     """Whether an instance with this SOP Instance UID is recorded (the listener's duplicate check)."""
-    found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)).first()
+    found = session.connection(bind_arguments={"mapper": Instance}).execute(
+        _INSTANCE_BY_UID, {"uid": sop_instance_uid}).first()
     return found is not None
+
+
+# Built once (compiled once): the listener asks for every instance it receives.
+_INSTANCE_BY_UID = (select(Instance.__table__.c.id)
+                    .where(Instance.__table__.c.sop_instance_uid == bindparam("uid")).limit(1))
 
 
 def stored_paths(session: Session, sop_instance_uids: Iterable[str]) -> dict[str, str]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -30,35 +31,52 @@ def instance_set_hash(sop_instance_uids: Iterable[str]) -> str:
 def touch_study(session: Session, study_instance_uid: str, now: datetime, settle_due: datetime) -> None:
     """Record that an instance of the study arrived ``now``: create its row or push its settle time out,
     and (re-)open it for analysis."""
-    table = cast(Table, Study.__table__)
-    dialect = session.get_bind(Study).dialect.name
-    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
-    if dialect_insert is None:
-        raise NotImplementedError(f"no upsert for the {dialect!r} dialect")
-    statement = dialect_insert(table).values(
-        study_instance_uid=study_instance_uid, state=StudyState.COLLECTING.value, first_received_at=now,
-        last_received_at=now, settle_due=settle_due, version=0, analysis={},
-    )
-    statement = statement.on_conflict_do_update(  # type: ignore[attr-defined]
-        index_elements=["study_instance_uid"],
-        set_={"last_received_at": now, "settle_due": settle_due, "state": StudyState.COLLECTING.value},
-    )
-    session.execute(statement)
+    connection = session.connection(bind_arguments={"mapper": Study})
+    connection.execute(_touch_statement(connection.dialect.name), {
+        "study_instance_uid": study_instance_uid, "state": StudyState.COLLECTING.value, "first_received_at": now,
+        "last_received_at": now, "settle_due": settle_due, "version": 0, "analysis": {},
+    })
 
 
 def set_pending(session: Session, study_instance_uid: str, set_hash: str) -> None:
     """The set of instances the study's pending analysis job will read."""
-    session.execute(update(Study).where(Study.study_instance_uid == study_instance_uid).values(set_hash=set_hash))
+    session.connection(bind_arguments={"mapper": Study}).execute(
+        _SET_PENDING, {"study": study_instance_uid, "pending_set_hash": set_hash})
 
 
 def study_image_uids(session: Session, study_instance_uid: str) -> list[str]:
     """The received instances of the study that the acceptance policy took for analysis, oldest first."""
-    return list(session.scalars(
-        select(Instance.sop_instance_uid)
-        .where(Instance.study_instance_uid == study_instance_uid, Instance.origin == Origin.RECEIVED.value,
-               Instance.disposition == Disposition.QUEUED.value)
-        .order_by(Instance.received_at, Instance.id)
-    ))
+    rows = session.connection(bind_arguments={"mapper": Instance}).execute(
+        _STUDY_IMAGE_UIDS, {"study": study_instance_uid})
+    return [uid for (uid,) in rows]
+
+
+# The listener runs the statements above for every instance it receives: they are built once (and so
+# compiled once), on the tables rather than the ORM classes, and executed on the session's connection.
+_STUDIES = cast(Table, Study.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+_SET_PENDING = (update(_STUDIES).where(_STUDIES.c.study_instance_uid == bindparam("study"))
+                .values(set_hash=bindparam("pending_set_hash")))
+_STUDY_IMAGE_UIDS = (
+    select(_INSTANCES.c.sop_instance_uid)
+    .where(_INSTANCES.c.study_instance_uid == bindparam("study"),
+           _INSTANCES.c.origin == Origin.RECEIVED.value, _INSTANCES.c.disposition == Disposition.QUEUED.value)
+    .order_by(_INSTANCES.c.received_at, _INSTANCES.c.id)
+)
+
+
+@lru_cache(maxsize=None)
+def _touch_statement(dialect: str) -> Any:
+    """The study's upsert: a new row, or the arrival time, settle time and state of the existing one."""
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no upsert for the {dialect!r} dialect")
+    statement = dialect_insert(_STUDIES)
+    return statement.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=["study_instance_uid"],
+        set_={"last_received_at": statement.excluded.last_received_at,
+              "settle_due": statement.excluded.settle_due, "state": statement.excluded.state},
+    )
 
 
 def get_study(session: Session, study_instance_uid: str) -> Study | None:
