@@ -9,7 +9,6 @@ sender should feel when the disk or database is slow.
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 from pynetdicom import evt
@@ -30,9 +29,6 @@ from pacs_node.ops.context import ServerContext
 from pacs_node.work.ingest import OUT_OF_RESOURCES, Caller, Ingestor
 
 log = logging.getLogger(__name__)
-
-#: How often arriving files are pushed towards the disk (see ``InstanceStore.start_temp_writeback``).
-_WRITEBACK_INTERVAL_S = 0.01
 
 _ASSOCIATE_RQ_TIMEOUT_S = 10.0
 _REJECT_PERMANENT = 0x01
@@ -69,8 +65,6 @@ class Listener:
         # pynetdicom writes arriving datasets into the store's temp directory, so filing is a rename.
         self.spool = ReceiveSpool(runtime.incoming_dir)
         self._server: GuardedAssociationServer | None = None
-        self._stop_writeback = threading.Event()
-        self._writeback = threading.Thread(target=self._push_writeback, name="writeback", daemon=True)
 
     # -- event handlers ----------------------------------------------------------------------------
 
@@ -108,15 +102,6 @@ class Listener:
             return OUT_OF_RESOURCES
         return self.ingestor.ingest(path, str(event.request.AffectedSOPInstanceUID), caller)
 
-    def _push_writeback(self) -> None:
-        """Keep the disk writing images while they are still arriving, so the fsync before each
-        success status waits for the last few milliseconds of data, not the whole image."""
-        while not self._stop_writeback.wait(_WRITEBACK_INTERVAL_S):
-            try:
-                self.rt.store.start_temp_writeback()
-            except OSError as exc:  # only an optimisation: it must never stop the receiving
-                log.debug("writeback hint failed: %s", exc)
-
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self, *, reuse_port: bool = False) -> None:
@@ -145,7 +130,6 @@ class Listener:
         except BaseException:
             undo_pynetdicom_adjustments()
             raise
-        self._writeback.start()
         log.info("listening as %s on %s:%d%s", self.settings.node.ae_title, *bind,
                  " (DICOM TLS, client certificates required)" if tls and tls.ca_file
                  else " (DICOM TLS)" if tls else "")
@@ -160,4 +144,3 @@ class Listener:
             self._server.shutdown()
             self._server = None
             undo_pynetdicom_adjustments()
-        self._stop_writeback.set()

@@ -37,9 +37,14 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from storage.store import writer_prefix
+from storage.store import start_writeback, writer_prefix
 
 log = logging.getLogger(__name__)
+
+#: Bytes received into a spool file after which its pages are pushed towards the disk
+#: (``storage.store.start_writeback``): a radiograph's fsync then waits for its last megabyte, not all
+#: of it, and a small dataset costs nothing.
+WRITEBACK_BYTES = 1024 * 1024
 
 
 class ReceiveSpool:
@@ -109,6 +114,7 @@ class SpoolFile:
     def __init__(self, spool: ReceiveSpool, *args: Any, **kwargs: Any) -> None:
         self._spool = spool
         self._file: Any = None
+        self._unsynced = 0  # bytes written since the last writeback hint
         try:
             self._file = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 (pynetdicom closes it)
             self.name: str = self._file.name
@@ -135,7 +141,9 @@ class SpoolFile:
     def write(self, data: bytes) -> int:
         if not self.failed:
             try:
-                return int(self._file.write(data))
+                written = int(self._file.write(data))
+                self._unsynced += written
+                return written
             except OSError as exc:
                 self._fail(exc)
         return len(data)
@@ -146,6 +154,13 @@ class SpoolFile:
                 self._file.flush()
             except OSError as exc:
                 self._fail(exc)
+                return
+            if self._unsynced >= WRITEBACK_BYTES:
+                self._unsynced = 0
+                try:
+                    start_writeback(self._file.fileno())
+                except OSError as exc:  # only an optimisation: it must never fail the receiving
+                    log.debug("writeback hint failed: %s", exc)
 
     @property
     def file(self) -> SpoolFile:

@@ -75,6 +75,49 @@ def test_failure_inside_commit_leaves_nothing(store: InstanceStore) -> None:
     assert _all_files(store.root) == []
 
 
+def _commit_recording(store: InstanceStore, relpath: str, data: bytes) -> list[str]:
+    """Commit ``data`` to ``relpath``; the temp file's fsync and the rename, in the order they happened."""
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    temp = store.open_temp()
+    temp.write(data)
+    temp_fd = temp.fileno()
+
+    def fsync(fd: int) -> None:
+        if fd == temp_fd and not temp.closed:  # once it is closed, a directory's fd may get its number
+            calls.append("fsync")
+        real_fsync(fd)
+
+    def replace(source: str, target: object) -> None:
+        calls.append("rename")
+        real_replace(source, target)
+
+    with mock.patch("storage.store.os.fsync", side_effect=fsync), \
+            mock.patch("storage.store.os.replace", side_effect=replace):
+        store.commit(temp, relpath)
+    return calls
+
+
+def test_a_file_that_a_row_may_reference_is_replaced_only_by_one_already_durable(store: InstanceStore) -> None:
+    # A new path has no row yet: rename first, then one fsync commits data and rename together. An
+    # existing path may have a row: the new content must be on disk before it takes the name.
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    assert _commit_recording(store, relpath, b"first") == ["rename", "fsync"]
+    assert _commit_recording(store, relpath, b"second") == ["fsync", "rename"]
+    assert store.path(relpath).read_bytes() == b"second"
+
+
+def test_a_new_file_whose_fsync_fails_after_the_rename_is_not_left_at_its_path(store: InstanceStore) -> None:
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    temp = store.open_temp()
+    temp.write(b"x" * 10)
+    with mock.patch("storage.store.os.fsync", side_effect=OSError(errno.EIO, "I/O error")), \
+            pytest.raises(OSError, match="I/O error"):
+        store.commit(temp, relpath)
+    assert not store.path(relpath).exists()
+    assert _all_files(store.root) == []
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_no_space_at_fsync_is_store_full_and_removes_the_temp(store: InstanceStore, code: int) -> None:
     temp = store.open_temp()
