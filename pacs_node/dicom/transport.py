@@ -45,6 +45,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from pacs_node.dicom.adjustments import wake_reactors_early
 from pacs_node.dicom.spooling import ReceiveSpool
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class GuardedRequestHandler(RequestHandler):
         sock = assoc.dul.socket
         assert sock is not None and type(sock) is AssociationSocket
         sock.__class__ = ServerAssociationSocket
+        wake_reactors_early(assoc)
         self.association = assoc
         return assoc
 
@@ -165,8 +167,10 @@ class ResponseKeepingAssociation(Association):
 
 class NoDelayAE(AE):
     """An AE whose requested associations (export, ``pacs-node send`` and ``echo``, the listener's C-MOVE
-    sub-associations) send without Nagle's delay, keep their responses (:class:`ResponseKeepingDIMSE`)
-    and do not wait for their reactor between messages (:class:`ResponseKeepingAssociation`).
+    sub-associations) send without Nagle's delay, keep their responses (:class:`ResponseKeepingDIMSE`),
+    do not wait for their reactor between messages (:class:`ResponseKeepingAssociation`) and, while a
+    server runs in the process, have reactors that wake when there is work
+    (:func:`pacs_node.dicom.adjustments.wake_reactors_early`).
 
     pynetdicom 3 has no socket-options hook; ``_create_socket`` is where its AE makes the socket of an
     association it requests (worth proposing upstream as an option). Accepted sockets get TCP_NODELAY in
@@ -182,6 +186,7 @@ class NoDelayAE(AE):
         parked = assoc.__dict__.pop("_is_paused")
         assoc.__class__ = ResponseKeepingAssociation
         assoc._is_paused = parked
+        wake_reactors_early(assoc)
         return sock
 
 

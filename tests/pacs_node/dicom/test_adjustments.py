@@ -5,11 +5,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pynetdicom import AE, _config, dimse_messages
+import time
+
+from pynetdicom import AE, _config, association, dimse_messages, dul
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from pynetdicom.transport import AssociationSocket
 
 from pacs_node.config import Settings
+from pacs_node.dicom.adjustments import reactor_time
 from pacs_node.dicom.server import Listener
 from pacs_node.dicom.transport import ServerAssociationSocket
 from pacs_node.ops.context import ServerContext
@@ -19,17 +22,22 @@ from tests.support import free_port
 
 def test_adjusted_while_listening_and_only_for_accepted_associations(tmp_path: Path) -> None:
     stock = (_config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS,
-             dimse_messages.NamedTemporaryFile, tempfile.tempdir)
+             dimse_messages.NamedTemporaryFile, tempfile.tempdir, association.time, dul.time,
+             _config.LOG_HANDLER_LEVEL)
+    assert association.time is time and dul.time is time
     settings = Settings(node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var"},
                         store={"min_free_bytes": 0}, pipeline={"bundle": "fake"})
     runtime = ServerContext.open(settings)
     listener = Listener(settings, runtime)
     assert (_config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS,
-            dimse_messages.NamedTemporaryFile, tempfile.tempdir) == stock  # built, not started: nothing changed
+            dimse_messages.NamedTemporaryFile, tempfile.tempdir, association.time, dul.time,
+            _config.LOG_HANDLER_LEVEL) == stock  # built, not started: nothing changed
     listener.start()
     try:
         assert _config.STORE_RECV_CHUNKED_DATASET is True and _config.LOG_REQUEST_IDENTIFIERS is False
         assert tempfile.tempdir == stock[3]  # pynetdicom's receive files go to the store without it
+        assert association.time is reactor_time and dul.time is reactor_time
+        assert _config.LOG_HANDLER_LEVEL == "none"  # the node holds pynetdicom's logger at WARNING
         make_cr(tmp_path / "cr.dcm")
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(ComputedRadiographyImageStorage)
@@ -40,6 +48,8 @@ def test_adjusted_while_listening_and_only_for_accepted_associations(tmp_path: P
             assert type(assoc.dul.socket) is AssociationSocket  # an outgoing association: stock pynetdicom
             accepted = [a for server in listener.ae._servers for a in server.active_associations]
             assert [type(a.dul.socket) for a in accepted] == [ServerAssociationSocket]
+            assert [(hasattr(a, "pacs_wake"), hasattr(a.dul, "pacs_wake")) for a in accepted] == [(True, True)]
+            assert not hasattr(assoc, "pacs_wake")  # stock pynetdicom's requestor: no wake-ups
             assert assoc.send_c_store(tmp_path / "cr.dcm").Status == 0x0000
         finally:
             assoc.release()
@@ -47,4 +57,5 @@ def test_adjusted_while_listening_and_only_for_accepted_associations(tmp_path: P
         listener.stop()
         runtime.close()
     assert (_config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS,
-            dimse_messages.NamedTemporaryFile, tempfile.tempdir) == stock
+            dimse_messages.NamedTemporaryFile, tempfile.tempdir, association.time, dul.time,
+            _config.LOG_HANDLER_LEVEL) == stock
