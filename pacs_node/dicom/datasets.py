@@ -39,6 +39,8 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Below this inflated size the ratio is not checked: a small dataset of zeros compresses very well.
 _RATIO_FLOOR = 16 * 1024 * 1024
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+#: Bytes of the dataset kept in ``Header.dataset_head``: an explicit VR element's tag and VR.
+_DATASET_HEAD = 6
 
 
 class DatasetRefused(Exception):
@@ -64,6 +66,9 @@ class Header:
     dataset_bytes: int
     #: File offset of the Pixel Data element, ``None`` when there is none or the file is Deflated.
     pixel_offset: int | None
+    #: The first bytes of the dataset after the file meta as stored (empty for a Deflated file), for the
+    #: check that its encoding is the one the transfer syntax says, without opening the file again.
+    dataset_head: bytes = b""
 
 
 def _dataset_offset(meta: Dataset) -> int:
@@ -117,10 +122,11 @@ def read_header(path: Path, limits: InflateLimits) -> Header:
         with open(path, "rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
             position = fp.tell()
-            fp.seek(0, io.SEEK_END)
-            end = fp.tell()
-        offset = _dataset_offset(ds.file_meta) if "FileMetaInformationGroupLength" in ds.file_meta else 0
-        return Header(ds, end - offset, position if position < end else None)
+            end = fp.seek(0, io.SEEK_END)
+            offset = _dataset_offset(ds.file_meta) if "FileMetaInformationGroupLength" in ds.file_meta else 0
+            fp.seek(offset)
+            head = fp.read(_DATASET_HEAD)
+        return Header(ds, end - offset, position if position < end else None, head)
     offset = _dataset_offset(meta)
     with open(path, "rb") as fp:
         preamble = fp.read(128)

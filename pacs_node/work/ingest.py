@@ -5,7 +5,8 @@ pynetdicom has already written the dataset, chunk by chunk, to a temp file *insi
 makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
-2. fsync the file, rename it into place, fsync the directory (``InstanceStore.commit``);
+2. rename it into place, fsync the file and its directories (``InstanceStore.commit``: for a new path
+   the rename comes first, so one journal commit covers both; no row references the path yet);
 3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, (re-)open its study and
    enqueue the study's ``analyse`` job, due once the study has been quiet for the settle time
    (concurrent associations share that transaction's commit: ``storage.db.GroupCommit``);
@@ -99,18 +100,12 @@ def read_header(path: Path, expected_sop_instance_uid: str | None, limits: Infla
     return ds
 
 
-def _looks_explicit(path: Path, ds: Dataset) -> bool | None:
+def _looks_explicit(header: datasets.Header) -> bool | None:
     """Whether the first element after the file meta carries a VR (``None``: cannot tell) — the test
     pydicom makes before it silently switches to the other encoding."""
-    group_length = ds.file_meta.get("FileMetaInformationGroupLength")
-    if group_length is None:
+    if header.dataset.file_meta.get("FileMetaInformationGroupLength") is None or len(header.dataset_head) < 6:
         return None
-    with open(path, "rb") as f:
-        f.seek(128 + 4 + 12 + int(group_length))  # preamble, "DICM", (0002,0000) UL, the rest of group 2
-        head = f.read(6)
-    if len(head) < 6:
-        return None
-    return head[4:6].decode("latin-1") in VR.__members__
+    return header.dataset_head[4:6].decode("latin-1") in VR.__members__
 
 
 def _check_consistency(path: Path, header: datasets.Header) -> None:
@@ -126,7 +121,7 @@ def _check_consistency(path: Path, header: datasets.Header) -> None:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_transfer_syntax:
         return
-    if not syntax.is_deflated and _looks_explicit(path, ds) is syntax.is_implicit_VR:
+    if not syntax.is_deflated and _looks_explicit(header) is syntax.is_implicit_VR:
         raise UnreadableDataset(f"dataset encoding does not match its transfer syntax ({syntax.name})")
     if "Rows" not in ds or "Columns" not in ds:
         return
