@@ -187,7 +187,8 @@ def insert_returning_id(session: Session, model: type[Base], values: dict[str, A
     every further statement in it), and two processes inserting the same key at once cannot both win.
     The statement is built once per table and dialect and executed with ``values`` as its parameters,
     so SQLAlchemy compiles it once too (a statement built with ``.values(...)`` is a new statement with
-    new literals every time: building and cache-keying it cost more than the insert itself).
+    new literals every time: building and cache-keying it cost more than the insert itself). It runs on
+    the session's connection, so the session's pending ORM changes are not flushed before it.
     """
     table = cast(Table, model.__table__)
     connection = session.connection(bind_arguments={"mapper": model})

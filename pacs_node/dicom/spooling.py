@@ -109,7 +109,8 @@ class ReceiveSpool:
 
 
 class SpoolFile:
-    """Wraps pynetdicom's temp file; write errors are remembered, never raised (see the module docstring)."""
+    """Wraps pynetdicom's temp file; write errors are remembered, never raised (see the module docstring).
+    Every :data:`WRITEBACK_BYTES` received, its pages are pushed towards the disk."""
 
     def __init__(self, spool: ReceiveSpool, *args: Any, **kwargs: Any) -> None:
         self._spool = spool
