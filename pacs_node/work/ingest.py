@@ -74,9 +74,10 @@ class Caller:
     host: str | None
 
 
-def read_header(path: Path, expected_sop_instance_uid: str | None, limits: InflateLimits) -> Dataset:
+def read_header(path: Path, expected_sop_instance_uid: str | None,
+                limits: InflateLimits) -> tuple[Dataset, InstanceRecord]:
     """The dataset's header, fully decoded, without reading pixel data (a Deflated dataset inflated
-    within ``limits``, see :mod:`pacs_node.dicom.datasets`).
+    within ``limits``, see :mod:`pacs_node.dicom.datasets`), and what its row records of it.
 
     pydicom decodes element values lazily, so every top-level element is touched here: a value that
     cannot be decoded must fail now, on the receive path, not later in the worker."""
@@ -97,7 +98,7 @@ def read_header(path: Path, expected_sop_instance_uid: str | None, limits: Infla
         raise UnreadableDataset(f"{type(exc).__name__}: {scrub(str(exc))}") from exc
     if expected_sop_instance_uid and record.sop_instance_uid != expected_sop_instance_uid:
         raise UnreadableDataset("SOP Instance UID in the dataset differs from the C-STORE request's")
-    return ds
+    return ds, record
 
 
 def _looks_explicit(header: datasets.Header) -> bool | None:
@@ -179,14 +180,13 @@ class Ingestor:
             return OUT_OF_RESOURCES
 
         try:
-            ds = read_header(temp_path, sop_instance_uid, inflate_limits(self.settings))
+            ds, record = read_header(temp_path, sop_instance_uid, inflate_limits(self.settings))
         except UnreadableDataset as exc:
             log.warning("unreadable dataset from %s refused (0x%04X): %s", caller.ae_title,
                         CANNOT_UNDERSTAND, exc)
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return CANNOT_UNDERSTAND
 
-        record = instance_record(ds)
         decision = decide(ds)
         discard = not decision.analyse and self.settings.policy.non_chest is NonChestAction.DISCARD
         relpath = ""
