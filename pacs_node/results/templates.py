@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom import DataElement, Dataset
+from pydicom import DataElement, Dataset, config
 from pydicom.charset import convert_encodings
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
@@ -146,8 +146,8 @@ class _Walk:
                 items.append(self.header(item))
                 self.tokens.append("end")
             return Sequence(items) if self.seed is not None else value
-        empty = elem.is_empty
-        self.tokens.append((tag, vr, elem.VM, empty))
+        empty = value is None or value == "" or (isinstance(value, (MultiValue, list)) and len(value) == 0)
+        self.tokens.append((tag, vr, len(value) if isinstance(value, (MultiValue, list)) else 1, empty))
         if empty:
             return value
         # (a private attribute selects nothing: no builder reads one)
@@ -160,9 +160,8 @@ class _Walk:
         return self.scalar(tag, vr, value)
 
     def scalar(self, tag: int, vr: str, value: Any) -> Any:
-        if tag in _ROWS_COLUMNS:
-            n = self.number("dimension", int(value))
-            return int(value) + 7 + 2 * n
+        if tag in _ROWS_COLUMNS:  # no structure depends on them, nor on their being equal
+            return _probe_dimension(tag, int(value))
         if vr in _BINARY_VRS:
             n = self.number("bytes", bytes(value))
             return bytes(b ^ (0x5A + n) % 256 for b in value)
@@ -231,9 +230,8 @@ class _Walk:
                             outcome.clinical_use))
         if isinstance(outcome, NotInterpreted):
             return dataclasses.replace(outcome, reason=self.text("reason", outcome.reason))
-        self.tokens.append("rows-columns")
-        rows = int(outcome.source_rows) + 7 + 2 * self.number("dimension", int(outcome.source_rows))
-        columns = int(outcome.source_columns) + 7 + 2 * self.number("dimension", int(outcome.source_columns))
+        rows = _probe_dimension(0x00280010, int(outcome.source_rows))
+        columns = _probe_dimension(0x00280011, int(outcome.source_columns))
         probs = {}
         for label in CHEXPERT_LABELS:
             p, threshold = float(outcome.label_probs[label]), self._threshold(label)
@@ -274,6 +272,12 @@ class _Walk:
     def _threshold(self, label: str) -> float:
         assert self._options is not None
         return self._options.threshold(label)
+
+
+def _probe_dimension(tag: int, value: int) -> int:
+    """Rows (0028,0010) or Columns (0028,0011) of a probe: never equal to each other in both the study and
+    its probe, so that the two can never be mistaken for one another."""
+    return value + (7 if tag == 0x00280010 else 12)
 
 
 def _generated_text_is_ascii(outcome: ImageResult | NotInterpreted) -> bool:
@@ -377,9 +381,9 @@ def _pydicom_element(elem: DataElement, encodings: list[str]) -> bytes:
     return fp.getvalue()
 
 
-def _value_bytes(tag: int, vr: str, value: Any, encodings: list[str]) -> bytes:
-    """The whole element ``tag`` holding ``value``: plain strings and floats directly, the rest (person
-    names, non-ASCII text, multiple values, sequences) by pydicom."""
+def _plain_value(vr: str, value: Any) -> bytes | None:
+    """The encoded value of a plain string (ASCII: the same in every character set) or float(s), or None
+    for anything else."""
     kind = type(value)
     if kind is str or kind is UID:
         if value.isascii() and (vr in _TEXT_VRS or vr in ("UI", "PN")):
@@ -387,12 +391,20 @@ def _value_bytes(tag: int, vr: str, value: Any, encodings: list[str]) -> bytes:
             if len(data) % 2:
                 data += b"\x00" if vr == "UI" else b" "
             if len(data) <= 0xFFFF or vr in _LONG_VRS:
-                return _header(tag, vr, len(data)) + data
+                return data
     elif kind is float and vr in ("FD", "FL"):
-        return _header(tag, vr, 8 if vr == "FD" else 4) + struct.pack("<d" if vr == "FD" else "<f", value)
+        return struct.pack("<d" if vr == "FD" else "<f", value)
     elif kind is list and vr in ("FD", "FL") and all(type(v) is float for v in value):
-        code = "d" if vr == "FD" else "f"
-        return _header(tag, vr, len(value) * struct.calcsize(code)) + struct.pack(f"<{len(value)}{code}", *value)
+        return struct.pack(f"<{len(value)}{'d' if vr == 'FD' else 'f'}", *value)
+    return None
+
+
+def _value_bytes(tag: int, vr: str, value: Any, encodings: list[str]) -> bytes:
+    """The whole element ``tag`` holding ``value``: plain strings and floats directly, the rest (person
+    names, non-ASCII text, multiple values, sequences) by pydicom."""
+    data = _plain_value(vr, value)
+    if data is not None:
+        return _header(tag, vr, len(data)) + data
     return _pydicom_element(DataElement(tag, vr, value), encodings)
 
 
@@ -405,6 +417,21 @@ class _Slot:
     vr: str
     fact: str
     encodings: list[str]
+
+    prefix: bytes = dataclasses.field(init=False, repr=False)
+    length_format: str = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        long = self.vr in _LONG_VRS
+        object.__setattr__(self, "prefix", struct.pack("<HH2s", self.tag >> 16, self.tag & 0xFFFF, self.vr.encode())
+                           + (b"\x00\x00" if long else b""))
+        object.__setattr__(self, "length_format", "<L" if long else "<H")
+
+    def render(self, value: Any) -> bytes:
+        data = _plain_value(self.vr, value)
+        if data is None:
+            return _pydicom_element(DataElement(self.tag, self.vr, value), self.encodings)
+        return self.prefix + struct.pack(self.length_format, len(data)) + data
 
 
 @dataclass(frozen=True)
@@ -427,7 +454,7 @@ def _render(parts: list[Any], values: dict[str, Any]) -> bytes:
         if kind is bytes:
             out.append(part)
         elif kind is _Slot:
-            out.append(_value_bytes(part.tag, part.vr, values[part.fact], part.encodings))
+            out.append(part.render(values[part.fact]))
         else:
             body = _render(part.parts, values)
             if part.tag is None:  # an item
@@ -581,15 +608,19 @@ class Template:
 
     def header(self, values: dict[str, Any]) -> Dataset:
         """The attributes of the object its database row records."""
-        ds = Dataset()
+        ds = Dataset({tag: elem for tag, elem in self.record.items() if isinstance(elem, DataElement)})
         for tag, source in self.record.items():
-            if isinstance(source, DataElement):
-                ds.add(source)
-            else:
-                ds.add(DataElement(tag, source[0], values[source[1]]))
-        ds.file_meta = Dataset()
-        ds.file_meta.TransferSyntaxUID = self.transfer_syntax
+            if not isinstance(source, DataElement):
+                # (the value was checked when the template reproduced pydicom's encoding of it)
+                ds.add(DataElement(tag, source[0], values[source[1]], validation_mode=config.IGNORE))
+        ds.file_meta = self._meta
         return ds
+
+    @property
+    def _meta(self) -> Dataset:
+        meta = Dataset()
+        meta.TransferSyntaxUID = self.transfer_syntax
+        return meta
 
 
 def _slots(parts: Iterable[Any]) -> dict[int, _Slot]:
@@ -668,10 +699,15 @@ class TemplateCache:
             if entry is not None:
                 self._entries.move_to_end(key)
         if isinstance(entry, list):
-            values = facts(study, options, when)
-            with self._lock:
-                self.hits += 1
-            return [Encoded(t.header(values), t.render(values)) for t in entry]
+            try:
+                values = facts(study, options, when)
+                encoded = [Encoded(t.header(values), t.render(values)) for t in entry]
+            except Exception:  # noqa: BLE001 - highdicom builds it, and says what is wrong if anything is
+                log.debug("a templated study fell back to highdicom", exc_info=True)
+            else:
+                with self._lock:
+                    self.hits += 1
+                return encoded
         objects = build(study, options, now=when)
         encoded = [Encoded(obj, encode(obj)) for obj in objects]
         with self._lock:
@@ -705,8 +741,9 @@ class TemplateCache:
             for template, mine, theirs in zip(templates, encoded, probe_bytes, strict=True):
                 if template.render(mine_facts) != mine.data or template.render(probe_facts) != theirs:
                     raise NotTemplatable(f"the {template.kind} template does not reproduce pydicom's encoding")
-        except NotTemplatable as exc:
-            log.info("result objects of this shape are built by highdicom each time: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - whatever stops a template, highdicom still builds the objects
+            reason = str(exc) if isinstance(exc, NotTemplatable) else type(exc).__name__  # never patient data
+            log.info("result objects of this shape are built by highdicom each time: %s", reason)
             with self._lock:
                 self.refused += 1
             return _REFUSED
