@@ -29,6 +29,7 @@ Templates live in the process that made them (each spawned builder makes its own
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import io
@@ -51,7 +52,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DS, DT, TM, PersonName
 
 from pacs_node.results.build import build_study_objects
-from pacs_node.results.common import clipped_box, identity_kwargs, rectangle_polyline
+from pacs_node.results.common import character_set_kwargs, clipped_box, identity_kwargs, rectangle_polyline
 from pacs_node.results.kos import flagged_findings, kos_description
 from pacs_node.results.narrative_sr import image_comment_lines, not_interpreted_text, unique_sentences
 from pacs_node.results.options import ResultOptions
@@ -59,7 +60,7 @@ from pacs_node.results.study import StudyReport
 from pacs_node.results.uids import derived_uid
 from pacs_node.results import vocabulary as voc
 from pipelines.constants import CHEXPERT_LABELS
-from pipelines.interface import ImageResult, NotInterpreted, RegionResult
+from pipelines.interface import ImageResult, NotInterpreted
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class _Walk:
     part of the shape); with ``seed`` set, each such value is also replaced by a fresh one, the same for
     equal values (the probe keeps the study's equalities and hence its structure)."""
 
-    def __init__(self, seed: int | None, utf8: bool = False) -> None:
+    def __init__(self, options: ResultOptions, seed: int | None, utf8: bool = False) -> None:
+        self.options = options
         self.seed = seed
         self.utf8 = utf8
         self.tokens: list[object] = []
@@ -132,8 +134,7 @@ class _Walk:
         for elem in ds:
             value = self.element(elem)
             if out is not None:
-                copy = DataElement(elem.tag, elem.VR, value)
-                out.add(copy)
+                out.add(DataElement(elem.tag, elem.VR, value))
         return out
 
     def element(self, elem: DataElement) -> Any:
@@ -234,7 +235,7 @@ class _Walk:
         columns = _probe_dimension(0x00280011, int(outcome.source_columns))
         probs = {}
         for label in CHEXPERT_LABELS:
-            p, threshold = float(outcome.label_probs[label]), self._threshold(label)
+            p, threshold = float(outcome.label_probs[label]), self.options.threshold(label)
             present = p >= threshold
             self.tokens.append(present)
             n = self.number(f"p{threshold!r}{present}", p)
@@ -254,6 +255,8 @@ class _Walk:
             sentence = region.sentence
             if sentence and sentence.strip():
                 sentence = self.text("sentence", sentence.strip())
+            else:  # held as it is (blank, or None) by the findings SR: part of the shape
+                self.tokens.append(sentence)
             regions.append(dataclasses.replace(region, box=box, sentence=sentence))
         probe_sentences = list(unique_sentences(dataclasses.replace(outcome, regions=tuple(regions))))
         if report == " ".join(sentences):
@@ -267,12 +270,6 @@ class _Walk:
         return dataclasses.replace(outcome, regions=tuple(regions), report=new_report, label_probs=probs,
                                    impression=impression, source_rows=rows, source_columns=columns)
 
-    _options: ResultOptions | None = None
-
-    def _threshold(self, label: str) -> float:
-        assert self._options is not None
-        return self._options.threshold(label)
-
 
 def _probe_dimension(tag: int, value: int) -> int:
     """Rows (0028,0010) or Columns (0028,0011) of a probe: never equal to each other in both the study and
@@ -281,8 +278,7 @@ def _probe_dimension(tag: int, value: int) -> int:
 
 
 def _generated_text_is_ascii(outcome: ImageResult | NotInterpreted) -> bool:
-    from pacs_node.results.common import character_set_kwargs  # one rule for the character set
-    return not character_set_kwargs(Dataset(), outcome)
+    return not character_set_kwargs(Dataset(), outcome)  # one rule for the character set
 
 
 def _options_key(options: ResultOptions) -> tuple[object, ...]:
@@ -292,16 +288,14 @@ def _options_key(options: ResultOptions) -> tuple[object, ...]:
 
 def shape(study: StudyReport, options: ResultOptions) -> tuple[object, ...]:
     """What a template of ``study``'s objects is made for (see the module docstring)."""
-    walk = _Walk(None)
-    walk._options = options
+    walk = _Walk(options, None)
     walk.study(study)
     return (_options_key(options), _generated_text_is_ascii(study.outcome), *walk.tokens)
 
 
 def probe_of(study: StudyReport, options: ResultOptions, seed: int = 1) -> StudyReport:
     """``study`` with every value its shape leaves free replaced, equal values by equal ones."""
-    walk = _Walk(seed, utf8=not _generated_text_is_ascii(study.outcome))
-    walk._options = options
+    walk = _Walk(options, seed, utf8=not _generated_text_is_ascii(study.outcome))
     probe = walk.study(study)
     assert probe is not None
     return probe
@@ -608,7 +602,7 @@ class Template:
 
     def header(self, values: dict[str, Any]) -> Dataset:
         """The attributes of the object its database row records."""
-        ds = Dataset({tag: elem for tag, elem in self.record.items() if isinstance(elem, DataElement)})
+        ds = Dataset({tag: copy.copy(elem) for tag, elem in self.record.items() if isinstance(elem, DataElement)})
         for tag, source in self.record.items():
             if not isinstance(source, DataElement):
                 # (the value was checked when the template reproduced pydicom's encoding of it)

@@ -20,8 +20,10 @@ from pydicom.uid import generate_uid
 
 from pacs_node.results import ResultOptions, StudyReport, build_study_objects
 from pacs_node.results.build import single_image_report
+from pacs_node.results.builder_pool import ResultBuilders
 from pacs_node.results.common import evidence_header
-from pacs_node.results.templates import TemplateCache, encode, shape
+from pacs_node.results.templates import TEMPLATES, TemplateCache, encode, shape
+from pacs_node.work.instance_record import instance_record
 from pipelines.interface import FakePipeline, ImageResult, NotInterpreted
 from tests.pacs_node.results.synthetic import make_cr
 from tests.pacs_node.results.test_validators import validate_with_dciodvfy
@@ -252,3 +254,44 @@ def test_file_meta_is_complete() -> None:
     ds = pydicom.dcmread(io.BytesIO(first.data))
     assert isinstance(ds.file_meta, FileMetaDataset)
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+
+#: Set at build time: the worker's path dates its objects when it builds them.
+_BUILD_TIME = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+               "PresentationCreationDate", "PresentationCreationTime", "ContributionDateTime"}
+
+
+def test_the_worker_path_builds_from_templates() -> None:
+    options = ResultOptions()
+    studies = [_single(i) for i in range(4)]
+    before = TEMPLATES.hits
+    with ResultBuilders(0, options) as builders:
+        built = builders.build(studies)
+    assert TEMPLATES.hits - before >= 2
+    last = built[-1]
+    assert isinstance(last, list)
+    reference = build_study_objects(studies[-1], options)
+    assert [b.fields for b in last] == [instance_record(obj) for obj in reference]
+    assert [_undated(b.data) for b in last] == [_undated(encode(obj)) for obj in reference]
+
+
+def _undated(data: bytes) -> list[tuple[str, str, object]]:
+    dated = _time_paths(data)
+    return [e for e in _decoded(data) if e[0] not in dated]
+
+
+def _time_paths(data: bytes) -> set[str]:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    paths: set[str] = set()
+
+    def walk(item: Dataset, path: str) -> None:
+        for elem in item:
+            here = f"{path}{elem.tag}"
+            if elem.keyword in _BUILD_TIME:
+                paths.add(here)
+            if elem.VR == "SQ":
+                for n, child in enumerate(elem.value):
+                    walk(child, f"{here}[{n}]")
+
+    walk(ds, "")
+    return paths
