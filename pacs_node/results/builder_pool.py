@@ -62,6 +62,19 @@ def build_encoded(study: StudyReport, options: ResultOptions) -> list[Built]:
             for obj in TEMPLATES.encoded_study_objects(study, options, build=build_study_objects)]
 
 
+def build_batch(studies: list[StudyReport], options: ResultOptions) -> list[list[Built] | Exception]:
+    """:func:`build_encoded` of each study, or the exception that stopped it, in order (one task of a
+    builder process: a task's round trip costs more than building from a template)."""
+    return [_built_or_error(study, options) for study in studies]
+
+
+def _built_or_error(study: StudyReport, options: ResultOptions) -> list[Built] | Exception:
+    try:
+        return build_encoded(study, options)
+    except Exception as exc:  # noqa: BLE001 - the caller fails this image's job with it
+        return exc
+
+
 def auto_processes(device: str) -> int:
     """``worker.result_processes`` left unset: none where the models run on the CPU (its cores are busy
     with them), else all cores but two (the worker's and the listener's), at most :data:`MAX_AUTO_PROCESSES`."""
@@ -98,26 +111,23 @@ class ResultBuilders:
 
     def build(self, items: list[StudyReport]) -> list[list[Built] | Exception]:
         if self.processes == 0 or len(items) == 0:
-            return [self._here(study) for study in items]
+            return build_batch(items, self.options)
         pool = self._get_pool()
-        futures = [pool.submit(build_encoded, study, self.options) for study in items]
-        return [self._collect(future) for future in futures]
+        size = -(-len(items) // self.processes)  # one batch per process
+        batches = [items[start:start + size] for start in range(0, len(items), size)]
+        futures = [pool.submit(build_batch, batch, self.options) for batch in batches]
+        return [built for future, batch in zip(futures, batches, strict=True)
+                for built in self._collect(future, len(batch))]
 
-    def _here(self, study: StudyReport) -> list[Built] | Exception:
-        try:
-            return build_encoded(study, self.options)
-        except Exception as exc:  # noqa: BLE001 - the caller fails this image's job with it
-            return exc
-
-    def _collect(self, future: Future[list[Built]]) -> list[Built] | Exception:
+    def _collect(self, future: Future[list[list[Built] | Exception]], count: int) -> list[list[Built] | Exception]:
         try:
             return future.result()
         except BrokenProcessPool as exc:  # a builder died (killed, out of memory): start a new pool
             log.error("a result builder process died: %s; starting new ones", exc)
             self.close()
-            return exc
-        except Exception as exc:  # noqa: BLE001 - raised by the builder: the caller fails this image's job
-            return exc
+            return [exc] * count
+        except Exception as exc:  # noqa: BLE001 - raised by the builder: the caller fails these images' jobs
+            return [exc] * count
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
