@@ -678,10 +678,6 @@ class TemplateCache:
         self._entries: OrderedDict[tuple[object, ...], Any] = OrderedDict()
         self.hits = self.misses = self.made = self.refused = 0
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
     def encoded_study_objects(self, study: StudyReport, options: ResultOptions,
                               now: datetime.datetime | None = None,
                               build: Callable[..., list[Dataset]] = build_study_objects) -> list[Encoded]:
@@ -748,9 +744,3 @@ class TemplateCache:
 
 #: This process's templates.
 TEMPLATES = TemplateCache()
-
-
-def encoded_study_objects(study: StudyReport, options: ResultOptions,
-                          now: datetime.datetime | None = None) -> list[Encoded]:
-    """:func:`build_study_objects`, encoded: from this process's templates where the study's shape has one."""
-    return TEMPLATES.encoded_study_objects(study, options, now)
