@@ -91,6 +91,8 @@ _SPELLINGS = {vr: re.compile(pattern) for vr, pattern in {
     "AE": r"[ -~]{0,16}", "AS": r"\d{3}[DWMY]", "CS": r"[A-Z0-9_ ]{0,16}", "DA": r"\d{8}",
     "DS": r"[0-9+\-eE. ]{1,16}", "DT": r"[0-9.+\-]{4,26}", "IS": r"[0-9+\- ]{1,12}", "TM": r"[0-9.]{2,14}",
     "UI": r"[0-9.]{1,64}", "UR": r"\S*"}.items()}
+#: The name of a fact that is an attribute of an evidence header: e<image>.<tag>.<VR>[.<form>]
+_SOURCE_FACT = re.compile(r"e\d+\.[0-9a-f]{8}\.")
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 
@@ -134,7 +136,9 @@ class _Walk:
         for elem in ds:
             value = self.element(elem)
             if out is not None:
-                out.add(DataElement(elem.tag, elem.VR, value))
+                probed = DataElement(elem.tag, elem.VR, value)
+                probed.is_undefined_length = elem.is_undefined_length  # how a copied sequence is written
+                out.add(probed)
         return out
 
     def element(self, elem: DataElement) -> Any:
@@ -143,8 +147,12 @@ class _Walk:
             self.tokens.append((tag, "SQ", len(value), elem.is_undefined_length))
             items = []
             for item in value:
-                self.tokens.append(getattr(item, "is_undefined_length_sequence_item", False))
-                items.append(self.header(item))
+                undefined = getattr(item, "is_undefined_length_sequence_item", False)
+                self.tokens.append(undefined)
+                probed = self.header(item)
+                if probed is not None:
+                    probed.is_undefined_length_sequence_item = undefined
+                items.append(probed)
                 self.tokens.append("end")
             return Sequence(items) if self.seed is not None else value
         empty = value is None or value == "" or (isinstance(value, (MultiValue, list)) and len(value) == 0)
@@ -312,6 +320,9 @@ def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime) ->
         for elem in header:
             if not elem.is_empty:
                 out[f"e{i}.{int(elem.tag):08x}.{elem.VR}"] = elem.value
+                if elem.VR == "DS":  # as highdicom rewrites one (a window centre, a spacing): a float
+                    floats = [float(v) for v in elem.value] if elem.VM > 1 else float(elem.value)
+                    out[f"e{i}.{int(elem.tag):08x}.{elem.VR}.float"] = floats
     for kind, previous in study.predecessors.items():
         for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             out[f"previous.{kind}.{keyword}"] = previous[keyword].value
@@ -506,7 +517,7 @@ class _Matcher:
         return self._index[key]
 
     def _value(self, name: str, vr: str, value: Any, encodings: list[str]) -> bytes | None:
-        if name.startswith("e") and not name.endswith(f".{vr}"):
+        if _SOURCE_FACT.match(name) and name.split(".")[2] != vr:
             return None  # a source attribute is only ever copied as what it is
         if not _fits(vr, value):
             return None

@@ -4,6 +4,7 @@ highdicom's build of it at the same instant; and dciodvfy finds nothing in them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import io
@@ -295,3 +296,27 @@ def _time_paths(data: bytes) -> set[str]:
 
     walk(ds, "")
     return paths
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm"])
+def test_a_real_radiograph_is_templated(real_dicom_dir: Path, name: str) -> None:
+    """A real CR header (ISO_IR 100, a copied Source Image Sequence of undefined length, window values
+    highdicom rewrites as floats) templates, and its next patient's objects are highdicom's."""
+    source = pydicom.dcmread(real_dicom_dir / name)
+
+    def patient(i: int) -> StudyReport:
+        image = copy.deepcopy(source)
+        image.SOPInstanceUID, image.StudyInstanceUID = generate_uid(), generate_uid()
+        image.PatientID, image.PatientName = f"REAL-{i}", f"Müller^Anna{i}"
+        return single_image_report(image, _result(image, i))
+
+    cache = TemplateCache()
+    for i in (0, 1):
+        cache.encoded_study_objects(patient(i), ResultOptions())
+    assert (cache.made, cache.refused) == (1, 0)
+    study = patient(2)
+    templated = [b.data for b in cache.encoded_study_objects(study, ResultOptions(), now=NOW)]
+    assert cache.hits == 1
+    reference = [encode(obj) for obj in build_study_objects(study, ResultOptions(), now=NOW)]
+    assert [_decoded(b) for b in templated] == [_decoded(b) for b in reference]
+    assert templated == reference
