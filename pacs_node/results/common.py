@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 import re
 
@@ -15,6 +16,7 @@ from highdicom.sr import (
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, DT, TM
 
 from pacs_node.results.options import ResultOptions
 from pacs_node.results.uids import derived_uid, result_series_uid, result_uid
@@ -208,3 +210,21 @@ def previous_versions(report: StudyReport, kind: str) -> list[Dataset] | None:
     Documents Sequence), or None for a first report."""
     previous = report.predecessors.get(kind)
     return [previous] if previous is not None else None
+
+
+#: The creation dates and times highdicom sets, each from its own call of the clock.
+_STAMPED = (("InstanceCreationDate", "InstanceCreationTime"), ("ContentDate", "ContentTime"),
+            ("PresentationCreationDate", "PresentationCreationTime"))
+
+
+def stamp(ds: Dataset, now: datetime.datetime) -> None:
+    """Date every creation date and time of ``ds`` (those it has) ``now``: one instant for the whole
+    object, which a template can fill in and a test can fix."""
+    for date_keyword, time_keyword in _STAMPED:
+        if date_keyword in ds:
+            ds[date_keyword].value = DA(now.date())
+        if time_keyword in ds:
+            ds[time_keyword].value = TM(now.time())
+    for item in ds.get("ContributingEquipmentSequence", []):  # highdicom names itself, dated its own now
+        if "ContributionDateTime" in item and item.get("ManufacturerModelName") == "highdicom":
+            item.ContributionDateTime = DT(now)

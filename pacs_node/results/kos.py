@@ -33,6 +33,15 @@ def flagged_findings(result: ImageResult, options: ResultOptions) -> list[str]:
             if float(result.label_probs[label]) >= options.threshold(label)]
 
 
+def kos_description(result: ImageResult, findings: list[str]) -> str:
+    """The KOS's description of why it flags the image: the findings and their probabilities."""
+    description = "AI flagged: " + ", ".join(
+        f"{label} {float(result.label_probs[label]):.2f}" for label in findings)
+    if not result.clinical_use:
+        description = "NOT FOR CLINICAL USE. " + description
+    return description[:1024]
+
+
 def build_kos(study: StudyReport, options: ResultOptions) -> KeyObjectSelectionDocument | None:
     """The KOS flagging the study's analysed image, or None when no finding reaches its threshold (or the
     study was not interpreted)."""
@@ -42,15 +51,12 @@ def build_kos(study: StudyReport, options: ResultOptions) -> KeyObjectSelectionD
     findings = flagged_findings(result, options)
     if not findings:
         return None
-    description = "AI flagged: " + ", ".join(
-        f"{label} {float(result.label_probs[label]):.2f}" for label in findings)
-    if not result.clinical_use:
-        description = "NOT FOR CLINICAL USE. " + description
+    description = kos_description(result, findings)
     content = KeyObjectSelection(
         document_title=codes.DCM.OfInterest,
         referenced_objects=[source],
         observer_device_context=device_observer(options),
-        description=description[:1024],
+        description=description,
     )
     kos = KeyObjectSelectionDocument(
         evidence=[source],

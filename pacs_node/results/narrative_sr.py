@@ -83,12 +83,23 @@ def _image_reference(image: Dataset, concept: Code = STUDY_IMAGE) -> ImageConten
     )
 
 
+def image_comment_lines(study: StudyReport) -> list[tuple[Dataset, str]]:
+    """Each image of the study with the comment on it: read, or set aside, and why."""
+    lines = ([(study.analysed, f"Image analysed: {study.analysed_reason}.")] if study.analysed is not None else [])
+    lines += [(image, f"Image set aside: {reason}.") for image, reason in study.set_aside]
+    return lines
+
+
+def not_interpreted_text(study: StudyReport) -> str:
+    """The one finding of a study the models did not read."""
+    reason = study.outcome.reason if isinstance(study.outcome, NotInterpreted) else ""
+    return f"Not interpreted: {reason}. No findings are reported for this study."
+
+
 def _image_comments(study: StudyReport) -> list[TextContentItem]:
     """What was read and what was set aside, with the reasons, each pointing at its image."""
     items = []
-    lines = ([(study.analysed, f"Image analysed: {study.analysed_reason}.")] if study.analysed is not None else [])
-    lines += [(image, f"Image set aside: {reason}.") for image, reason in study.set_aside]
-    for image, text in lines:
+    for image, text in image_comment_lines(study):
         item = TextContentItem(name=codes.DCM.Comment, value=text, relationship_type=_CONTAINS)
         item.ContentSequence = ContentSequence([_image_reference(image)])
         items.append(item)
@@ -97,14 +108,12 @@ def _image_comments(study: StudyReport) -> list[TextContentItem]:
 
 def _not_interpreted_section(study: StudyReport) -> ContainerContentItem:
     section = ContainerContentItem(name=codes.LN.Findings, relationship_type=_CONTAINS)
-    reason = study.outcome.reason if isinstance(study.outcome, NotInterpreted) else ""
     section.ContentSequence = ContentSequence([TextContentItem(
-        name=codes.DCM.Finding, value=f"Not interpreted: {reason}. No findings are reported for this study.",
-        relationship_type=_CONTAINS)])
+        name=codes.DCM.Finding, value=not_interpreted_text(study), relationship_type=_CONTAINS)])
     return section
 
 
-def _sentences(result: ImageResult) -> OrderedDict[str, list[RegionResult]]:
+def unique_sentences(result: ImageResult) -> OrderedDict[str, list[RegionResult]]:
     """Unique sentences in report order, each with the regions that produced it."""
     by_sentence: OrderedDict[str, list[RegionResult]] = OrderedDict()
     for region in result.selected_regions:
@@ -116,7 +125,7 @@ def _sentences(result: ImageResult) -> OrderedDict[str, list[RegionResult]]:
 def _findings_section(source: Dataset, result: ImageResult) -> ContainerContentItem:
     section = ContainerContentItem(name=codes.LN.Findings, relationship_type=_CONTAINS)
     items = ContentSequence()
-    by_sentence = _sentences(result)
+    by_sentence = unique_sentences(result)
     report = result.report.strip()
     if report and report != " ".join(by_sentence):
         # The report is more than its region sentences (e.g. post-processed): keep it verbatim.

@@ -1,0 +1,757 @@
+"""Result objects from templates: highdicom builds each object's structure once per *shape*, and every
+later study of that shape gets its encoded bytes by filling the per-image values into that structure.
+
+Why: highdicom builds and pydicom encodes an image's four objects in ~200 ms of pure Python (deep copies,
+content-tree searches, element-by-element encoding), while the part that differs from one image to the
+next (UIDs, dates, patient and study attributes, references, probabilities, coordinates, text) is a few
+hundred bytes.
+
+How, and why it cannot silently go wrong:
+
+* The *shape* of a study (:func:`shape`) is everything that can change an object's structure: the
+  options, the bundle, which attributes each evidence header has (and which are empty), the values that
+  select a structure (code strings, binary numbers such as Samples per Pixel, the SOP Class), which
+  findings are present, which regions are selected and which have sentences, and which values are equal
+  to which (equal series UIDs are grouped, equal sentences merged). It holds no patient data itself,
+  only positions of values among their equals.
+* The first time a shape is seen, highdicom builds the study as before. The second time, highdicom builds
+  it and a *probe*: the same study with every other value replaced (:func:`probe_of`). The elements that
+  differ between the two encodings are the per-image ones; each must be, in both, the encoding of one
+  named value computed cheaply from the study (:func:`facts`), or no template is made. The template is
+  then rendered for both studies and must reproduce pydicom's bytes for both exactly, or it is dropped.
+* A template is only a list of encoded segments and slots: sequences and items keep pydicom's defined
+  lengths, which rendering recomputes; text is encoded in the object's Specific Character Set (a
+  non-ASCII value goes through pydicom's own encoder).
+
+Templates live in the process that made them (each spawned builder makes its own) behind a lock, at most
+:data:`MAX_TEMPLATES` shapes, the least recently used dropped first.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import io
+import logging
+import re
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import DataElement, Dataset, config
+from pydicom.charset import convert_encodings
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.valuerep import DA, DS, DT, TM, PersonName
+
+from pacs_node.results.build import build_study_objects
+from pacs_node.results.common import character_set_kwargs, clipped_box, identity_kwargs, rectangle_polyline
+from pacs_node.results.kos import flagged_findings, kos_description
+from pacs_node.results.narrative_sr import image_comment_lines, not_interpreted_text, unique_sentences
+from pacs_node.results.options import ResultOptions
+from pacs_node.results.study import StudyReport
+from pacs_node.results.uids import derived_uid
+from pacs_node.results import vocabulary as voc
+from pipelines.constants import CHEXPERT_LABELS
+from pipelines.interface import ImageResult, NotInterpreted
+
+log = logging.getLogger(__name__)
+
+#: Shapes whose templates a process keeps.
+MAX_TEMPLATES = 256
+#: The kinds of object, in the order :func:`build_study_objects` returns them.
+KINDS = ("ai-sr", "narrative-sr", "kos", "gsps")
+
+_KIND_BY_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.88.34": "ai-sr",
+    "1.2.840.10008.5.1.4.1.1.88.22": "narrative-sr",
+    "1.2.840.10008.5.1.4.1.1.88.59": "kos",
+    "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
+}
+
+#: Value representations whose value selects a structure (kept in the shape, never probed).
+_SHAPE_VRS = frozenset({"CS", "US", "SS", "UL", "SL", "UV", "SV", "AT"})
+#: Attributes that select a structure whatever their VR.
+_SHAPE_TAGS = frozenset({0x00080005, 0x00080016})  # Specific Character Set, SOP Class UID
+_ROWS_COLUMNS = frozenset({0x00280010, 0x00280011})
+_TEXT_VRS = frozenset({"AE", "AS", "DA", "DS", "DT", "IS", "LO", "LT", "SH", "ST", "TM", "UC", "UR", "UT",
+                       "CS"})
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_CHARSET_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+_MAX_LENGTH = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240}
+#: What a value of the other string VRs may be spelt with (PS3.5 6.2), to try only values that fit.
+_SPELLINGS = {vr: re.compile(pattern) for vr, pattern in {
+    "AE": r"[ -~]{0,16}", "AS": r"\d{3}[DWMY]", "CS": r"[A-Z0-9_ ]{0,16}", "DA": r"\d{8}",
+    "DS": r"[0-9+\-eE. ]{1,16}", "DT": r"[0-9.+\-]{4,26}", "IS": r"[0-9+\- ]{1,12}", "TM": r"[0-9.]{2,14}",
+    "UI": r"[0-9.]{1,64}", "UR": r"\S*"}.items()}
+#: The name of a fact that is an attribute of an evidence header: e<image>.<tag>.<VR>[.<form>]
+_SOURCE_FACT = re.compile(r"e\d+\.[0-9a-f]{8}\.")
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+class NotTemplatable(Exception):
+    """This shape's objects cannot be made from a template (the reason says which element); highdicom
+    builds them."""
+
+
+# -- the shape of a study, and its probe -----------------------------------------------------------------
+
+
+class _Walk:
+    """One pass over everything a study's objects are made of. Each value that may vary is numbered by
+    its first occurrence among equal values of its kind (the shape records the numbers, so equalities are
+    part of the shape); with ``seed`` set, each such value is also replaced by a fresh one, the same for
+    equal values (the probe keeps the study's equalities and hence its structure)."""
+
+    def __init__(self, options: ResultOptions, seed: int | None, utf8: bool = False) -> None:
+        self.options = options
+        self.seed = seed
+        self.utf8 = utf8
+        self.tokens: list[object] = []
+        self._numbers: dict[tuple[str, object], int] = {}
+
+    def number(self, kind: str, value: object) -> int:
+        key = (kind, value)
+        if key not in self._numbers:
+            self._numbers[key] = len(self._numbers)
+        n = self._numbers[key]
+        self.tokens.append(n)
+        return n
+
+    def text(self, kind: str, value: str) -> str:
+        n = self.number(kind, value)
+        return f"Probe {kind} {self.seed}-{n}{' ≥' if self.utf8 else ''}"
+
+    # -- headers --------------------------------------------------------------------------------------------
+
+    def header(self, ds: Dataset) -> Dataset | None:
+        out = Dataset() if self.seed is not None else None
+        for elem in ds:
+            value = self.element(elem)
+            if out is not None:
+                probed = DataElement(elem.tag, elem.VR, value)
+                probed.is_undefined_length = elem.is_undefined_length  # how a copied sequence is written
+                out.add(probed)
+        return out
+
+    def element(self, elem: DataElement) -> Any:
+        tag, vr, value = int(elem.tag), elem.VR, elem.value
+        if vr == "SQ":
+            self.tokens.append((tag, "SQ", len(value), elem.is_undefined_length))
+            items = []
+            for item in value:
+                undefined = getattr(item, "is_undefined_length_sequence_item", False)
+                self.tokens.append(undefined)
+                probed = self.header(item)
+                if probed is not None:
+                    probed.is_undefined_length_sequence_item = undefined
+                items.append(probed)
+                self.tokens.append("end")
+            return Sequence(items) if self.seed is not None else value
+        empty = value is None or value == "" or (isinstance(value, (MultiValue, list)) and len(value) == 0)
+        self.tokens.append((tag, vr, len(value) if isinstance(value, (MultiValue, list)) else 1, empty))
+        if empty:
+            return value
+        # (a private attribute selects nothing: no builder reads one)
+        if tag in _SHAPE_TAGS or (vr in _SHAPE_VRS and tag not in _ROWS_COLUMNS and not elem.tag.is_private):
+            self.tokens.append(str(value))
+            return value
+        if isinstance(value, MultiValue):
+            values = [self.scalar(tag, vr, v) for v in value]
+            return values if self.seed is not None else value
+        return self.scalar(tag, vr, value)
+
+    def scalar(self, tag: int, vr: str, value: Any) -> Any:
+        if tag in _ROWS_COLUMNS:  # no structure depends on them, nor on their being equal
+            return _probe_dimension(tag, int(value))
+        if vr in _BINARY_VRS:
+            n = self.number("bytes", bytes(value))
+            return bytes(b ^ (0x5A + n) % 256 for b in value)
+        kind = "uid" if vr == "UI" else vr
+        n = self.number(kind, str(value))
+        if self.seed is None:
+            return value
+        seed = self.seed
+        if vr == "UI":
+            return derived_uid("template-probe", str(seed), str(value))
+        if vr == "PN":
+            return f"Probe{seed}^N{n}"
+        if vr == "DA":
+            return (datetime.date(1950, 1, 1) + datetime.timedelta(days=37 * n + seed)).strftime("%Y%m%d")
+        if vr == "TM":
+            return f"{n % 24:02d}{n // 24 % 60:02d}{seed % 60:02d}"
+        if vr == "DT":
+            return f"{1950 + n:04d}0102{n % 24:02d}{seed % 60:02d}00"
+        if vr == "AS":
+            return f"{(n + seed) % 1000:03d}Y"
+        if vr in ("DS", "FL", "FD", "OF", "OD"):
+            return float(f"{n + 1}.{seed}5") if vr in ("FL", "FD") else f"{n + 1}.{seed}5"
+        if vr == "IS":
+            return str(10 * n + seed + 1)
+        if vr in ("US", "UL", "SS", "SL", "UV", "SV"):
+            return n + 3 + seed
+        if vr == "CS":
+            return f"P{seed}_{n}"
+        if vr in ("SH", "LO", "LT", "ST", "UT", "UC", "AE"):
+            return f"P{seed}-{n}"
+        if vr == "UR":
+            return f"urn:probe:{seed}:{n}"
+        raise NotTemplatable(f"no probe value for VR {vr}")
+
+    # -- the study -----------------------------------------------------------------------------------------
+
+    def study(self, study: StudyReport) -> StudyReport | None:
+        probing = self.seed is not None
+        analysed = self.header(study.analysed) if study.analysed is not None else None
+        self.tokens.append(study.analysed is None)
+        set_aside = []
+        for header, reason in study.set_aside:
+            set_aside.append((self.header(header), self.text("reason", reason)))
+            self.tokens.append("aside")
+        analysed_reason = self.text("reason", study.analysed_reason)
+        subject = derived_uid("template-probe", str(self.seed), study.subject) if probing else study.subject
+        self.number("uid", study.subject)
+        version = 100 + self.number("version", int(study.version)) if probing else study.version
+        predecessors = {}
+        for kind in sorted(study.predecessors):
+            previous = study.predecessors[kind]
+            self.tokens.append(kind)
+            reduced = Dataset()
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+                reduced[keyword] = previous[keyword]
+            predecessors[kind] = self.header(reduced)
+        outcome = self.outcome(study)
+        if not probing:
+            return None
+        return StudyReport(analysed, analysed_reason, tuple(set_aside), outcome, subject, version,
+                           predecessors)
+
+    def outcome(self, study: StudyReport) -> ImageResult | NotInterpreted:
+        outcome = study.outcome
+        self.tokens.append((type(outcome).__name__, outcome.model_name, outcome.model_version,
+                            outcome.clinical_use))
+        if isinstance(outcome, NotInterpreted):
+            return dataclasses.replace(outcome, reason=self.text("reason", outcome.reason))
+        rows = _probe_dimension(0x00280010, int(outcome.source_rows))
+        columns = _probe_dimension(0x00280011, int(outcome.source_columns))
+        probs = {}
+        for label in CHEXPERT_LABELS:
+            p, threshold = float(outcome.label_probs[label]), self.options.threshold(label)
+            present = p >= threshold
+            self.tokens.append(present)
+            n = self.number(f"p{threshold!r}{present}", p)
+            probs[label] = (threshold + (1 - threshold) / (n + 2)) if present else threshold * (n + 1) / (n + 2)
+        sentences = list(unique_sentences(outcome))
+        report = outcome.report.strip()
+        self.tokens.append((bool(report), report == " ".join(sentences)))
+        regions = []
+        for region in outcome.regions:
+            self.tokens.append((region.name, region.selected, bool(region.sentence),
+                                bool(region.sentence and region.sentence.strip())))
+            if not region.selected:
+                regions.append(region)
+                continue
+            n = self.number("box", tuple(float(v) for v in region.box))
+            box = (1.0 + n, 2.5 + n, 11.75 + n, 9.25 + n)
+            sentence = region.sentence
+            if sentence and sentence.strip():
+                sentence = self.text("sentence", sentence.strip())
+            else:  # held as it is (blank, or None) by the findings SR: part of the shape
+                self.tokens.append(sentence)
+            regions.append(dataclasses.replace(region, box=box, sentence=sentence))
+        probe_sentences = list(unique_sentences(dataclasses.replace(outcome, regions=tuple(regions))))
+        if report == " ".join(sentences):
+            new_report = " ".join(probe_sentences)
+        else:
+            new_report = self.text("report", report) if report else outcome.report
+        impression = outcome.impression
+        self.tokens.append(impression is not None and bool(impression.strip()))
+        if impression is not None and impression.strip():
+            impression = self.text("impression", impression.strip())
+        return dataclasses.replace(outcome, regions=tuple(regions), report=new_report, label_probs=probs,
+                                   impression=impression, source_rows=rows, source_columns=columns)
+
+
+def _probe_dimension(tag: int, value: int) -> int:
+    """Rows (0028,0010) or Columns (0028,0011) of a probe: never equal to each other in both the study and
+    its probe, so that the two can never be mistaken for one another."""
+    return value + (7 if tag == 0x00280010 else 12)
+
+
+def _generated_text_is_ascii(outcome: ImageResult | NotInterpreted) -> bool:
+    return not character_set_kwargs(Dataset(), outcome)  # one rule for the character set
+
+
+def _options_key(options: ResultOptions) -> tuple[object, ...]:
+    return tuple((f.name, tuple(sorted(getattr(options, f.name).items())) if f.name == "per_finding_thresholds"
+                  else getattr(options, f.name)) for f in dataclasses.fields(options))
+
+
+def shape(study: StudyReport, options: ResultOptions) -> tuple[object, ...]:
+    """What a template of ``study``'s objects is made for (see the module docstring)."""
+    walk = _Walk(options, None)
+    walk.study(study)
+    return (_options_key(options), _generated_text_is_ascii(study.outcome), *walk.tokens)
+
+
+def probe_of(study: StudyReport, options: ResultOptions, seed: int = 1) -> StudyReport:
+    """``study`` with every value its shape leaves free replaced, equal values by equal ones."""
+    walk = _Walk(options, seed, utf8=not _generated_text_is_ascii(study.outcome))
+    probe = walk.study(study)
+    assert probe is not None
+    return probe
+
+
+# -- the per-image values ------------------------------------------------------------------------------
+
+
+def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime) -> dict[str, Any]:
+    """Every value a result object of ``study`` may hold that is not fixed by its shape, by name."""
+    out: dict[str, Any] = {"now.date": str(DA(now.date())), "now.time": str(TM(now.time())),
+                           "now.datetime": str(DT(now))}
+    for i, header in enumerate(study.evidence):
+        for elem in header:
+            if not elem.is_empty:
+                out[f"e{i}.{int(elem.tag):08x}.{elem.VR}"] = elem.value
+                if elem.VR == "DS":  # as highdicom rewrites one (a window centre, a spacing): a float
+                    floats = [float(v) for v in elem.value] if elem.VM > 1 else float(elem.value)
+                    out[f"e{i}.{int(elem.tag):08x}.{elem.VR}.float"] = floats
+    for kind, previous in study.predecessors.items():
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            out[f"previous.{kind}.{keyword}"] = previous[keyword].value
+    for kind in KINDS:
+        identity = identity_kwargs(study, kind)
+        out[f"{kind}.series"] = identity["series_instance_uid"]
+        out[f"{kind}.sop"] = identity["sop_instance_uid"]
+    out["instance_number"] = str(identity["instance_number"])
+    for i, (_, text) in enumerate(image_comment_lines(study)):
+        out[f"comment.{i}"] = text
+    if not study.interpreted:
+        out["not-interpreted"] = not_interpreted_text(study)
+        return out
+    source, result = study.analysed, study.result
+    assert source is not None
+    uid = str(source.SOPInstanceUID)
+    rows, columns = int(source.Rows), int(source.Columns)
+    out["columns-rows"] = [columns, rows]
+    for label in CHEXPERT_LABELS:
+        p = float(result.label_probs[label])
+        out[f"p.{label}"] = p
+        out[f"ds.{label}"] = str(DS(p, auto_format=True))
+        code = voc.PRESENT if p >= options.threshold(label) else voc.ABSENT
+        out[f"present.{label}.value"] = code.value
+        out[f"present.{label}.scheme"] = code.scheme_designator
+        out[f"present.{label}.meaning"] = code.meaning
+        out[f"tracking.{label}"] = derived_uid("tracking", uid, result.model_name, result.model_version, label)
+    for region in result.selected_regions:
+        box = clipped_box(region, rows, columns)
+        out[f"polyline.{region.name}"] = [float(v) for v in rectangle_polyline(box).flatten()]
+        out[f"anchor.{region.name}"] = [box[0], box[1]]
+        out[f"tracking.{region.name}"] = derived_uid("tracking", uid, result.model_name, result.model_version,
+                                                     region.name)
+        if region.sentence:
+            out[f"sentence.{region.name}"] = region.sentence
+    for i, sentence in enumerate(unique_sentences(result)):
+        out[f"finding.{i}"] = sentence
+    out["report"] = result.report.strip()
+    if result.impression:
+        out["impression"] = result.impression.strip()
+    findings = flagged_findings(result, options)
+    if findings:
+        out["kos.description"] = kos_description(result, findings)
+    return out
+
+
+# -- encoding ------------------------------------------------------------------------------------------
+
+
+def _header(tag: int, vr: str, length: int) -> bytes:
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length)
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
+
+
+def _pydicom_element(elem: DataElement, encodings: list[str]) -> bytes:
+    """``elem`` exactly as pydicom writes it (explicit VR little endian)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, elem, encodings)
+    return fp.getvalue()
+
+
+def _plain_value(vr: str, value: Any) -> bytes | None:
+    """The encoded value of a plain string (ASCII: the same in every character set) or float(s), or None
+    for anything else."""
+    kind = type(value)
+    if kind is str or kind is UID:
+        if value.isascii() and (vr in _TEXT_VRS or vr in ("UI", "PN")):
+            data = value.encode("ascii")
+            if len(data) % 2:
+                data += b"\x00" if vr == "UI" else b" "
+            if len(data) <= 0xFFFF or vr in _LONG_VRS:
+                return data
+    elif kind is float and vr in ("FD", "FL"):
+        return struct.pack("<d" if vr == "FD" else "<f", value)
+    elif kind is list and vr in ("FD", "FL") and all(type(v) is float for v in value):
+        return struct.pack(f"<{len(value)}{'d' if vr == 'FD' else 'f'}", *value)
+    return None
+
+
+def _value_bytes(tag: int, vr: str, value: Any, encodings: list[str]) -> bytes:
+    """The whole element ``tag`` holding ``value``: plain strings and floats directly, the rest (person
+    names, non-ASCII text, multiple values, sequences) by pydicom."""
+    data = _plain_value(vr, value)
+    if data is not None:
+        return _header(tag, vr, len(data)) + data
+    return _pydicom_element(DataElement(tag, vr, value), encodings)
+
+
+# -- templates -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Slot:
+    tag: int
+    vr: str
+    fact: str
+    encodings: list[str]
+
+    prefix: bytes = dataclasses.field(init=False, repr=False)
+    length_format: str = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        long = self.vr in _LONG_VRS
+        object.__setattr__(self, "prefix", struct.pack("<HH2s", self.tag >> 16, self.tag & 0xFFFF, self.vr.encode())
+                           + (b"\x00\x00" if long else b""))
+        object.__setattr__(self, "length_format", "<L" if long else "<H")
+
+    def render(self, value: Any) -> bytes:
+        data = _plain_value(self.vr, value)
+        if data is None:
+            return _pydicom_element(DataElement(self.tag, self.vr, value), self.encodings)
+        return self.prefix + struct.pack(self.length_format, len(data)) + data
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A sequence (``tag`` set) or one of its items (``tag`` None), with the parts inside it."""
+
+    tag: int | None
+    parts: list[Any]
+    undefined: bool
+
+
+_ITEM_DELIMITER = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _render(parts: list[Any], values: dict[str, Any]) -> bytes:
+    out = []
+    for part in parts:
+        kind = type(part)
+        if kind is bytes:
+            out.append(part)
+        elif kind is _Slot:
+            out.append(part.render(values[part.fact]))
+        else:
+            body = _render(part.parts, values)
+            if part.tag is None:  # an item
+                if part.undefined:
+                    out.append(b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + body + _ITEM_DELIMITER)
+                else:
+                    out.append(struct.pack("<4sL", b"\xfe\xff\x00\xe0", len(body)) + body)
+            elif part.undefined:
+                out.append(_header(part.tag, "SQ", 0xFFFFFFFF) + body + _SEQUENCE_DELIMITER)
+            else:
+                out.append(_header(part.tag, "SQ", len(body)) + body)
+    return b"".join(out)
+
+
+def _merged(parts: list[Any]) -> list[Any]:
+    """Adjacent constant segments as one."""
+    out: list[Any] = []
+    for part in parts:
+        if type(part) is bytes and out and type(out[-1]) is bytes:
+            out[-1] += part
+        else:
+            out.append(part)
+    return out
+
+
+class _Matcher:
+    """Which fact an element that differs between the study and its probe holds, in both."""
+
+    #: any tag will do: the values are compared without their element headers
+    _TAG = 0x00091010
+
+    def __init__(self, mine: dict[str, Any], probe: dict[str, Any]) -> None:
+        self.mine, self.probe = mine, probe
+        self._index: dict[tuple[str, tuple[str, ...]], tuple[dict[bytes, set[str]], dict[str, bytes | None]]] = {}
+
+    def __call__(self, tag: int, vr: str, encodings: list[str], mine: bytes, probe: bytes) -> str:
+        by_value, probe_values = self._indexed(vr, encodings)
+        skip = 12 if vr in _LONG_VRS else 8
+        for name in sorted(by_value.get(mine[skip:], ())):
+            if probe_values.get(name) == probe[skip:]:
+                return name
+        raise NotTemplatable(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr} differs per image and holds "
+                             "no value the template knows")
+
+    def _indexed(self, vr: str, encodings: list[str]) -> tuple[dict[bytes, set[str]], dict[str, bytes | None]]:
+        key = (vr, tuple(encodings))
+        if key not in self._index:
+            by_value: dict[bytes, set[str]] = {}
+            for name, value in self.mine.items():
+                data = self._value(name, vr, value, encodings)
+                if data is not None:
+                    by_value.setdefault(data, set()).add(name)
+            probe_values = {name: self._value(name, vr, value, encodings) for name, value in self.probe.items()}
+            self._index[key] = (by_value, probe_values)
+        return self._index[key]
+
+    def _value(self, name: str, vr: str, value: Any, encodings: list[str]) -> bytes | None:
+        if _SOURCE_FACT.match(name) and name.split(".")[2] != vr:
+            return None  # a source attribute is only ever copied as what it is
+        if not _fits(vr, value):
+            return None
+        try:
+            return _value_bytes(self._TAG, vr, value, encodings)[12 if vr in _LONG_VRS else 8:]
+        except Exception:  # noqa: BLE001 - a value that cannot be this element is not the one it holds
+            return None
+
+
+def _fits(vr: str, value: Any) -> bool:
+    """Whether ``value`` may be the value of an element of ``vr`` (so that trying it warns of nothing)."""
+    values = list(value) if isinstance(value, (list, MultiValue)) else [value]
+    if vr == "SQ":
+        return isinstance(value, Sequence)
+    if vr in ("FD", "FL", "OF", "OD"):
+        return all(type(v) is float for v in values)
+    if vr in ("US", "UL", "SS", "SL", "UV", "SV"):
+        return all(type(v) is int for v in values)
+    if vr == "PN":
+        return all(isinstance(v, PersonName) or (type(v) is str and len(v) <= 64) for v in values)
+    if vr in _CHARSET_VRS:
+        return all(type(v) in (str, UID) and len(v) <= _MAX_LENGTH.get(vr, 1 << 32) for v in values)
+    if vr in _SPELLINGS:
+        return all((type(v) in (str, UID) and _SPELLINGS[vr].fullmatch(v) is not None)
+                   or (vr == "DS" and isinstance(v, float)) or (vr == "IS" and isinstance(v, int))
+                   for v in values)
+    return False
+
+
+def _encodings(ds: Dataset, parent: list[str]) -> list[str]:
+    charset = ds.get("SpecificCharacterSet")
+    return convert_encodings(charset) if charset else parent
+
+
+def _diff(mine: Dataset, probe: Dataset, encodings: list[str], match: _Matcher, top: bool) -> list[Any]:
+    keys = [t for t in sorted(mine.keys()) if not (t.element == 0 and t.group > 6)]
+    if keys != [t for t in sorted(probe.keys()) if not (t.element == 0 and t.group > 6)]:
+        raise NotTemplatable("the probe has other attributes than the study")
+    mine_enc, probe_enc = _encodings(mine, encodings), _encodings(probe, encodings)
+    if mine_enc != probe_enc:
+        raise NotTemplatable("the probe has another character set")
+    parts: list[Any] = []
+    for tag in keys:
+        a, b = mine[tag], probe[tag]
+        if a.VR != b.VR:
+            raise NotTemplatable(f"({tag}) has another VR in the probe")
+        encoded_a, encoded_b = _pydicom_element(a, mine_enc), _pydicom_element(b, probe_enc)
+        if encoded_a == encoded_b:
+            parts.append(encoded_a)
+            continue
+        if a.VR != "SQ":
+            parts.append(_Slot(int(tag), a.VR, match(int(tag), a.VR, mine_enc, encoded_a, encoded_b), mine_enc))
+            continue
+        if top:
+            try:  # a sequence copied whole from a source header
+                parts.append(_Slot(int(tag), "SQ", match(int(tag), "SQ", mine_enc, encoded_a, encoded_b), mine_enc))
+                continue
+            except NotTemplatable:
+                pass
+        if len(a.value) != len(b.value) or a.is_undefined_length != b.is_undefined_length:
+            raise NotTemplatable(f"({tag}) has other items in the probe")
+        items = []
+        for item_a, item_b in zip(a.value, b.value, strict=True):
+            undefined = getattr(item_a, "is_undefined_length_sequence_item", False)
+            items.append(_Block(None, _merged(_diff(item_a, item_b, mine_enc, match, False)), undefined))
+        parts.append(_Block(int(tag), items, a.is_undefined_length))
+    return _merged(parts)
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_RECORD_KEYWORDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
+                    "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName", "Modality",
+                    "SeriesDescription", "BodyPartExamined", "SeriesNumber", "InstanceNumber", "Rows",
+                    "Columns")
+
+
+@dataclass(frozen=True)
+class Template:
+    """One object's encoding with its per-image values left out."""
+
+    kind: str
+    meta: list[Any]
+    body: list[Any]
+    #: keyword -> constant element or the fact it holds: what the object's database row records
+    record: dict[int, DataElement | tuple[str, str]]
+    transfer_syntax: str
+
+    def render(self, values: dict[str, Any]) -> bytes:
+        meta = _render(self.meta, values)
+        return b"".join((_PREAMBLE, b"\x02\x00\x00\x00UL\x04\x00", struct.pack("<L", len(meta)), meta,
+                         _render(self.body, values)))
+
+    def header(self, values: dict[str, Any]) -> Dataset:
+        """The attributes of the object its database row records."""
+        ds = Dataset({tag: copy.copy(elem) for tag, elem in self.record.items() if isinstance(elem, DataElement)})
+        for tag, source in self.record.items():
+            if not isinstance(source, DataElement):
+                # (the value was checked when the template reproduced pydicom's encoding of it)
+                ds.add(DataElement(tag, source[0], values[source[1]], validation_mode=config.IGNORE))
+        ds.file_meta = self._meta
+        return ds
+
+    @property
+    def _meta(self) -> Dataset:
+        meta = Dataset()
+        meta.TransferSyntaxUID = self.transfer_syntax
+        return meta
+
+
+def _slots(parts: Iterable[Any]) -> dict[int, _Slot]:
+    return {p.tag: p for p in parts if type(p) is _Slot}
+
+
+def make_template(mine: Dataset, probe: Dataset, mine_facts: dict[str, Any],
+                  probe_facts: dict[str, Any]) -> Template:
+    """The template of one object from its highdicom build for a study and for that study's probe (both
+    already encoded, so that their file meta is complete). Raises :class:`NotTemplatable`."""
+    kind = _KIND_BY_CLASS.get(str(mine.SOPClassUID))
+    if kind is None or str(mine.file_meta.TransferSyntaxUID) != ExplicitVRLittleEndian:
+        raise NotTemplatable("not a result object in explicit VR little endian")
+    match = _Matcher(mine_facts, probe_facts)
+    meta_mine, meta_probe = Dataset(), Dataset()
+    for meta_ds, full in ((meta_mine, mine), (meta_probe, probe)):
+        for elem in full.file_meta:
+            if int(elem.tag) != 0x00020000:
+                meta_ds.add(elem)
+    meta = _diff(meta_mine, meta_probe, ["iso8859"], match, False)
+    body = _diff(mine, probe, ["iso8859"], match, True)
+    slots = _slots(body)
+    record: dict[int, DataElement | tuple[str, str]] = {}
+    for keyword in _RECORD_KEYWORDS:
+        if keyword not in mine:
+            continue
+        elem = mine[keyword]
+        slot = slots.get(int(elem.tag))
+        record[int(elem.tag)] = (elem.VR, slot.fact) if slot is not None else elem
+    return Template(kind, meta, body, record, str(mine.file_meta.TransferSyntaxUID))
+
+
+# -- the cache and the entry point ---------------------------------------------------------------------
+
+
+def encode(ds: Dataset) -> bytes:
+    """``ds`` in the DICOM file format, as it will be stored and sent (pydicom's encoding)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One result object: the attributes its row records, and its file bytes."""
+
+    header: Dataset
+    data: bytes
+
+
+_REFUSED = "refused"
+
+
+class TemplateCache:
+    """Templates by shape. A shape's template is made the second time the shape is seen (one highdicom
+    build more, for the probe); a shape that cannot be templated is remembered as such."""
+
+    def __init__(self, capacity: int = MAX_TEMPLATES) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[object, ...], Any] = OrderedDict()
+        self.hits = self.misses = self.made = self.refused = 0
+
+    def encoded_study_objects(self, study: StudyReport, options: ResultOptions,
+                              now: datetime.datetime | None = None,
+                              build: Callable[..., list[Dataset]] = build_study_objects) -> list[Encoded]:
+        """The result objects of ``study`` as :func:`build_study_objects` builds them, encoded."""
+        when = now or datetime.datetime.now()
+        key = (build, *shape(study, options))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+        if isinstance(entry, list):
+            try:
+                values = facts(study, options, when)
+                encoded = [Encoded(t.header(values), t.render(values)) for t in entry]
+            except Exception:  # noqa: BLE001 - highdicom builds it, and says what is wrong if anything is
+                log.debug("a templated study fell back to highdicom", exc_info=True)
+            else:
+                with self._lock:
+                    self.hits += 1
+                return encoded
+        objects = build(study, options, now=when)
+        encoded = [Encoded(obj, encode(obj)) for obj in objects]
+        with self._lock:
+            self.misses += 1
+        if entry is None:
+            self._remember(key, "seen")
+        elif entry == "seen":
+            self._remember(key, self._make(study, options, when, objects, encoded, build))
+        return encoded
+
+    def _remember(self, key: tuple[object, ...], entry: Any) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def _make(self, study: StudyReport, options: ResultOptions, now: datetime.datetime, objects: list[Dataset],
+              encoded: list[Encoded], build: Callable[..., list[Dataset]]) -> Any:
+        try:
+            probe = probe_of(study, options)
+            later = now + datetime.timedelta(days=1, hours=1, minutes=1, seconds=1, microseconds=1001)
+            if shape(probe, options) != shape(study, options):
+                raise NotTemplatable("the probe has another shape")
+            probe_objects = build(probe, options, now=later)
+            probe_bytes = [encode(obj) for obj in probe_objects]
+            if len(probe_objects) != len(objects):
+                raise NotTemplatable("the probe has other objects")
+            mine_facts, probe_facts = facts(study, options, now), facts(probe, options, later)
+            templates = [make_template(a, b, mine_facts, probe_facts) for a, b in zip(objects, probe_objects)]
+            for template, mine, theirs in zip(templates, encoded, probe_bytes, strict=True):
+                if template.render(mine_facts) != mine.data or template.render(probe_facts) != theirs:
+                    raise NotTemplatable(f"the {template.kind} template does not reproduce pydicom's encoding")
+        except Exception as exc:  # noqa: BLE001 - whatever stops a template, highdicom still builds the objects
+            reason = str(exc) if isinstance(exc, NotTemplatable) else type(exc).__name__  # never patient data
+            log.info("result objects of this shape are built by highdicom each time: %s", reason)
+            with self._lock:
+                self.refused += 1
+            return _REFUSED
+        with self._lock:
+            self.made += 1
+        return templates
+
+
+#: This process's templates.
+TEMPLATES = TemplateCache()
