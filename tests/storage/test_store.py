@@ -64,21 +64,28 @@ def test_temp_not_committed_is_discarded(store: InstanceStore) -> None:
     assert _all_files(store.root) == []
 
 
-def test_failure_inside_commit_leaves_nothing(store: InstanceStore) -> None:
+@pytest.mark.parametrize("naming", ["link", "replace"])
+def test_failure_inside_commit_leaves_nothing(store: InstanceStore, naming: str) -> None:
+    # A new path is named by a hard link, an existing one by a rename: either failing leaves what was there.
     relpath = store.relpath_for(STUDY, SERIES, SOP)
+    if naming == "replace":
+        store.write_bytes(relpath, b"old")
     temp = store.open_temp()
     temp.write(b"x" * 10)
-    with mock.patch("storage.store.os.replace", side_effect=OSError(errno.EIO, "I/O error")), \
+    with mock.patch(f"storage.store.os.{naming}", side_effect=OSError(errno.EIO, "I/O error")), \
             pytest.raises(OSError, match="I/O error") as raised:
         store.commit(temp, relpath)
     assert not isinstance(raised.value, StoreFullError)
-    assert _all_files(store.root) == []
+    assert _all_files(store.root) == ([] if naming == "link" else [relpath])
+    if naming == "replace":
+        assert store.path(relpath).read_bytes() == b"old"
 
 
 def _commit_recording(store: InstanceStore, relpath: str, data: bytes) -> list[str]:
-    """Commit ``data`` to ``relpath``; the temp file's fsync and the rename, in the order they happened."""
+    """Commit ``data`` to ``relpath``; the temp file's fsync and its naming (a hard link to a new path, a
+    rename onto an existing one), in the order they happened."""
     calls: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
     temp = store.open_temp()
     temp.write(data)
     temp_fd = temp.fileno()
@@ -92,22 +99,29 @@ def _commit_recording(store: InstanceStore, relpath: str, data: bytes) -> list[s
         calls.append("rename")
         real_replace(source, target)
 
+    def link(source: str, target: object) -> None:
+        calls.append("link")
+        real_link(source, target)
+
     with mock.patch("storage.store.os.fsync", side_effect=fsync), \
-            mock.patch("storage.store.os.replace", side_effect=replace):
+            mock.patch("storage.store.os.replace", side_effect=replace), \
+            mock.patch("storage.store.os.link", side_effect=link):
         store.commit(temp, relpath)
     return calls
 
 
 def test_a_file_that_a_row_may_reference_is_replaced_only_by_one_already_durable(store: InstanceStore) -> None:
-    # A new path has no row yet: rename first, then one fsync commits data and rename together. An
+    # A new path has no row yet: it is linked first, then one fsync commits data and name together. An
     # existing path may have a row: the new content must be on disk before it takes the name.
     relpath = store.relpath_for(STUDY, SERIES, SOP)
-    assert _commit_recording(store, relpath, b"first") == ["rename", "fsync"]
-    assert _commit_recording(store, relpath, b"second") == ["fsync", "rename"]
+    assert _commit_recording(store, relpath, b"first") == ["link", "fsync"]
+    # The name exists (a concurrent writer may have committed and recorded it): the link refuses, the
+    # content is made durable, then renamed onto it.
+    assert _commit_recording(store, relpath, b"second") == ["link", "fsync", "rename"]
     assert store.path(relpath).read_bytes() == b"second"
 
 
-def test_a_new_file_whose_fsync_fails_after_the_rename_is_not_left_at_its_path(store: InstanceStore) -> None:
+def test_a_new_file_whose_fsync_fails_after_its_naming_is_not_left_at_its_path(store: InstanceStore) -> None:
     relpath = store.relpath_for(STUDY, SERIES, SOP)
     temp = store.open_temp()
     temp.write(b"x" * 10)
