@@ -26,6 +26,9 @@ _ADJUSTMENTS: tuple[tuple[Any, str, Any], ...] = (
     (_config, "LOG_RESPONSE_IDENTIFIERS", False),
     # A write error while spooling (disk full) becomes a 0xA700 answer instead of a dead association.
     (dimse_messages, "NamedTemporaryFile", open_receive_file),
+    # A C-STORE given a file's path (C-MOVE/C-GET sub-operations, pacs_node.dicom.qr.sending) streams
+    # the stored data set from disk instead of decoding and re-encoding it.
+    (_config, "STORE_SEND_CHUNKED_DATASET", True),
 )
 
 _lock = threading.Lock()
