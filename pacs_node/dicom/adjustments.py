@@ -14,6 +14,7 @@ from typing import Any
 
 from pynetdicom import _config, dimse_messages
 
+from pacs_node.dicom.command_sets import encode_command_set
 from pacs_node.dicom.spooling import open_receive_file
 
 #: The adjustments: (module, attribute, value while a server runs).
@@ -29,6 +30,9 @@ _ADJUSTMENTS: tuple[tuple[Any, str, Any], ...] = (
     # A C-STORE given a file's path (C-MOVE/C-GET sub-operations, pacs_node.dicom.qr.sending) streams
     # the stored data set from disk instead of decoding and re-encoding it.
     (_config, "STORE_SEND_CHUNKED_DATASET", True),
+    # Command sets written with struct instead of pydicom's writer, byte for byte the same: a third of
+    # the CPU of a C-FIND answer or a C-MOVE sub-operation (see pacs_node.dicom.command_sets).
+    (dimse_messages, "encode", encode_command_set),
 )
 
 _lock = threading.Lock()
