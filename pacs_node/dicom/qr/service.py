@@ -34,7 +34,7 @@ from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_
 from pacs_node.dicom.transcoding import accepted_syntaxes, for_peer, proposed_syntaxes
 from pacs_node.dicom.qr.find import IdentifierEncoder, entity_rows, matching_keys, response_identifier
 from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level, selective
-from pacs_node.dicom.qr.sending import StoredFile, send_stored_files_as_they_are
+from pacs_node.dicom.qr.sending import StoredFile, send_stored_files_as_they_are, skip_unlogged_narration
 from pacs_node.ops.context import ServerContext
 from storage import query
 from storage.query import StoredInstance
@@ -157,6 +157,7 @@ class QueryRetrieveService:
             log.warning("C-FIND from %s at %s level: results capped at %d", _caller(event), level.value,
                         self.max_matches)
         log.info("C-FIND from %s at %s level: %d match(es)", _caller(event), level.value, len(rows))
+        skip_unlogged_narration(event.assoc)
         syntax = UID(event.context.transfer_syntax)
         encoder = IdentifierEncoder.for_request(identifier, level, self.ae_title, implicit_vr=syntax.is_implicit_VR,
                                                 little_endian=syntax.is_little_endian)
@@ -223,6 +224,7 @@ class QueryRetrieveService:
             return
         log.info("C-GET from %s: %d instance(s)", _caller(event), len(matches))
         send_stored_files_as_they_are(event.assoc)
+        skip_unlogged_narration(event.assoc)
         yield len(matches)
         yield from self._datasets(event, matches, accepted_syntaxes(event.assoc))
 
@@ -264,6 +266,7 @@ class QueryRetrieveService:
         def store_association_accepted(accepted: Event) -> None:  # what the destination took, to transcode to
             negotiated.update(accepted_syntaxes(accepted.assoc))
             send_stored_files_as_they_are(accepted.assoc)
+            skip_unlogged_narration(accepted.assoc)
 
         yield destination[0], destination[1], {"contexts": contexts,
                                                "evt_handlers": [(evt.EVT_ACCEPTED, store_association_accepted)]}
@@ -277,6 +280,7 @@ class QueryRetrieveService:
             yield OUT_OF_RESOURCES_MATCHES, None
             return
         log.info("C-MOVE from %s to %s: %d instance(s)", _caller(event), ae_title.strip(), len(matches))
+        skip_unlogged_narration(event.assoc)
         yield len(matches)
         yield from self._datasets(event, matches, negotiated)
 
