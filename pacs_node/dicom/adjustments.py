@@ -12,9 +12,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pynetdicom import _config, dimse_messages
+from pynetdicom import _config, dimse_messages, service_class
 
 from pacs_node.dicom.command_sets import encode_command_set
+from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.spooling import open_receive_file
 
 #: The adjustments: (module, attribute, value while a server runs).
@@ -33,6 +34,8 @@ _ADJUSTMENTS: tuple[tuple[Any, str, Any], ...] = (
     # Command sets written with struct instead of pydicom's writer, byte for byte the same: a third of
     # the CPU of a C-FIND answer or a C-MOVE sub-operation (see pacs_node.dicom.command_sets).
     (dimse_messages, "encode", encode_command_set),
+    # C-FIND response identifiers the Q/R SCP encoded itself go out as they are (pacs_node.dicom.qr.find).
+    (service_class, "encode", encode_pre_encoded),
 )
 
 _lock = threading.Lock()

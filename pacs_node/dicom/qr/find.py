@@ -15,6 +15,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import BaseTag
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
+from pynetdicom.dsutils import encode
 from sqlalchemy.orm import Session
 
 from pacs_node.dicom.qr.matching import ATTRIBUTES, COUNTS, LEVEL_KEY, Level, identifier_conditions
@@ -91,6 +92,7 @@ def response_identifier(request: Dataset, level: Level, row: dict[str, Any],
         out.PatientID = row.get("PatientID")
     return out
 
+
 _UNIQUE_KEYS = ((Level.STUDY, "StudyInstanceUID"), (Level.SERIES, "SeriesInstanceUID"),
                 (Level.IMAGE, "SOPInstanceUID"))
 #: VRs whose values this encoder writes as text (all a C-FIND key of ours can have, but US).
@@ -115,10 +117,38 @@ def _encoded_us(value: Any, vr: str) -> bytes:
     return b"" if value is None or value == "" else struct.pack("<H", int(value))
 
 
+_IMPLICIT_HEADER = struct.Struct("<HHL")  # group, element, length
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, length
+_EXPLICIT_LONG_HEADER = struct.Struct("<HH2s2xL")  # group, element, VR, reserved, length
+#: The VRs of ours with a 4-byte length in explicit VR (PS3.5 7.1.2).
+_LONG_VRS = frozenset({"SQ", "UC", "UR", "UT"})
+
+
+class EncodedIdentifier(Dataset):
+    """A response identifier that also carries its own encoding (``encoded``, in the syntax
+    ``encoded_as`` = (implicit VR, little endian)): :func:`encode_pre_encoded` hands those bytes to
+    pynetdicom instead of having pydicom write the dataset again."""
+
+    encoded: bytes
+    encoded_as: tuple[bool, bool]
+
+
+def encode_pre_encoded(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
+                       deflated: bool = False) -> bytes | None:
+    """pynetdicom's ``dsutils.encode`` (same signature), except that an :class:`EncodedIdentifier`
+    asked for in the syntax it was encoded in is answered with its bytes. Installed as
+    ``pynetdicom.service_class.encode`` while a listener runs (:mod:`pacs_node.dicom.adjustments`): the
+    name pynetdicom's service classes encode response identifiers with."""
+    if isinstance(ds, EncodedIdentifier) and not deflated and ds.encoded_as == (is_implicit_vr, is_little_endian):
+        return ds.encoded
+    return encode(ds, is_implicit_vr, is_little_endian, deflated)
+
+
 class IdentifierEncoder:
     """The pending-response identifiers of one C-FIND, encoded cheaply: which keys to return, with
     which VR and from where, is worked out once per request; each match then becomes a dataset of
-    already-encoded elements, which pydicom writes as they are. Element for element and byte for byte
+    already-encoded elements, which pydicom writes as they are, and which also carries the bytes they
+    encode to (:class:`EncodedIdentifier`, for :func:`encode_pre_encoded`). Element for element and byte for byte
     the same as :func:`response_identifier` written in the negotiated (little endian) syntax, which
     stays the reference (and QIDO-RS's builder); a ``pydicom`` ``Dataset`` built key by key, validated
     and then encoded costs several times as much per match, and C-FIND answers with one per match.
@@ -168,13 +198,24 @@ class IdentifierEncoder:
         fields.sort(key=lambda field: field[0])
         return cls(fields, implicit_vr)
 
-    def identifier(self, row: dict[str, Any]) -> Dataset:
+    def identifier(self, row: dict[str, Any]) -> EncodedIdentifier:
         """The identifier for one match (``row`` as :func:`entity_rows` gives it)."""
         implicit = self._implicit_vr
         elements = {}
+        parts = []
         for tag, vr, value in self._fields:
             data = b"" if vr == "SQ" else (_encoded_us if vr == "US" else _encoded_text)(value(row), vr)
             elements[tag] = RawDataElement(tag, None if implicit else vr, len(data), data, 0, implicit, True)
-        out = Dataset(elements)
+            group, element = tag >> 16, tag & 0xFFFF
+            if implicit:
+                parts.append(_IMPLICIT_HEADER.pack(group, element, len(data)))
+            elif vr in _LONG_VRS:
+                parts.append(_EXPLICIT_LONG_HEADER.pack(group, element, vr.encode(), len(data)))
+            else:
+                parts.append(_EXPLICIT_HEADER.pack(group, element, vr.encode(), len(data)))
+            parts.append(data)
+        out = EncodedIdentifier(elements)
         out.set_original_encoding(implicit, True, _RESPONSE_ENCODINGS)
+        out.__dict__["encoded"] = b"".join(parts)
+        out.__dict__["encoded_as"] = (implicit, True)
         return out

@@ -1,6 +1,7 @@
 """DIMSE command sets written by pacs_node.dicom.command_sets are byte for byte pydicom's (through
 pynetdicom's own encoder), for every message type pynetdicom builds, including those it hands back to
-pynetdicom (an Error Comment, an Offending Element list, any other syntax); and a listener installs it."""
+pynetdicom (an Error Comment, an Offending Element list, any other syntax); and a listener installs it
+(and the Q/R SCP's pre-encoded identifiers' encoder, pacs_node.dicom.qr.find.encode_pre_encoded)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pynetdicom import dimse_messages
+from pynetdicom import dimse_messages, service_class
 from pynetdicom.dimse_primitives import (
     C_ECHO,
     C_FIND,
@@ -23,6 +24,7 @@ from pynetdicom.dsutils import encode
 
 from pacs_node.config import Settings
 from pacs_node.dicom.command_sets import encode_command_set
+from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from tests.support import free_port
@@ -101,8 +103,8 @@ def test_other_syntaxes_go_to_pynetdicom() -> None:
                 == encode(message.command_set, implicit_vr, little_endian, deflated))
 
 
-def test_a_listener_encodes_command_sets_with_it_while_it_runs(tmp_path: Path) -> None:
-    stock = dimse_messages.encode
+def test_a_listener_encodes_command_sets_and_identifiers_so_while_it_runs(tmp_path: Path) -> None:
+    stock = dimse_messages.encode, service_class.encode
     settings = Settings(node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var"},
                         store={"min_free_bytes": 0}, pipeline={"bundle": "fake"})
     runtime = ServerContext.open(settings)
@@ -110,7 +112,8 @@ def test_a_listener_encodes_command_sets_with_it_while_it_runs(tmp_path: Path) -
     listener.start()
     try:
         assert dimse_messages.encode is encode_command_set
+        assert service_class.encode is encode_pre_encoded
     finally:
         listener.stop()
         runtime.close()
-    assert dimse_messages.encode is stock
+    assert (dimse_messages.encode, service_class.encode) == stock

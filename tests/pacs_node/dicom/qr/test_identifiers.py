@@ -1,5 +1,6 @@
-"""C-FIND response identifiers: the pre-encoded ones (IdentifierEncoder) are byte for byte what
-response_identifier (the reference, QIDO-RS's builder) encodes to, at every level, in both little endian
+"""C-FIND response identifiers: the pre-encoded ones (IdentifierEncoder: its elements, and the bytes it
+carries for encode_pre_encoded) are byte for byte what response_identifier (the reference, QIDO-RS's
+builder) encodes to, at every level, in both little endian
 syntaxes, for the keys a viewer asks for, keys the node does not keep, sequences and non-ASCII names;
 where the encoder does not apply, the SCP still answers (with the reference builder)."""
 
@@ -10,7 +11,13 @@ from pydicom import Dataset
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
-from pacs_node.dicom.qr.find import IdentifierEncoder, entity_rows, matching_keys, response_identifier
+from pacs_node.dicom.qr.find import (
+    IdentifierEncoder,
+    encode_pre_encoded,
+    entity_rows,
+    matching_keys,
+    response_identifier,
+)
 from pacs_node.dicom.qr.matching import Level
 from tests.pacs_node.dicom.qr.conftest import Archive, Scp
 from tests.pacs_node.dicom.qr.test_find import find, q
@@ -44,7 +51,12 @@ def test_pre_encoded_identifiers_are_the_reference_bytes(archive: Archive, level
     assert rows
     for row in rows:
         expected = encode(response_identifier(request, level, row, "QRSCP"), implicit_vr, True)
-        assert encode(encoder.identifier(row), implicit_vr, True) == expected
+        identifier = encoder.identifier(row)
+        assert encode(identifier, implicit_vr, True) == expected  # pydicom writing its elements
+        assert identifier.encoded == expected  # the bytes it carries
+        assert encode_pre_encoded(identifier, implicit_vr, True) is identifier.encoded
+        # asked for another syntax, it is encoded by pydicom in that one
+        assert encode_pre_encoded(identifier, not implicit_vr, True) == encode(identifier, not implicit_vr, True)
 
 
 def test_non_ascii_values_and_empty_counts_encode_alike() -> None:
@@ -56,8 +68,9 @@ def test_non_ascii_values_and_empty_counts_encode_alike() -> None:
         encoder = IdentifierEncoder.for_request(request, Level.IMAGE, None, implicit_vr=implicit_vr,
                                                 little_endian=True)
         assert encoder is not None
-        assert (encode(encoder.identifier(row), implicit_vr, True)
-                == encode(response_identifier(request, Level.IMAGE, row, None), implicit_vr, True))
+        identifier = encoder.identifier(row)
+        expected = encode(response_identifier(request, Level.IMAGE, row, None), implicit_vr, True)
+        assert encode(identifier, implicit_vr, True) == identifier.encoded == expected
 
 
 def test_the_encoder_declines_big_endian_and_keys_of_context_dependent_vr() -> None:
