@@ -226,7 +226,7 @@ class QueryRetrieveService:
         send_stored_files_as_they_are(event.assoc)
         skip_unlogged_narration(event.assoc)
         yield len(matches)
-        yield from self._datasets(event, matches, accepted_syntaxes(event.assoc))
+        yield from self._datasets(event, matches, _get_storage_syntaxes(event.assoc))
 
     def destination(self, ae_title: str) -> tuple[str, str, int] | None:
         """Name, host and port of the configured peer with this AE title (see :func:`peer_by_ae_title`)."""
@@ -298,6 +298,17 @@ def _storage_contexts(matches: list[StoredInstance]) -> list[Any]:
                     len(contexts), _MAX_CONTEXTS)
     return contexts[:_MAX_CONTEXTS]
 
+
+
+def _get_storage_syntaxes(assoc: Any) -> dict[str, list[str]]:
+    """SOP class -> syntaxes of the C-GET association's contexts in which this node may send C-STOREs
+    (the requestor took the SCP role for the class): only those can carry a sub-operation, so a class
+    without the role is a failed sub-operation that says so, not a stored file pynetdicom cannot send."""
+    syntaxes: dict[str, list[str]] = {}
+    for cx in assoc.accepted_contexts:
+        if cx.as_scu:
+            syntaxes.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
+    return syntaxes
 
 
 def _caller(event: Event) -> str:
