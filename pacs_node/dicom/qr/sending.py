@@ -63,8 +63,9 @@ def send_stored_files_as_they_are(assoc: Association) -> None:
         try:
             return send(dataset.stored_path, *args, **kwargs)
         except Exception as exc:
-            log.error("cannot send stored instance %s (%s): %s", dataset.SOPInstanceUID,
-                      dataset.stored_path, exc)
+            if assoc.is_established:  # else the association is gone, which pynetdicom reports itself
+                log.error("cannot send stored instance %s (%s): %s", dataset.SOPInstanceUID,
+                          dataset.stored_path, exc)
             raise
 
     assoc.send_c_store = send_c_store  # type: ignore[method-assign]
