@@ -1,7 +1,8 @@
 """DIMSE command sets written by pacs_node.dicom.command_sets are byte for byte pydicom's (through
 pynetdicom's own encoder), for every message type pynetdicom builds, including those it hands back to
 pynetdicom (an Error Comment, an Offending Element list, any other syntax); and a listener installs it
-(and the Q/R SCP's pre-encoded identifiers' encoder, pacs_node.dicom.qr.find.encode_pre_encoded)."""
+(and the Q/R SCP's pre-encoded identifiers' encoder, pacs_node.dicom.qr.find.encode_pre_encoded). A
+C-FIND's pending responses share one command set and encode exactly as pynetdicom's own."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pynetdicom.dimse_primitives import (
 from pynetdicom.dsutils import encode
 
 from pacs_node.config import Settings
-from pacs_node.dicom.command_sets import encode_command_set
+from pacs_node.dicom.command_sets import encode_command_set, reuse_pending_find_command_sets
 from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
@@ -113,7 +114,38 @@ def test_a_listener_encodes_command_sets_and_identifiers_so_while_it_runs(tmp_pa
     try:
         assert dimse_messages.encode is encode_command_set
         assert service_class.encode is encode_pre_encoded
+        assert dimse_messages.C_FIND_RSP.primitive_to_message is reuse_pending_find_command_sets
     finally:
         listener.stop()
         runtime.close()
     assert (dimse_messages.encode, service_class.encode) == stock
+    assert dimse_messages.C_FIND_RSP.primitive_to_message is dimse_messages.DIMSEMessage.primitive_to_message
+
+
+def _find_response(message_id: int, status: int, identifier: bytes | None, **extra: object) -> C_FIND:
+    return _primitive(C_FIND, MessageIDBeingRespondedTo=message_id, AffectedSOPClassUID=FIND, Status=status,
+                      Identifier=BytesIO(identifier) if identifier is not None else None, **extra)
+
+
+def _encoded(message: object) -> list[list[tuple[int, bytes]]]:
+    return [pdata.presentation_data_value_list for pdata in message.encode_msg(1, 16382)]
+
+
+def test_pending_find_responses_share_a_command_set_and_encode_as_pynetdicoms() -> None:
+    responses = [_find_response(11, 0xFF00, b"\x08\x00\x18\x00\x02\x00\x00\x001\x00"),
+                 _find_response(11, 0xFF00, b"\x08\x00\x18\x00\x02\x00\x00\x002\x00"),
+                 _find_response(12, 0xFF00, b"\x08\x00\x18\x00\x02\x00\x00\x003\x00"),  # another C-FIND
+                 _find_response(11, 0xFF01, b"\x08\x00\x18\x00\x02\x00\x00\x004\x00"),
+                 _find_response(11, 0xC311, None, ErrorComment="cannot"),
+                 _find_response(11, 0x0000, None)]
+    reused, stock = [], []
+    for primitive in responses:
+        message = dimse_messages.C_FIND_RSP()
+        reuse_pending_find_command_sets(message, primitive)
+        reused.append(message)
+        message = dimse_messages.C_FIND_RSP()
+        dimse_messages.DIMSEMessage.primitive_to_message(message, primitive)
+        stock.append(message)
+    assert [_encoded(m) for m in reused] == [_encoded(m) for m in stock]
+    assert reused[0].command_set is reused[1].command_set  # built once for the C-FIND's pending responses
+    assert reused[2].command_set is not reused[0].command_set

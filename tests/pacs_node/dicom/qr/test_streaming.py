@@ -2,7 +2,8 @@
 the listener's pynetdicom adjustments applied (the file streamed from disk, command sets encoded by
 pacs_node.dicom.command_sets) and without them (pynetdicom reads the file by path): DCMTK storescp and
 getscu receive the stored bytes, a receiver that wants another syntax gets a converted copy, and a
-file gone from the store fails its own sub-operation only. pynetdicom's narrating handlers are taken off
+file gone from the store fails its own sub-operation only; consecutive C-FINDs get complete answers.
+pynetdicom's narrating handlers are taken off
 an association only when their lines would be dropped."""
 
 from __future__ import annotations
@@ -206,3 +207,18 @@ def test_narration_is_taken_off_only_when_nobody_would_read_it(level: int) -> No
         assert [bool(assoc.get_handlers(event)) for event in narrated] == [level == logging.DEBUG] * 4
     finally:
         pynetdicom_log.setLevel(before)
+
+
+def test_findscu_gets_every_pending_response_query_after_query(archive: Archive, scp: int, tmp_path: Path) -> None:
+    """Consecutive C-FINDs (each its own message ID and association) get their own, complete answers
+    (with the adjustments, their pending responses' command sets are built once per C-FIND)."""
+    expected = {str(ds.SOPInstanceUID) for ds in archive.studies[STUDY]}
+    for attempt in range(2):
+        out = tmp_path / f"find{attempt}"
+        out.mkdir()
+        run = subprocess.run([dcmtk("findscu"), "-S", "-aec", AET, "-X", "-od", str(out),
+                              "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={STUDY}",
+                              "-k", "SOPInstanceUID", "-k", "InstanceNumber", "127.0.0.1", str(scp)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert {str(dcmread(p).SOPInstanceUID) for p in out.iterdir()} == expected
