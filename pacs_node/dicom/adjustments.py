@@ -14,7 +14,7 @@ from typing import Any
 
 from pynetdicom import _config, dimse_messages, service_class
 
-from pacs_node.dicom.command_sets import encode_command_set, reuse_pending_find_command_sets
+from pacs_node.dicom.command_sets import encode_command_set, reuse_pending_command_sets
 from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.spooling import open_receive_file
 
@@ -36,8 +36,10 @@ _ADJUSTMENTS: tuple[tuple[Any, str, Any], ...] = (
     (dimse_messages, "encode", encode_command_set),
     # C-FIND response identifiers the Q/R SCP encoded itself go out as they are (pacs_node.dicom.qr.find).
     (service_class, "encode", encode_pre_encoded),
-    # A C-FIND's pending responses share one command set (pacs_node.dicom.command_sets).
-    (dimse_messages.C_FIND_RSP, "primitive_to_message", reuse_pending_find_command_sets),
+    # The pending responses of a C-FIND, C-MOVE or C-GET reuse one command set (pacs_node.dicom.command_sets).
+    (dimse_messages.C_FIND_RSP, "primitive_to_message", reuse_pending_command_sets),
+    (dimse_messages.C_MOVE_RSP, "primitive_to_message", reuse_pending_command_sets),
+    (dimse_messages.C_GET_RSP, "primitive_to_message", reuse_pending_command_sets),
 )
 
 _lock = threading.Lock()

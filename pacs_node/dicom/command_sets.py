@@ -11,7 +11,8 @@ list) goes to pynetdicom's own encoder. :mod:`pacs_node.dicom.adjustments` insta
 :func:`encode_command_set` as ``pynetdicom.dimse_messages.encode``, where pynetdicom encodes command sets
 and nothing else; the bytes are the same (tested against pydicom's encoding of every message type).
 
-:func:`reuse_pending_find_command_sets` builds the command set of a C-FIND's pending responses once.
+:func:`reuse_pending_command_sets` builds the command set of the pending responses of a C-FIND,
+C-MOVE or C-GET once per request.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.charset import default_encoding
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.tag import BaseTag
 from pynetdicom import dimse_messages
 from pynetdicom.dsutils import encode
 
-#: pynetdicom's own, for the messages :func:`reuse_pending_find_command_sets` does not reuse.
+#: pynetdicom's own, for the messages :func:`reuse_pending_command_sets` does not reuse.
 _stock_primitive_to_message = dimse_messages.DIMSEMessage.primitive_to_message
 _HEADER = struct.Struct("<HHL")  # implicit VR: group, element, value length
 _US = struct.Struct("<H")
@@ -59,36 +63,50 @@ def encode_command_set(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool
     return b"".join(parts)
 
 
-#: Command sets of pending C-FIND responses built so far: (SOP class, message ID, status) -> command set.
-_PENDING_FIND_COMMAND_SETS: dict[tuple[str, int, int], Dataset] = {}
-_PENDING_FIND_KEPT = 64
+#: Command sets of pending responses built so far: (message class, SOP class, message ID, status) -> command set.
+_PENDING_COMMAND_SETS: dict[tuple[str, str, int, int], Dataset] = {}
+_PENDING_KEPT = 64
 _STATUS_PENDING = (0xFF00, 0xFF01)
+#: The elements of a pending C-MOVE/C-GET response that change from one response to the next (all US).
+_COUNTERS = tuple((BaseTag(tag_for_keyword(keyword)), keyword) for keyword in (
+    "NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
+    "NumberOfWarningSuboperations"))
 
 
-def reuse_pending_find_command_sets(message: dimse_messages.DIMSEMessage, primitive: Any) -> None:
-    """``C_FIND_RSP.primitive_to_message`` that builds the command set of a pending response once per
-    (SOP class, message ID, status) and gives the same dataset to the next responses of that C-FIND.
+def reuse_pending_command_sets(message: dimse_messages.DIMSEMessage, primitive: Any) -> None:
+    """``primitive_to_message`` of C-FIND, C-MOVE and C-GET responses that builds the command set of a
+    pending response once per (SOP class, message ID, status) and reuses it for the next responses of
+    that request: shared as it is by C-FIND's, copied with the four sub-operation counters set by
+    C-MOVE's and C-GET's (US values: Command Group Length does not change).
 
-    A C-FIND of 1,000 matches answers with 1,000 pending responses whose command sets are the same but
-    for nothing; pynetdicom builds each one element by element with validated values, then encodes it
-    to learn Command Group Length: about half of what a pending response costs once the identifier is
-    pre-encoded. The command set of a message is only read after it is built (encoded, and described by
-    pynetdicom's narration), so sharing it is safe. Anything but a plain pending response (an error
-    comment, an offending element, no identifier) is built by pynetdicom as usual. Installed while a
-    listener runs (:mod:`pacs_node.dicom.adjustments`)."""
+    A C-FIND of 1,000 matches answers with 1,000 pending responses whose command sets are the same; a
+    C-MOVE of 1,000 instances with 1,000 that differ only in their counters. pynetdicom builds each one
+    element by element with validated values, then encodes it to learn Command Group Length: about half
+    of what a pending C-FIND response costs once its identifier is pre-encoded. The command set of a
+    message is only read once it is built (encoded, and described by pynetdicom's narration), so sharing
+    it is safe. Anything but a plain pending response (an error comment, an offending element, a
+    counter missing) is built by pynetdicom as usual. Installed while a listener runs
+    (:mod:`pacs_node.dicom.adjustments`)."""
+    counted = not isinstance(message, dimse_messages.C_FIND_RSP)
     if (primitive.Status not in _STATUS_PENDING or primitive.ErrorComment is not None
-            or primitive.OffendingElement is not None or not primitive.Identifier
-            or getattr(primitive, "_dataset_path", None) is not None):
+            or primitive.OffendingElement is not None or getattr(primitive, "_dataset_path", None) is not None
+            or (counted and any(type(getattr(primitive, keyword)) is not int for _, keyword in _COUNTERS))):
         _stock_primitive_to_message(message, primitive)
         return
-    key = (str(primitive.AffectedSOPClassUID), primitive.MessageIDBeingRespondedTo, primitive.Status)
-    command_set = _PENDING_FIND_COMMAND_SETS.get(key)
+    key = (type(message).__name__, str(primitive.AffectedSOPClassUID), primitive.MessageIDBeingRespondedTo,
+           primitive.Status, primitive.Identifier is None)
+    command_set = _PENDING_COMMAND_SETS.get(key)
     if command_set is None:
         _stock_primitive_to_message(message, primitive)
-        if len(_PENDING_FIND_COMMAND_SETS) >= _PENDING_FIND_KEPT:
-            _PENDING_FIND_COMMAND_SETS.clear()
-        _PENDING_FIND_COMMAND_SETS[key] = message.command_set
+        if len(_PENDING_COMMAND_SETS) >= _PENDING_KEPT:
+            _PENDING_COMMAND_SETS.clear()
+        _PENDING_COMMAND_SETS[key] = message.command_set
         return
+    if counted:
+        elements = {tag: command_set.get_item(tag) for tag in command_set.keys()}
+        for tag, keyword in _COUNTERS:
+            elements[tag] = DataElement(tag, "US", getattr(primitive, keyword))
+        command_set = Dataset(elements)
     message.command_set = command_set
     message.data_set = primitive.Identifier
     message._data_set_path = None

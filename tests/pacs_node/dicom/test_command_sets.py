@@ -2,7 +2,8 @@
 pynetdicom's own encoder), for every message type pynetdicom builds, including those it hands back to
 pynetdicom (an Error Comment, an Offending Element list, any other syntax); and a listener installs it
 (and the Q/R SCP's pre-encoded identifiers' encoder, pacs_node.dicom.qr.find.encode_pre_encoded). A
-C-FIND's pending responses share one command set and encode exactly as pynetdicom's own."""
+C-FIND's pending responses share one command set, a C-MOVE's and C-GET's reuse one with their own
+counters, and all encode exactly as pynetdicom's own."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pynetdicom.dimse_primitives import (
 from pynetdicom.dsutils import encode
 
 from pacs_node.config import Settings
-from pacs_node.dicom.command_sets import encode_command_set, reuse_pending_find_command_sets
+from pacs_node.dicom.command_sets import encode_command_set, reuse_pending_command_sets
 from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
@@ -114,12 +115,14 @@ def test_a_listener_encodes_command_sets_and_identifiers_so_while_it_runs(tmp_pa
     try:
         assert dimse_messages.encode is encode_command_set
         assert service_class.encode is encode_pre_encoded
-        assert dimse_messages.C_FIND_RSP.primitive_to_message is reuse_pending_find_command_sets
+        assert all(cls.primitive_to_message is reuse_pending_command_sets
+                   for cls in (dimse_messages.C_FIND_RSP, dimse_messages.C_MOVE_RSP, dimse_messages.C_GET_RSP))
     finally:
         listener.stop()
         runtime.close()
     assert (dimse_messages.encode, service_class.encode) == stock
-    assert dimse_messages.C_FIND_RSP.primitive_to_message is dimse_messages.DIMSEMessage.primitive_to_message
+    assert all(cls.primitive_to_message is dimse_messages.DIMSEMessage.primitive_to_message
+               for cls in (dimse_messages.C_FIND_RSP, dimse_messages.C_MOVE_RSP, dimse_messages.C_GET_RSP))
 
 
 def _find_response(message_id: int, status: int, identifier: bytes | None, **extra: object) -> C_FIND:
@@ -141,7 +144,7 @@ def test_pending_find_responses_share_a_command_set_and_encode_as_pynetdicoms() 
     reused, stock = [], []
     for primitive in responses:
         message = dimse_messages.C_FIND_RSP()
-        reuse_pending_find_command_sets(message, primitive)
+        reuse_pending_command_sets(message, primitive)
         reused.append(message)
         message = dimse_messages.C_FIND_RSP()
         dimse_messages.DIMSEMessage.primitive_to_message(message, primitive)
@@ -149,3 +152,30 @@ def test_pending_find_responses_share_a_command_set_and_encode_as_pynetdicoms() 
     assert [_encoded(m) for m in reused] == [_encoded(m) for m in stock]
     assert reused[0].command_set is reused[1].command_set  # built once for the C-FIND's pending responses
     assert reused[2].command_set is not reused[0].command_set
+
+
+@pytest.mark.parametrize("primitive_class, message_class", [(C_MOVE, dimse_messages.C_MOVE_RSP),
+                                                            (C_GET, dimse_messages.C_GET_RSP)])
+def test_pending_retrieve_responses_reuse_a_command_set_with_their_own_counters(primitive_class: type,
+                                                                                message_class: type) -> None:
+    def response(message_id: int, status: int, remaining: int | None, completed: int, failed: int,
+                 **extra: object) -> object:
+        return _primitive(primitive_class, MessageIDBeingRespondedTo=message_id,
+                          AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.2", Status=status,
+                          NumberOfRemainingSuboperations=remaining, NumberOfCompletedSuboperations=completed,
+                          NumberOfFailedSuboperations=failed, NumberOfWarningSuboperations=0, **extra)
+
+    responses = [response(21, 0xFF00, 999, 1, 0), response(21, 0xFF00, 998, 1, 1), response(21, 0xFF00, 0, 999, 1),
+                 response(22, 0xFF00, 5, 0, 0),  # another request
+                 response(21, 0xB000, None, 999, 1, Identifier=BytesIO(b"\x08\x00\x58\x00\x00\x00\x00\x00")),
+                 response(21, 0x0000, None, 1000, 0)]
+    reused, stock = [], []
+    for primitive in responses:
+        message = message_class()
+        reuse_pending_command_sets(message, primitive)
+        reused.append(message)
+        message = message_class()
+        dimse_messages.DIMSEMessage.primitive_to_message(message, primitive)
+        stock.append(message)
+    assert [_encoded(m) for m in reused] == [_encoded(m) for m in stock]
+    assert [m.command_set.NumberOfRemainingSuboperations for m in reused[:3]] == [999, 998, 0]
