@@ -282,16 +282,24 @@ class JobQueue:
 
     def complete(self, job_id: int, worker_id: str, payload_update: Mapping[str, Any] | None = None) -> bool:
         """Mark ``job_id`` done, merging ``payload_update`` into its payload; ``False`` if the lease was lost."""
-        with self._writing() as (session, now):
-            job = self._owned(session, job_id, worker_id)
-            if job is None:
-                return False
-            if payload_update:
-                job.payload = {**(job.payload or {}), **payload_update}
-            _end_attempt(job, JobState.DONE, now, error=None)
-            job.finished_at = now
-            history.record_job(session, job, now)
-            return True
+        with self._writing() as (session, _now):
+            return self.complete_in(session, job_id, worker_id, payload_update) is not None
+
+    def complete_in(self, session: Session, job_id: int, worker_id: str,
+                    payload_update: Mapping[str, Any] | None = None) -> JobRecord | None:
+        """:meth:`complete` inside the caller's write transaction, so a job is marked done in the same
+        commit that records its results (a batch of jobs then costs one commit, not one per job); the
+        job as it is now, or ``None`` if the lease was lost."""
+        now = self._clock()
+        job = self._owned(session, job_id, worker_id)
+        if job is None:
+            return None
+        if payload_update:
+            job.payload = {**(job.payload or {}), **payload_update}
+        _end_attempt(job, JobState.DONE, now, error=None)
+        job.finished_at = now
+        history.record_job(session, job, now)
+        return JobRecord.of(job)
 
     def fail(self, job_id: int, worker_id: str, error: str, retryable: bool = True,
              policy: RetryPolicy | None = None) -> JobState:
