@@ -198,6 +198,22 @@ def insert_returning_id(session: Session, model: type[Base], values: dict[str, A
     return result.inserted_primary_key[0] if rowcount(result) == 1 else None  # type: ignore[attr-defined]
 
 
+def insert_many_if_absent(session: Session, model: type[Base], rows: list[dict[str, Any]], key: str) -> None:
+    """:func:`insert_if_absent` for many rows: one ``INSERT ... ON CONFLICT (key) DO NOTHING`` compiled
+    once and executed for every row (the driver's executemany). Rows are grouped by the columns they
+    name, as one statement binds one set of columns."""
+    table = cast(Table, model.__table__)
+    dialect = session.get_bind(model).dialect
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no idempotent insert for the {dialect.name!r} dialect")
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(sorted(row)), []).append(row)
+    for group in groups.values():
+        session.execute(dialect_insert(table).on_conflict_do_nothing(index_elements=[key]), group)  # type: ignore[attr-defined]
+
+
 def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: list[str],
            update: dict[str, Any]) -> None:
     """``INSERT ... ON CONFLICT (keys) DO UPDATE SET update`` for ``model`` in the caller's transaction:

@@ -33,7 +33,7 @@ from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import history
-from storage.db import insert_returning_id, make_sessionmaker, rowcount
+from storage.db import insert_many_if_absent, insert_returning_id, make_sessionmaker, rowcount
 from storage.schema import Job, JobKind, JobState, utcnow
 
 log = logging.getLogger(__name__)
@@ -187,10 +187,25 @@ class JobQueue:
         transaction (on PostgreSQL an IntegrityError would poison it). Higher ``priority`` runs first;
         ``not_before`` (naive UTC) delays it, e.g. until a study has settled.
         """
+        values = self._row(kind=kind, sop_instance_uid=sop_instance_uid, dedupe_key=dedupe_key,
+                           destination=destination, payload=payload, max_attempts=max_attempts, priority=priority,
+                           not_before=not_before)
+        return insert_returning_id(session, Job, values, "dedupe_key")
+
+    def enqueue_many(self, session: Session, jobs: builtins.list[Mapping[str, Any]]) -> None:
+        """:meth:`enqueue` for many jobs inside the caller's transaction, in one statement executed for all
+        (each mapping holds ``enqueue``'s keyword arguments); a ``dedupe_key`` that exists is skipped the
+        same way. No ids come back: a batch of export jobs is logged by its results."""
+        insert_many_if_absent(session, Job, [self._row(**job) for job in jobs], "dedupe_key")
+
+    def _row(self, *, kind: JobKind | str, sop_instance_uid: str, dedupe_key: str, destination: str | None = None,
+             payload: Mapping[str, Any] | None = None, max_attempts: int = 5, priority: int = 0,
+             not_before: datetime | None = None) -> dict[str, Any]:
+        """A new job's row."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts!r}")
         now = self._clock()
-        values = dict(
+        return dict(
             kind=_value(kind, JobKind),
             state=JobState.QUEUED.value,
             dedupe_key=dedupe_key,
@@ -204,7 +219,6 @@ class JobQueue:
             created_at=now,
             updated_at=now,
         )
-        return insert_returning_id(session, Job, values, "dedupe_key")
 
     def cancel_waiting(self, session: Session, dedupe_prefix: str, keep: str) -> int:
         """Inside the caller's transaction, cancel the not yet started jobs whose ``dedupe_key`` starts with

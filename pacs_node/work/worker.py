@@ -62,7 +62,7 @@ from pacs_node.ops.supervisor import exit_with_parent
 from pipelines.constants import FRONTAL_VIEWS
 from pipelines.interface import FakePipeline, ImageResult, NotInterpreted, Pipeline, PipelineError
 from storage.queue import ClaimedJob
-from storage.repository import add_instance, get_instance
+from storage.repository import add_instances, get_instance
 from storage.schema import Disposition, JobKind, Origin, utcnow
 from storage.studies import get_study, instance_set_hash, record_analysis, study_image_uids
 
@@ -356,60 +356,54 @@ class Worker:
         self.rt.store.write_many(files)
 
     def _commit(self, results: list[_Result]) -> None:
-        """Record the stored results of ``results``, their export jobs and their studies' analyses, and
-        complete their jobs, in one transaction (cancelling the exports of replaced versions still
-        waiting); then release the jobs and ring the exporters."""
-        routed = False
+        """Record the stored results of ``results`` and complete their jobs, in one transaction; then
+        release the jobs and ring the exporters."""
         with self.rt.write_session() as session, session.begin():
-            done = [(result, self._record_results(session, result)) for result in results]
+            recorded = self._record_results(session, results)
             completed = [self.rt.queue.complete_in(session, result.work.job.id, self.worker_id,
-                                                   {"results": produced}) for result, (produced, _) in done]
-        for (result, (produced, peers)), record in zip(done, completed, strict=True):
-            routed = routed or bool(peers)
+                                                   {"results": produced})
+                         for result, (produced, _) in zip(results, recorded, strict=True)]
+        for result, (produced, _), record in zip(results, recorded, completed, strict=True):
             self._finished(result.work.job.id)
             observe_done(record)
             if record is not None:
                 log.info("job %d done: %d result object(s)", result.work.job.id, len(produced))
-        if routed:
+        if any(peers for _, peers in recorded):
             self._export_bell.ring()
 
-    def _record_results(self, session: Session, result: _Result) -> tuple[list[str], list[str]]:
-        """Inside ``session``: one analysis' result rows, export jobs and study record; (their SOP Instance
-        UIDs, the peers they are routed to)."""
-        w, report, objects = result.work, result.report, result.objects
-        source_uid = str(report.first_image.SOPInstanceUID)
-        route = RouteKey(
-            calling_ae=w.calling_ae,
-            modality=str(w.route_source.get("Modality", "") or "") or None,
-            station_name=str(w.route_source.get("StationName", "") or "") or None,
-        )
-        peers = destinations(self.settings, route)
-        for obj in objects:
-            relpath = self.rt.store.relpath_for(
-                obj.fields.study_instance_uid, obj.fields.series_instance_uid, obj.fields.sop_instance_uid)
-            add_instance(
-                session,
-                obj.fields,
-                path=relpath,
-                size_bytes=len(obj.data),
-                origin=Origin.RESULT,
-                disposition=Disposition.RESULT,
-                source_sop_instance_uid=source_uid,
+    def _record_results(self, session: Session, results: list[_Result]) -> list[tuple[list[str], list[str]]]:
+        """Inside ``session``: the result rows of ``results`` and their export jobs (each kind in one
+        statement for the batch), their studies' analyses, and the exports of replaced versions still
+        waiting cancelled; per result, (its objects' SOP Instance UIDs, the peers they are routed to)."""
+        instances, exports, recorded = [], [], []
+        for result in results:
+            w, report, objects = result.work, result.report, result.objects
+            source_uid = str(report.first_image.SOPInstanceUID)
+            route = RouteKey(
+                calling_ae=w.calling_ae,
+                modality=str(w.route_source.get("Modality", "") or "") or None,
+                station_name=str(w.route_source.get("StationName", "") or "") or None,
             )
-            for peer in peers:
-                self.rt.queue.enqueue(
-                    session,
-                    kind=JobKind.EXPORT,
-                    sop_instance_uid=obj.fields.sop_instance_uid,
-                    destination=peer,
-                    dedupe_key=f"export:{obj.fields.sop_instance_uid}:{peer}",
-                    max_attempts=self.settings.export_retry(peer).attempts,
-                )
-        for previous in report.predecessors.values():
-            # a version not yet delivered is not sent after the one that replaces it
-            self.rt.queue.cancel_waiting(session, f"export:{previous.SOPInstanceUID}:", keep="")
-        record_analysis(session, w.study_uid, w.set_hash, _analysis_record(w, report, objects))
-        return [obj.fields.sop_instance_uid for obj in objects], peers
+            peers = destinations(self.settings, route)
+            for obj in objects:
+                relpath = self.rt.store.relpath_for(
+                    obj.fields.study_instance_uid, obj.fields.series_instance_uid, obj.fields.sop_instance_uid)
+                instances.append((obj.fields, dict(path=relpath, size_bytes=len(obj.data), origin=Origin.RESULT,
+                                                   disposition=Disposition.RESULT,
+                                                   source_sop_instance_uid=source_uid)))
+                exports += [dict(kind=JobKind.EXPORT, sop_instance_uid=obj.fields.sop_instance_uid, destination=peer,
+                                 dedupe_key=f"export:{obj.fields.sop_instance_uid}:{peer}",
+                                 max_attempts=self.settings.export_retry(peer).attempts) for peer in peers]
+            recorded.append(([obj.fields.sop_instance_uid for obj in objects], peers))
+        add_instances(session, instances)
+        self.rt.queue.enqueue_many(session, exports)
+        for result in results:
+            for previous in result.report.predecessors.values():
+                # a version not yet delivered is not sent after the one that replaces it
+                self.rt.queue.cancel_waiting(session, f"export:{previous.SOPInstanceUID}:", keep="")
+            record_analysis(session, result.work.study_uid, result.work.set_hash,
+                            _analysis_record(result.work, result.report, result.objects))
+        return recorded
 
     def _load(self, session: Session, job: ClaimedJob) -> _Work | None:
         """The study job's images, views and choice (read in the batch's ``session``); None when the job's
@@ -442,10 +436,12 @@ class Worker:
         if not uids:
             raise PipelineError("the study's instances are no longer stored")
         headers: dict[str, Dataset] = {}
+        # A study of one image (most of them) is read once, pixels and all: its header is the dataset.
+        whole = len(rows) == 1
         for uid, row in rows.items():
             if row is None or not row.path:
                 continue  # deleted by retention meanwhile: not part of what can be read
-            headers[uid] = self._read(row.path, stop_before_pixels=True)
+            headers[uid] = self._read(row.path, stop_before_pixels=not whole)
         views = {uid: classify_view(ds) for uid, ds in headers.items()}
         candidates = [Candidate(uid, views[uid], acquisition_time(ds)) for uid, ds in headers.items()]
         choice = choose(candidates, getattr(self.pipeline, "views", FRONTAL_VIEWS))
@@ -453,7 +449,7 @@ class Worker:
         if choice.analysed is not None:
             row = rows[choice.analysed]
             assert row is not None
-            dataset = self._read(row.path, stop_before_pixels=False)
+            dataset = headers[choice.analysed] if whole else self._read(row.path, stop_before_pixels=False)
             check_dimensions(dataset)
         calling_ae = next((r.calling_ae for uid, r in rows.items() if r is not None and uid == choice.analysed),
                           next((r.calling_ae for r in rows.values() if r is not None), None))

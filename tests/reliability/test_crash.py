@@ -64,7 +64,7 @@ def test_a_worker_dying_after_storing_results_does_not_duplicate_them(runtime, t
     result = _Result(work, report, built)
     first._write_files([result])
     with rt.write_session() as session, session.begin():  # results recorded, the job not completed: ...
-        made, _peers = first._record_results(session, result)
+        ((made, _peers),) = first._record_results(session, [result])
     # ... and the process dies here (or its lease had run out, so its completion was refused)
     _expire_leases(rt)
     second = Worker(settings, rt, FakePipeline(), worker_id="second")
