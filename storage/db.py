@@ -227,6 +227,21 @@ def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: li
     session.execute(statement.on_conflict_do_update(index_elements=keys, set_=update))  # type: ignore[attr-defined]
 
 
+def upsert_many(session: Session, model: type[Base], rows: list[dict[str, Any]], keys: list[str],
+                update: list[str]) -> None:
+    """:func:`upsert` for many rows with the same columns: one ``INSERT ... ON CONFLICT (keys) DO UPDATE``
+    whose ``update`` columns take the inserted row's values, executed for every row."""
+    table = cast(Table, model.__table__)
+    dialect = session.get_bind(model).dialect
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no upsert for the {dialect.name!r} dialect")
+    statement = dialect_insert(table)
+    statement = statement.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=keys, set_={column: statement.excluded[column] for column in update})
+    session.execute(statement, rows)
+
+
 def rowcount(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE matched. (``Session.execute`` is typed as returning a plain ``Result``;
     for those statements it is a ``CursorResult``.)"""

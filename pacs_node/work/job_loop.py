@@ -116,7 +116,7 @@ def complete_jobs(runtime: ServerContext, done: Sequence[tuple[ClaimedJob, Mappi
     if not done:
         return []
     with runtime.write_session() as session, session.begin():
-        records = [runtime.queue.complete_in(session, job.id, owner, dict(result)) for job, result in done]
+        records = runtime.queue.complete_in(session, [(job.id, dict(result)) for job, result in done], owner)
     for record in records:
         observe_done(record)
     return [record is not None for record in records]

@@ -360,9 +360,9 @@ class Worker:
         release the jobs and ring the exporters."""
         with self.rt.write_session() as session, session.begin():
             recorded = self._record_results(session, results)
-            completed = [self.rt.queue.complete_in(session, result.work.job.id, self.worker_id,
-                                                   {"results": produced})
-                         for result, (produced, _) in zip(results, recorded, strict=True)]
+            completed = self.rt.queue.complete_in(
+                session, [(result.work.job.id, {"results": produced})
+                          for result, (produced, _) in zip(results, recorded, strict=True)], self.worker_id)
         for result, (produced, _), record in zip(results, recorded, completed, strict=True):
             self._finished(result.work.job.id)
             observe_done(record)
