@@ -148,3 +148,15 @@ def test_a_worker_that_dies_with_two_batches_in_hand_leaves_both_to_be_claimed_a
         session.execute(update(Job).where(Job.state == JobState.RUNNING.value).values(lease_expires_at=Job.created_at))
     again = runtime.queue.claim("successor", [JobKind.ANALYSE], limit=10)
     assert len(again) == 4 and all(job.attempts == 2 for job in again)
+
+
+def test_the_lease_keeper_renews_both_batches_in_hand_and_releases_each_on_its_own(runtime: ServerContext) -> None:
+    from pacs_node.work.leases import LeaseKeeper
+
+    keeper = LeaseKeeper(runtime, "w", 300)
+    keeper.hold([1, 2])  # batch N, being stored
+    keeper.hold([3, 4])  # batch N+1, in the model
+    assert keeper.job_ids == {1, 2, 3, 4}
+    keeper.release(1)
+    keeper.release_all([1, 2])  # batch N is over
+    assert keeper.job_ids == {3, 4}
