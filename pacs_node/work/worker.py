@@ -18,6 +18,12 @@ batches, a radiographer wants the report now: with no wait, images that arrive w
 the next one, so batches fill exactly when the load needs them to. An idle worker sleeps on the
 ``analyse`` doorbell (:mod:`pacs_node.work.wakeups`), which the listener rings after each commit.
 
+Each batch has two stages (:class:`~pacs_node.work.job_loop.JobLoop`): loading and the pipeline, then
+building, storing and recording the results. The second runs on a thread of its own while the next batch
+goes through the first, so the model is never idle while results are written; batches are recorded in
+the order they were claimed. A batch is recorded as a group: its files made durable together, then its
+rows, export jobs, analyses and job completions in one transaction (job by job if that fails).
+
 Everything a job produces is idempotent (result UIDs are derived from the source SOP Instance UID and
 the bundle, rows are inserted with ON CONFLICT DO NOTHING, export jobs are deduplicated), so a job whose
 worker died half-way and that runs again produces the same objects once.
@@ -249,6 +255,7 @@ class Worker:
                     continue
                 except Exception as exc:
                     log.exception("job %d: cannot load its instance", job.id)
+                    session.rollback()  # a failed statement must not poison the batch mates' reads (PostgreSQL)
                     self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
                     continue
                 if loaded is None:
