@@ -43,6 +43,10 @@ from storage.schema import JobKind, utcnow
 log = logging.getLogger(__name__)
 
 
+#: How many times less often than the first export thread the others poll when idle.
+IDLE_POLL_FACTOR = 8
+
+
 @dataclass
 class Exporter:
     """Threads that claim ``export`` jobs one at a time and send them."""
@@ -61,7 +65,7 @@ class Exporter:
         self._beacon.__enter__()
         self._beacon.set(ProcessState.READY, f"{self.settings.export.concurrency} thread(s)")
         for i in range(self.settings.export.concurrency):
-            thread = threading.Thread(target=self._loop, args=(f"{self.worker_id}/export{i}",),
+            thread = threading.Thread(target=self._loop, args=(f"{self.worker_id}/export{i}", i == 0),
                                       name=f"export-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -72,10 +76,14 @@ class Exporter:
             thread.join(timeout)
         self._beacon.__exit__(None)
 
-    def _loop(self, owner: str) -> None:
+    def _loop(self, owner: str, first: bool) -> None:
+        """One export thread. Every thread wakes when this host's worker rings; only the first polls at
+        ``worker.poll_interval_s`` for work the bell does not announce (queued on another host), the others
+        :data:`IDLE_POLL_FACTOR` times less often: an idle node's polls were most of its CPU."""
+        poll = self.settings.worker.poll_interval_s * (1 if first else IDLE_POLL_FACTOR)
         loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self.runtime.queue.claim(
             owner, [JobKind.EXPORT], limit=self.settings.export.batch_size,
-            skip_destinations=self.destinations.down()))
+            skip_destinations=self.destinations.down()), idle_wait=lambda: poll)
         loop.run(self._stop, lambda jobs, leases: self.run_jobs(jobs, owner, leases.release))
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
