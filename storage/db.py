@@ -210,6 +210,19 @@ def _idempotent_insert(table: Table, dialect_name: str, key: str, returning: boo
     return statement.returning(*table.primary_key.columns) if returning else statement
 
 
+def insert_many_if_absent(session: Session, model: type[Base], rows: list[dict[str, Any]], key: str) -> None:
+    """:func:`insert_if_absent` for many rows: one ``INSERT ... ON CONFLICT (key) DO NOTHING`` compiled
+    once and executed for every row (the driver's executemany). Rows are grouped by the columns they
+    name, as one statement binds one set of columns."""
+    table = cast(Table, model.__table__)
+    statement = _idempotent_insert(table, session.get_bind(model).dialect.name, key, False)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(sorted(row)), []).append(row)
+    for group in groups.values():
+        session.execute(statement, group)
+
+
 def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: list[str],
            update: dict[str, Any]) -> None:
     """``INSERT ... ON CONFLICT (keys) DO UPDATE SET update`` for ``model`` in the caller's transaction:
@@ -221,6 +234,21 @@ def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: li
         raise NotImplementedError(f"no upsert for the {dialect.name!r} dialect")
     statement = dialect_insert(table).values(**values)
     session.execute(statement.on_conflict_do_update(index_elements=keys, set_=update))  # type: ignore[attr-defined]
+
+
+def upsert_many(session: Session, model: type[Base], rows: list[dict[str, Any]], keys: list[str],
+                update: list[str]) -> None:
+    """:func:`upsert` for many rows with the same columns: one ``INSERT ... ON CONFLICT (keys) DO UPDATE``
+    whose ``update`` columns take the inserted row's values, executed for every row."""
+    table = cast(Table, model.__table__)
+    dialect = session.get_bind(model).dialect
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no upsert for the {dialect.name!r} dialect")
+    statement = dialect_insert(table)
+    statement = statement.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=keys, set_={column: statement.excluded[column] for column in update})
+    session.execute(statement, rows)
 
 
 def rowcount(result: Result[Any]) -> int:

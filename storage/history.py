@@ -14,29 +14,40 @@ from datetime import datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from storage.db import rowcount, upsert
+from storage.db import rowcount, upsert_many
 from storage.schema import Analysis, Delivery, Job, JobKind, JobState
 
 
 def record_job(session: Session, job: Job, now: datetime) -> None:
     """Bring the history in line with ``job``'s state at the end of an attempt (or its cancellation)."""
-    if job.kind == JobKind.ANALYSE.value:
-        finished = now if job.state in (JobState.DONE.value, JobState.DEAD.value, JobState.CANCELLED.value) else None
-        results = list((job.payload or {}).get("results", []))
-        values = dict(sop_instance_uid=job.sop_instance_uid, job_id=job.id, state=job.state, attempts=job.attempts,
-                      results=results, last_error=job.last_error, updated_at=now, finished_at=finished)
-        upsert(session, Analysis, values, ["sop_instance_uid"],
-               {k: v for k, v in values.items() if k != "sop_instance_uid"})
-    elif job.kind == JobKind.EXPORT.value and job.destination:
-        delivered = now if job.state == JobState.DONE.value else None
-        values = dict(sop_instance_uid=job.sop_instance_uid, destination=job.destination, job_id=job.id,
-                      state=job.state, attempts=job.attempts, last_error=job.last_error, first_attempt_at=now,
-                      last_attempt_at=now, delivered_at=delivered)
-        changed = {k: v for k, v in values.items()
-                   if k not in ("sop_instance_uid", "destination", "first_attempt_at", "delivered_at")}
-        if delivered is not None:
-            changed["delivered_at"] = delivered
-        upsert(session, Delivery, values, ["sop_instance_uid", "destination"], changed)
+    record_jobs(session, [job], now)
+
+
+def record_jobs(session: Session, jobs: Sequence[Job], now: datetime) -> None:
+    """:func:`record_job` for many jobs, one statement per kind of row (a batch completed at once)."""
+    analyses, deliveries = [], []
+    for job in jobs:
+        if job.kind == JobKind.ANALYSE.value:
+            finished = now if job.state in (JobState.DONE.value, JobState.DEAD.value, JobState.CANCELLED.value) \
+                else None
+            results = list((job.payload or {}).get("results", []))
+            analyses.append(dict(sop_instance_uid=job.sop_instance_uid, job_id=job.id, state=job.state,
+                                 attempts=job.attempts, results=results, last_error=job.last_error, updated_at=now,
+                                 finished_at=finished))
+        elif job.kind == JobKind.EXPORT.value and job.destination:
+            delivered = now if job.state == JobState.DONE.value else None
+            deliveries.append(dict(sop_instance_uid=job.sop_instance_uid, destination=job.destination, job_id=job.id,
+                                   state=job.state, attempts=job.attempts, last_error=job.last_error,
+                                   first_attempt_at=now, last_attempt_at=now, delivered_at=delivered))
+    if analyses:
+        upsert_many(session, Analysis, analyses, ["sop_instance_uid"],
+                    [k for k in analyses[0] if k != "sop_instance_uid"])
+    kept = ("sop_instance_uid", "destination", "first_attempt_at", "delivered_at")
+    for was_delivered in (True, False):
+        rows = [row for row in deliveries if (row["delivered_at"] is not None) == was_delivered]
+        if rows:  # a delivery's time is set when it is delivered and never cleared by a later attempt
+            changed = [k for k in rows[0] if k not in kept] + (["delivered_at"] if was_delivered else [])
+            upsert_many(session, Delivery, rows, ["sop_instance_uid", "destination"], changed)
 
 
 def analysis_of(session: Session, sop_instance_uid: str) -> Analysis | None:

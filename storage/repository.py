@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from storage import history
-from storage.db import insert_if_absent
+from storage.db import insert_if_absent, insert_many_if_absent
 from storage.schema import Instance, Origin, utcnow
 
 _COLUMNS = frozenset(column.key for column in Instance.__table__.columns) - {"id"}
@@ -64,6 +64,18 @@ def add_instance(session: Session, record: InstanceRecord | None = None, /, **fi
     and two listeners storing the same instance at once cannot both insert it. Unknown or missing
     fields are refused with their names (a typo must not silently drop query attributes).
     """
+    return insert_if_absent(session, Instance, _instance_values(record, fields), "sop_instance_uid")
+
+
+def add_instances(session: Session, rows: Iterable[tuple[InstanceRecord, dict[str, Any]]]) -> None:
+    """:func:`add_instance` for many ``(record, fields)`` at once, in one statement executed for all of
+    them (a batch's result objects: one statement to compile instead of one per object)."""
+    insert_many_if_absent(session, Instance, [_instance_values(record, fields) for record, fields in rows],
+                          "sop_instance_uid")
+
+
+def _instance_values(record: InstanceRecord | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """The row of ``record`` and ``fields``, refusing unknown or missing fields with their names."""
     if record is not None:
         fields = asdict(record) | fields
     unknown = sorted(set(fields) - _COLUMNS)
@@ -75,7 +87,7 @@ def add_instance(session: Session, record: InstanceRecord | None = None, /, **fi
     for key in ("origin", "disposition"):
         if hasattr(fields.get(key), "value"):
             fields[key] = fields[key].value  # accept the enums as well as their strings
-    return insert_if_absent(session, Instance, fields, "sop_instance_uid")
+    return fields
 
 
 def get_instance(session: Session, sop_instance_uid: str) -> Instance | None:

@@ -188,6 +188,59 @@ class InstanceStore:
             file.write(data)
             return self.commit(file, relpath)
 
+    def write_many(self, files: list[tuple[str, bytes]]) -> list[Path]:
+        """Write each ``(relpath, data)`` the durable way, as one group (a batch of result objects): every
+        file is written, all of them made durable, renamed into place, and the renames made durable.
+        Where Linux ``syncfs`` is available each "made durable" is one call for the whole group (the
+        filesystem's journal committed once) instead of an fsync per file and per directory, ~5x less
+        time for a batch of small files; elsewhere each file and directory is fsynced. Each file is still
+        atomic (its data is durable before its rename). On a failure those already renamed stay (their
+        rows are not committed yet; a retry rewrites them) and the others' temp files are removed."""
+        temps: list[tuple[BinaryIO, Path]] = []
+        try:
+            for relpath, data in files:
+                final = self.path(relpath)
+                temp = self.open_temp()
+                temps.append((temp, final))
+                temp.write(data)
+                temp.flush()
+            if _syncfs is not None:
+                self._sync_filesystem()
+            for temp, _final in temps:
+                if _syncfs is None:
+                    os.fsync(temp.fileno())
+                temp.close()
+            directories: dict[Path, None] = {}
+            while temps:
+                temp, final = temps[0]
+                created = self._makedirs(final.parent, sync=False)
+                os.replace(temp.name, final)
+                temps.pop(0)
+                directories.update(dict.fromkeys([final.parent, *(new.parent for new in reversed(created))]))
+            if _syncfs is not None:
+                self._sync_filesystem()
+            else:
+                for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):  # deepest first
+                    _fsync_dir(directory)
+        except OSError as exc:
+            for temp, _final in temps:
+                self.discard(temp)
+            _raise_full_or(exc, temps[0][1] if temps else self.root)
+        except BaseException:
+            for temp, _final in temps:
+                self.discard(temp)
+            raise
+        return [self.path(relpath) for relpath, _data in files]
+
+    def _sync_filesystem(self) -> None:
+        """Everything written to the store's filesystem so far, durable (``syncfs``)."""
+        assert _syncfs is not None
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
+
     def discard(self, temp: BinaryIO) -> None:
         """Close and remove a temp file that will not be committed (idempotent, never raises)."""
         with suppress(OSError):
@@ -350,6 +403,37 @@ def _link_if_absent(temp: str, final: Path) -> bool:
         raise
     os.unlink(temp)
     return True
+
+
+def _kernel_version() -> tuple[int, int]:
+    """The running kernel's major and minor version, ``(0, 0)`` if it cannot be read."""
+    match = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def _load_syncfs() -> Callable[[int], None] | None:
+    """Linux ``syncfs(fd)``: write back and commit everything dirty on ``fd``'s filesystem, and wait (its
+    write errors are reported since Linux 5.8). ``None`` where the C library does not have it, and on
+    older kernels: there a failed writeback would be a silent success, and fsync is what reports it."""
+    if not sys.platform.startswith("linux") or _kernel_version() < (5, 8):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        call = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int]
+    call.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if call(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+    return syncfs
+
+
+_syncfs = _load_syncfs()
 
 
 def _safe_name(uid: str) -> str:

@@ -33,7 +33,7 @@ from pacs_node.ops.liveness import Beacon, ProcessState
 from pacs_node.results import comprehensive_fallback
 from pacs_node.work.destinations import DestinationMonitor
 from pacs_node.work.dicomweb_export import stow_datasets
-from pacs_node.work.job_loop import JobLoop, complete_job
+from pacs_node.work.job_loop import JobLoop, complete_jobs
 from storage.commitment import held_instances
 from storage.history import commitment_requested
 from storage.queue import ClaimedJob
@@ -41,6 +41,10 @@ from storage.repository import stored_paths
 from storage.schema import JobKind, utcnow
 
 log = logging.getLogger(__name__)
+
+
+#: How many times less often than the first export thread the others poll when idle.
+IDLE_POLL_FACTOR = 8
 
 
 @dataclass
@@ -61,7 +65,7 @@ class Exporter:
         self._beacon.__enter__()
         self._beacon.set(ProcessState.READY, f"{self.settings.export.concurrency} thread(s)")
         for i in range(self.settings.export.concurrency):
-            thread = threading.Thread(target=self._loop, args=(f"{self.worker_id}/export{i}",),
+            thread = threading.Thread(target=self._loop, args=(f"{self.worker_id}/export{i}", i == 0),
                                       name=f"export-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -72,10 +76,14 @@ class Exporter:
             thread.join(timeout)
         self._beacon.__exit__(None)
 
-    def _loop(self, owner: str) -> None:
+    def _loop(self, owner: str, first: bool) -> None:
+        """One export thread. Every thread wakes when this host's worker rings; only the first polls at
+        ``worker.poll_interval_s`` for work the bell does not announce (queued on another host), the others
+        :data:`IDLE_POLL_FACTOR` times less often: an idle node's polls were most of its CPU."""
+        poll = self.settings.worker.poll_interval_s * (1 if first else IDLE_POLL_FACTOR)
         loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self.runtime.queue.claim(
             owner, [JobKind.EXPORT], limit=self.settings.export.batch_size,
-            skip_destinations=self.destinations.down()))
+            skip_destinations=self.destinations.down()), idle_wait=lambda: poll)
         loop.run(self._stop, lambda jobs, leases: self.run_jobs(jobs, owner, leases.release))
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
@@ -91,9 +99,7 @@ class Exporter:
             except Exception as exc:
                 log.exception("export to %s failed unexpectedly", destination)
                 outcomes = [ScuError(f"{type(exc).__name__}: {exc}")] * len(group)
-            for job, outcome in zip(group, outcomes, strict=True):
-                settled(job.id)
-                self._settle(job, owner, outcome)
+            self._settle(group, outcomes, owner, settled)
             self._ask_commitment(destination, [job.sop_instance_uid for job, outcome in zip(group, outcomes)
                                                if outcome is None])
 
@@ -105,17 +111,27 @@ class Exporter:
             for done in [pool.submit(send, destination, group) for destination, group in by_destination.items()]:
                 done.result()
 
-    def _settle(self, job: ClaimedJob, owner: str, outcome: ScuError | None) -> None:
+    def _settle(self, jobs: list[ClaimedJob], outcomes: list[ScuError | None], owner: str,
+                settled: Callable[[int], None]) -> None:
+        """Fail each job that failed on its own; complete those delivered in one transaction (at the
+        message rate of a GPU node a commit per job would be most of the exporter's work)."""
         queue = self.runtime.queue
-        if outcome is not None:
+        delivered = []
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            settled(job.id)
+            if outcome is None:
+                delivered.append(job)
+                continue
             metrics.EXPORT_FAILURES.labels(job.destination or "?").inc()
             policy = self.settings.export_retry(job.destination or "")
             state = queue.fail(job.id, owner, str(outcome), retryable=outcome.retryable, policy=policy)
             log.warning("export job %d to %s failed (attempt %d/%d, now %s): %s", job.id, job.destination,
                         job.attempts, job.max_attempts, state.value, outcome)
-            return
-        if complete_job(self.runtime, job, owner, {"sent_at": utcnow().isoformat()}):
-            log.info("export job %d: result %s sent to %s", job.id, job.sop_instance_uid, job.destination)
+        sent_at = utcnow().isoformat()
+        completed = complete_jobs(self.runtime, [(job, {"sent_at": sent_at}) for job in delivered], owner)
+        for job, ok in zip(delivered, completed, strict=True):
+            if ok:
+                log.info("export job %d: result %s sent to %s", job.id, job.sop_instance_uid, job.destination)
 
     def _send(self, destination: str, jobs: list[ClaimedJob]) -> list[ScuError | None]:
         """C-STORE the stored results of ``jobs`` to ``destination`` on one association; per job, None

@@ -6,26 +6,38 @@ worker outlives a database failover. An idle loop waits at most ``worker.poll_in
 (:mod:`pacs_node.work.wakeups`), so a ring that never comes (the job was queued on another host) costs one
 poll interval. Leases (:mod:`pacs_node.work.leases`) are renewed for the jobs in hand until each is
 released or the batch is over.
+
+Work can come in two stages: the work function does the first (the analysis worker: load the images and
+run the model) and returns the second (build, store and record the results), which the loop runs on its
+own thread while it claims the next batch and does its first stage. So the GPU is fed batch N+1 while the
+CPU writes batch N's results. Second stages run one at a time, in the order of their batches, and one is
+handed over only once the previous one has finished: results are never reordered, at most two batches
+are in hand, and a second stage that raises stops the loop as a first stage would (the jobs it had not
+settled come back when their leases run out).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
 from pacs_node.work.leases import LeaseKeeper
-from storage.queue import ClaimedJob
+from storage.queue import ClaimedJob, JobRecord
 from storage.schema import JobKind
 
 log = logging.getLogger(__name__)
 
 #: Pause before claiming again after a claim failed.
 CLAIM_RETRY_S = 5.0
+
+#: The second stage of a batch's work (see the module docstring).
+SecondStage = Callable[[], None]
 
 
 @dataclass
@@ -40,36 +52,77 @@ class JobLoop:
     #: worker wakes sooner when a study settles before then
     idle_wait: Callable[[], float] | None = None
 
-    def run(self, stop: threading.Event, work: Callable[[list[ClaimedJob], LeaseKeeper], None]) -> None:
-        """Until ``stop`` is set (a batch in progress is finished first): claim, ``work(jobs, leases)``,
-        and wait on the doorbell when nothing was due. ``work`` releases each job's lease when the job is
-        settled; whatever it leaves held is released when it returns."""
+    def run(self, stop: threading.Event, work: Callable[[list[ClaimedJob], LeaseKeeper], SecondStage | None]) -> None:
+        """Until ``stop`` is set (the batches in progress are finished first): claim, ``work(jobs, leases)``,
+        run the second stage it returns (if any) beside the next batch's first, and wait on the doorbell
+        when nothing was due. The work releases each job's lease when the job is settled; whatever a batch
+        leaves held is released when its last stage returns."""
         settings = self.runtime.settings
+        pending: Future[None] | None = None  # the second stage of the previous batch, running
         with LeaseKeeper(self.runtime, self.owner, settings.worker.lease_seconds) as leases, \
-                self.runtime.doorbell(self.kind).waiter() as waiter:
-            while not stop.is_set():
-                try:
-                    jobs = self.claim()
-                except Exception:
-                    log.exception("%s: cannot claim jobs; retrying", self.kind.value)
-                    stop.wait(CLAIM_RETRY_S)
-                    continue
-                if not jobs:
-                    waiter.wait(self.idle_wait() if self.idle_wait else settings.worker.poll_interval_s, stop)
-                    continue
-                leases.hold([job.id for job in jobs])
-                try:
-                    work(jobs, leases)
-                finally:
-                    leases.hold([])
+                self.runtime.doorbell(self.kind).waiter() as waiter, \
+                ThreadPoolExecutor(1, thread_name_prefix=f"{self.kind.value}-record") as second_stages:
+            try:
+                while not stop.is_set():
+                    try:
+                        jobs = self.claim()
+                    except Exception:
+                        log.exception("%s: cannot claim jobs; retrying", self.kind.value)
+                        stop.wait(CLAIM_RETRY_S)
+                        continue
+                    if not jobs:
+                        if pending is not None:  # finish the last batch, then look again before sleeping
+                            pending, finishing = None, pending
+                            finishing.result()
+                            continue
+                        waiter.wait(self.idle_wait() if self.idle_wait else settings.worker.poll_interval_s, stop)
+                        continue
+                    ids = [job.id for job in jobs]
+                    leases.hold(ids)
+                    try:
+                        rest = work(jobs, leases)
+                    except BaseException:
+                        leases.release_all(ids)
+                        raise
+                    if pending is not None:
+                        pending, finishing = None, pending
+                        finishing.result()  # batch N is recorded before batch N+1 is handed over
+                    if rest is None:
+                        leases.release_all(ids)
+                    else:
+                        pending = second_stages.submit(_finish, rest, ids, leases)
+            finally:
+                if pending is not None:
+                    pending.result()
+
+
+def _finish(rest: SecondStage, ids: list[int], leases: LeaseKeeper) -> None:
+    try:
+        rest()
+    finally:
+        leases.release_all(ids)
 
 
 def complete_job(runtime: ServerContext, job: ClaimedJob, owner: str, result: Mapping[str, Any]) -> bool:
     """Mark ``job`` done with ``result`` and observe its latency (creation to completion) in
     ``pacs_node_job_seconds``; ``False`` when the lease was lost (another owner has the job now)."""
-    if not runtime.queue.complete(job.id, owner, dict(result)):
-        return False
-    record = runtime.queue.get(job.id)
+    return complete_jobs(runtime, [(job, result)], owner) == [True]
+
+
+def complete_jobs(runtime: ServerContext, done: Sequence[tuple[ClaimedJob, Mapping[str, Any]]],
+                  owner: str) -> list[bool]:
+    """:func:`complete_job` for several jobs in one transaction (one commit for a batch); per job,
+    whether it was completed."""
+    if not done:
+        return []
+    with runtime.write_session() as session, session.begin():
+        records = runtime.queue.complete_in(session, [(job.id, dict(result)) for job, result in done], owner)
+    for record in records:
+        observe_done(record)
+    return [record is not None for record in records]
+
+
+def observe_done(record: JobRecord | None) -> None:
+    """The latency of a job just completed (creation to completion) in ``pacs_node_job_seconds``."""
     if record is not None and record.finished_at is not None:
-        metrics.JOB_SECONDS.labels(job.kind).observe((record.finished_at - record.created_at).total_seconds())
-    return True
+        metrics.JOB_SECONDS.labels(record.kind).observe((record.finished_at - record.created_at).total_seconds())

@@ -36,13 +36,20 @@ class LeaseKeeper:
         self._thread.join()
 
     def hold(self, job_ids: list[int]) -> None:
+        """Renew these jobs' leases too (besides those already held: an overlapping worker holds the
+        batch being inferred and the one being recorded at once)."""
         with self._lock:
-            self.job_ids = set(job_ids)
+            self.job_ids.update(job_ids)
 
     def release(self, job_id: int) -> None:
         """Stop renewing a job that is finished (done or failed): its lease is no longer ours."""
         with self._lock:
             self.job_ids.discard(job_id)
+
+    def release_all(self, job_ids: list[int]) -> None:
+        """Stop renewing every one of ``job_ids`` (a batch is over, whatever became of its jobs)."""
+        with self._lock:
+            self.job_ids.difference_update(job_ids)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

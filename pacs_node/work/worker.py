@@ -18,6 +18,12 @@ batches, a radiographer wants the report now: with no wait, images that arrive w
 the next one, so batches fill exactly when the load needs them to. An idle worker sleeps on the
 ``analyse`` doorbell (:mod:`pacs_node.work.wakeups`), which the listener rings after each commit.
 
+Each batch has two stages (:class:`~pacs_node.work.job_loop.JobLoop`): loading and the pipeline, then
+building, storing and recording the results. The second runs on a thread of its own while the next batch
+goes through the first, so the model is never idle while results are written; batches are recorded in
+the order they were claimed. A batch is recorded as a group: its files made durable together, then its
+rows, export jobs, analyses and job completions in one transaction (job by job if that fails).
+
 Everything a job produces is idempotent (result UIDs are derived from the source SOP Instance UID and
 the bundle, rows are inserted with ON CONFLICT DO NOTHING, export jobs are deduplicated), so a job whose
 worker died half-way and that runs again produces the same objects once.
@@ -32,6 +38,7 @@ import socket
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +46,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from pacs_node.dicom.datasets import DatasetRefused, check_frame_size, check_inflated_size
 from pacs_node.ops import metrics
@@ -49,7 +57,7 @@ from pacs_node.results.builder_pool import Built, ResultBuilders, auto_processes
 from pacs_node.results.common import evidence_header
 from pacs_node.results.study import StudyReport
 from pacs_node.work.instance_record import declared_pixels
-from pacs_node.work.job_loop import JobLoop, complete_job
+from pacs_node.work.job_loop import JobLoop, SecondStage, complete_jobs, observe_done
 from pacs_node.work.leases import LeaseKeeper
 from pacs_node.results.options import ResultOptions
 from pacs_node.work.routing import RouteKey, destinations
@@ -60,7 +68,7 @@ from pacs_node.ops.supervisor import exit_with_parent
 from pipelines.constants import FRONTAL_VIEWS
 from pipelines.interface import FakePipeline, ImageResult, NotInterpreted, Pipeline, PipelineError
 from storage.queue import ClaimedJob
-from storage.repository import add_instance, get_instance
+from storage.repository import add_instances, get_instance
 from storage.schema import Disposition, JobKind, Origin, utcnow
 from storage.studies import get_study, instance_set_hash, record_analysis, study_image_uids
 
@@ -151,6 +159,19 @@ class _Work:
         return self.dataset if self.dataset is not None else next(iter(self.headers.values()))
 
 
+#: A loaded job and what the pipeline made of its image.
+_Analysed = tuple[_Work, "ImageResult | NotInterpreted | PipelineError"]
+
+
+@dataclass
+class _Result:
+    """An analysed job whose result objects are built: what the second stage stores."""
+
+    work: _Work
+    report: StudyReport
+    objects: list[Built]
+
+
 class Worker:
     def __init__(self, settings: Settings, runtime: ServerContext, pipeline: Pipeline, worker_id: str | None = None) -> None:
         self.settings = settings
@@ -170,15 +191,18 @@ class Worker:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Work until ``stop`` is set (a batch in progress is finished first)."""
+        """Work until ``stop`` is set (the batches in progress are finished first). Batch N+1 is loaded
+        and run through the pipeline while batch N's results are built and stored (:class:`JobLoop`'s
+        second stage): the model waits for no disk and no result builder."""
         loop = JobLoop(self.rt, self.worker_id, JobKind.ANALYSE, claim=lambda: self.claim_batch(stop),
                        idle_wait=self._idle_wait)
         with self._builders:
-            loop.run(stop, self._process_held)
+            loop.run(stop, self._first_stage)
 
-    def _process_held(self, jobs: list[ClaimedJob], leases: LeaseKeeper) -> None:
+    def _first_stage(self, jobs: list[ClaimedJob], leases: LeaseKeeper) -> SecondStage | None:
         self._heartbeat = leases
-        self.process(jobs)
+        analysed = self.analyse(jobs)
+        return (lambda: self.record(analysed)) if analysed else None
 
     def _idle_wait(self) -> float:
         """Seconds to sleep on the doorbell: until the next study settles, at most the poll interval (the
@@ -211,40 +235,54 @@ class Worker:
     # -- one batch --------------------------------------------------------------------------------
 
     def process(self, jobs: list[ClaimedJob]) -> None:
-        work: list[_Work] = []
-        for job in jobs:
-            try:
-                loaded = self._load(job)
-                if loaded is None:
-                    self._finished(job.id)
-                    complete_job(self.rt, job, self.worker_id, {"superseded": True})
-                    log.info("job %d: a later instance changed its study's set; the newer job analyses it", job.id)
-                    continue
-                work.append(loaded)
-            except PipelineError as exc:
-                self._fail(job, str(exc), retryable=False)
-            except Exception as exc:
-                log.exception("job %d: cannot load its instance", job.id)
-                self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
-        if work:
-            self._analyse_and_record(work)
+        """Both stages of one batch, one after the other."""
+        analysed = self.analyse(jobs)
+        if analysed:
+            self.record(analysed)
 
-    def _analyse_and_record(self, work: list[_Work]) -> None:
+    def analyse(self, jobs: list[ClaimedJob]) -> list[_Analysed]:
+        """The first stage: load each job's study and run the pipeline on the batch. Jobs that need no
+        work are completed and those that cannot be loaded or read fail here, each on its own; the rest
+        are returned, in claim order, with their outcomes."""
+        work: list[_Work] = []
+        superseded: list[ClaimedJob] = []
+        with self.rt.read_session() as session:
+            for job in jobs:
+                try:
+                    loaded = self._load(session, job)
+                except PipelineError as exc:
+                    self._fail(job, str(exc), retryable=False)
+                    continue
+                except Exception as exc:
+                    log.exception("job %d: cannot load its instance", job.id)
+                    session.rollback()  # a failed statement must not poison the batch mates' reads (PostgreSQL)
+                    self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
+                    continue
+                if loaded is None:
+                    superseded.append(job)
+                else:
+                    work.append(loaded)
+        for job in superseded:
+            self._finished(job.id)
+        for job, ok in zip(superseded, complete_jobs(self.rt, [(job, {"superseded": True}) for job in superseded],
+                                                      self.worker_id)):
+            if ok:
+                log.info("job %d: a later instance changed its study's set; the newer job analyses it", job.id)
+        return self._analyse_each(work) if work else []
+
+    def _analyse_each(self, work: list[_Work]) -> list[_Analysed]:
         try:
-            outcomes = self._analyse(work)
+            return list(zip(work, self._analyse(work), strict=True))
         except Exception as exc:
             if len(work) > 1:
                 # A batch-level failure (out of memory, one image that breaks the model) says nothing
                 # about the others: run each alone, so only the image at fault spends its attempts.
                 log.warning("pipeline failed on a batch of %d (%s: %s); retrying the images one by one",
                             len(work), type(exc).__name__, scrub(str(exc)))
-                for w in work:
-                    self._analyse_and_record([w])
-                return
+                return [analysed for w in work for analysed in self._analyse_each([w])]
             log.exception("job %d: the pipeline failed", work[0].job.id)
             self._fail(work[0].job, f"pipeline: {type(exc).__name__}: {exc}", retryable=True)
-            return
-        self._record(work, outcomes)
+            return []
 
     def _analyse(self, work: list[_Work]) -> list[ImageResult | NotInterpreted | PipelineError]:
         """The pipeline on the chosen image of each study that has one; a study without an image of a view
@@ -273,66 +311,144 @@ class Worker:
         return StudyReport(analysed, w.choice.reason, set_aside, outcome, f"{w.study_uid}:{w.set_hash}",
                            w.version, w.predecessors)
 
-    def _record(self, work: list[_Work], outcomes: list[ImageResult | NotInterpreted | PipelineError]) -> None:
-        analysed: list[tuple[_Work, StudyReport]] = []
-        for w, outcome in zip(work, outcomes, strict=True):
+    def record(self, analysed: list[_Analysed]) -> None:
+        """The second stage: build the batch's result objects, store them and complete the jobs. The
+        files of the whole batch are written and fsynced together, then its rows, export jobs, analyses and
+        job completions are committed in one transaction; a step that fails is retried job by job, so
+        only the job at fault fails."""
+        reports: list[tuple[_Work, StudyReport]] = []
+        for w, outcome in analysed:
             if isinstance(outcome, PipelineError):
                 log.warning("job %d: the pipeline cannot analyse this image: %s", w.job.id, outcome)
                 self._fail(w.job, str(outcome), retryable=False)
                 continue
             try:
-                analysed.append((w, self._report(w, outcome)))
+                reports.append((w, self._report(w, outcome)))
             except ValueError as exc:
                 self._fail(w.job, str(exc), retryable=False)
-        built = self._builders.build([report for _, report in analysed])
-        for (w, report), objects in zip(analysed, built, strict=True):
-            try:
-                if isinstance(objects, Exception):
-                    raise objects
-                produced = self._store_results(w, report, objects)
-            except Exception as exc:
-                log.exception("job %d: building or storing its results failed", w.job.id)
-                self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=_transient(exc))
-                continue
-            self._finished(w.job.id)
-            if complete_job(self.rt, w.job, self.worker_id, {"results": produced}):
-                log.info("job %d done: %d result object(s)", w.job.id, len(produced))
+        built = self._builders.build([report for _, report in reports])
+        results: list[_Result] = []
+        for (w, report), objects in zip(reports, built, strict=True):
+            if isinstance(objects, Exception):
+                self._failed_to_store(w, objects)
+            else:
+                results.append(_Result(w, report, objects))
+        written = self._each_alone_on_failure(results, self._write_files)
+        self._each_alone_on_failure(written, self._commit)
 
-    def _load(self, job: ClaimedJob) -> _Work | None:
-        """The study job's images, views and choice; None when the job's set is no longer the study's."""
-        with self.rt.read_session() as session:
-            study_uid = job.payload.get("study_instance_uid")
-            if study_uid is None:  # queued before studies were collected: the study of its one instance
-                row = get_instance(session, job.sop_instance_uid)
-                if row is None:
-                    raise PipelineError("the instance is no longer stored")
-                study_uid = row.study_instance_uid
-            uids = study_image_uids(session, study_uid)
-            set_hash = instance_set_hash(uids)
-            if job.payload.get("set_hash") not in (None, set_hash):
-                return None
-            rows = {uid: get_instance(session, uid) for uid in uids}
-            study = get_study(session, study_uid)
-            version, predecessors = 1, {}
-            if study is not None and study.analysed_set_hash not in (None, set_hash):
-                version = study.version + 1
-                for kind, uid in (study.analysis or {}).get("results", {}).items():
-                    previous = get_instance(session, uid)
-                    if previous is not None:
-                        predecessors[kind] = _reference(previous)
-            elif study is not None and study.analysed_set_hash == set_hash:
-                version = study.version
-                for kind, uid in (study.analysis or {}).get("supersedes", {}).items():
-                    previous = get_instance(session, uid)
-                    if previous is not None:
-                        predecessors[kind] = _reference(previous)
+    def _each_alone_on_failure(self, results: list[_Result], step: Callable[[list[_Result]], None]) -> list[_Result]:
+        """``step(results)``; if it raises, ``step`` on each result alone, failing the jobs whose own step
+        raises. Returns the results it succeeded for."""
+        try:
+            step(results)
+            return results
+        except Exception as exc:
+            if len(results) == 1:
+                self._failed_to_store(results[0].work, exc)
+                return []
+        return [result for result in results if self._each_alone_on_failure([result], step)]
+
+    def _failed_to_store(self, w: _Work, exc: Exception) -> None:
+        log.error("job %d: building or storing its results failed", w.job.id, exc_info=exc)
+        self._fail(w.job, f"{type(exc).__name__}: {exc}", retryable=_transient(exc))
+
+    def _write_files(self, results: list[_Result]) -> None:
+        """Every result object of ``results`` in the store, durably (one group of fsyncs)."""
+        files = []
+        for result in results:
+            for obj in result.objects:
+                relpath = self.rt.store.relpath_for(
+                    obj.fields.study_instance_uid, obj.fields.series_instance_uid, obj.fields.sop_instance_uid)
+                files.append((relpath, obj.data))
+        self.rt.store.write_many(files)
+
+    def _commit(self, results: list[_Result]) -> None:
+        """Record the stored results of ``results`` and complete their jobs, in one transaction; then
+        release the jobs and ring the exporters."""
+        with self.rt.write_session() as session, session.begin():
+            recorded = self._record_results(session, results)
+            completed = self.rt.queue.complete_in(
+                session, [(result.work.job.id, {"results": produced})
+                          for result, (produced, _) in zip(results, recorded, strict=True)], self.worker_id)
+        for result, (produced, _), record in zip(results, recorded, completed, strict=True):
+            self._finished(result.work.job.id)
+            observe_done(record)
+            if record is not None:
+                log.info("job %d done: %d result object(s)", result.work.job.id, len(produced))
+        if any(peers for _, peers in recorded):
+            self._export_bell.ring()
+
+    def _record_results(self, session: Session, results: list[_Result]) -> list[tuple[list[str], list[str]]]:
+        """Inside ``session``: the result rows of ``results`` and their export jobs (each kind in one
+        statement for the batch), their studies' analyses, and the exports of replaced versions still
+        waiting cancelled; per result, (its objects' SOP Instance UIDs, the peers they are routed to)."""
+        instances, exports, recorded = [], [], []
+        for result in results:
+            w, report, objects = result.work, result.report, result.objects
+            source_uid = str(report.first_image.SOPInstanceUID)
+            route = RouteKey(
+                calling_ae=w.calling_ae,
+                modality=str(w.route_source.get("Modality", "") or "") or None,
+                station_name=str(w.route_source.get("StationName", "") or "") or None,
+            )
+            peers = destinations(self.settings, route)
+            for obj in objects:
+                relpath = self.rt.store.relpath_for(
+                    obj.fields.study_instance_uid, obj.fields.series_instance_uid, obj.fields.sop_instance_uid)
+                instances.append((obj.fields, dict(path=relpath, size_bytes=len(obj.data), origin=Origin.RESULT,
+                                                   disposition=Disposition.RESULT,
+                                                   source_sop_instance_uid=source_uid)))
+                exports += [dict(kind=JobKind.EXPORT, sop_instance_uid=obj.fields.sop_instance_uid, destination=peer,
+                                 dedupe_key=f"export:{obj.fields.sop_instance_uid}:{peer}",
+                                 max_attempts=self.settings.export_retry(peer).attempts) for peer in peers]
+            recorded.append(([obj.fields.sop_instance_uid for obj in objects], peers))
+        add_instances(session, instances)
+        self.rt.queue.enqueue_many(session, exports)
+        for result in results:
+            for previous in result.report.predecessors.values():
+                # a version not yet delivered is not sent after the one that replaces it
+                self.rt.queue.cancel_waiting(session, f"export:{previous.SOPInstanceUID}:", keep="")
+            record_analysis(session, result.work.study_uid, result.work.set_hash,
+                            _analysis_record(result.work, result.report, result.objects))
+        return recorded
+
+    def _load(self, session: Session, job: ClaimedJob) -> _Work | None:
+        """The study job's images, views and choice (read in the batch's ``session``); None when the job's
+        set is no longer the study's."""
+        study_uid = job.payload.get("study_instance_uid")
+        if study_uid is None:  # queued before studies were collected: the study of its one instance
+            row = get_instance(session, job.sop_instance_uid)
+            if row is None:
+                raise PipelineError("the instance is no longer stored")
+            study_uid = row.study_instance_uid
+        uids = study_image_uids(session, study_uid)
+        set_hash = instance_set_hash(uids)
+        if job.payload.get("set_hash") not in (None, set_hash):
+            return None
+        rows = {uid: get_instance(session, uid) for uid in uids}
+        study = get_study(session, study_uid)
+        version, predecessors = 1, {}
+        if study is not None and study.analysed_set_hash not in (None, set_hash):
+            version = study.version + 1
+            for kind, uid in (study.analysis or {}).get("results", {}).items():
+                previous = get_instance(session, uid)
+                if previous is not None:
+                    predecessors[kind] = _reference(previous)
+        elif study is not None and study.analysed_set_hash == set_hash:
+            version = study.version
+            for kind, uid in (study.analysis or {}).get("supersedes", {}).items():
+                previous = get_instance(session, uid)
+                if previous is not None:
+                    predecessors[kind] = _reference(previous)
         if not uids:
             raise PipelineError("the study's instances are no longer stored")
         headers: dict[str, Dataset] = {}
+        # A study of one image (most of them) is read once, pixels and all: its header is the dataset.
+        whole = len(rows) == 1
         for uid, row in rows.items():
             if row is None or not row.path:
                 continue  # deleted by retention meanwhile: not part of what can be read
-            headers[uid] = self._read(row.path, stop_before_pixels=True)
+            headers[uid] = self._read(row.path, stop_before_pixels=not whole)
         views = {uid: classify_view(ds) for uid, ds in headers.items()}
         candidates = [Candidate(uid, views[uid], acquisition_time(ds)) for uid, ds in headers.items()]
         choice = choose(candidates, getattr(self.pipeline, "views", FRONTAL_VIEWS))
@@ -340,7 +456,7 @@ class Worker:
         if choice.analysed is not None:
             row = rows[choice.analysed]
             assert row is not None
-            dataset = self._read(row.path, stop_before_pixels=False)
+            dataset = headers[choice.analysed] if whole else self._read(row.path, stop_before_pixels=False)
             check_dimensions(dataset)
         calling_ae = next((r.calling_ae for uid, r in rows.items() if r is not None and uid == choice.analysed),
                           next((r.calling_ae for r in rows.values() if r is not None), None))
@@ -356,52 +472,6 @@ class Worker:
             raise PipelineError(f"the instance's file {relpath} is missing from the store") from exc
         except (InvalidDicomError, DatasetRefused) as exc:  # the same bytes will fail the same way
             raise PipelineError(f"the stored file {relpath} is not readable DICOM: {exc}") from exc
-
-    def _store_results(self, w: _Work, report: StudyReport, objects: list[Built]) -> list[str]:
-        """Write every result object to the store, then record them, their export jobs and the study's
-        analysis in one transaction (cancelling the exports of the replaced version still waiting); returns
-        their SOP Instance UIDs."""
-        source_uid = str(report.first_image.SOPInstanceUID)
-        rows = []
-        for obj in objects:
-            relpath = self.rt.store.relpath_for(
-                obj.fields.study_instance_uid, obj.fields.series_instance_uid, obj.fields.sop_instance_uid
-            )
-            self.rt.store.write_bytes(relpath, obj.data)
-            rows.append((obj.fields, relpath, len(obj.data)))
-        route = RouteKey(
-            calling_ae=w.calling_ae,
-            modality=str(w.route_source.get("Modality", "") or "") or None,
-            station_name=str(w.route_source.get("StationName", "") or "") or None,
-        )
-        peers = destinations(self.settings, route)
-        with self.rt.write_session() as session, session.begin():
-            for record, relpath, size in rows:
-                add_instance(
-                    session,
-                    record,
-                    path=relpath,
-                    size_bytes=size,
-                    origin=Origin.RESULT,
-                    disposition=Disposition.RESULT,
-                    source_sop_instance_uid=source_uid,
-                )
-                for peer in peers:
-                    self.rt.queue.enqueue(
-                        session,
-                        kind=JobKind.EXPORT,
-                        sop_instance_uid=record.sop_instance_uid,
-                        destination=peer,
-                        dedupe_key=f"export:{record.sop_instance_uid}:{peer}",
-                        max_attempts=self.settings.export_retry(peer).attempts,
-                    )
-            for previous in report.predecessors.values():
-                # a version not yet delivered is not sent after the one that replaces it
-                self.rt.queue.cancel_waiting(session, f"export:{previous.SOPInstanceUID}:", keep="")
-            record_analysis(session, w.study_uid, w.set_hash, _analysis_record(w, report, objects))
-        if peers:
-            self._export_bell.ring()
-        return [record.sop_instance_uid for record, _, _ in rows]
 
     def _finished(self, job_id: int) -> None:
         if self._heartbeat is not None:

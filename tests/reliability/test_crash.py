@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from pacs_node.config import Settings
 from pacs_node.work.ingest import Caller, Ingestor
 from pacs_node.ops.context import ServerContext
-from pacs_node.work.worker import Worker
+from pacs_node.work.worker import Worker, _Result
 from pipelines.interface import FakePipeline, ImageResult, PipelineError
 from storage.schema import Instance, Job, JobKind, JobState
 from tests.pacs_node.helpers import make_cr
@@ -58,11 +58,14 @@ def test_a_worker_dying_after_storing_results_does_not_duplicate_them(runtime, t
     sop = _ingest(settings, rt, tmp_path / "cr.dcm")
     first = Worker(settings, rt, FakePipeline(), worker_id="first")
     (job,) = rt.queue.claim("first", [JobKind.ANALYSE])
-    work = first._load(job)
-    (outcome,) = first._analyse([work])
+    ((work, outcome),) = first.analyse([job])
     report = first._report(work, outcome)
     (built,) = first._builders.build([report])
-    made = first._store_results(work, report, built)  # ... and the process dies here: no complete()
+    result = _Result(work, report, built)
+    first._write_files([result])
+    with rt.write_session() as session, session.begin():  # results recorded, the job not completed: ...
+        ((made, _peers),) = first._record_results(session, [result])
+    # ... and the process dies here (or its lease had run out, so its completion was refused)
     _expire_leases(rt)
     second = Worker(settings, rt, FakePipeline(), worker_id="second")
     jobs = rt.queue.claim("second", [JobKind.ANALYSE])

@@ -292,3 +292,38 @@ def test_destinations_summarise_exports_with_the_newest_error(queue: JobQueue, s
     assert summary["pacs"]["counts"]["dead"] == 1 and summary["pacs"]["counts"]["failed"] == 1
     assert summary["pacs"]["last_error"] == "connection refused"
     assert summary["archive"]["counts"]["done"] == 1 and summary["archive"]["last_error"] is None
+
+
+def test_enqueue_many_skips_existing_keys_and_complete_in_settles_a_batch_in_one_transaction(
+    queue: JobQueue, sessions: sessionmaker[Session], clock: Clock
+) -> None:
+    from storage.history import deliveries_of
+
+    assert _add(queue, sessions, "export:1.2.3.1:pacs", kind=JobKind.EXPORT, destination="pacs")
+    with sessions.begin() as session:
+        queue.enqueue_many(session, [dict(kind=JobKind.EXPORT, sop_instance_uid=f"1.2.3.{i}", destination="pacs",
+                                          dedupe_key=f"export:1.2.3.{i}:pacs", max_attempts=3) for i in range(1, 5)])
+    assert queue.counts()["queued"] == 4  # the existing key is skipped, not doubled, and nothing raised
+    claimed = queue.claim("w", [JobKind.EXPORT], limit=4)
+    assert len(claimed) == 4
+    # another owner took the last one meanwhile: its completion is refused, the others go through
+    stolen = claimed[-1]
+    with sessions.begin() as session:
+        session.execute(Job.__table__.update().where(Job.id == stolen.id).values(lease_owner="other"))
+    with sessions.begin() as session:
+        records = queue.complete_in(session, [(job.id, {"sent_at": "now"}) for job in claimed], "w")
+    assert [r is not None for r in records] == [True, True, True, False]
+    assert all(r.state == JobState.DONE.value and r.payload["sent_at"] == "now" for r in records[:3])
+    assert queue.get(stolen.id).state == JobState.RUNNING.value
+    with sessions() as session:
+        delivered = {d.sop_instance_uid: d.delivered_at for d in deliveries_of(session, [j.sop_instance_uid
+                                                                                          for j in claimed])}
+    assert set(delivered) == {j.sop_instance_uid for j in claimed[:3]} and all(delivered.values())
+
+
+def test_enqueue_many_refuses_bad_arguments_clearly(queue: JobQueue, sessions: sessionmaker[Session]) -> None:
+    with pytest.raises(ValueError, match="max_attempts"), sessions.begin() as session:
+        queue.enqueue_many(session, [dict(kind="analyse", sop_instance_uid=UID, dedupe_key="k", max_attempts=0)])
+    with pytest.raises(ValueError, match="unknown job kind"), sessions.begin() as session:
+        queue.enqueue_many(session, [dict(kind="nonsense", sop_instance_uid=UID, dedupe_key="k")])
+    assert queue.counts()["queued"] == 0

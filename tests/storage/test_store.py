@@ -261,3 +261,39 @@ def test_any_uid_text_maps_inside_the_store_and_distinct_sops_stay_distinct(
     if other != sop:
         assert store.relpath_for(study, series, other) != relpath
 
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync each"])
+def test_write_many_puts_every_file_in_place_and_leaves_no_temp(store: InstanceStore, syncfs: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage.store as store_module
+
+    if not syncfs:
+        monkeypatch.setattr(store_module, "_syncfs", None)
+    elif store_module._syncfs is None:
+        pytest.skip("no syncfs here")
+    files = [(store.relpath_for(STUDY, f"{SERIES}.{i}", f"{SOP}.{i}"), bytes([i]) * 100) for i in range(5)]
+    paths = store.write_many(files)
+    assert [p.read_bytes() for p in paths] == [data for _, data in files]
+    assert paths == [store.path(relpath) for relpath, _ in files]
+    assert not list((store.root / TEMP_DIR).iterdir())
+    store.write_many(files[:1])  # written again (a job run twice): replaced, not doubled
+    assert _all_files(store.root).count(files[0][0]) == 1
+
+
+def test_write_many_that_fails_removes_its_temp_files(store: InstanceStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = [(store.relpath_for(STUDY, SERIES, f"{SOP}.{i}"), b"x" * 100) for i in range(3)]
+    real_replace = os.replace
+    calls = []
+
+    def full_after_one(src, dst):  # noqa: ANN001, ANN202
+        calls.append(dst)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_after_one)
+    with pytest.raises(StoreFullError):
+        store.write_many(files)
+    assert not list((store.root / TEMP_DIR).iterdir())
+    assert _all_files(store.root) == [files[0][0]]  # the first is in place (whole); the rest never appeared

@@ -334,7 +334,7 @@ def test_a_result_the_builders_refuse_fails_at_once_a_full_disk_is_retried(runti
 
     second = make_cr(tmp_path / "cr2.dcm", seed=2)
     receive(runtime, second)
-    monkeypatch.setattr(runtime.store, "write_bytes", full)
+    monkeypatch.setattr(runtime.store, "write_many", full)
     run_worker_once(runtime)
     job = jobs(runtime, "analyse")[-1]
     assert job.state == "failed" and job.attempts == 1  # will be tried again after its backoff
