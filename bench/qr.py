@@ -9,8 +9,12 @@ archive and ``--repeat`` times, alternating:
   from the request to the last response (the process's wall time, start-up included).
 * C-MOVE: DCMTK ``movescu``, Study Root, STUDY level, to a DCMTK ``storescp``: ``--count``
   sub-operations on one association. Instances/s = count / wall seconds of ``movescu``.
+* C-GET: DCMTK ``getscu``, Study Root, STUDY level: ``--count`` C-STOREs back over the requesting
+  association. Instances/s = count / wall seconds of ``getscu``.
 
-Every DCMTK program runs with ``TCP_NODELAY=1``. Prints one JSON line, then a table.
+For the node, the CPU seconds its ``serve`` process spent on each operation are reported too (on a
+machine others share, the steadier figure to compare two versions of the node by). Every DCMTK program
+runs with ``TCP_NODELAY=1``. Prints one JSON line, then a table.
 
     python -m bench.qr --count 1000
 """
@@ -35,6 +39,7 @@ from bench.common import (
     Node,
     StoreSCP,
     chest_image_files,
+    cpu_seconds,
     dcmtk,
     dcmtk_env,
     device_words,
@@ -101,7 +106,7 @@ AETable BEGIN
 AETable END
 """)
         with open(self.directory / "dcmqrscp.log", "ab") as log:
-            self.proc = subprocess.Popen([dcmtk("dcmqrscp"), "-v", "-c", str(config), "--disable-get", str(self.port)],
+            self.proc = subprocess.Popen([dcmtk("dcmqrscp"), "-v", "-c", str(config), str(self.port)],
                                          stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
         wait_for_port(self.port, self.proc, timeout=20)
         return self
@@ -158,6 +163,18 @@ def move_seconds(port: int, called: str, receiver: Path, expected: int) -> float
     return seconds
 
 
+def get_seconds(port: int, called: str, out: Path, expected: int) -> float:
+    """Wall seconds of one STUDY-level C-GET of the study into ``out``."""
+    out = fresh_dir(out.parent, out.name)
+    seconds = _run([dcmtk("getscu"), "-S", "-aet", "BENCHQR", "-aec", called, "-od", str(out),
+                    "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={STUDY_UID}",
+                    "127.0.0.1", str(port)], "getscu")
+    got = sum(1 for p in out.iterdir() if p.is_file())
+    if got != expected:
+        raise BenchError(f"C-GET from {called} delivered {got} instances, expected {expected}")
+    return seconds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=1000, help="instances (= studies = C-FIND matches), default 1000")
@@ -176,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     receiver_dir = fresh_dir(work, "received")
-    times: dict[str, dict[str, list[float]]] = {"node": {"find": [], "move": []},
-                                                "dcmqrscp": {"find": [], "move": []}}
+    operations = ("find", "move", "get")
+    times: dict[str, dict[str, list[float]]] = {name: {op: [] for op in operations} for name in ("node", "dcmqrscp")}
+    node_cpu: dict[str, list[float]] = {op: [] for op in operations}
     with StoreSCP(receiver_dir, ae_title=MOVE_AE) as receiver:
         node = Node(fresh_dir(work, "node"), f"""\
 [pipeline]
@@ -198,18 +216,25 @@ port = {receiver.port}
             archives = {"node": (node.port, node.ae_title), "dcmqrscp": (qrscp.port, qrscp.ae_title)}
             populate(node.port, node.ae_title, files, senders=4)
             populate(qrscp.port, qrscp.ae_title, files, senders=1)  # its index is one file, locked
+            assert node.proc is not None
             for _ in range(args.repeat):
                 for name, (port, called) in archives.items():  # alternate, so load drifts hit both
-                    times[name]["find"].append(find_seconds(port, called, work / "found", args.count))
-                    fresh_dir(work, "received")
-                    times[name]["move"].append(move_seconds(port, called, receiver_dir, args.count))
-    for name in ("node", "dcmqrscp", "found", "received"):
+                    runs = {"find": lambda: find_seconds(port, called, work / "found", args.count),
+                            "move": lambda: move_seconds(port, called, fresh_dir(work, "received"), args.count),
+                            "get": lambda: get_seconds(port, called, work / "got", args.count)}
+                    for op in operations:
+                        cpu_before = cpu_seconds(node.proc.pid)[0]
+                        times[name][op].append(runs[op]())
+                        if name == "node":
+                            node_cpu[op].append(cpu_seconds(node.proc.pid)[0] - cpu_before)
+    for name in ("node", "dcmqrscp", "found", "received", "got"):
         fresh_dir(work, name)
 
-    figures = {name: {"find_s": statistics.median(t["find"]),
-                      "move_s": statistics.median(t["move"])} for name, t in times.items()}
+    figures = {name: {f"{op}_s": statistics.median(t[op]) for op in operations} for name, t in times.items()}
     for f in figures.values():
         f["move_instances_s"] = args.count / f["move_s"]
+        f["get_instances_s"] = args.count / f["get_s"]
+    figures["node"].update({f"{op}_cpu_s": statistics.median(node_cpu[op]) for op in operations})
     node, dcm = figures["node"], figures["dcmqrscp"]
     info = machine()
     result = {
@@ -220,15 +245,22 @@ port = {receiver.port}
         "repeat": args.repeat,
         "results": {name: {k: round(v, 3) for k, v in f.items()} for name, f in figures.items()},
         "runs": times,
+        "node_cpu_runs": node_cpu,
         "ratios": {"node_find_s_vs_dcmqrscp": round(node["find_s"] / dcm["find_s"], 3),
-                   "node_move_rate_vs_dcmqrscp": round(node["move_instances_s"] / dcm["move_instances_s"], 3)},
+                   "node_move_rate_vs_dcmqrscp": round(node["move_instances_s"] / dcm["move_instances_s"], 3),
+                   "node_get_rate_vs_dcmqrscp": round(node["get_instances_s"] / dcm["get_instances_s"], 3)},
         "goals": {f"find_{args.count}_matches_within_1_s": node["find_s"] <= 1.0,
                   "move_at_least_200_instances_s": node["move_instances_s"] >= 200},
     }
-    rows = [(name, f"{f['find_s']:.3f}", f"{f['move_s']:.3f}", f"{f['move_instances_s']:.1f}")
-            for name, f in figures.items()]
-    emit(result, ("archive", "C-FIND s", "C-MOVE s", "C-MOVE images/s"), rows,
-         title=f"qr: {args.count} matches / instances (64x48) on {result['device']}; median of {args.repeat}")
+
+    def cpu(f: dict[str, float], op: str) -> str:
+        return f"{f[op + '_cpu_s']:.2f}" if op + "_cpu_s" in f else "-"
+
+    rows = [(name, f"{f['find_s']:.3f}", cpu(f, "find"), f"{f['move_instances_s']:.1f}", cpu(f, "move"),
+             f"{f['get_instances_s']:.1f}", cpu(f, "get")) for name, f in figures.items()]
+    emit(result, ("archive", "C-FIND s", "CPU s", "C-MOVE images/s", "CPU s", "C-GET images/s", "CPU s"), rows,
+         title=f"qr: {args.count} matches / instances (64x48) on {result['device']}; median of {args.repeat}; "
+               "CPU s: the node's serve process")
     for name, value in result["ratios"].items():
         print(f"{name}: {value:.2f}")
     return 0

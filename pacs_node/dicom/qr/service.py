@@ -32,8 +32,9 @@ from pacs_node.config import Peer, Service, Settings, peer_by_ae_title
 from pacs_node.dicom.permissions import NOT_AUTHORISED, CallerPolicy, Grant
 from pacs_node.dicom.presentation_contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from pacs_node.dicom.transcoding import accepted_syntaxes, for_peer, proposed_syntaxes
-from pacs_node.dicom.qr.find import entity_rows, matching_keys, response_identifier
+from pacs_node.dicom.qr.find import IdentifierEncoder, entity_rows, matching_keys, response_identifier
 from pacs_node.dicom.qr.matching import Level, QueryError, identifier_conditions, query_level, selective
+from pacs_node.dicom.qr.sending import StoredFile, send_stored_files_as_they_are, skip_unlogged_narration
 from pacs_node.ops.context import ServerContext
 from storage import query
 from storage.query import StoredInstance
@@ -156,11 +157,16 @@ class QueryRetrieveService:
             log.warning("C-FIND from %s at %s level: results capped at %d", _caller(event), level.value,
                         self.max_matches)
         log.info("C-FIND from %s at %s level: %d match(es)", _caller(event), level.value, len(rows))
+        skip_unlogged_narration(event.assoc)
+        syntax = UID(event.context.transfer_syntax)
+        encoder = IdentifierEncoder.for_request(identifier, level, self.ae_title, implicit_vr=syntax.is_implicit_VR,
+                                                little_endian=syntax.is_little_endian)
         for row in rows:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, response_identifier(identifier, level, row, self.ae_title)
+            yield PENDING, (encoder.identifier(row) if encoder is not None
+                            else response_identifier(identifier, level, row, self.ae_title))
 
     # -- C-MOVE / C-GET ---------------------------------------------------------------------------
 
@@ -177,14 +183,18 @@ class QueryRetrieveService:
 
     def _datasets(self, event: Event, matches: list[StoredInstance],
                   accepted: Mapping[str, list[str]]) -> Iterator[tuple[int, Dataset | None]]:
-        """Each match read from the store and put in a syntax the receiver accepted for its class
-        (``accepted``: SOP class -> syntaxes of the store sub-association)."""
+        """Each match as the stored file where the receiver accepted its syntax for its class (sent
+        as it is, :mod:`pacs_node.dicom.qr.sending`), else read from the store and put in a syntax
+        the receiver accepted (``accepted``: SOP class -> syntaxes of the store association)."""
         for match in matches:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
+            syntaxes = accepted.get(match.sop_class_uid, [])
             try:
-                dataset = for_peer(dcmread(self.store.path(match.path)), accepted.get(match.sop_class_uid, []))
+                path = self.store.path(match.path)
+                dataset: Dataset = (StoredFile(match.sop_class_uid, match.sop_instance_uid, path)
+                                    if match.transfer_syntax_uid in syntaxes else for_peer(dcmread(path), syntaxes))
             except Exception as exc:  # missing, unreadable, untranscodable: a failed sub-operation, not an abort
                 log.error("cannot send stored instance %s (%s): %s", match.sop_instance_uid, match.path, exc)
                 dataset = Dataset()
@@ -213,8 +223,10 @@ class QueryRetrieveService:
             yield OUT_OF_RESOURCES_MATCHES, None
             return
         log.info("C-GET from %s: %d instance(s)", _caller(event), len(matches))
+        send_stored_files_as_they_are(event.assoc)
+        skip_unlogged_narration(event.assoc)
         yield len(matches)
-        yield from self._datasets(event, matches, accepted_syntaxes(event.assoc))
+        yield from self._datasets(event, matches, _get_storage_syntaxes(event.assoc))
 
     def destination(self, ae_title: str) -> tuple[str, str, int] | None:
         """Name, host and port of the configured peer with this AE title (see :func:`peer_by_ae_title`)."""
@@ -253,6 +265,8 @@ class QueryRetrieveService:
 
         def store_association_accepted(accepted: Event) -> None:  # what the destination took, to transcode to
             negotiated.update(accepted_syntaxes(accepted.assoc))
+            send_stored_files_as_they_are(accepted.assoc)
+            skip_unlogged_narration(accepted.assoc)
 
         yield destination[0], destination[1], {"contexts": contexts,
                                                "evt_handlers": [(evt.EVT_ACCEPTED, store_association_accepted)]}
@@ -266,6 +280,7 @@ class QueryRetrieveService:
             yield OUT_OF_RESOURCES_MATCHES, None
             return
         log.info("C-MOVE from %s to %s: %d instance(s)", _caller(event), ae_title.strip(), len(matches))
+        skip_unlogged_narration(event.assoc)
         yield len(matches)
         yield from self._datasets(event, matches, negotiated)
 
@@ -283,6 +298,17 @@ def _storage_contexts(matches: list[StoredInstance]) -> list[Any]:
                     len(contexts), _MAX_CONTEXTS)
     return contexts[:_MAX_CONTEXTS]
 
+
+
+def _get_storage_syntaxes(assoc: Any) -> dict[str, list[str]]:
+    """SOP class -> syntaxes of the C-GET association's contexts in which this node may send C-STOREs
+    (the requestor took the SCP role for the class): only those can carry a sub-operation, so a class
+    without the role is a failed sub-operation that says so, not a stored file pynetdicom cannot send."""
+    syntaxes: dict[str, list[str]] = {}
+    for cx in assoc.accepted_contexts:
+        if cx.as_scu:
+            syntaxes.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
+    return syntaxes
 
 
 def _caller(event: Event) -> str:
