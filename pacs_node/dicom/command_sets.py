@@ -12,6 +12,14 @@ list) goes to pynetdicom's own encoder. :mod:`pacs_node.dicom.adjustments` insta
 and nothing else; the bytes are the same (tested against pydicom's encoding of every message type).
 
 :func:`reuse_pending_find_command_sets` builds the command set of a C-FIND's pending responses once.
+
+The receive side: :func:`decode_command_set`, installed as ``pynetdicom.dimse_messages.decode`` (where
+pynetdicom decodes received command sets and nothing else), reads a command set of the same kinds of
+element with ``struct`` into a dataset of already converted elements, instead of pydicom's reader and
+its lazy conversion of each element when pynetdicom reads it (about 0.3 ms of every received message on
+this machine, a C-STORE-RQ included). The elements, their VRs and values (types included) are what
+pydicom's own decoding gives; anything else (another VR, an empty or multi-valued element, a length that
+does not fit) is decoded by pynetdicom's ``decode``, whole.
 """
 
 from __future__ import annotations
@@ -19,10 +27,14 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from pydicom import Dataset
+from io import BytesIO
+
+from pydicom import DataElement, Dataset
 from pydicom.charset import default_encoding
+from pydicom.datadict import dictionary_VR
+from pydicom.uid import UID
 from pynetdicom import dimse_messages
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 
 #: pynetdicom's own, for the messages :func:`reuse_pending_find_command_sets` does not reuse.
 _stock_primitive_to_message = dimse_messages.DIMSEMessage.primitive_to_message
@@ -57,6 +69,70 @@ def encode_command_set(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool
         parts.append(_HEADER.pack(tag >> 16, tag & 0xFFFF, len(data)))
         parts.append(data)
     return b"".join(parts)
+
+
+#: VRs of the command elements :func:`decode_command_set` decodes itself; a tag not known here or of
+#: another VR goes to pynetdicom's decoder.
+_DECODED_VRS = ("US", "UL", "UI", "AE")
+_command_vrs: dict[int, str | None] = {}
+
+
+def _command_vr(tag: int) -> str | None:
+    vr = _command_vrs.get(tag, "")
+    if vr == "":
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            vr = None
+        if vr not in _DECODED_VRS:
+            vr = None
+        _command_vrs[tag] = vr
+    return vr
+
+
+def decode_command_set(bytestring: BytesIO, is_implicit_vr: bool, is_little_endian: bool,
+                       deflated: bool = False) -> Dataset:
+    """``bytestring`` decoded as pynetdicom's ``dsutils.decode`` would decode it (same signature), its
+    elements already converted."""
+    if not (is_implicit_vr and is_little_endian) or deflated:
+        return decode(bytestring, is_implicit_vr, is_little_endian, deflated)
+    data = bytestring.getvalue()
+    end = len(data)
+    elements = []
+    offset = 0
+    header = _HEADER.unpack_from
+    while offset < end:
+        if end - offset < 8:
+            return decode(bytestring, is_implicit_vr, is_little_endian, deflated)
+        group, element, length = header(data, offset)
+        offset += 8
+        tag = group << 16 | element
+        vr = _command_vr(tag) if group == 0 else None
+        if vr is None or length == 0 or offset + length > end:
+            return decode(bytestring, is_implicit_vr, is_little_endian, deflated)
+        raw = data[offset:offset + length]
+        offset += length
+        value: int | str
+        if vr == "US" and length == 2:
+            value = _US.unpack(raw)[0]
+        elif vr == "UL" and length == 4:
+            value = _UL.unpack(raw)[0]
+        elif vr == "UI" or vr == "AE":
+            try:
+                text = raw.decode(default_encoding)
+            except UnicodeDecodeError:
+                return decode(bytestring, is_implicit_vr, is_little_endian, deflated)
+            if "\\" in text:
+                return decode(bytestring, is_implicit_vr, is_little_endian, deflated)
+            value = UID(text.rstrip("\0 ")) if vr == "UI" else text.strip()
+        else:
+            return decode(bytestring, is_implicit_vr, is_little_endian, deflated)
+        elements.append(DataElement(tag, vr, value))
+    ds = Dataset()
+    for elem in elements:
+        ds.add(elem)
+    ds.set_original_encoding(True, True, default_encoding)
+    return ds
 
 
 #: Command sets of pending C-FIND responses built so far: (SOP class, message ID, status) -> command set.

@@ -21,10 +21,10 @@ from pynetdicom.dimse_primitives import (
     N_EVENT_REPORT,
     N_GET,
 )
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 
 from pacs_node.config import Settings
-from pacs_node.dicom.command_sets import encode_command_set, reuse_pending_find_command_sets
+from pacs_node.dicom.command_sets import decode_command_set, encode_command_set, reuse_pending_find_command_sets
 from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
@@ -105,7 +105,7 @@ def test_other_syntaxes_go_to_pynetdicom() -> None:
 
 
 def test_a_listener_encodes_command_sets_and_identifiers_so_while_it_runs(tmp_path: Path) -> None:
-    stock = dimse_messages.encode, service_class.encode
+    stock = dimse_messages.encode, service_class.encode, dimse_messages.decode
     settings = Settings(node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var"},
                         store={"min_free_bytes": 0}, pipeline={"bundle": "fake"})
     runtime = ServerContext.open(settings)
@@ -113,12 +113,13 @@ def test_a_listener_encodes_command_sets_and_identifiers_so_while_it_runs(tmp_pa
     listener.start()
     try:
         assert dimse_messages.encode is encode_command_set
+        assert dimse_messages.decode is decode_command_set
         assert service_class.encode is encode_pre_encoded
         assert dimse_messages.C_FIND_RSP.primitive_to_message is reuse_pending_find_command_sets
     finally:
         listener.stop()
         runtime.close()
-    assert (dimse_messages.encode, service_class.encode) == stock
+    assert (dimse_messages.encode, service_class.encode, dimse_messages.decode) == stock
     assert dimse_messages.C_FIND_RSP.primitive_to_message is dimse_messages.DIMSEMessage.primitive_to_message
 
 
@@ -149,3 +150,46 @@ def test_pending_find_responses_share_a_command_set_and_encode_as_pynetdicoms() 
     assert [_encoded(m) for m in reused] == [_encoded(m) for m in stock]
     assert reused[0].command_set is reused[1].command_set  # built once for the C-FIND's pending responses
     assert reused[2].command_set is not reused[0].command_set
+
+
+def _decoded(ds: object) -> list[tuple[int, str, object, type]] | str:
+    """The elements as pynetdicom reads them, or the error reading them raises."""
+    try:
+        return [(int(elem.tag), elem.VR, elem.value, type(elem.value)) for elem in ds]  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 (compared, whatever it is)
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("name", list(MESSAGES))
+def test_received_command_sets_decode_as_pydicoms(name: str) -> None:
+    message_class, primitive = MESSAGES[name]
+    message = message_class()
+    message.primitive_to_message(primitive)
+    encoded = encode(message.command_set, True, True)
+    ours, stock = decode_command_set(BytesIO(encoded), True, True), decode(BytesIO(encoded), True, True)
+    assert _decoded(ours) == _decoded(stock)
+    assert ours.original_encoding == stock.original_encoding
+    assert ours.original_character_set == stock.original_character_set
+
+
+@pytest.mark.parametrize("encoded", [
+    # an odd UID padded with a null, an AE with leading and trailing spaces
+    b"\0\0\x02\0\x06\0\0\x001.2.3\0" + b"\0\0\0\x06\x08\0\0\0  MOVE  ",
+    b"\0\0\x02\0\x06\0\0\x001.2.3 ",
+    # multi-valued, empty, unknown, non-command and truncated elements: pydicom's decoding, whole
+    b"\0\0\x02\0\x06\0\0\x001.2\\34",
+    b"\0\0\x02\0\0\0\0\0",
+    b"\0\0\x11\x11\x02\0\0\0\x01\0",
+    b"\x08\0\x16\0\x06\0\0\x001.2.3\0",
+    b"\0\0\x00\x01\x02\0\0\0\x01",
+    b"\0\0\x00\x01\x04\0\0\0\x01\0\0\0",
+    b"\0\0\x02\0",
+])
+def test_received_command_sets_beyond_the_common_case_decode_as_pydicoms(encoded: bytes) -> None:
+    ours, stock = decode_command_set(BytesIO(encoded), True, True), decode(BytesIO(encoded), True, True)
+    assert _decoded(ours) == _decoded(stock)
+
+
+def test_received_command_sets_of_other_syntaxes_go_to_pynetdicom() -> None:
+    encoded = b"\0\0\x02\0UI\x06\x001.2.3\0"
+    assert _decoded(decode_command_set(BytesIO(encoded), False, True)) == _decoded(decode(BytesIO(encoded), False, True))
