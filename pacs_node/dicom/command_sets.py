@@ -127,7 +127,7 @@ def decode_command_set(bytestring: BytesIO, is_implicit_vr: bool, is_little_endi
             value = UID(text.rstrip("\0 ")) if vr == "UI" else text.strip()
         else:
             return decode(bytestring, is_implicit_vr, is_little_endian, deflated)
-        elements.append(DataElement(tag, vr, value))
+        elements.append(DataElement(tag, vr, value, already_converted=True))  # as pydicom converts: unvalidated
     ds = Dataset()
     for elem in elements:
         ds.add(elem)

@@ -176,6 +176,7 @@ def test_received_command_sets_decode_as_pydicoms(name: str) -> None:
     # an odd UID padded with a null, an AE with leading and trailing spaces
     b"\0\0\x02\0\x06\0\0\x001.2.3\0" + b"\0\0\0\x06\x08\0\0\0  MOVE  ",
     b"\0\0\x02\0\x06\0\0\x001.2.3 ",
+    b"\0\0\x02\0\x06\0\0\x001.2.x ",  # not a valid UID: pydicom reads it unvalidated
     # multi-valued, empty, unknown, non-command and truncated elements: pydicom's decoding, whole
     b"\0\0\x02\0\x06\0\0\x001.2\\34",
     b"\0\0\x02\0\0\0\0\0",
