@@ -39,7 +39,13 @@ from typing import Any
 from pynetdicom import _config, association, dimse_messages, dul, service_class
 from pynetdicom.association import Association
 
-from pacs_node.dicom.command_sets import decode_command_set, encode_command_set, reuse_pending_find_command_sets
+from pacs_node.dicom.command_sets import (
+    decode_command_set,
+    encode_command_set,
+    reuse_pending_find_command_sets,
+    store_response_init,
+    store_response_to_message,
+)
 from pacs_node.dicom.file_meta import plan_file_meta, write_file_meta
 from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.spooling import open_receive_file
@@ -197,6 +203,10 @@ _ADJUSTMENTS: tuple[tuple[Any, str, Any], ...] = (
     (service_class, "encode", encode_pre_encoded),
     # A C-FIND's pending responses share one command set (pacs_node.dicom.command_sets).
     (dimse_messages.C_FIND_RSP, "primitive_to_message", reuse_pending_find_command_sets),
+    # A C-STORE-RSP's command set built directly, the same elements and values as pynetdicom's
+    # (pacs_node.dicom.command_sets); the two go together.
+    (dimse_messages.C_STORE_RSP, "__init__", store_response_init),
+    (dimse_messages.C_STORE_RSP, "primitive_to_message", store_response_to_message),
 )
 
 _lock = threading.Lock()

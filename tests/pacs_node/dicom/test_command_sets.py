@@ -24,7 +24,13 @@ from pynetdicom.dimse_primitives import (
 from pynetdicom.dsutils import decode, encode
 
 from pacs_node.config import Settings
-from pacs_node.dicom.command_sets import decode_command_set, encode_command_set, reuse_pending_find_command_sets
+from pacs_node.dicom.command_sets import (
+    decode_command_set,
+    encode_command_set,
+    reuse_pending_find_command_sets,
+    store_response_init,
+    store_response_to_message,
+)
 from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
@@ -116,11 +122,15 @@ def test_a_listener_encodes_command_sets_and_identifiers_so_while_it_runs(tmp_pa
         assert dimse_messages.decode is decode_command_set
         assert service_class.encode is encode_pre_encoded
         assert dimse_messages.C_FIND_RSP.primitive_to_message is reuse_pending_find_command_sets
+        assert dimse_messages.C_STORE_RSP.__init__ is store_response_init
+        assert dimse_messages.C_STORE_RSP.primitive_to_message is store_response_to_message
     finally:
         listener.stop()
         runtime.close()
     assert (dimse_messages.encode, service_class.encode, dimse_messages.decode) == stock
     assert dimse_messages.C_FIND_RSP.primitive_to_message is dimse_messages.DIMSEMessage.primitive_to_message
+    assert dimse_messages.C_STORE_RSP.__init__ is dimse_messages.DIMSEMessage.__init__
+    assert dimse_messages.C_STORE_RSP.primitive_to_message is dimse_messages.DIMSEMessage.primitive_to_message
 
 
 def _find_response(message_id: int, status: int, identifier: bytes | None, **extra: object) -> C_FIND:
@@ -194,3 +204,41 @@ def test_received_command_sets_beyond_the_common_case_decode_as_pydicoms(encoded
 def test_received_command_sets_of_other_syntaxes_go_to_pynetdicom() -> None:
     encoded = b"\0\0\x02\0UI\x06\x001.2.3\0"
     assert _decoded(decode_command_set(BytesIO(encoded), False, True)) == _decoded(decode(BytesIO(encoded), False, True))
+
+
+STORE_RESPONSES = {
+    "success": dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID=CR, AffectedSOPInstanceUID="1.2.3", Status=0),
+    "warning": dict(MessageIDBeingRespondedTo=65535, AffectedSOPClassUID=CR, AffectedSOPInstanceUID="1.2.3.4",
+                    Status=0xB000),
+    "no instance UID": dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID=CR, Status=0xC210),
+    "error comment": dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID=CR, AffectedSOPInstanceUID="1.2.3",
+                          Status=0xA700, ErrorComment="store full"),
+    "offending element": dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID=CR, AffectedSOPInstanceUID="1.2.3",
+                              Status=0xC000, OffendingElement=[0x00100010]),
+}
+
+
+@pytest.mark.parametrize("name", list(STORE_RESPONSES))
+def test_store_responses_are_pynetdicoms(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    primitive = _primitive(C_STORE, **STORE_RESPONSES[name])
+    stock = dimse_messages.C_STORE_RSP()
+    stock.primitive_to_message(primitive)
+    monkeypatch.setattr(dimse_messages.C_STORE_RSP, "__init__", store_response_init)
+    monkeypatch.setattr(dimse_messages.C_STORE_RSP, "primitive_to_message", store_response_to_message)
+    ours = dimse_messages.C_STORE_RSP()
+    assert set(vars(ours)) == set(vars(stock))
+    ours.primitive_to_message(primitive)
+    assert _decoded(ours.command_set) == _decoded(stock.command_set)
+    assert _encoded(ours) == _encoded(stock)
+    assert ((ours.context_id, ours.data_set.getvalue(), ours._data_set_path)
+            == (stock.context_id, stock.data_set.getvalue(), stock._data_set_path))
+
+
+def test_a_store_response_made_by_pynetdicoms_init_is_built_by_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    primitive = _primitive(C_STORE, **STORE_RESPONSES["success"])
+    stock = dimse_messages.C_STORE_RSP()
+    stock.primitive_to_message(primitive)
+    monkeypatch.setattr(dimse_messages.C_STORE_RSP, "primitive_to_message", store_response_to_message)
+    ours = dimse_messages.C_STORE_RSP()
+    ours.primitive_to_message(primitive)
+    assert _encoded(ours) == _encoded(stock)
