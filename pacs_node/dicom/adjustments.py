@@ -39,7 +39,14 @@ from typing import Any
 from pynetdicom import _config, association, dimse_messages, dul, service_class
 from pynetdicom.association import Association
 
-from pacs_node.dicom.command_sets import encode_command_set, reuse_pending_command_sets
+from pacs_node.dicom.command_sets import (
+    decode_command_set,
+    encode_command_set,
+    reuse_pending_command_sets,
+    store_response_init,
+    store_response_to_message,
+)
+from pacs_node.dicom.file_meta import plan_file_meta, write_file_meta
 from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.spooling import open_receive_file
 
@@ -185,12 +192,23 @@ _ADJUSTMENTS: tuple[tuple[Any, str, Any], ...] = (
     # Command sets written with struct instead of pydicom's writer, byte for byte the same: a third of
     # the CPU of a C-FIND answer or a C-MOVE sub-operation (see pacs_node.dicom.command_sets).
     (dimse_messages, "encode", encode_command_set),
+    # Received command sets read with struct into converted elements, the same as pydicom's reading
+    # (pacs_node.dicom.command_sets).
+    (dimse_messages, "decode", decode_command_set),
+    # The File Meta Information at the head of each received dataset's spool file written with struct,
+    # byte for byte pydicom's (pacs_node.dicom.file_meta); the two go together.
+    (dimse_messages, "create_file_meta", plan_file_meta),
+    (dimse_messages, "write_file_meta_info", write_file_meta),
     # C-FIND response identifiers the Q/R SCP encoded itself go out as they are (pacs_node.dicom.qr.find).
     (service_class, "encode", encode_pre_encoded),
     # The pending responses of a C-FIND, C-MOVE or C-GET reuse one command set (pacs_node.dicom.command_sets).
     (dimse_messages.C_FIND_RSP, "primitive_to_message", reuse_pending_command_sets),
     (dimse_messages.C_MOVE_RSP, "primitive_to_message", reuse_pending_command_sets),
     (dimse_messages.C_GET_RSP, "primitive_to_message", reuse_pending_command_sets),
+    # A C-STORE-RSP's command set built directly, the same elements and values as pynetdicom's
+    # (pacs_node.dicom.command_sets); the two go together.
+    (dimse_messages.C_STORE_RSP, "__init__", store_response_init),
+    (dimse_messages.C_STORE_RSP, "primitive_to_message", store_response_to_message),
 )
 
 _lock = threading.Lock()

@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.tag import BaseTag
+from pydicom.valuerep import AMBIGUOUS_VR
 
 #: Bytes of a file's first fragment searched for the codestream's frame header (SOF / SIZ).
 _FRAGMENT_PROBE = 64 * 1024
@@ -247,3 +250,62 @@ def pixel_value_prefix(path: Path, pixel_offset: int) -> bytes:
     with open(path, "rb") as fp:
         fp.seek(pixel_offset + 12)
         return fp.read(_FRAGMENT_PROBE + 1024)
+
+
+#: Raw elements whose conversion by pydicom is known to succeed: (tag, VR, encoded value, implicit VR,
+#: little endian, character sets). A second dataset holding the same element converts it the same way.
+_CONVERTIBLE: dict[tuple[object, ...], None] = {}
+#: Entries kept before the memo starts again (a few hundred kilobytes; a modality's images share most
+#: of their elements, their UIDs and dates differ).
+_CONVERTIBLE_KEPT = 8192
+#: Longest value remembered.
+_CONVERTIBLE_VALUE_BYTES = 128
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
+
+
+def _memo_vr(raw: RawDataElement) -> str | None:
+    """The VR pydicom converts ``raw`` with, if that depends on nothing but its own tag and bytes: not a
+    private element (its VR may come from its private creator), not an ambiguous VR (resolved from other
+    elements), not a sequence (items converted later) nor unknown."""
+    if raw.tag >> 16 & 1 or raw.tag == _SPECIFIC_CHARACTER_SET or raw.length == 0xFFFFFFFF:
+        return None
+    vr = raw.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return None
+    if vr in AMBIGUOUS_VR or vr in ("SQ", "UN"):
+        return None
+    return vr
+
+
+def decode_every_element(ds: Dataset) -> None:
+    """Convert every top-level element of ``ds`` from its raw form, as ``for _ in ds`` does: an element
+    pydicom cannot convert raises now.
+
+    pydicom converts lazily, ~25 us per element, and a chest radiograph's header has 60 to 200 of them,
+    most of them the same bytes in every image from one modality. An element converted successfully
+    before (same tag, VR, bytes, encoding and character sets; see :func:`_memo_vr` for what else its
+    conversion could depend on, and those are always converted) is left raw: its conversion, whenever
+    something reads it, gives what it gave before. Assumes pydicom's configuration does not change
+    while the process runs (the node never changes it)."""
+    ds.get(_SPECIFIC_CHARACTER_SET)  # the character sets every other text element is converted with
+    charset = ds.original_character_set or ds._character_set
+    charsets = tuple(charset) if isinstance(charset, list) else charset
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement):
+            continue
+        vr = _memo_vr(raw)
+        value = raw.value
+        if vr is None or value is None or len(value) > _CONVERTIBLE_VALUE_BYTES:
+            ds[tag]
+            continue
+        key = (raw.tag, vr, value, raw.is_implicit_VR, raw.is_little_endian, charsets)
+        if key in _CONVERTIBLE:
+            continue
+        ds[tag]
+        if len(_CONVERTIBLE) >= _CONVERTIBLE_KEPT:
+            _CONVERTIBLE.clear()
+        _CONVERTIBLE[key] = None

@@ -79,13 +79,13 @@ def read_header(path: Path, expected_sop_instance_uid: str | None,
     """The dataset's header, fully decoded, without reading pixel data (a Deflated dataset inflated
     within ``limits``, see :mod:`pacs_node.dicom.datasets`), and what its row records of it.
 
-    pydicom decodes element values lazily, so every top-level element is touched here: a value that
-    cannot be decoded must fail now, on the receive path, not later in the worker."""
+    pydicom decodes element values lazily, so every top-level element is decoded here (or known to
+    decode, :func:`pacs_node.dicom.datasets.decode_every_element`): a value that cannot be decoded must
+    fail now, on the receive path, not later in the worker."""
     try:
         header = datasets.read_header(path, limits)
         ds = header.dataset
-        for _ in ds:  # force decoding of every top-level element
-            pass
+        datasets.decode_every_element(ds)
         record = instance_record(ds)
         _check_consistency(path, header)
     except UnreadableDataset:

@@ -22,10 +22,16 @@ from pynetdicom.dimse_primitives import (
     N_EVENT_REPORT,
     N_GET,
 )
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 
 from pacs_node.config import Settings
-from pacs_node.dicom.command_sets import encode_command_set, reuse_pending_command_sets
+from pacs_node.dicom.command_sets import (
+    decode_command_set,
+    encode_command_set,
+    reuse_pending_command_sets,
+    store_response_init,
+    store_response_to_message,
+)
 from pacs_node.dicom.qr.find import encode_pre_encoded
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
@@ -106,7 +112,7 @@ def test_other_syntaxes_go_to_pynetdicom() -> None:
 
 
 def test_a_listener_encodes_command_sets_and_identifiers_so_while_it_runs(tmp_path: Path) -> None:
-    stock = dimse_messages.encode, service_class.encode
+    stock = dimse_messages.encode, service_class.encode, dimse_messages.decode
     settings = Settings(node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var"},
                         store={"min_free_bytes": 0}, pipeline={"bundle": "fake"})
     runtime = ServerContext.open(settings)
@@ -114,15 +120,20 @@ def test_a_listener_encodes_command_sets_and_identifiers_so_while_it_runs(tmp_pa
     listener.start()
     try:
         assert dimse_messages.encode is encode_command_set
+        assert dimse_messages.decode is decode_command_set
         assert service_class.encode is encode_pre_encoded
         assert all(cls.primitive_to_message is reuse_pending_command_sets
                    for cls in (dimse_messages.C_FIND_RSP, dimse_messages.C_MOVE_RSP, dimse_messages.C_GET_RSP))
+        assert dimse_messages.C_STORE_RSP.__init__ is store_response_init
+        assert dimse_messages.C_STORE_RSP.primitive_to_message is store_response_to_message
     finally:
         listener.stop()
         runtime.close()
-    assert (dimse_messages.encode, service_class.encode) == stock
+    assert (dimse_messages.encode, service_class.encode, dimse_messages.decode) == stock
     assert all(cls.primitive_to_message is dimse_messages.DIMSEMessage.primitive_to_message
                for cls in (dimse_messages.C_FIND_RSP, dimse_messages.C_MOVE_RSP, dimse_messages.C_GET_RSP))
+    assert dimse_messages.C_STORE_RSP.__init__ is dimse_messages.DIMSEMessage.__init__
+    assert dimse_messages.C_STORE_RSP.primitive_to_message is dimse_messages.DIMSEMessage.primitive_to_message
 
 
 def _find_response(message_id: int, status: int, identifier: bytes | None, **extra: object) -> C_FIND:
@@ -179,3 +190,85 @@ def test_pending_retrieve_responses_reuse_a_command_set_with_their_own_counters(
         stock.append(message)
     assert [_encoded(m) for m in reused] == [_encoded(m) for m in stock]
     assert [m.command_set.NumberOfRemainingSuboperations for m in reused[:3]] == [999, 998, 0]
+
+
+def _decoded(ds: object) -> list[tuple[int, str, object, type]] | str:
+    """The elements as pynetdicom reads them, or the error reading them raises."""
+    try:
+        return [(int(elem.tag), elem.VR, elem.value, type(elem.value)) for elem in ds]  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 (compared, whatever it is)
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("name", list(MESSAGES))
+def test_received_command_sets_decode_as_pydicoms(name: str) -> None:
+    message_class, primitive = MESSAGES[name]
+    message = message_class()
+    message.primitive_to_message(primitive)
+    encoded = encode(message.command_set, True, True)
+    ours, stock = decode_command_set(BytesIO(encoded), True, True), decode(BytesIO(encoded), True, True)
+    assert _decoded(ours) == _decoded(stock)
+    assert ours.original_encoding == stock.original_encoding
+    assert ours.original_character_set == stock.original_character_set
+
+
+@pytest.mark.parametrize("encoded", [
+    # an odd UID padded with a null, an AE with leading and trailing spaces
+    b"\0\0\x02\0\x06\0\0\x001.2.3\0" + b"\0\0\0\x06\x08\0\0\0  MOVE  ",
+    b"\0\0\x02\0\x06\0\0\x001.2.3 ",
+    b"\0\0\x02\0\x06\0\0\x001.2.x ",  # not a valid UID: pydicom reads it unvalidated
+    # multi-valued, empty, unknown, non-command and truncated elements: pydicom's decoding, whole
+    b"\0\0\x02\0\x06\0\0\x001.2\\34",
+    b"\0\0\x02\0\0\0\0\0",
+    b"\0\0\x11\x11\x02\0\0\0\x01\0",
+    b"\x08\0\x16\0\x06\0\0\x001.2.3\0",
+    b"\0\0\x00\x01\x02\0\0\0\x01",
+    b"\0\0\x00\x01\x04\0\0\0\x01\0\0\0",
+    b"\0\0\x02\0",
+])
+def test_received_command_sets_beyond_the_common_case_decode_as_pydicoms(encoded: bytes) -> None:
+    ours, stock = decode_command_set(BytesIO(encoded), True, True), decode(BytesIO(encoded), True, True)
+    assert _decoded(ours) == _decoded(stock)
+
+
+def test_received_command_sets_of_other_syntaxes_go_to_pynetdicom() -> None:
+    encoded = b"\0\0\x02\0UI\x06\x001.2.3\0"
+    assert _decoded(decode_command_set(BytesIO(encoded), False, True)) == _decoded(decode(BytesIO(encoded), False, True))
+
+
+STORE_RESPONSES = {
+    "success": dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID=CR, AffectedSOPInstanceUID="1.2.3", Status=0),
+    "warning": dict(MessageIDBeingRespondedTo=65535, AffectedSOPClassUID=CR, AffectedSOPInstanceUID="1.2.3.4",
+                    Status=0xB000),
+    "no instance UID": dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID=CR, Status=0xC210),
+    "error comment": dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID=CR, AffectedSOPInstanceUID="1.2.3",
+                          Status=0xA700, ErrorComment="store full"),
+    "offending element": dict(MessageIDBeingRespondedTo=3, AffectedSOPClassUID=CR, AffectedSOPInstanceUID="1.2.3",
+                              Status=0xC000, OffendingElement=[0x00100010]),
+}
+
+
+@pytest.mark.parametrize("name", list(STORE_RESPONSES))
+def test_store_responses_are_pynetdicoms(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    primitive = _primitive(C_STORE, **STORE_RESPONSES[name])
+    stock = dimse_messages.C_STORE_RSP()
+    stock.primitive_to_message(primitive)
+    monkeypatch.setattr(dimse_messages.C_STORE_RSP, "__init__", store_response_init)
+    monkeypatch.setattr(dimse_messages.C_STORE_RSP, "primitive_to_message", store_response_to_message)
+    ours = dimse_messages.C_STORE_RSP()
+    assert set(vars(ours)) == set(vars(stock))
+    ours.primitive_to_message(primitive)
+    assert _decoded(ours.command_set) == _decoded(stock.command_set)
+    assert _encoded(ours) == _encoded(stock)
+    assert ((ours.context_id, ours.data_set.getvalue(), ours._data_set_path)
+            == (stock.context_id, stock.data_set.getvalue(), stock._data_set_path))
+
+
+def test_a_store_response_made_by_pynetdicoms_init_is_built_by_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    primitive = _primitive(C_STORE, **STORE_RESPONSES["success"])
+    stock = dimse_messages.C_STORE_RSP()
+    stock.primitive_to_message(primitive)
+    monkeypatch.setattr(dimse_messages.C_STORE_RSP, "primitive_to_message", store_response_to_message)
+    ours = dimse_messages.C_STORE_RSP()
+    ours.primitive_to_message(primitive)
+    assert _encoded(ours) == _encoded(stock)

@@ -5,6 +5,7 @@ YBR_FULL_422."""
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from collections.abc import Iterator
@@ -15,7 +16,9 @@ import pydicom.encaps
 import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -26,6 +29,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
 
+from pacs_node.dicom import datasets
 from pacs_node.dicom.datasets import DatasetRefused, InflateLimits, check_frame_size, read_header
 from tests.pacs_node.helpers import Node, make_cr, storescu
 from tests.support import dcmtk
@@ -185,3 +189,44 @@ def test_frame_size_of_jpeg_and_jpeg2000(tmp_path: Path) -> None:
         honest.Rows = int(honest.Rows) * 4
         with pytest.raises(DatasetRefused):
             check_frame_size(honest, honest.PixelData)
+
+
+def _explicit(*elements: tuple[int, str, bytes]) -> Dataset:
+    """A dataset read lazily, as pydicom reads a received one, from explicit VR little endian elements."""
+    encoded = b"".join(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+                       for tag, vr, value in elements)
+    return read_dataset(io.BytesIO(encoded), is_implicit_VR=False, is_little_endian=True)
+
+
+def _converted(ds: Dataset) -> list[tuple[int, str, object]]:
+    return [(int(elem.tag), elem.VR, elem.value) for elem in ds]
+
+
+def test_every_element_is_decoded_or_known_to_decode() -> None:
+    elements = [(0x00080060, "CS", b"CR"), (0x00100010, "PN", b"Doe^Jane"), (0x00280010, "US", b"\x40\0"),
+                (0x00200013, "IS", b"12"), (0x00181164, "DS", b"0.1\\0.1 "), (0x00090010, "LO", b"ACME")]
+    first, second = _explicit(*elements), _explicit(*elements)
+    datasets.decode_every_element(first)
+    datasets.decode_every_element(second)  # left raw where known to convert
+    assert isinstance(second.get_item(0x00280010), RawDataElement)
+    assert not isinstance(second.get_item(0x00090010), RawDataElement)  # private: always converted
+    assert _converted(second) == _converted(first) == _converted(_explicit(*elements))
+
+
+@pytest.mark.parametrize("bad", [(0x00280010, "US", b"\x40\0\0"), (0x00280010, "US", b"\x40")])
+def test_an_element_that_does_not_decode_is_refused_even_after_good_ones(bad: tuple[int, str, bytes]) -> None:
+    good = _explicit((0x00080060, "CS", b"CR"), (0x00280010, "US", b"\x40\0"))
+    datasets.decode_every_element(good)
+    for _ in range(2):  # a failure is never remembered as a success
+        with pytest.raises(Exception, match="bytes per value"):
+            datasets.decode_every_element(_explicit((0x00080060, "CS", b"CR"), bad))
+
+
+def test_text_is_decoded_again_under_other_character_sets() -> None:
+    name = (0x00100010, "PN", "Dürer^Anna".encode("latin-1"))
+    latin = _explicit((0x00080005, "CS", b"ISO_IR 100"), name)
+    datasets.decode_every_element(latin)
+    utf8 = _explicit((0x00080005, "CS", b"ISO_IR 192"), name)
+    with pytest.warns(UserWarning):  # not valid UTF-8: pydicom warns, so it was converted again
+        datasets.decode_every_element(utf8)
+    assert _converted(latin)[1][2] == "Dürer^Anna"
