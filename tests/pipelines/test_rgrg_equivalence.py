@@ -175,7 +175,9 @@ def test_fast_path_computes_the_same_in_float32(rgrg_case):
         raw = fast.infer(c.x)
     assert torch.equal(det.detected[0], c.heads["detected"])
     assert torch.equal(det.proposals[0], c.proposals[c.heads["winner"]])
-    assert float((det.features[0] - c.heads["features"]).abs().max()) < 1e-4
+    # Features reach |x| ~ 50: float32 sums taken in another order (the RoIAlign identity, another CPU's
+    # SIMD width) differ in their last digits (1.4e-4 at 4.2 on one machine), so the bound is relative too.
+    torch.testing.assert_close(det.features[0], c.heads["features"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(det.boxes[0], c.heads["boxes"], rtol=0, atol=1e-3)
     assert torch.equal(raw.selected, c.raw.selected) and torch.equal(raw.abnormal, c.raw.abnormal)
     assert [_strip(ids) for ids in raw.token_ids.tolist()] == c.beams
