@@ -148,10 +148,12 @@ def measure_node(work: Path, files: list[Path], nbytes: int, senders: int, liste
 
 def measure_export(work: Path, files: list[Path], nbytes: int) -> Measurement:
     """The node's C-STORE SCU (what the exporter and ``pacs-node send`` run) sending ``files``, read into
-    memory beforehand, on one association into ``storescp``."""
+    memory beforehand, on one association into ``storescp``; with the pynetdicom adjustments a running
+    listener applies, as the exporter threads see them in ``serve``."""
     import pydicom
 
     from pacs_node.config import Peer, Settings
+    from pacs_node.dicom.adjustments import apply_pynetdicom_adjustments, undo_pynetdicom_adjustments
     from pacs_node.dicom.scu import send_datasets
 
     datasets = [pydicom.dcmread(f) for f in files]
@@ -159,9 +161,13 @@ def measure_export(work: Path, files: list[Path], nbytes: int) -> Measurement:
     settings = Settings(node={"ae_title": "BENCHNODE"})
     with StoreSCP(out) as scp:
         peer = Peer(ae_title=scp.ae_title, host="127.0.0.1", port=scp.port)
-        start, cpu = time.monotonic(), time.process_time()
-        outcomes = send_datasets(settings, peer, datasets)
-        seconds, cpu = time.monotonic() - start, time.process_time() - cpu
+        apply_pynetdicom_adjustments()
+        try:
+            start, cpu = time.monotonic(), time.process_time()
+            outcomes = send_datasets(settings, peer, datasets)
+            seconds, cpu = time.monotonic() - start, time.process_time() - cpu
+        finally:
+            undo_pynetdicom_adjustments()
     failed = [o for o in outcomes if o != 0]
     if failed or files_under(out) != len(files):
         raise BenchError(f"export: {len(failed)} of {len(files)} sends failed ({failed[:3]})")
