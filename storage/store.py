@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 #: Errors that mean "no space": the disk is full or a quota is exhausted.
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -359,15 +359,22 @@ class InstanceStore:
         return created
 
 
-def _load_sync_file_range() -> Callable[[int], None] | None:
-    """Linux ``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``: start writing a file's dirty pages
-    without waiting for them. ``None`` where the C library does not have it."""
+def _libc_function(name: str) -> Any:
+    """The C library's function ``name`` (errno kept for ``ctypes.get_errno``) on Linux; ``None``
+    elsewhere or where the library lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
     except (OSError, AttributeError):
+        return None
+
+
+def _load_sync_file_range() -> Callable[[int], None] | None:
+    """Linux ``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``: start writing a file's dirty pages
+    without waiting for them. ``None`` where the C library does not have it."""
+    call = _libc_function("sync_file_range")
+    if call is None:
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
@@ -415,12 +422,8 @@ def _load_syncfs() -> Callable[[int], None] | None:
     """Linux ``syncfs(fd)``: write back and commit everything dirty on ``fd``'s filesystem, and wait (its
     write errors are reported since Linux 5.8). ``None`` where the C library does not have it, and on
     older kernels: there a failed writeback would be a silent success, and fsync is what reports it."""
-    if not sys.platform.startswith("linux") or _kernel_version() < (5, 8):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.syncfs
-    except (OSError, AttributeError):
+    call = _libc_function("syncfs") if _kernel_version() >= (5, 8) else None
+    if call is None:
         return None
     call.argtypes = [ctypes.c_int]
     call.restype = ctypes.c_int
