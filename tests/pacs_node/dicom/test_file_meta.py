@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -24,23 +26,22 @@ from tests.support import free_port
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
 
-def _pydicoms(**values: object) -> bytes | str:
-    """What pydicom writes, or the error it raises instead."""
+def _written(create: Callable[..., Any], write: Callable[[Any, Any], None], **values: object) -> bytes | str:
+    """What ``write(create(**values))`` writes, or the error it raises instead."""
     buffer = io.BytesIO()
     try:
-        write_file_meta_info(buffer, create_file_meta(**values))  # type: ignore[arg-type]
+        write(buffer, create(**values))
     except (AttributeError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return buffer.getvalue()
+
+
+def _pydicoms(**values: object) -> bytes | str:
+    return _written(create_file_meta, write_file_meta_info, **values)
 
 
 def _ours(**values: object) -> bytes | str:
-    buffer = io.BytesIO()
-    try:
-        write_file_meta(buffer, plan_file_meta(**values))  # type: ignore[arg-type]
-    except (AttributeError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return buffer.getvalue()
+    return _written(plan_file_meta, write_file_meta, **values)
 
 
 @pytest.mark.parametrize("values", [

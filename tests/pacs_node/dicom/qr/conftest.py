@@ -12,6 +12,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from sqlalchemy import Engine
 
 from pacs_node.config import Peer
 from pacs_node.dicom.qr import QueryRetrieveService
@@ -35,6 +36,14 @@ class Archive:
     sessions: object
     studies: dict[str, list[Dataset]] = field(default_factory=dict)  # study UID -> all its objects
 
+    @classmethod
+    def open(cls, root: Path) -> tuple[Archive, Engine]:
+        """An empty archive under ``root`` (a migrated SQLite database and a store), and its engine."""
+        url = sqlite_url(root / "node.sqlite3")
+        upgrade(url)
+        engine = make_engine(url)
+        return cls(root, InstanceStore(root / "store"), make_sessionmaker(engine)), engine
+
     def add(self, ds: Dataset, origin: Origin, source_uid: str | None = None) -> None:
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
@@ -52,11 +61,7 @@ class Archive:
 
 @pytest.fixture(scope="package")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    root = tmp_path_factory.mktemp("archive")
-    url = sqlite_url(root / "node.sqlite3")
-    upgrade(url)
-    engine = make_engine(url)
-    archive = Archive(root, InstanceStore(root / "store"), make_sessionmaker(engine))
+    archive, engine = Archive.open(tmp_path_factory.mktemp("archive"))
     images = [
         make_cr(patient_id="P-001", patient_name="Doe^Jane", study_uid=generate_uid(),
                 study_date="20240115", accession="ACC1"),

@@ -27,10 +27,7 @@ from pacs_node.dicom.adjustments import apply_pynetdicom_adjustments, undo_pynet
 from pacs_node.dicom.qr import QueryRetrieveService
 from pacs_node.dicom.qr.sending import skip_unlogged_narration
 from pacs_node.work.instance_record import instance_record
-from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
-from storage.repository import add_instance
-from storage.schema import Disposition, Origin
-from storage.store import InstanceStore
+from storage.schema import Origin
 from tests.pacs_node.dicom.qr.conftest import Archive
 from tests.pacs_node.results.synthetic import make_cr
 from tests.support import dcmtk, free_port
@@ -55,11 +52,7 @@ def _data_set_length(raw: bytes) -> int:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     """Three tiny CRs of one study, and a study whose one file is then removed from the store."""
-    root = tmp_path_factory.mktemp("stream-archive")
-    url = sqlite_url(root / "node.sqlite3")
-    upgrade(url)
-    engine = make_engine(url)
-    archive = Archive(root, InstanceStore(root / "store"), make_sessionmaker(engine))
+    archive, engine = Archive.open(tmp_path_factory.mktemp("stream-archive"))
     for i in range(3):
         archive.add(make_cr(patient_id="S-1", patient_name="Stream^One", study_uid=STUDY, study_date="20240101",
                             accession=f"S{i}"), Origin.RECEIVED)
