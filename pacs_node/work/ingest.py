@@ -5,8 +5,8 @@ pynetdicom has already written the dataset, chunk by chunk, to a temp file *insi
 makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
-2. rename it into place, fsync the file and its directories (``InstanceStore.commit``: for a new path
-   the rename comes first, so one journal commit covers both; no row references the path yet);
+2. give it its name in the store and fsync the file and its directories (``InstanceStore.commit``: a
+   new path is hard-linked first, so one journal commit covers both; no row references the path yet);
 3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, (re-)open its study and
    enqueue the study's ``analyse`` job, due once the study has been quiet for the settle time
    (concurrent associations share that transaction's commit: ``storage.db.GroupCommit``);
