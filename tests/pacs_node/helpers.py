@@ -1,5 +1,5 @@
 """Helpers for the node's tests: DCMTK tools, generated radiographs, a ``pacs-node serve`` subprocess,
-a DCMTK ``storescp`` receiver, and the CLI with ``--json``."""
+a DCMTK ``storescp`` receiver, a pynetdicom requestor, and the CLI with ``--json``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from bench.common import stop_process, wait_for_port
+from pacs_node.dicom.transport import NoDelayAE
 from tests.support import REPO, dcmtk, free_port
 
 
@@ -54,6 +55,18 @@ def make_cr(path: Path, *, modality: str = "CR", body_part: str | None = "CHEST"
     ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return ds
+
+
+def requestor(ae_title: str) -> NoDelayAE:
+    """A pynetdicom AE for a test's modality or PACS that requests associations of a node running in
+    this process.
+
+    Stock pynetdicom's ``send_c_*`` can lose its response to its own association's reactor when the answer
+    comes back fast: it reads a stale "reactor paused", and the reactor takes the response ("Received
+    unexpected C-ECHO service message", then a DIMSE timeout). A node answering with TCP_NODELAY on
+    loopback is fast enough for that to happen now and then (once in a CI run). The node's own requestor
+    AE closes the window (:class:`pacs_node.dicom.transport.ResponseKeepingDIMSE`)."""
+    return NoDelayAE(ae_title=ae_title)
 
 
 def write_config(directory: Path, text: str) -> Path:

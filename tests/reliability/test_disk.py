@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import func, select
 
@@ -20,7 +19,7 @@ from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from storage.schema import Instance
 from storage.store import TEMP_DIR
-from tests.pacs_node.helpers import make_cr, storescu
+from tests.pacs_node.helpers import make_cr, requestor, storescu
 from tests.support import free_port, mounted_tmpfs
 
 MiB = 1024 * 1024
@@ -59,7 +58,7 @@ def _files(store: Path) -> list[str]:
 
 
 def _store(port: int, path: Path) -> int:
-    ae = AE(ae_title="PYSCU")
+    ae = requestor("PYSCU")
     ae.add_requested_context(ComputedRadiographyImageStorage)
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")

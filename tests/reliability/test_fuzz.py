@@ -31,7 +31,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import create_engine, text
 
 from bench.common import wait_for_port
-from tests.pacs_node.helpers import echoscu, make_cr
+from tests.pacs_node.helpers import echoscu, make_cr, requestor
 from tests.support import REPO, dcmtk, free_port
 
 CASES = int(os.environ.get("PACS_NODE_FUZZ_CASES", "1500"))
@@ -275,7 +275,7 @@ def test_malformed_datasets_are_refused_and_nothing_half_written(listener: Runni
     # send each file's bytes as they are (pynetdicom would otherwise decode and re-encode, repairing them)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     _echo_within(listener, 30)  # slots held by an earlier test's garbage connections have run out
-    ae = AE(ae_title="FUZZDS")
+    ae = requestor("FUZZDS")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     outcomes = {}

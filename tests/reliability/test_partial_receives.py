@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from pacs_node.config import Settings
 from pacs_node.ops.context import ServerContext
 from storage.doctor import Doctor
-from tests.pacs_node.helpers import make_cr, running_listener
+from tests.pacs_node.helpers import make_cr, requestor, running_listener
 from tests.support import free_port
 
 PDU_DEADLINE_S = 1.0
@@ -77,7 +76,7 @@ def _record_store(port: int, image: Path) -> list[bytes]:
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    ae = AE(ae_title="MODALITY")
+    ae = requestor("MODALITY")
     ae.maximum_pdu_size = 16384
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", proxy.getsockname()[1], ae_title="PACSNODE", max_pdu=16384)

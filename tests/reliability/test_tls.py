@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import func, select
 
@@ -26,7 +25,7 @@ from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
 from pacs_node.dicom.tls import TLSConfigError, server_context
 from storage.schema import Instance
-from tests.pacs_node.helpers import StoreSCP, make_cr
+from tests.pacs_node.helpers import StoreSCP, make_cr, requestor
 from tests.reliability.certs import KEY_PASSWORD, Certs, make_certs
 from tests.support import dcmtk, free_port
 
@@ -107,7 +106,7 @@ def _pynetdicom_store(port: int, client: tuple[Path, Path] | None, ca: Path, ima
     context.load_verify_locations(cafile=str(ca))
     if client is not None:
         context.load_cert_chain(str(client[0]), str(client[1]))
-    ae = AE(ae_title="PYSCU")
+    ae = requestor("PYSCU")
     ae.acse_timeout = ae.network_timeout = 10
     ae.add_requested_context(ComputedRadiographyImageStorage)
     ae.add_requested_context(Verification)

@@ -30,7 +30,7 @@ from pacs_node.work.worker import Worker
 from pipelines.interface import FakePipeline
 from storage.history import deliveries_of
 from storage.schema import JobKind
-from tests.pacs_node.helpers import make_cr, storescu
+from tests.pacs_node.helpers import make_cr, requestor, storescu
 from tests.support import free_port, require_tool
 
 
@@ -64,7 +64,7 @@ def test_the_node_commits_what_it_holds_and_fails_the_rest(tmp_path: Path) -> No
         assert storescu(settings.node.port, [tmp_path / "cr0.dcm", tmp_path / "cr1.dcm"]).returncode == 0
 
         def request(refs: list[Dataset]) -> tuple[int, str]:
-            scu = AE(ae_title="MODALITY")
+            scu = requestor("MODALITY")
             scu.add_requested_context(StorageCommitmentPushModel)
             assoc = scu.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
             assert assoc.is_established
@@ -105,7 +105,7 @@ def test_an_unknown_action_is_refused(tmp_path: Path, action_type: int) -> None:
     listener = Listener(settings, runtime)
     listener.start()
     try:
-        scu = AE(ae_title="MODALITY")
+        scu = requestor("MODALITY")
         scu.add_requested_context(StorageCommitmentPushModel)
         assoc = scu.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
         info = Dataset()
@@ -147,7 +147,7 @@ class _CommittingPacs:
         info.TransactionUID = request.TransactionUID
         info.ReferencedSOPSequence = Sequence([item for item in request.ReferencedSOPSequence
                                                if item.ReferencedSOPInstanceUID in self.received])
-        scu = AE(ae_title="PACS")
+        scu = requestor("PACS")
         scu.add_requested_context(StorageCommitmentPushModel)
         assoc = scu.associate("127.0.0.1", self.node_port, ae_title="PACSNODE")
         assoc.send_n_event_report(info, 1, StorageCommitmentPushModel, WELL_KNOWN)

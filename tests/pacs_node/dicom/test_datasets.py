@@ -26,12 +26,12 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     generate_uid,
 )
-from pynetdicom import AE, _config
+from pynetdicom import _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
 
 from pacs_node.dicom import datasets
 from pacs_node.dicom.datasets import DatasetRefused, InflateLimits, check_frame_size, read_header
-from tests.pacs_node.helpers import Node, make_cr, storescu
+from tests.pacs_node.helpers import Node, make_cr, requestor, storescu
 from tests.support import dcmtk
 
 MiB = 1024 * 1024
@@ -95,7 +95,7 @@ def _send(port: int, path: Path, sop_class: str, syntax: str) -> int:
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        ae = AE(ae_title="MODALITY")
+        ae = requestor("MODALITY")
         ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
         assert assoc.is_established

@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import func, select
 
@@ -21,7 +21,7 @@ from pacs_node.ops.context import ServerContext
 from storage.schema import Instance, Job
 from storage.store import StoreFullError
 from storage.studies import instance_set_hash
-from tests.pacs_node.helpers import echoscu, make_cr, storescu
+from tests.pacs_node.helpers import echoscu, make_cr, requestor, storescu
 from tests.support import dcmtk, free_port
 
 
@@ -56,7 +56,7 @@ def _counts(runtime: ServerContext) -> tuple[int, int]:
 
 
 def _send_with_pynetdicom(port: int, path: Path, sop_class: str = ComputedRadiographyImageStorage) -> int:
-    ae = AE(ae_title="PYSCU")
+    ae = requestor("PYSCU")
     ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")

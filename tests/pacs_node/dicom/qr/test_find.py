@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
-from pynetdicom import AE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
 from tests.pacs_node.dicom.qr.conftest import QR_AET, Archive, Scp
+from tests.pacs_node.helpers import requestor
 from tests.support import dcmtk
 
 
 def find(scp: Scp, query: Dataset, model=StudyRootQueryRetrieveInformationModelFind) -> tuple[list[Dataset], int]:
     """(pending identifiers, final status)."""
-    ae = AE(ae_title="TESTSCU")
+    ae = requestor("TESTSCU")
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title=QR_AET)
     assert assoc.is_established

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
-from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from bench.common import wait_for_port
 from tests.pacs_node.dicom.qr.conftest import QR_AET, Archive, Scp
+from tests.pacs_node.helpers import requestor
 from tests.support import dcmtk
 
 
@@ -76,7 +76,7 @@ def test_movescu_results_series_only(archive: Archive, qr_scp: Scp, storescp: Pa
 
 def test_move_to_unknown_destination_is_a801(archive: Archive, qr_scp: Scp) -> None:
     uid, _ = study_of(archive, "P-001")
-    ae = AE(ae_title="TESTSCU")
+    ae = requestor("TESTSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", qr_scp.port, ae_title=QR_AET)
     assert assoc.is_established
@@ -91,7 +91,7 @@ def test_move_to_unknown_destination_is_a801(archive: Archive, qr_scp: Scp) -> N
 
 
 def test_move_without_keys_is_refused(qr_scp: Scp, storescp: Path) -> None:
-    ae = AE(ae_title="TESTSCU")
+    ae = requestor("TESTSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", qr_scp.port, ae_title=QR_AET)
     query = Dataset()

@@ -29,6 +29,7 @@ from pacs_node.dicom.qr.sending import skip_unlogged_narration
 from pacs_node.work.instance_record import instance_record
 from storage.schema import Origin
 from tests.pacs_node.dicom.qr.conftest import Archive
+from tests.pacs_node.helpers import requestor
 from tests.pacs_node.results.synthetic import make_cr
 from tests.support import dcmtk, free_port
 
@@ -113,7 +114,7 @@ def storescp(port: int, ae_title: str, out: Path, *options: str) -> subprocess.P
 
 def move(port: int, destination: str, study: str) -> tuple[Dataset, Dataset | None]:
     """The final C-MOVE response (status, identifier), requested with pynetdicom."""
-    ae = AE(ae_title="TESTSCU")
+    ae = requestor("TESTSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", port, ae_title=AET)
     assert assoc.is_established
