@@ -20,8 +20,11 @@ How, and why it cannot silently go wrong:
   named value computed cheaply from the study (:func:`facts`), or no template is made. The template is
   then rendered for both studies and must reproduce pydicom's bytes for both exactly, or it is dropped.
 * A template is only a list of encoded segments and slots: sequences and items keep pydicom's defined
-  lengths, which rendering recomputes; text is encoded in the object's Specific Character Set (a
-  non-ASCII value goes through pydicom's own encoder).
+  lengths, which rendering recomputes (all at once, from one running sum of the slots' lengths); text is
+  encoded in the object's Specific Character Set (a non-ASCII value goes through pydicom's own encoder,
+  once per study for all its objects).
+* What an object's database row records is read from the values its elements hold, as
+  :func:`~pacs_node.work.instance_record.instance_record` reads it from a dataset; no dataset is made.
 
 Templates live in the process that made them (each spawned builder makes its own) behind a lock, at most
 :data:`MAX_TEMPLATES` shapes, the least recently used dropped first.
@@ -29,9 +32,9 @@ Templates live in the process that made them (each spawned builder makes its own
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
+import functools
 import io
 import logging
 import re
@@ -39,6 +42,8 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from itertools import accumulate
+from operator import itemgetter
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,15 +57,18 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DS, DT, TM, PersonName
 
 from pacs_node.results.build import build_study_objects
-from pacs_node.results.common import character_set_kwargs, clipped_box, identity_kwargs, rectangle_polyline
+from pacs_node.results.common import (character_set_kwargs, clipped_box, identity_kwargs, instance_number,
+                                      rectangle_polyline)
 from pacs_node.results.kos import flagged_findings, kos_description
 from pacs_node.results.narrative_sr import image_comment_lines, not_interpreted_text, unique_sentences
 from pacs_node.results.options import ResultOptions
 from pacs_node.results.study import StudyReport
 from pacs_node.results.uids import derived_uid
 from pacs_node.results import vocabulary as voc
+from pacs_node.work.instance_record import instance_record, record_of
 from pipelines.constants import CHEXPERT_LABELS
 from pipelines.interface import ImageResult, NotInterpreted
+from storage.repository import InstanceRecord
 
 log = logging.getLogger(__name__)
 
@@ -312,25 +320,42 @@ def probe_of(study: StudyReport, options: ResultOptions, seed: int = 1) -> Study
 # -- the per-image values ------------------------------------------------------------------------------
 
 
-def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime) -> dict[str, Any]:
-    """Every value a result object of ``study`` may hold that is not fixed by its shape, by name."""
-    out: dict[str, Any] = {"now.date": str(DA(now.date())), "now.time": str(TM(now.time())),
-                           "now.datetime": str(DT(now))}
-    for i, header in enumerate(study.evidence):
-        for elem in header:
-            if not elem.is_empty:
-                out[f"e{i}.{int(elem.tag):08x}.{elem.VR}"] = elem.value
-                if elem.VR == "DS":  # as highdicom rewrites one (a window centre, a spacing): a float
-                    floats = [float(v) for v in elem.value] if elem.VM > 1 else float(elem.value)
-                    out[f"e{i}.{int(elem.tag):08x}.{elem.VR}.float"] = floats
+def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime,
+          wanted: frozenset[str] | None = None) -> dict[str, Any]:
+    """Every value a result object of ``study`` may hold that is not fixed by its shape, by name; with
+    ``wanted`` (the names a shape's templates hold), those only: a template holds a third of them (a
+    probability only where it is a finding, no source attribute that it does not copy), and some are
+    costly (a derived UID, a decimal string)."""
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    out: dict[str, Any] = {}
+    if want("now.date"):
+        out["now.date"] = str(DA(now.date()))
+    if want("now.time"):
+        out["now.time"] = str(TM(now.time()))
+    if want("now.datetime"):
+        out["now.datetime"] = str(DT(now))
+    evidence = study.evidence
+    if wanted is None:
+        for i, header in enumerate(evidence):
+            for elem in header:
+                if not elem.is_empty:
+                    _source_facts(out, f"e{i}.{int(elem.tag):08x}.{elem.VR}", elem, True)
+    else:
+        for i, tag, vr, name, as_float in _wanted_sources(wanted):
+            if i < len(evidence) and (elem := evidence[i].get(tag)) is not None and elem.VR == vr \
+                    and not elem.is_empty:
+                _source_facts(out, name, elem, as_float)
     for kind, previous in study.predecessors.items():
         for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             out[f"previous.{kind}.{keyword}"] = previous[keyword].value
     for kind in KINDS:
-        identity = identity_kwargs(study, kind)
-        out[f"{kind}.series"] = identity["series_instance_uid"]
-        out[f"{kind}.sop"] = identity["sop_instance_uid"]
-    out["instance_number"] = str(identity["instance_number"])
+        if want(f"{kind}.series") or want(f"{kind}.sop"):
+            identity = identity_kwargs(study, kind)
+            out[f"{kind}.series"] = identity["series_instance_uid"]
+            out[f"{kind}.sop"] = identity["sop_instance_uid"]
+    out["instance_number"] = str(instance_number(study))
     for i, (_, text) in enumerate(image_comment_lines(study)):
         out[f"comment.{i}"] = text
     if not study.interpreted:
@@ -344,18 +369,22 @@ def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime) ->
     for label in CHEXPERT_LABELS:
         p = float(result.label_probs[label])
         out[f"p.{label}"] = p
-        out[f"ds.{label}"] = str(DS(p, auto_format=True))
+        if want(f"ds.{label}"):
+            out[f"ds.{label}"] = str(DS(p, auto_format=True))
         code = voc.PRESENT if p >= options.threshold(label) else voc.ABSENT
         out[f"present.{label}.value"] = code.value
         out[f"present.{label}.scheme"] = code.scheme_designator
         out[f"present.{label}.meaning"] = code.meaning
-        out[f"tracking.{label}"] = derived_uid("tracking", uid, result.model_name, result.model_version, label)
+        if want(f"tracking.{label}"):
+            out[f"tracking.{label}"] = derived_uid("tracking", uid, result.model_name, result.model_version,
+                                                   label)
     for region in result.selected_regions:
         box = clipped_box(region, rows, columns)
         out[f"polyline.{region.name}"] = [float(v) for v in rectangle_polyline(box).flatten()]
         out[f"anchor.{region.name}"] = [box[0], box[1]]
-        out[f"tracking.{region.name}"] = derived_uid("tracking", uid, result.model_name, result.model_version,
-                                                     region.name)
+        if want(f"tracking.{region.name}"):
+            out[f"tracking.{region.name}"] = derived_uid("tracking", uid, result.model_name, result.model_version,
+                                                         region.name)
         if region.sentence:
             out[f"sentence.{region.name}"] = region.sentence
     for i, sentence in enumerate(unique_sentences(result)):
@@ -367,6 +396,26 @@ def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime) ->
     if findings:
         out["kos.description"] = kos_description(result, findings)
     return out
+
+
+def _source_facts(out: dict[str, Any], name: str, elem: DataElement, as_float: bool) -> None:
+    """The fact ``name`` of a source attribute, and (``as_float``) a decimal string as highdicom rewrites
+    one (a window centre, a spacing): a float."""
+    out[name] = elem.value
+    if elem.VR == "DS" and as_float:
+        out[f"{name}.float"] = [float(v) for v in elem.value] if elem.VM > 1 else float(elem.value)
+
+
+@functools.lru_cache(maxsize=MAX_TEMPLATES)
+def _wanted_sources(wanted: frozenset[str]) -> tuple[tuple[int, int, str, str, bool], ...]:
+    """The source attributes among ``wanted``: (image, tag, VR, name, whether as a float too)."""
+    out: dict[str, bool] = {}
+    for name in wanted:
+        if _SOURCE_FACT.match(name):
+            base = name.removesuffix(".float")
+            out[base] = out.get(base, False) or base != name
+    return tuple((int(base[1:base.index(".")]), int(base.split(".")[1], 16), base.split(".")[2], base, as_float)
+                 for base, as_float in sorted(out.items()))
 
 
 # -- encoding ------------------------------------------------------------------------------------------
@@ -425,18 +474,26 @@ class _Slot:
 
     prefix: bytes = dataclasses.field(init=False, repr=False)
     length_format: str = dataclasses.field(init=False, repr=False)
+    #: what pydicom's encoding of this element's value is remembered by, for the study being rendered
+    key: tuple[object, ...] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         long = self.vr in _LONG_VRS
         object.__setattr__(self, "prefix", struct.pack("<HH2s", self.tag >> 16, self.tag & 0xFFFF, self.vr.encode())
                            + (b"\x00\x00" if long else b""))
         object.__setattr__(self, "length_format", "<L" if long else "<H")
+        object.__setattr__(self, "key", (self.tag, self.vr, self.fact, tuple(self.encodings)))
 
-    def render(self, value: Any) -> bytes:
+    def render(self, value: Any, memo: dict[Any, Any]) -> bytes:
+        """The element holding ``value``. What pydicom encodes (a person name, above all, which each of
+        a study's objects holds) is encoded once per study: ``memo`` is the study's."""
         data = _plain_value(self.vr, value)
-        if data is None:
-            return _pydicom_element(DataElement(self.tag, self.vr, value), self.encodings)
-        return self.prefix + struct.pack(self.length_format, len(data)) + data
+        if data is not None:
+            return self.prefix + struct.pack(self.length_format, len(data)) + data
+        encoded = memo.get(self.key)
+        if encoded is None:
+            encoded = memo[self.key] = _pydicom_element(DataElement(self.tag, self.vr, value), self.encodings)
+        return encoded
 
 
 @dataclass(frozen=True)
@@ -452,26 +509,91 @@ _ITEM_DELIMITER = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
-def _render(parts: list[Any], values: dict[str, Any]) -> bytes:
-    out = []
-    for part in parts:
-        kind = type(part)
-        if kind is bytes:
-            out.append(part)
-        elif kind is _Slot:
-            out.append(part.render(values[part.fact]))
-        else:
-            body = _render(part.parts, values)
-            if part.tag is None:  # an item
+_LENGTH = struct.Struct("<L")
+_ITEM = b"\xfe\xff\x00\xe0"
+_UNDEFINED_ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+_META_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
+
+
+class _Layout:
+    """A whole object's template flattened for rendering: constant segments with a hole between each two,
+    either a slot's element or the 4-byte length of the file meta group, a sequence or an item of defined
+    length.
+
+    Why: a length is its part's constant bytes plus the lengths of the slots inside it, and those slots
+    are consecutive, so one running sum of the slots' lengths gives every length at once, and one join
+    the object, instead of encoding and joining each of the hundreds of nested sequences and items of an
+    SR content tree on its own."""
+
+    __slots__ = ("segments", "slots", "lengths", "order", "_in_order", "_constant", "_holes", "_size")
+
+    def __init__(self, meta: list[Any], body: list[Any]) -> None:
+        self.segments: list[bytes | None] = []  # a segment, then None where a hole goes, and so on
+        self.slots: list[_Slot] = []
+        #: per length: its constant bytes, and its first slot and the one after its last
+        self.lengths: list[tuple[int, int, int]] = []
+        self._constant: list[bytes] = []  # the segment being assembled
+        self._holes: list[tuple[bool, int]] = []  # (a slot?, its index) in order
+        self._size = 0  # constant bytes so far (a length field's own size never changes: it counts)
+        self._put(_PREAMBLE + _META_GROUP_LENGTH)
+        self._length(meta)
+        self._flatten(body)
+        self.segments.append(b"".join(self._constant))
+        self.order = [i if is_slot else len(self.slots) + i for is_slot, i in self._holes]
+        # the holes' contents in the order they go in (an itemgetter of one index returns no tuple)
+        self._in_order = itemgetter(*self.order) if len(self.order) > 1 else lambda h: [h[self.order[0]]]
+        del self._constant, self._holes, self._size
+
+    def _put(self, data: bytes) -> None:
+        self._constant.append(data)
+        self._size += len(data)
+
+    def _hole(self, is_slot: bool, index: int) -> None:
+        self.segments.extend((b"".join(self._constant), None))
+        self._constant = []
+        self._holes.append((is_slot, index))
+
+    def _length(self, parts: list[Any]) -> None:
+        """A length field, then ``parts``, which it measures."""
+        index = len(self.lengths)
+        self.lengths.append((0, 0, 0))
+        self._hole(False, index)
+        self._size += 4
+        size, first = self._size, len(self.slots)
+        self._flatten(parts)
+        self.lengths[index] = (self._size - size, first, len(self.slots))
+
+    def _flatten(self, parts: list[Any]) -> None:
+        for part in parts:
+            if type(part) is bytes:
+                self._put(part)
+            elif type(part) is _Slot:
+                self._hole(True, len(self.slots))
+                self.slots.append(part)
+            elif part.tag is None:  # an item
                 if part.undefined:
-                    out.append(b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + body + _ITEM_DELIMITER)
+                    self._put(_UNDEFINED_ITEM)
+                    self._flatten(part.parts)
+                    self._put(_ITEM_DELIMITER)
                 else:
-                    out.append(struct.pack("<4sL", b"\xfe\xff\x00\xe0", len(body)) + body)
+                    self._put(_ITEM)
+                    self._length(part.parts)
             elif part.undefined:
-                out.append(_header(part.tag, "SQ", 0xFFFFFFFF) + body + _SEQUENCE_DELIMITER)
+                self._put(_header(part.tag, "SQ", 0xFFFFFFFF))
+                self._flatten(part.parts)
+                self._put(_SEQUENCE_DELIMITER)
             else:
-                out.append(_header(part.tag, "SQ", len(body)) + body)
-    return b"".join(out)
+                self._put(_header(part.tag, "SQ", 0)[:-4])
+                self._length(part.parts)
+
+    def render(self, values: dict[str, Any], memo: dict[Any, Any]) -> bytes:
+        elements = [slot.render(values[slot.fact], memo) for slot in self.slots]
+        ends = [0, *accumulate(map(len, elements))]
+        holes = elements + [_LENGTH.pack(constant + ends[last] - ends[first])
+                            for constant, first, last in self.lengths]
+        out = self.segments.copy()
+        out[1::2] = self._in_order(holes)
+        return b"".join(out)
 
 
 def _merged(parts: list[Any]) -> list[Any]:
@@ -602,30 +724,52 @@ class Template:
     kind: str
     meta: list[Any]
     body: list[Any]
-    #: keyword -> constant element or the fact it holds: what the object's database row records
-    record: dict[int, DataElement | tuple[str, str]]
+    #: keyword -> the constant value or the (tag, VR, fact) it holds, of the attributes the object's
+    #: database row records
+    record: dict[str, Any]
     transfer_syntax: str
 
-    def render(self, values: dict[str, Any]) -> bytes:
-        meta = _render(self.meta, values)
-        return b"".join((_PREAMBLE, b"\x02\x00\x00\x00UL\x04\x00", struct.pack("<L", len(meta)), meta,
-                         _render(self.body, values)))
+    layout: _Layout = dataclasses.field(init=False, repr=False, compare=False)
+    _constant: dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False)
+    _filled: tuple[tuple[str, int, str, str], ...] = dataclasses.field(init=False, repr=False, compare=False)
+    #: the facts it holds
+    wanted: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
 
-    def header(self, values: dict[str, Any]) -> Dataset:
-        """The attributes of the object its database row records."""
-        ds = Dataset({tag: copy.copy(elem) for tag, elem in self.record.items() if isinstance(elem, DataElement)})
-        for tag, source in self.record.items():
-            if not isinstance(source, DataElement):
-                # (the value was checked when the template reproduced pydicom's encoding of it)
-                ds.add(DataElement(tag, source[0], values[source[1]], validation_mode=config.IGNORE))
-        ds.file_meta = self._meta
-        return ds
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", _Layout(self.meta, self.body))
+        object.__setattr__(self, "_constant", {k: v for k, v in self.record.items() if not isinstance(v, _Filled)})
+        object.__setattr__(self, "_filled", tuple((k, v.tag, v.vr, v.fact) for k, v in self.record.items()
+                                                  if isinstance(v, _Filled)))
+        object.__setattr__(self, "wanted", frozenset([slot.fact for slot in self.layout.slots]
+                                                     + [fact for *_, fact in self._filled]))
 
-    @property
-    def _meta(self) -> Dataset:
-        meta = Dataset()
-        meta.TransferSyntaxUID = self.transfer_syntax
-        return meta
+    def render(self, values: dict[str, Any], memo: dict[Any, Any] | None = None) -> bytes:
+        """The object's file bytes. ``memo``: one dict for all the objects of a study, in which what
+        pydicom encodes (or converts) for one of them is kept for the others."""
+        return self.layout.render(values, {} if memo is None else memo)
+
+    def fields(self, values: dict[str, Any], memo: dict[Any, Any] | None = None) -> InstanceRecord:
+        """What the object's database row records: :func:`instance_record` of the object, from the values
+        its elements hold (no dataset is made)."""
+        memo = {} if memo is None else memo
+        attributes = dict(self._constant)
+        for keyword, tag, vr, fact in self._filled:
+            key = ("value", tag, vr, fact)
+            if key not in memo:
+                # the value as pydicom holds it in an element (a person name, a UID...); it was checked
+                # when the template reproduced pydicom's encoding of it
+                memo[key] = DataElement(tag, vr, values[fact], validation_mode=config.IGNORE).value
+            attributes[keyword] = memo[key]
+        return record_of(attributes.get, self.transfer_syntax)
+
+
+@dataclass(frozen=True)
+class _Filled:
+    """An attribute the row records whose value is a per-image one: the fact its element holds."""
+
+    tag: int
+    vr: str
+    fact: str
 
 
 def _slots(parts: Iterable[Any]) -> dict[int, _Slot]:
@@ -648,13 +792,13 @@ def make_template(mine: Dataset, probe: Dataset, mine_facts: dict[str, Any],
     meta = _diff(meta_mine, meta_probe, ["iso8859"], match, False)
     body = _diff(mine, probe, ["iso8859"], match, True)
     slots = _slots(body)
-    record: dict[int, DataElement | tuple[str, str]] = {}
+    record: dict[str, Any] = {}
     for keyword in _RECORD_KEYWORDS:
         if keyword not in mine:
             continue
         elem = mine[keyword]
         slot = slots.get(int(elem.tag))
-        record[int(elem.tag)] = (elem.VR, slot.fact) if slot is not None else elem
+        record[keyword] = _Filled(int(elem.tag), elem.VR, slot.fact) if slot is not None else elem.value
     return Template(kind, meta, body, record, str(mine.file_meta.TransferSyntaxUID))
 
 
@@ -670,13 +814,28 @@ def encode(ds: Dataset) -> bytes:
 
 @dataclass(frozen=True)
 class Encoded:
-    """One result object: the attributes its row records, and its file bytes."""
+    """One result object: what its row records, and its file bytes."""
 
-    header: Dataset
+    fields: InstanceRecord
     data: bytes
 
 
 _REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class _Made:
+    """The templates of a shape's objects, in order, and the facts they hold."""
+
+    templates: list[Template]
+    wanted: frozenset[str] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wanted", frozenset().union(*(t.wanted for t in self.templates)))
+
+    def encoded(self, values: dict[str, Any]) -> list[Encoded]:
+        memo: dict[Any, Any] = {}  # what pydicom encodes or converts once for all the objects
+        return [Encoded(t.fields(values, memo), t.render(values, memo)) for t in self.templates]
 
 
 class TemplateCache:
@@ -699,10 +858,9 @@ class TemplateCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-        if isinstance(entry, list):
+        if isinstance(entry, _Made):
             try:
-                values = facts(study, options, when)
-                encoded = [Encoded(t.header(values), t.render(values)) for t in entry]
+                encoded = entry.encoded(facts(study, options, when, entry.wanted))
             except Exception:  # noqa: BLE001 - highdicom builds it, and says what is wrong if anything is
                 log.debug("a templated study fell back to highdicom", exc_info=True)
             else:
@@ -710,7 +868,7 @@ class TemplateCache:
                     self.hits += 1
                 return encoded
         objects = build(study, options, now=when)
-        encoded = [Encoded(obj, encode(obj)) for obj in objects]
+        encoded = [Encoded(instance_record(obj), encode(obj)) for obj in objects]
         with self._lock:
             self.misses += 1
         if entry is None:
@@ -738,10 +896,15 @@ class TemplateCache:
             if len(probe_objects) != len(objects):
                 raise NotTemplatable("the probe has other objects")
             mine_facts, probe_facts = facts(study, options, now), facts(probe, options, later)
-            templates = [make_template(a, b, mine_facts, probe_facts) for a, b in zip(objects, probe_objects)]
-            for template, mine, theirs in zip(templates, encoded, probe_bytes, strict=True):
-                if template.render(mine_facts) != mine.data or template.render(probe_facts) != theirs:
-                    raise NotTemplatable(f"the {template.kind} template does not reproduce pydicom's encoding")
+            made = _Made([make_template(a, b, mine_facts, probe_facts) for a, b in zip(objects, probe_objects)])
+            # (rendered as later studies are: from the facts the templates hold only)
+            for got, expected in ((made.encoded(facts(study, options, now, made.wanted)), encoded),
+                                  (made.encoded(facts(probe, options, later, made.wanted)),
+                                   [Encoded(instance_record(obj), data)
+                                    for obj, data in zip(probe_objects, probe_bytes, strict=True)])):
+                for template, mine, theirs in zip(made.templates, got, expected, strict=True):
+                    if mine != theirs:
+                        raise NotTemplatable(f"the {template.kind} template does not reproduce pydicom's encoding")
         except Exception as exc:  # noqa: BLE001 - whatever stops a template, highdicom still builds the objects
             reason = str(exc) if isinstance(exc, NotTemplatable) else type(exc).__name__  # never patient data
             log.info("result objects of this shape are built by highdicom each time: %s", reason)
@@ -750,7 +913,7 @@ class TemplateCache:
             return _REFUSED
         with self._lock:
             self.made += 1
-        return templates
+        return made
 
 
 #: This process's templates.

@@ -8,7 +8,9 @@ both kinds are found by the same C-FIND queries.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydicom import Dataset
@@ -43,6 +45,7 @@ class MissingAttribute(ValueError):
     """The dataset lacks an attribute every stored instance needs (a UID)."""
 
 
+@functools.cache
 def _column_length(name: str) -> int | None:
     return getattr(Instance.__table__.c[name].type, "length", None)
 
@@ -70,8 +73,8 @@ def sanitised(value: str) -> str:
     return _CONTROL.sub(REPLACEMENT, value)
 
 
-def _required_uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip().rstrip("\x00").strip()
+def _required_uid(get: Callable[[str, Any], Any], keyword: str) -> str:
+    value = str(get(keyword, "") or "").strip().rstrip("\x00").strip()
     if not value:
         raise MissingAttribute(f"{keyword} is missing or empty")
     if sanitised(value) != value:
@@ -86,21 +89,28 @@ def instance_record(ds: Dataset) -> InstanceRecord:
     whoever stores it).
 
     Raises :class:`MissingAttribute` when a UID needed to file the instance is absent."""
-    fields: dict[str, Any] = {
-        "sop_instance_uid": _required_uid(ds, "SOPInstanceUID"),
-        "sop_class_uid": _required_uid(ds, "SOPClassUID"),
-        "study_instance_uid": _required_uid(ds, "StudyInstanceUID"),
-        "series_instance_uid": _required_uid(ds, "SeriesInstanceUID"),
-    }
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
-    fields["transfer_syntax_uid"] = tsyntax or "1.2.840.10008.1.2.1"
+    return record_of(ds.get, tsyntax)
+
+
+def record_of(get: Callable[[str, Any], Any], transfer_syntax: str) -> InstanceRecord:
+    """:func:`instance_record` of the dataset whose attributes' values ``get(keyword, default)`` returns
+    (``Dataset.get``, or a dict's ``get`` where the result templates hold the values without a dataset),
+    with Transfer Syntax UID ``transfer_syntax`` ("" where it has none)."""
+    fields: dict[str, Any] = {
+        "sop_instance_uid": _required_uid(get, "SOPInstanceUID"),
+        "sop_class_uid": _required_uid(get, "SOPClassUID"),
+        "study_instance_uid": _required_uid(get, "StudyInstanceUID"),
+        "series_instance_uid": _required_uid(get, "SeriesInstanceUID"),
+    }
+    fields["transfer_syntax_uid"] = transfer_syntax or "1.2.840.10008.1.2.1"
     for column, keyword in _TEXT_COLUMNS.items():
-        value = ds.get(keyword)
+        value = get(keyword, None)
         text = sanitised(str(value)).strip() if value is not None else ""
         fields[column] = _clip(column, text) if text else None
     for column, keyword in _INT_COLUMNS.items():
-        value = ds.get(keyword)
+        value = get(keyword, None)
         try:
             fields[column] = int(value) if value not in (None, "") else None
         except (TypeError, ValueError):
