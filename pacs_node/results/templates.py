@@ -65,7 +65,7 @@ from pacs_node.results.options import ResultOptions
 from pacs_node.results.study import StudyReport
 from pacs_node.results.uids import derived_uid
 from pacs_node.results import vocabulary as voc
-from pacs_node.work.instance_record import instance_record, record_of
+from pacs_node.work.instance_record import COLUMNS, DEFAULT_TRANSFER_SYNTAX, column_value, instance_record
 from pipelines.constants import CHEXPERT_LABELS
 from pipelines.interface import ImageResult, NotInterpreted
 from storage.repository import InstanceRecord
@@ -710,11 +710,6 @@ def _diff(mine: Dataset, probe: Dataset, encodings: list[str], match: _Matcher, 
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
-_RECORD_KEYWORDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
-                    "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName", "Modality",
-                    "SeriesDescription", "BodyPartExamined", "SeriesNumber", "InstanceNumber", "Rows",
-                    "Columns")
 
 
 @dataclass(frozen=True)
@@ -730,16 +725,24 @@ class Template:
     transfer_syntax: str
 
     layout: _Layout = dataclasses.field(init=False, repr=False, compare=False)
-    _constant: dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False)
+    #: the columns of the row that are the same for every image, and (column, tag, VR, fact) of the others
+    _columns: dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False)
     _filled: tuple[tuple[str, int, str, str], ...] = dataclasses.field(init=False, repr=False, compare=False)
     #: the facts it holds
     wanted: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        columns: dict[str, Any] = {"transfer_syntax_uid": self.transfer_syntax or DEFAULT_TRANSFER_SYNTAX}
+        filled = []
+        for column, keyword in COLUMNS.items():
+            value = self.record.get(keyword)
+            if isinstance(value, _Filled):
+                filled.append((column, value.tag, value.vr, value.fact))
+            else:
+                columns[column] = column_value(column, value)
         object.__setattr__(self, "layout", _Layout(self.meta, self.body))
-        object.__setattr__(self, "_constant", {k: v for k, v in self.record.items() if not isinstance(v, _Filled)})
-        object.__setattr__(self, "_filled", tuple((k, v.tag, v.vr, v.fact) for k, v in self.record.items()
-                                                  if isinstance(v, _Filled)))
+        object.__setattr__(self, "_columns", columns)
+        object.__setattr__(self, "_filled", tuple(filled))
         object.__setattr__(self, "wanted", frozenset([slot.fact for slot in self.layout.slots]
                                                      + [fact for *_, fact in self._filled]))
 
@@ -749,18 +752,19 @@ class Template:
         return self.layout.render(values, {} if memo is None else memo)
 
     def fields(self, values: dict[str, Any], memo: dict[Any, Any] | None = None) -> InstanceRecord:
-        """What the object's database row records: :func:`instance_record` of the object, from the values
-        its elements hold (no dataset is made)."""
+        """What the object's database row records: :func:`instance_record` of the object, column by
+        column from the values its elements hold (no dataset is made)."""
         memo = {} if memo is None else memo
-        attributes = dict(self._constant)
-        for keyword, tag, vr, fact in self._filled:
-            key = ("value", tag, vr, fact)
+        columns = self._columns.copy()
+        for column, tag, vr, fact in self._filled:
+            key = (column, tag, vr, fact)
             if key not in memo:
-                # the value as pydicom holds it in an element (a person name, a UID...); it was checked
+                # of the value as pydicom holds it in an element (a person name, a UID...); it was checked
                 # when the template reproduced pydicom's encoding of it
-                memo[key] = DataElement(tag, vr, values[fact], validation_mode=config.IGNORE).value
-            attributes[keyword] = memo[key]
-        return record_of(attributes.get, self.transfer_syntax)
+                value = DataElement(tag, vr, values[fact], validation_mode=config.IGNORE).value
+                memo[key] = column_value(column, value)
+            columns[column] = memo[key]
+        return InstanceRecord(**columns)
 
 
 @dataclass(frozen=True)
@@ -793,7 +797,7 @@ def make_template(mine: Dataset, probe: Dataset, mine_facts: dict[str, Any],
     body = _diff(mine, probe, ["iso8859"], match, True)
     slots = _slots(body)
     record: dict[str, Any] = {}
-    for keyword in _RECORD_KEYWORDS:
+    for keyword in COLUMNS.values():
         if keyword not in mine:
             continue
         elem = mine[keyword]

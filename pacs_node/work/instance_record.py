@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
 from typing import Any
 
 from pydicom import Dataset
@@ -18,6 +17,12 @@ from pydicom import Dataset
 from storage.repository import InstanceRecord
 from storage.schema import Instance
 
+_UID_COLUMNS = {
+    "sop_instance_uid": "SOPInstanceUID",
+    "sop_class_uid": "SOPClassUID",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+}
 _TEXT_COLUMNS = {
     "patient_id": "PatientID",
     "patient_name": "PatientName",
@@ -39,6 +44,11 @@ _INT_COLUMNS = {
     "rows": "Rows",
     "columns": "Columns",
 }
+#: Every column of a row that records a header attribute, with the attribute's keyword (the UIDs first:
+#: the first one missing is the one reported).
+COLUMNS = {**_UID_COLUMNS, **_TEXT_COLUMNS, **_INT_COLUMNS}
+#: What a row records of a dataset without a Transfer Syntax UID.
+DEFAULT_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1"
 
 
 class MissingAttribute(ValueError):
@@ -73,8 +83,8 @@ def sanitised(value: str) -> str:
     return _CONTROL.sub(REPLACEMENT, value)
 
 
-def _required_uid(get: Callable[[str, Any], Any], keyword: str) -> str:
-    value = str(get(keyword, "") or "").strip().rstrip("\x00").strip()
+def _required_uid(value: Any, keyword: str) -> str:
+    value = str(value or "").strip().rstrip("\x00").strip()
     if not value:
         raise MissingAttribute(f"{keyword} is missing or empty")
     if sanitised(value) != value:
@@ -89,33 +99,25 @@ def instance_record(ds: Dataset) -> InstanceRecord:
     whoever stores it).
 
     Raises :class:`MissingAttribute` when a UID needed to file the instance is absent."""
+    fields = {column: column_value(column, ds.get(keyword)) for column, keyword in COLUMNS.items()}
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
-    return record_of(ds.get, tsyntax)
+    return InstanceRecord(transfer_syntax_uid=tsyntax or DEFAULT_TRANSFER_SYNTAX, **fields)
 
 
-def record_of(get: Callable[[str, Any], Any], transfer_syntax: str) -> InstanceRecord:
-    """:func:`instance_record` of the dataset whose attributes' values ``get(keyword, default)`` returns
-    (``Dataset.get``, or a dict's ``get`` where the result templates hold the values without a dataset),
-    with Transfer Syntax UID ``transfer_syntax`` ("" where it has none)."""
-    fields: dict[str, Any] = {
-        "sop_instance_uid": _required_uid(get, "SOPInstanceUID"),
-        "sop_class_uid": _required_uid(get, "SOPClassUID"),
-        "study_instance_uid": _required_uid(get, "StudyInstanceUID"),
-        "series_instance_uid": _required_uid(get, "SeriesInstanceUID"),
-    }
-    fields["transfer_syntax_uid"] = transfer_syntax or "1.2.840.10008.1.2.1"
-    for column, keyword in _TEXT_COLUMNS.items():
-        value = get(keyword, None)
+def column_value(column: str, value: Any) -> Any:
+    """What ``column`` (of :data:`COLUMNS`) records of its attribute's ``value`` (None where the dataset
+    has no such attribute): one column at a time, for the result templates, which hold the values of a
+    result object's attributes without a dataset. Raises :class:`MissingAttribute` for a UID column."""
+    if column in _UID_COLUMNS:
+        return _required_uid(value, _UID_COLUMNS[column])
+    if column in _TEXT_COLUMNS:
         text = sanitised(str(value)).strip() if value is not None else ""
-        fields[column] = _clip(column, text) if text else None
-    for column, keyword in _INT_COLUMNS.items():
-        value = get(keyword, None)
-        try:
-            fields[column] = int(value) if value not in (None, "") else None
-        except (TypeError, ValueError):
-            fields[column] = None
-    return InstanceRecord(**fields)
+        return _clip(column, text) if text else None
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def declared_pixels(ds: Dataset) -> int:
