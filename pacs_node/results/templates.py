@@ -163,15 +163,16 @@ class _Walk:
                 items.append(probed)
                 self.tokens.append("end")
             return Sequence(items) if self.seed is not None else value
-        empty = value is None or value == "" or (isinstance(value, (MultiValue, list)) and len(value) == 0)
-        self.tokens.append((tag, vr, len(value) if isinstance(value, (MultiValue, list)) else 1, empty))
+        multiple = isinstance(value, (MultiValue, list))  # (once: an ABC's instance check is not cheap)
+        empty = value is None or value == "" or (multiple and len(value) == 0)
+        self.tokens.append((tag, vr, len(value) if multiple else 1, empty))
         if empty:
             return value
         # (a private attribute selects nothing: no builder reads one)
         if tag in _SHAPE_TAGS or (vr in _SHAPE_VRS and tag not in _ROWS_COLUMNS and not elem.tag.is_private):
             self.tokens.append(str(value))
             return value
-        if isinstance(value, MultiValue):
+        if multiple and isinstance(value, MultiValue):
             values = [self.scalar(tag, vr, v) for v in value]
             return values if self.seed is not None else value
         return self.scalar(tag, vr, value)
@@ -436,8 +437,8 @@ def _pydicom_element(elem: DataElement, encodings: list[str]) -> bytes:
 
 
 def _plain_value(vr: str, value: Any) -> bytes | None:
-    """The encoded value of a plain string (ASCII: the same in every character set) or float(s), or None
-    for anything else."""
+    """The encoded value of a plain string (ASCII: the same in every character set), float(s) or
+    unsigned or long integer(s) in range, or None for anything else."""
     kind = type(value)
     if kind is str or kind is UID:
         if value.isascii() and (vr in _TEXT_VRS or vr in ("UI", "PN")):
@@ -450,7 +451,17 @@ def _plain_value(vr: str, value: Any) -> bytes | None:
         return struct.pack("<d" if vr == "FD" else "<f", value)
     elif kind is list and vr in ("FD", "FL") and all(type(v) is float for v in value):
         return struct.pack(f"<{len(value)}{'d' if vr == 'FD' else 'f'}", *value)
+    elif (kind is int or kind is list) and vr in _INTEGERS:
+        code, low, high = _INTEGERS[vr]
+        values = [value] if kind is int else value
+        if values and all(type(v) is int and low <= v <= high for v in values):
+            return struct.pack(f"<{len(values)}{code}", *values)
     return None
+
+
+#: struct code and range of the integer VRs written as plain numbers (not SS: pydicom writes a LUT
+#: Descriptor's first value as US)
+_INTEGERS = {"US": ("H", 0, 0xFFFF), "UL": ("L", 0, 0xFFFFFFFF), "SL": ("l", -(1 << 31), (1 << 31) - 1)}
 
 
 def _value_bytes(tag: int, vr: str, value: Any, encodings: list[str]) -> bytes:
