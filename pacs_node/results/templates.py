@@ -367,18 +367,16 @@ def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime,
     uid = str(source.SOPInstanceUID)
     rows, columns = int(source.Rows), int(source.Columns)
     out["columns-rows"] = [columns, rows]
-    for label in CHEXPERT_LABELS:
+    for label, (p_name, ds_name, present_names, tracking_name) in _LABEL_FACTS.items():
         p = float(result.label_probs[label])
-        out[f"p.{label}"] = p
-        if want(f"ds.{label}"):
-            out[f"ds.{label}"] = str(DS(p, auto_format=True))
-        code = voc.PRESENT if p >= options.threshold(label) else voc.ABSENT
-        out[f"present.{label}.value"] = code.value
-        out[f"present.{label}.scheme"] = code.scheme_designator
-        out[f"present.{label}.meaning"] = code.meaning
-        if want(f"tracking.{label}"):
-            out[f"tracking.{label}"] = derived_uid("tracking", uid, result.model_name, result.model_version,
-                                                   label)
+        out[p_name] = p
+        if want(ds_name):
+            out[ds_name] = str(DS(p, auto_format=True))
+        if wanted is None or not wanted.isdisjoint(present_names):
+            code = voc.PRESENT if p >= options.threshold(label) else voc.ABSENT
+            out.update(zip(present_names, (code.value, code.scheme_designator, code.meaning), strict=True))
+        if want(tracking_name):
+            out[tracking_name] = derived_uid("tracking", uid, result.model_name, result.model_version, label)
     for region in result.selected_regions:
         box = clipped_box(region, rows, columns)
         out[f"polyline.{region.name}"] = [float(v) for v in rectangle_polyline(box).flatten()]
@@ -397,6 +395,13 @@ def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime,
     if findings:
         out["kos.description"] = kos_description(result, findings)
     return out
+
+
+#: The names of each finding's facts: its probability, as a decimal string, the code of whether it is
+#: present (value, scheme, meaning), its tracking UID.
+_LABEL_FACTS = {label: (f"p.{label}", f"ds.{label}", tuple(f"present.{label}.{part}" for part in
+                                                            ("value", "scheme", "meaning")), f"tracking.{label}")
+                for label in CHEXPERT_LABELS}
 
 
 def _source_facts(out: dict[str, Any], name: str, elem: DataElement, as_float: bool) -> None:
@@ -441,12 +446,8 @@ def _plain_value(vr: str, value: Any) -> bytes | None:
     unsigned or long integer(s) in range, or None for anything else."""
     kind = type(value)
     if kind is str or kind is UID:
-        if value.isascii() and (vr in _TEXT_VRS or vr in ("UI", "PN")):
-            data = value.encode("ascii")
-            if len(data) % 2:
-                data += b"\x00" if vr == "UI" else b" "
-            if len(data) <= 0xFFFF or vr in _LONG_VRS:
-                return data
+        if vr in _TEXT_VRS or vr in ("UI", "PN"):
+            return _ascii(value, b"\x00" if vr == "UI" else b" ", 0xFFFFFFFF if vr in _LONG_VRS else 0xFFFF)
     elif kind is float and vr in ("FD", "FL"):
         return struct.pack("<d" if vr == "FD" else "<f", value)
     elif kind is list and vr in ("FD", "FL") and all(type(v) is float for v in value):
@@ -457,6 +458,17 @@ def _plain_value(vr: str, value: Any) -> bytes | None:
         if values and all(type(v) is int and low <= v <= high for v in values):
             return struct.pack(f"<{len(values)}{code}", *values)
     return None
+
+
+def _ascii(value: str, pad: bytes, limit: int) -> bytes | None:
+    """An ASCII text value padded to an even length, or None where it is not ASCII or longer than
+    ``limit``."""
+    if not value.isascii():
+        return None
+    data = value.encode("ascii")
+    if len(data) % 2:
+        data += pad
+    return data if len(data) <= limit else None
 
 
 #: struct code and range of the integer VRs written as plain numbers (not SS: pydicom writes a LUT
@@ -484,7 +496,11 @@ class _Slot:
     encodings: list[str]
 
     prefix: bytes = dataclasses.field(init=False, repr=False)
-    length_format: str = dataclasses.field(init=False, repr=False)
+    pack_length: Callable[[int], bytes] = dataclasses.field(init=False, repr=False)
+    #: a text VR, and its padding and longest value (what _plain_value decides by the VR, decided once)
+    text: bool = dataclasses.field(init=False, repr=False)
+    pad: bytes = dataclasses.field(init=False, repr=False)
+    limit: int = dataclasses.field(init=False, repr=False)
     #: what pydicom's encoding of this element's value is remembered by, for the study being rendered
     key: tuple[object, ...] = dataclasses.field(init=False, repr=False)
 
@@ -492,15 +508,22 @@ class _Slot:
         long = self.vr in _LONG_VRS
         object.__setattr__(self, "prefix", struct.pack("<HH2s", self.tag >> 16, self.tag & 0xFFFF, self.vr.encode())
                            + (b"\x00\x00" if long else b""))
-        object.__setattr__(self, "length_format", "<L" if long else "<H")
+        object.__setattr__(self, "pack_length", struct.Struct("<L" if long else "<H").pack)
+        object.__setattr__(self, "text", self.vr in _TEXT_VRS or self.vr in ("UI", "PN"))
+        object.__setattr__(self, "pad", b"\x00" if self.vr == "UI" else b" ")
+        object.__setattr__(self, "limit", 0xFFFFFFFF if long else 0xFFFF)
         object.__setattr__(self, "key", (self.tag, self.vr, self.fact, tuple(self.encodings)))
 
     def render(self, value: Any, memo: dict[Any, Any]) -> bytes:
         """The element holding ``value``. What pydicom encodes (a person name, above all, which each of
         a study's objects holds) is encoded once per study: ``memo`` is the study's."""
-        data = _plain_value(self.vr, value)
+        kind = type(value)
+        if self.text and (kind is str or kind is UID):
+            data = _ascii(value, self.pad, self.limit)
+        else:
+            data = _plain_value(self.vr, value)
         if data is not None:
-            return self.prefix + struct.pack(self.length_format, len(data)) + data
+            return self.prefix + self.pack_length(len(data)) + data
         encoded = memo.get(self.key)
         if encoded is None:
             encoded = memo[self.key] = _pydicom_element(DataElement(self.tag, self.vr, value), self.encodings)
