@@ -54,7 +54,7 @@ from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pydicom.valuerep import DA, DS, DT, TM, PersonName
+from pydicom.valuerep import DA, DS, DT, TM, DSfloat, PersonName
 
 from pacs_node.results.build import build_study_objects
 from pacs_node.results.common import (character_set_kwargs, clipped_box, identity_kwargs, instance_number,
@@ -442,8 +442,8 @@ def _pydicom_element(elem: DataElement, encodings: list[str]) -> bytes:
 
 
 def _plain_value(vr: str, value: Any) -> bytes | None:
-    """The encoded value of a plain string (ASCII: the same in every character set), float(s) or
-    unsigned or long integer(s) in range, or None for anything else."""
+    """The encoded value of a plain string (ASCII: the same in every character set), float(s),
+    unsigned or long integer(s) in range or a decimal string as read, or None for anything else."""
     kind = type(value)
     if kind is str or kind is UID:
         if vr in _TEXT_VRS or vr in ("UI", "PN"):
@@ -452,6 +452,13 @@ def _plain_value(vr: str, value: Any) -> bytes | None:
         return struct.pack("<d" if vr == "FD" else "<f", value)
     elif kind is list and vr in ("FD", "FL") and all(type(v) is float for v in value):
         return struct.pack(f"<{len(value)}{'d' if vr == 'FD' else 'f'}", *value)
+    elif kind is DSfloat and vr == "DS":
+        # a decimal string copied from a source header (a window centre): pydicom writes the string it was
+        # read as, when the element it makes of it keeps that string (no auto format, no decimal class)
+        # and cannot refuse it (validation that raises)
+        if (not value.auto_format and hasattr(value, "original_string") and not config.use_DS_decimal
+                and config.settings.reading_validation_mode != config.RAISE):
+            return _ascii(value.original_string, b" ", 0xFFFF)
     elif (kind is int or kind is list) and vr in _INTEGERS:
         code, low, high = _INTEGERS[vr]
         values = [value] if kind is int else value

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom import DataElement, Dataset
+from pydicom import DataElement, Dataset, config
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DSfloat
 
 from pacs_node.results import ResultOptions, StudyReport, build_study_objects
 from pacs_node.results.build import single_image_report
@@ -326,6 +327,10 @@ def test_a_real_radiograph_is_templated(real_dicom_dir: Path, name: str) -> None
     ("US", [1, 2, 3]), ("FD", [1.5, -2.25]), ("FL", 0.1), ("FD", 3.0), ("UI", "1.2.3"), ("UI", "1.2"),
     ("LO", "odd"), ("LO", "even"), ("CS", "A"), ("DA", "20260304"), ("PN", "Doe^Jane"), ("UT", "x" * 70001),
     ("SL", [1 << 31]), ("US", [-1]), ("US", 70000), ("LO", "Müller"), ("SS", [1, -2]),
+    ("DS", DSfloat("1")), ("DS", DSfloat(" 2.5 ")), ("DS", DSfloat("-0")), ("DS", DSfloat("1e3")),
+    ("DS", DSfloat("0.50000000000000")), ("DS", DSfloat(1.5)), ("DS", DSfloat(1 / 3, auto_format=True)),
+    ("DS", DSfloat("0.333333333333333333", validation_mode=config.IGNORE)),
+    ("DS", DSfloat(DSfloat("4096"))),
 ])
 def test_values_written_without_pydicom_are_written_as_pydicom_writes_them(vr: str, value: object) -> None:
     """The slots' own encoding of plain values (ASCII text, floats, integers in range) is pydicom's, byte
@@ -339,3 +344,16 @@ def test_values_written_without_pydicom_are_written_as_pydicom_writes_them(vr: s
     else:
         with pytest.raises(expected):
             _value_bytes(0x00700053, vr, value, ["iso8859"])
+
+
+def test_a_decimal_string_is_pydicom_s_under_raising_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where pydicom would refuse a decimal string it was read as (too long, validation raising), the
+    templates' encoding refuses it too (and highdicom builds, or fails alike)."""
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.RAISE)
+    long = DSfloat("0.333333333333333333", validation_mode=config.IGNORE)
+    with pytest.raises(OverflowError):
+        _pydicom_element(DataElement(0x00281050, "DS", long), ["iso8859"])
+    with pytest.raises(OverflowError):
+        _value_bytes(0x00281050, "DS", long, ["iso8859"])
+    assert _value_bytes(0x00281050, "DS", DSfloat("40"), ["iso8859"]) == _pydicom_element(
+        DataElement(0x00281050, "DS", DSfloat("40")), ["iso8859"])
