@@ -53,6 +53,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DS, DT, TM, DSfloat, PersonName
 
@@ -413,15 +414,16 @@ def _source_facts(out: dict[str, Any], name: str, elem: DataElement, as_float: b
 
 
 @functools.lru_cache(maxsize=MAX_TEMPLATES)
-def _wanted_sources(wanted: frozenset[str]) -> tuple[tuple[int, int, str, str, bool], ...]:
-    """The source attributes among ``wanted``: (image, tag, VR, name, whether as a float too)."""
+def _wanted_sources(wanted: frozenset[str]) -> tuple[tuple[int, BaseTag, str, str, bool], ...]:
+    """The source attributes among ``wanted``: (image, tag, VR, name, whether as a float too); the tag
+    as a dataset's own key, which it looks up without converting it."""
     out: dict[str, bool] = {}
     for name in wanted:
         if _SOURCE_FACT.match(name):
             base = name.removesuffix(".float")
             out[base] = out.get(base, False) or base != name
-    return tuple((int(base[1:base.index(".")]), int(base.split(".")[1], 16), base.split(".")[2], base, as_float)
-                 for base, as_float in sorted(out.items()))
+    return tuple((int(base[1:base.index(".")]), BaseTag(int(base.split(".")[1], 16)), base.split(".")[2], base,
+                  as_float) for base, as_float in sorted(out.items()))
 
 
 # -- encoding ------------------------------------------------------------------------------------------
