@@ -42,9 +42,9 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import accumulate
 from operator import itemgetter
-from dataclasses import dataclass
 from typing import Any
 
 from pydicom import DataElement, Dataset, config
