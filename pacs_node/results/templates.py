@@ -53,7 +53,6 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DS, DT, TM, DSfloat, PersonName
 
@@ -125,6 +124,8 @@ class _Walk:
         self.utf8 = utf8
         self.tokens: list[object] = []
         self._numbers: dict[tuple[str, object], int] = {}
+        #: the top-level elements of each evidence header by tag, as the walk met them
+        self.sources: list[dict[int, DataElement]] = []
 
     def number(self, kind: str, value: object) -> int:
         key = (kind, value)
@@ -140,9 +141,13 @@ class _Walk:
 
     # -- headers --------------------------------------------------------------------------------------------
 
-    def header(self, ds: Dataset) -> Dataset | None:
+    def header(self, ds: Dataset, evidence: bool = False) -> Dataset | None:
         out = Dataset() if self.seed is not None else None
+        if evidence:
+            self.sources.append(seen := {})
         for elem in ds:
+            if evidence:
+                seen[int(elem.tag)] = elem
             value = self.element(elem)
             if out is not None:
                 probed = DataElement(elem.tag, elem.VR, value)
@@ -219,11 +224,11 @@ class _Walk:
 
     def study(self, study: StudyReport) -> StudyReport | None:
         probing = self.seed is not None
-        analysed = self.header(study.analysed) if study.analysed is not None else None
+        analysed = self.header(study.analysed, True) if study.analysed is not None else None
         self.tokens.append(study.analysed is None)
         set_aside = []
         for header, reason in study.set_aside:
-            set_aside.append((self.header(header), self.text("reason", reason)))
+            set_aside.append((self.header(header, True), self.text("reason", reason)))
             self.tokens.append("aside")
         analysed_reason = self.text("reason", study.analysed_reason)
         subject = derived_uid("template-probe", str(self.seed), study.subject) if probing else study.subject
@@ -306,9 +311,15 @@ def _options_key(options: ResultOptions) -> tuple[object, ...]:
 
 def shape(study: StudyReport, options: ResultOptions) -> tuple[object, ...]:
     """What a template of ``study``'s objects is made for (see the module docstring)."""
+    return _survey(study, options)[0]
+
+
+def _survey(study: StudyReport, options: ResultOptions) -> tuple[tuple[object, ...], list[dict[int, DataElement]]]:
+    """:func:`shape`, and the top-level elements of each evidence header by tag, which the walk meets
+    anyway and :func:`facts` looks up without asking the datasets again."""
     walk = _Walk(options, None)
     walk.study(study)
-    return (_options_key(options), _generated_text_is_ascii(study.outcome), *walk.tokens)
+    return (_options_key(options), _generated_text_is_ascii(study.outcome), *walk.tokens), walk.sources
 
 
 def probe_of(study: StudyReport, options: ResultOptions, seed: int = 1) -> StudyReport:
@@ -323,11 +334,13 @@ def probe_of(study: StudyReport, options: ResultOptions, seed: int = 1) -> Study
 
 
 def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime,
-          wanted: frozenset[str] | None = None) -> dict[str, Any]:
+          wanted: frozenset[str] | None = None,
+          sources: list[dict[int, DataElement]] | None = None) -> dict[str, Any]:
     """Every value a result object of ``study`` may hold that is not fixed by its shape, by name; with
     ``wanted`` (the names a shape's templates hold), those only: a template holds a third of them (a
     probability only where it is a finding, no source attribute that it does not copy), and some are
-    costly (a derived UID, a decimal string)."""
+    costly (a derived UID, a decimal string). ``sources``: the evidence headers' elements as
+    :func:`_survey` found them (else they are looked up in the headers)."""
     def want(name: str) -> bool:
         return wanted is None or name in wanted
 
@@ -345,8 +358,9 @@ def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime,
                 if not elem.is_empty:
                     _source_facts(out, f"e{i}.{int(elem.tag):08x}.{elem.VR}", elem, True)
     else:
+        headers: list[Dataset] | list[dict[int, DataElement]] = evidence if sources is None else sources
         for i, tag, vr, name, as_float in _wanted_sources(wanted):
-            if i < len(evidence) and (elem := evidence[i].get(tag)) is not None and elem.VR == vr \
+            if i < len(headers) and (elem := headers[i].get(tag)) is not None and elem.VR == vr \
                     and not elem.is_empty:
                 _source_facts(out, name, elem, as_float)
     for kind, previous in study.predecessors.items():
@@ -414,16 +428,15 @@ def _source_facts(out: dict[str, Any], name: str, elem: DataElement, as_float: b
 
 
 @functools.lru_cache(maxsize=MAX_TEMPLATES)
-def _wanted_sources(wanted: frozenset[str]) -> tuple[tuple[int, BaseTag, str, str, bool], ...]:
-    """The source attributes among ``wanted``: (image, tag, VR, name, whether as a float too); the tag
-    as a dataset's own key, which it looks up without converting it."""
+def _wanted_sources(wanted: frozenset[str]) -> tuple[tuple[int, int, str, str, bool], ...]:
+    """The source attributes among ``wanted``: (image, tag, VR, name, whether as a float too)."""
     out: dict[str, bool] = {}
     for name in wanted:
         if _SOURCE_FACT.match(name):
             base = name.removesuffix(".float")
             out[base] = out.get(base, False) or base != name
-    return tuple((int(base[1:base.index(".")]), BaseTag(int(base.split(".")[1], 16)), base.split(".")[2], base,
-                  as_float) for base, as_float in sorted(out.items()))
+    return tuple((int(base[1:base.index(".")]), int(base.split(".")[1], 16), base.split(".")[2], base, as_float)
+                 for base, as_float in sorted(out.items()))
 
 
 # -- encoding ------------------------------------------------------------------------------------------
@@ -900,14 +913,15 @@ class TemplateCache:
                               build: Callable[..., list[Dataset]] = build_study_objects) -> list[Encoded]:
         """The result objects of ``study`` as :func:`build_study_objects` builds them, encoded."""
         when = now or datetime.datetime.now()
-        key = (build, *shape(study, options))
+        study_shape, sources = _survey(study, options)
+        key = (build, *study_shape)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
         if isinstance(entry, _Made):
             try:
-                encoded = entry.encoded(facts(study, options, when, entry.wanted))
+                encoded = entry.encoded(facts(study, options, when, entry.wanted, sources))
             except Exception:  # noqa: BLE001 - highdicom builds it, and says what is wrong if anything is
                 log.debug("a templated study fell back to highdicom", exc_info=True)
             else:
@@ -936,7 +950,9 @@ class TemplateCache:
         try:
             probe = probe_of(study, options)
             later = now + datetime.timedelta(days=1, hours=1, minutes=1, seconds=1, microseconds=1001)
-            if shape(probe, options) != shape(study, options):
+            probe_shape, probe_sources = _survey(probe, options)
+            study_shape, study_sources = _survey(study, options)
+            if probe_shape != study_shape:
                 raise NotTemplatable("the probe has another shape")
             probe_objects = build(probe, options, now=later)
             probe_bytes = [encode(obj) for obj in probe_objects]
@@ -945,8 +961,8 @@ class TemplateCache:
             mine_facts, probe_facts = facts(study, options, now), facts(probe, options, later)
             made = _Made([make_template(a, b, mine_facts, probe_facts) for a, b in zip(objects, probe_objects)])
             # (rendered as later studies are: from the facts the templates hold only)
-            for got, expected in ((made.encoded(facts(study, options, now, made.wanted)), encoded),
-                                  (made.encoded(facts(probe, options, later, made.wanted)),
+            for got, expected in ((made.encoded(facts(study, options, now, made.wanted, study_sources)), encoded),
+                                  (made.encoded(facts(probe, options, later, made.wanted, probe_sources)),
                                    [Encoded(instance_record(obj), data)
                                     for obj, data in zip(probe_objects, probe_bytes, strict=True)])):
                 for template, mine, theirs in zip(made.templates, got, expected, strict=True):
