@@ -23,6 +23,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification
 
 from pacs_node.config import Peer, Settings
+from pacs_node.dicom.adjustments import park_reactors
 from pacs_node.dicom.qr.sending import StoredFile, send_stored_files_as_they_are
 from pacs_node.dicom.tls import TLSConfigError, peer_tls_args
 from pacs_node.dicom.transcoding import (
@@ -256,7 +257,13 @@ class StoreAssociation:
             return _store(self._assoc, self.peer, stored, self._requests)
         return _store_dataset(self._assoc, self.peer, self._accepted, dcmread(item.path), fallback, self._requests)
 
+    def park(self, seconds: float | None) -> None:
+        """Let its threads poll every ``seconds`` while it waits for a batch, or (None) as before, now
+        (:func:`~pacs_node.dicom.adjustments.park_reactors`)."""
+        park_reactors(self._assoc, seconds)
+
     def close(self) -> None:
         """Release the association (abort it if the peer does not answer the release)."""
+        self.park(None)
         if self._assoc.is_established:
             self._assoc.release()

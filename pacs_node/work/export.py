@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 #: How many times less often than the first export thread the others poll when idle.
 IDLE_POLL_FACTOR = 8
 
+#: How often the threads of an association kept for the next batch poll while it waits (see
+#: :func:`pacs_node.dicom.adjustments.park_reactors`: anything from the peer still wakes them at once).
+PARKED_POLL_S = 0.1
+
 
 class OpenAssociations:
     """The associations with storage peers kept open between batches, by destination.
@@ -82,26 +86,26 @@ class OpenAssociations:
         self._closed = threading.Event()
         self._closer: threading.Thread | None = None
 
-    def send(self, destination: str, peer: Peer, instances: list[StoredInstance]) -> tuple[list[int | ScuError], bool]:
-        """C-STORE ``instances`` to ``peer``; (one outcome per instance, whether a new association was
-        made). Raises :class:`ScuError` when none could be made."""
+    def send(self, destination: str, peer: Peer, instances: list[StoredInstance]) -> list[int | ScuError]:
+        """C-STORE ``instances`` to ``peer``; one outcome per instance, in order. Raises
+        :class:`ScuError` when no association could be made."""
         wanted = store_contexts(((i.sop_class_uid, i.transfer_syntax_uid) for i in instances), peer, True)
         link, proposing = self._take(destination, wanted)
-        opened = link is None
+        kept = link is not None
         if link is None:
             link = StoreAssociation(self.settings, peer, proposing)
         try:
             answers = link.answers
             outcomes = link.send(instances, comprehensive_fallback)
-            if not opened and link.answers == answers and not link.is_established:
+            if kept and link.answers == answers and not link.is_established:
                 # The kept association was gone (the peer closed it while idle): not the batch's fault.
                 log.info("the kept association with %s had ended; sending on a new one", destination)
                 link.close()
-                link, opened = StoreAssociation(self.settings, peer, link.contexts), True
+                link = StoreAssociation(self.settings, peer, link.contexts)
                 outcomes = link.send(instances, comprehensive_fallback)
         finally:
             self._give_back(destination, link)
-        return outcomes, opened
+        return outcomes
 
     def _take(self, destination: str, wanted: Contexts) -> tuple[StoreAssociation | None, Contexts]:
         """The most recently used idle association of ``destination`` if it covers ``wanted``, else
@@ -113,6 +117,7 @@ class OpenAssociations:
         if link is None:
             return None, wanted
         if link.is_established and link.covers(wanted):
+            link.park(None)
             return link, wanted
         link.close()
         merged = link.contexts | wanted
@@ -121,6 +126,7 @@ class OpenAssociations:
     def _give_back(self, destination: str, link: StoreAssociation) -> None:
         """Keep ``link`` for the next batch (and start closing idle ones), or release it."""
         if self.keep_open_s > 0 and link.is_established:
+            link.park(PARKED_POLL_S)
             with self._lock:
                 if not self._closed.is_set():
                     self._idle.setdefault(destination, []).append(link)
@@ -175,6 +181,8 @@ class Exporter:
         self.destinations = DestinationMonitor(self.settings, self.runtime)
         self.associations = OpenAssociations(self.settings)
         self._beacon = Beacon(self.runtime, self.worker_id, "exporter")
+        self._claiming = threading.Lock()
+        self._drained_at = float("-inf")  # when the last claim that left no due job began
 
     def start(self) -> None:
         # The adjustments a listener applies, for as long as the exporter runs, whether or not one does
@@ -201,10 +209,24 @@ class Exporter:
         ``worker.poll_interval_s`` for work the bell does not announce (queued on another host), the others
         :data:`IDLE_POLL_FACTOR` times less often: an idle node's polls were most of its CPU."""
         poll = self.settings.worker.poll_interval_s * (1 if first else IDLE_POLL_FACTOR)
-        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self.runtime.queue.claim(
-            owner, [JobKind.EXPORT], limit=self.settings.export.batch_size,
-            skip_destinations=self.destinations.down()), idle_wait=lambda: poll)
+        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self._claim(owner), idle_wait=lambda: poll)
         loop.run(self._stop, lambda jobs, leases: self.run_jobs(jobs, owner, leases.release))
+
+    def _claim(self, owner: str) -> list[ClaimedJob]:
+        """Claim a batch as ``owner``, one thread of this exporter at a time. A ring wakes every thread,
+        and for an image's few results all but one found nothing, each in a write transaction: so a
+        thread claims nothing when a claim that began after it asked left no due job (what was queued
+        before it asked, that claim saw)."""
+        asked = time.monotonic()
+        with self._claiming:
+            if self._drained_at > asked:
+                return []
+            began, limit = time.monotonic(), self.settings.export.batch_size
+            jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=limit,
+                                            skip_destinations=self.destinations.down())
+            if len(jobs) < limit:
+                self._drained_at = began
+            return jobs
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
         """Send claimed ``jobs``, one association per destination, and settle each job on its own outcome
@@ -285,7 +307,7 @@ class Exporter:
             if peer.is_dicomweb:
                 sent = stow_datasets(self.settings, peer, datasets)
             else:
-                sent, _opened = self.associations.send(destination, peer, instances)
+                sent = self.associations.send(destination, peer, instances)
         except ScuError as exc:
             if exc.retryable:
                 self.destinations.failed(destination, str(exc))
