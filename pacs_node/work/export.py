@@ -184,11 +184,13 @@ class Exporter:
         self._claiming = threading.Lock()
         self._drained_at = float("-inf")  # when the last claim that left no due job began
         self._ring_first: set[str] = set()  # threads whose last claim left no due job (see _claim)
+        self._adjusted = False  # the pynetdicom adjustments applied by start, undone by stop
 
     def start(self) -> None:
         # The adjustments a listener applies, for as long as the exporter runs, whether or not one does
         # (the listener stops first at shutdown): with them a stored file is streamed, not decoded.
         apply_pynetdicom_adjustments()
+        self._adjusted = True
         self._beacon.__enter__()
         self._beacon.set(ProcessState.READY, f"{self.settings.export.concurrency} thread(s)")
         for i in range(self.settings.export.concurrency):
@@ -203,7 +205,9 @@ class Exporter:
             thread.join(timeout)
         self.associations.close_all()
         self._beacon.__exit__(None)
-        undo_pynetdicom_adjustments()
+        if self._adjusted:
+            self._adjusted = False
+            undo_pynetdicom_adjustments()
 
     def _loop(self, owner: str, first: bool) -> None:
         """One export thread. Every thread wakes when this host's worker rings; only the first polls at
