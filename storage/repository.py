@@ -106,14 +106,25 @@ _INSTANCE_BY_UID = (select(Instance.__table__.c.id)
                     .where(Instance.__table__.c.sop_instance_uid == bindparam("uid")).limit(1))
 
 
-def stored_paths(session: Session, sop_instance_uids: Iterable[str]) -> dict[str, str]:
-    """Store path of each of these instances that is recorded with a file (what export reads)."""
+@dataclass(frozen=True)
+class StoredFileRecord:
+    """Where an instance's file is in the store and what sending it as it is needs to negotiate: its SOP
+    class and the transfer syntax it is stored in (both as the ``Instance`` row recorded them)."""
+
+    path: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+def stored_files(session: Session, sop_instance_uids: Iterable[str]) -> dict[str, StoredFileRecord]:
+    """The stored file of each of these instances that is recorded with one (what export sends), in one
+    query for a whole batch."""
     rows = session.execute(
-        select(Instance.sop_instance_uid, Instance.path)
+        select(Instance.sop_instance_uid, Instance.path, Instance.sop_class_uid, Instance.transfer_syntax_uid)
         .where(Instance.sop_instance_uid.in_(set(sop_instance_uids)))
         .where(Instance.path.is_not(None))
     ).all()
-    return {uid: path for uid, path in rows}
+    return {uid: StoredFileRecord(path, sop_class, syntax) for uid, path, sop_class, syntax in rows}
 
 
 def instance_counts(session: Session) -> list[tuple[str, str, int, int]]:
