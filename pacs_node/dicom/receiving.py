@@ -46,8 +46,8 @@ _P_DATA_TF = 0x04
 _COMMAND, _LAST = 0x01, 0x02
 #: Largest piece of a fragment received before it is written (the reused buffer's size).
 CHUNK = 1024 * 1024
-#: Most PDUs taken in one call before the DUL's loop runs again (its timers, kill flag, sends).
-PDUS_PER_CALL = 64
+#: Most fragment bytes taken in one call before the DUL's loop runs again (its timers, kill flag, sends).
+BYTES_PER_CALL = 8 * 1024 * 1024
 
 
 class SpoolingDUL(DULServiceProvider):
@@ -57,13 +57,13 @@ class SpoolingDUL(DULServiceProvider):
 
     def _read_pdu_data(self) -> None:
         taken = 0
-        while taken < PDUS_PER_CALL:
+        while taken < BYTES_PER_CALL:
             size = self._middle_fragment_size()
             if size is None:
                 break
             if not self._spool_fragment(size):
                 return
-            taken += 1
+            taken += size
             if not self.socket or not self.socket.ready:
                 return
         if not taken:
@@ -100,17 +100,17 @@ class SpoolingDUL(DULServiceProvider):
         spool_file = self.assoc.dimse.message._data_set_file
         buffer = self.__dict__.get("_fragment_buffer")
         if buffer is None:
-            buffer = self.__dict__["_fragment_buffer"] = memoryview(bytearray(CHUNK))
+            buffer = self.__dict__["_fragment_buffer"] = memoryview(bytearray(_PDATA_HEAD.size + CHUNK))
         try:
-            if len(sock.recv(_PDATA_HEAD.size)) != _PDATA_HEAD.size:
-                raise ConnectionError("the connection closed inside a PDU header")
-            left = size
-            while left:
-                view = buffer[:min(left, CHUNK)]
+            # the header (already looked at) and the first piece of the fragment in one read
+            skip, left = _PDATA_HEAD.size, size
+            while skip or left:
+                view = buffer[:skip + min(left, CHUNK)]
                 if sock.recv_into(view) != len(view):
                     raise ConnectionError("the connection closed inside a PDU")
-                spool_file.write(view)
-                left -= len(view)
+                spool_file.write(view[skip:])
+                left -= len(view) - skip
+                skip = 0
             spool_file.file.flush()
         except (OSError, TimeoutError) as exc:
             log.error("connection closed before the entire PDU was received: %s", exc)

@@ -161,3 +161,35 @@ def test_a_stalled_fragment_is_cut_at_its_deadline() -> None:
         with pytest.raises(TimeoutError):
             while got < 1006:
                 got += limited.recv_into(buffer[got:])
+
+
+def test_an_empty_middle_fragment_is_taken_and_the_data_set_stored_whole(tmp_path: Path) -> None:
+    from tests.reliability.test_partial_receives import _record_store
+
+    settings = Settings(
+        node={"port": free_port(), "bind": "127.0.0.1", "data_dir": tmp_path / "var", "max_pdu": 16384},
+        store={"min_free_bytes": 0}, pipeline={"bundle": "fake"},
+    )
+    image = tmp_path / "image.dcm"
+    ds = make_cr(image, rows=256, cols=256)
+    with running_listener(settings) as runtime:
+        pdus = _record_store(settings.node.port, image)  # stored once, as recorded
+        with runtime.write_sessions() as session, session.begin():
+            session.query(Instance).delete()
+        runtime.store.delete(runtime.store.relpath_for(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                                       ds.SOPInstanceUID))
+        data_set = [i for i, p in enumerate(pdus) if p[0] == 0x04 and not p[11] & 1]
+        assert len(data_set) > 4
+        context_id = pdus[data_set[1]][10]
+        empty = struct.pack(">BBLLBB", 4, 0, 6, 2, context_id, 0)
+        replay = [*pdus[:data_set[1]], empty, *pdus[data_set[1]:]]
+        with mock.patch.object(SpoolingDUL, "_spool_fragment", autospec=True,
+                               side_effect=SpoolingDUL._spool_fragment) as direct, \
+                socket.create_connection(("127.0.0.1", settings.node.port), timeout=10) as sock:
+            sock.sendall(replay[0])
+            assert sock.recv(1) == b"\x02"
+            sock.sendall(b"".join(replay[1:]))
+            while sock.recv(65536):
+                pass
+        assert any(call.args[1] == 0 for call in direct.call_args_list)
+        assert _dataset_bytes(_stored(runtime, ds.SOPInstanceUID)) == _dataset_bytes(image)
