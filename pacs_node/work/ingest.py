@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 from pydicom.valuerep import VR
 from sqlalchemy.exc import DataError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
@@ -43,11 +43,11 @@ from pacs_node.ops.logs import scrub
 from pacs_node.work.instance_record import MissingAttribute, instance_record
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
-from storage.db import GroupCommit
+from storage.db import GroupCommit, write_engine
 from pacs_node.work.routing import RouteKey, settle_seconds
-from storage.repository import InstanceRecord, add_instance, instance_exists
+from storage.receiving import ReceivedInstances, Recorded, StudyAnalysis
+from storage.repository import InstanceRecord
 from storage.schema import Disposition, JobKind, Origin, utcnow
-from storage.studies import instance_set_hash, set_pending, study_image_uids, touch_study
 from storage.store import StoreFullError
 
 log = logging.getLogger(__name__)
@@ -151,11 +151,12 @@ class Ingestor:
         self.settings = settings
         self.rt = runtime
         self._analyse_bell = runtime.doorbell(JobKind.ANALYSE)
-        self._commits = GroupCommit(runtime.write_sessions)
+        self._received = ReceivedInstances(runtime.engine, runtime.queue, utcnow)
+        self._commits = GroupCommit(write_engine(runtime.engine).begin)
 
     def _known(self, sop_instance_uid: str) -> bool:
-        with self.rt.read_session() as session:
-            return instance_exists(session, sop_instance_uid)
+        with self.rt.engine.connect() as connection:
+            return self._received.exists(connection, sop_instance_uid)
 
     def ingest(self, temp_path: Path, sop_instance_uid: str, caller: Caller) -> int:
         """File the dataset at ``temp_path``; return the C-STORE status to send."""
@@ -208,33 +209,25 @@ class Ingestor:
         if discard:
             reason = f"{reason}; file discarded (policy.non_chest = discard)"
 
-        queued: dict[str, int | None] = {}  # the analyse job's id, for the log line
+        analysis = self._analysis(ds, record, caller) if decision.analyse else None
+        fields = {
+            "path": relpath, "size_bytes": 0 if discard else size, "origin": Origin.RECEIVED,
+            "disposition": Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
+            "reason": reason, "calling_ae": caller.ae_title[:16], "calling_host": (caller.host or "")[:64] or None,
+        }
 
-        def insert(session: Session) -> bool:
-            inserted = add_instance(
-                session,
-                record,
-                path=relpath,
-                size_bytes=0 if discard else size,
-                origin=Origin.RECEIVED,
-                disposition=Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
-                reason=reason,
-                calling_ae=caller.ae_title[:16],
-                calling_host=(caller.host or "")[:64] or None,
-            )
-            if inserted and decision.analyse:
-                queued["job"] = self._open_study(session, ds, record, caller)
-            return inserted
+        def insert(connection: Connection) -> Recorded:
+            return self._received.record(connection, record, fields, analysis)
 
         try:
-            inserted = self._commits.run(insert)
+            recorded = self._commits.run(insert)
         except SQLAlchemyError as exc:
             status = CANNOT_RECORD if isinstance(exc, DataError) else OUT_OF_RESOURCES
             log.exception("could not record instance from %s (0x%04X)", caller.ae_title, status)
             self._remove_unrecorded(relpath, record.sop_instance_uid)
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return status
-        if not inserted:
+        if not recorded.inserted:
             # Another association filed the same instance between our check and our insert: it is
             # stored (same path) and recorded once, which is all the sender needs to know.
             log.info("duplicate instance from %s (concurrent) acknowledged", caller.ae_title)
@@ -246,34 +239,18 @@ class Ingestor:
         if decision.analyse:
             self._analyse_bell.ring()
             log.info("stored %s instance from %s; its study is analysed once it settles (job %s)", record.modality,
-                     caller.ae_title, queued.get("job"))
+                     caller.ae_title, recorded.job_id)
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS
 
-    def _open_study(self, session: Session, ds: Dataset, record: InstanceRecord, caller: Caller) -> int | None:
-        """(Re-)open the instance's study and enqueue the analysis of its new set of instances, due when
-        the study has been quiet for its settle time (in the caller's transaction); the job's id."""
-        study = record.study_instance_uid
+    def _analysis(self, ds: Dataset, record: InstanceRecord, caller: Caller) -> StudyAnalysis:
+        """The analysis the instance asks for: its study's, due once the study has been quiet for the
+        settle time of its route."""
         route = RouteKey(calling_ae=caller.ae_title, modality=record.modality,
                          station_name=str(ds.get("StationName", "") or "") or None)
-        now = utcnow()
-        due = now + timedelta(seconds=settle_seconds(self.settings, route))
-        touch_study(session, study, now, due)  # first: serialises concurrent arrivals of this study
-        set_hash = instance_set_hash(study_image_uids(session, study))
-        key = f"{STUDY_JOB_PREFIX}{study}:{set_hash}"
-        self.rt.queue.cancel_waiting(session, f"{STUDY_JOB_PREFIX}{study}:", keep=key)
-        job = self.rt.queue.enqueue(
-            session,
-            kind=JobKind.ANALYSE,
-            dedupe_key=key,
-            sop_instance_uid=record.sop_instance_uid,
-            payload={"study_instance_uid": study, "set_hash": set_hash},
-            max_attempts=self.settings.worker.max_attempts,
-            not_before=due,
-        )
-        set_pending(session, study, set_hash)
-        return job
+        due = utcnow() + timedelta(seconds=settle_seconds(self.settings, route))
+        return StudyAnalysis(STUDY_JOB_PREFIX, due, self.settings.worker.max_attempts)
 
     def _remove_unrecorded(self, relpath: str, sop_instance_uid: str) -> None:
         """Undo the rename when the row could not be written, so the store holds only recorded files

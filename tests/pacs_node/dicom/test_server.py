@@ -212,12 +212,12 @@ def test_a_row_the_database_refuses_is_a_permanent_failure(node: tuple[Settings,
     real), the sender hears 0xC2xx, never the 0xA7xx that makes it retry for ever."""
     from sqlalchemy.exc import DataError
 
-    import pacs_node.work.ingest as ingest
+    from storage.receiving import ReceivedInstances
 
     def refuse(*args, **kwargs):  # noqa: ANN002, ANN003
         raise DataError("INSERT INTO instances ...", {}, ValueError("invalid byte sequence"))
 
-    monkeypatch.setattr(ingest, "add_instance", refuse)
+    monkeypatch.setattr(ReceivedInstances, "record", refuse)
     make_cr(tmp_path / "image.dcm")
     status = _send_with_pynetdicom(node[0].node.port, tmp_path / "image.dcm")
     assert 0xC200 <= status <= 0xC2FF
