@@ -25,8 +25,8 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -254,6 +254,38 @@ def upsert_many(session: Session, model: type[Base], rows: list[dict[str, Any]],
     session.execute(statement, rows)
 
 
+@contextmanager
+def driver_transaction(engine: Engine) -> Iterator[Connection]:
+    """A write transaction on a pooled connection, begun and committed on the driver's connection itself
+    (on SQLite with ``BEGIN IMMEDIATE``, as :func:`write_engine`'s), for units of :class:`DriverStatement`:
+    ~150 us less per transaction than ``Connection.begin`` and its event. Rolled back if the block raises;
+    the driver's errors at ``BEGIN`` and ``COMMIT`` are raised as SQLAlchemy's."""
+    dbapi = engine.dialect.loaded_dbapi
+
+    def translated(statement: str, exc: Exception) -> DBAPIError:
+        return DBAPIError.instance(statement, None, exc, dbapi.Error, hide_parameters=True, dialect=engine.dialect)
+
+    with engine.connect() as connection:
+        driver = connection.connection
+        if engine.dialect.name == "sqlite":  # elsewhere the driver begins with the first statement
+            try:
+                driver.cursor().execute("BEGIN IMMEDIATE")
+            except dbapi.Error as exc:
+                raise translated("BEGIN IMMEDIATE", exc) from exc
+        try:
+            yield connection
+        except BaseException:
+            with suppress(dbapi.Error):
+                driver.rollback()
+            raise
+        try:
+            driver.commit()
+        except dbapi.Error as exc:
+            with suppress(dbapi.Error):
+                driver.rollback()
+            raise translated("COMMIT", exc) from exc
+
+
 def rowcount(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE matched. (``Session.execute`` is typed as returning a plain ``Result``;
     for those statements it is a ``CursorResult``.)"""
@@ -377,8 +409,8 @@ class GroupCommit(Generic[C]):
     for every unit of work that arrived while the previous commit was in flight.
 
     ``begin`` opens one transaction and commits it on leaving (``sessionmaker.begin`` gives units a
-    ``Session``; ``write_engine(engine).begin`` a ``Connection``, for units that run driver
-    statements, :class:`DriverStatement`). :meth:`run` returns only once the transaction holding its own unit has
+    ``Session``; :func:`driver_transaction` a ``Connection``, for units that run driver statements,
+    :class:`DriverStatement`). :meth:`run` returns only once the transaction holding its own unit has
     committed, so a caller that answers after it (the listener's 0x0000) still answers after its own
     durable commit. There is no committer thread and no waiting for company: a caller alone commits at
     once, itself; callers that arrive while a commit is in flight queue their units, and the first of

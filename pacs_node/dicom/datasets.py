@@ -21,11 +21,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from functools import lru_cache
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.tag import BaseTag
@@ -252,14 +253,15 @@ def pixel_value_prefix(path: Path, pixel_offset: int) -> bytes:
         return fp.read(_FRAGMENT_PROBE + 1024)
 
 
-#: Raw elements whose conversion by pydicom is known to succeed: (tag, VR, encoded value, implicit VR,
-#: little endian, character sets). A second dataset holding the same element converts it the same way.
-_CONVERTIBLE: dict[tuple[object, ...], None] = {}
+#: The values pydicom converted raw elements to, by (tag, VR, encoded value, implicit VR, little endian,
+#: character sets): a second dataset holding the same element converts it the same way. Values are shared
+#: between datasets, so only for reading (:func:`header_value`).
+_CONVERTED: dict[tuple[object, ...], Any] = {}
 #: Entries kept before the memo starts again (a few hundred kilobytes; a modality's images share most
 #: of their elements, their UIDs and dates differ).
-_CONVERTIBLE_KEPT = 8192
+_CONVERTED_KEPT = 8192
 #: Longest value remembered.
-_CONVERTIBLE_VALUE_BYTES = 128
+_CONVERTED_VALUE_BYTES = 128
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 
 
@@ -280,6 +282,30 @@ def _memo_vr(raw: RawDataElement) -> str | None:
     return vr
 
 
+def _character_sets(ds: Dataset) -> object:
+    """The character sets ``ds``'s text elements are converted with, as a memo key (Specific Character
+    Set converted first, as pydicom does)."""
+    ds.get(_SPECIFIC_CHARACTER_SET)
+    charset = ds.original_character_set or ds._character_set
+    return tuple(charset) if isinstance(charset, list) else charset
+
+
+def _conversion_key(raw: RawDataElement, charsets: object) -> tuple[object, ...] | None:
+    """What the conversion of ``raw`` depends on, ``None`` when that is more than this (see :func:`_memo_vr`)
+    or its value is too long to remember."""
+    vr = _memo_vr(raw)
+    value = raw.value
+    if vr is None or value is None or len(value) > _CONVERTED_VALUE_BYTES:
+        return None
+    return (raw.tag, vr, value, raw.is_implicit_VR, raw.is_little_endian, charsets)
+
+
+def _remember(key: tuple[object, ...], value: Any) -> None:
+    if len(_CONVERTED) >= _CONVERTED_KEPT:
+        _CONVERTED.clear()
+    _CONVERTED[key] = value
+
+
 def decode_every_element(ds: Dataset) -> None:
     """Convert every top-level element of ``ds`` from its raw form, as ``for _ in ds`` does: an element
     pydicom cannot convert raises now.
@@ -288,24 +314,44 @@ def decode_every_element(ds: Dataset) -> None:
     most of them the same bytes in every image from one modality. An element converted successfully
     before (same tag, VR, bytes, encoding and character sets; see :func:`_memo_vr` for what else its
     conversion could depend on, and those are always converted) is left raw: its conversion, whenever
-    something reads it, gives what it gave before. Assumes pydicom's configuration does not change
-    while the process runs (the node never changes it)."""
-    ds.get(_SPECIFIC_CHARACTER_SET)  # the character sets every other text element is converted with
-    charset = ds.original_character_set or ds._character_set
-    charsets = tuple(charset) if isinstance(charset, list) else charset
+    something reads it, gives what it gave before (and :func:`header_value` reads the value it gave).
+    Assumes pydicom's configuration does not change while the process runs (the node never changes it)."""
+    charsets = _character_sets(ds)
     for tag in ds.keys():
         raw = ds.get_item(tag)
         if not isinstance(raw, RawDataElement):
             continue
-        vr = _memo_vr(raw)
-        value = raw.value
-        if vr is None or value is None or len(value) > _CONVERTIBLE_VALUE_BYTES:
+        key = _conversion_key(raw, charsets)
+        if key is None:
             ds[tag]
-            continue
-        key = (raw.tag, vr, value, raw.is_implicit_VR, raw.is_little_endian, charsets)
-        if key in _CONVERTIBLE:
-            continue
-        ds[tag]
-        if len(_CONVERTIBLE) >= _CONVERTIBLE_KEPT:
-            _CONVERTIBLE.clear()
-        _CONVERTIBLE[key] = None
+        elif key not in _CONVERTED:
+            _remember(key, ds[tag].value)
+
+
+def header_value(ds: Dataset, keyword: str) -> Any:
+    """``ds.get(keyword)``: the element's value, ``None`` when absent; an element converted before in
+    another dataset (same bytes, see :func:`decode_every_element`) is not converted again. The value may
+    be shared with other datasets: read it, never change it."""
+    tag = _keyword_tag(keyword)
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if not isinstance(elem, RawDataElement):
+        return elem.value
+    key = _conversion_key(elem, _character_sets(ds))
+    if key is None:
+        return ds[tag].value
+    try:
+        return _CONVERTED[key]
+    except KeyError:
+        value = ds[tag].value
+        _remember(key, value)
+        return value
+
+
+@lru_cache(maxsize=None)
+def _keyword_tag(keyword: str) -> BaseTag:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"{keyword!r} is not a DICOM keyword")
+    return BaseTag(tag)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pydicom
@@ -43,7 +44,7 @@ from pacs_node.ops.logs import scrub
 from pacs_node.work.instance_record import MissingAttribute, instance_record
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
-from storage.db import GroupCommit, write_engine
+from storage.db import GroupCommit, driver_transaction
 from pacs_node.work.routing import RouteKey, settle_seconds
 from storage.receiving import ReceivedInstances, Recorded, StudyAnalysis
 from storage.repository import InstanceRecord
@@ -152,7 +153,7 @@ class Ingestor:
         self.rt = runtime
         self._analyse_bell = runtime.doorbell(JobKind.ANALYSE)
         self._received = ReceivedInstances(runtime.engine, runtime.queue, utcnow)
-        self._commits = GroupCommit(write_engine(runtime.engine).begin)
+        self._commits = GroupCommit(partial(driver_transaction, runtime.engine))
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.rt.engine.connect() as connection:
@@ -248,7 +249,7 @@ class Ingestor:
         """The analysis the instance asks for: its study's, due once the study has been quiet for the
         settle time of its route."""
         route = RouteKey(calling_ae=caller.ae_title, modality=record.modality,
-                         station_name=str(ds.get("StationName", "") or "") or None)
+                         station_name=str(datasets.header_value(ds, "StationName") or "") or None)
         due = utcnow() + timedelta(seconds=settle_seconds(self.settings, route))
         return StudyAnalysis(STUDY_JOB_PREFIX, due, self.settings.worker.max_attempts)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydicom import Dataset
 
+from pacs_node.dicom.datasets import header_value
 from storage.repository import InstanceRecord
 from storage.schema import Instance
 
@@ -71,7 +72,7 @@ def sanitised(value: str) -> str:
 
 
 def _required_uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip().rstrip("\x00").strip()
+    value = str(header_value(ds, keyword) or "").strip().rstrip("\x00").strip()
     if not value:
         raise MissingAttribute(f"{keyword} is missing or empty")
     if sanitised(value) != value:
@@ -83,7 +84,8 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
 
 def instance_record(ds: Dataset) -> InstanceRecord:
     """What the ``Instance`` row of ``ds`` records of its header (storage and disposition are added by
-    whoever stores it).
+    whoever stores it). Values are read with :func:`pacs_node.dicom.datasets.header_value`: those a
+    previous dataset held in the same bytes are not converted again.
 
     Raises :class:`MissingAttribute` when a UID needed to file the instance is absent."""
     fields: dict[str, Any] = {
@@ -96,11 +98,11 @@ def instance_record(ds: Dataset) -> InstanceRecord:
     tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
     fields["transfer_syntax_uid"] = tsyntax or "1.2.840.10008.1.2.1"
     for column, keyword in _TEXT_COLUMNS.items():
-        value = ds.get(keyword)
+        value = header_value(ds, keyword)
         text = sanitised(str(value)).strip() if value is not None else ""
         fields[column] = _clip(column, text) if text else None
     for column, keyword in _INT_COLUMNS.items():
-        value = ds.get(keyword)
+        value = header_value(ds, keyword)
         try:
             fields[column] = int(value) if value not in (None, "") else None
         except (TypeError, ValueError):

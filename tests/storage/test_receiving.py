@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import DriverStatement, make_engine, write_engine
+from storage.db import DriverStatement, driver_transaction, make_engine
 from storage.queue import JobQueue
 from storage.receiving import ReceivedInstances, Recorded, StudyAnalysis
 from storage.repository import InstanceRecord
@@ -39,16 +39,16 @@ def _fields(n: int) -> dict:
 def received(sessions: sessionmaker[Session]) -> tuple[ReceivedInstances, object]:
     engine = sessions.kw["bind"]
     queue = JobQueue(sessions, clock=lambda: NOW)
-    return ReceivedInstances(engine, queue, clock=lambda: NOW), write_engine(engine)
+    return ReceivedInstances(engine, queue, clock=lambda: NOW), engine
 
 
 def test_an_image_to_analyse_gets_its_row_its_study_and_its_job(sessions: sessionmaker[Session], received) -> None:
     recorder, engine = received
     analysis = StudyAnalysis("analyse:study:", DUE, 3)
-    with engine.begin() as connection:
+    with driver_transaction(engine) as connection:
         first = recorder.record(connection, _record(1), _fields(1), analysis)
         assert recorder.exists(connection, f"{STUDY}.1.1") and not recorder.exists(connection, f"{STUDY}.1.9")
-    with engine.begin() as connection:
+    with driver_transaction(engine) as connection:
         second = recorder.record(connection, _record(2), _fields(2), analysis)
         assert recorder.record(connection, _record(2), _fields(3), analysis) == Recorded(False)
     assert first.inserted and second.inserted and first.job_id != second.job_id
@@ -73,7 +73,7 @@ def test_an_image_to_analyse_gets_its_row_its_study_and_its_job(sessions: sessio
 def test_an_instance_not_to_analyse_gets_its_row_only(sessions: sessionmaker[Session], received) -> None:
     recorder, engine = received
     fields = _fields(1) | {"disposition": Disposition.NOT_PROCESSED, "reason": "not a chest"}
-    with engine.begin() as connection:
+    with driver_transaction(engine) as connection:
         assert recorder.record(connection, _record(1), fields, None) == Recorded(True)
     with sessions() as session:
         assert session.scalars(select(Instance.reason)).one() == "not a chest"
@@ -89,3 +89,15 @@ def test_a_statement_refused_by_the_driver_raises_sqlalchemys_error(tmp_path: Pa
     with engine.connect() as connection, pytest.raises(KeyError):  # a parameter not given is never NULL
         needs_id.execute(connection, {})
     engine.dispose()
+
+
+def test_a_driver_transaction_commits_or_rolls_back(sessions: sessionmaker[Session], received) -> None:
+    recorder, engine = received
+    with pytest.raises(RuntimeError), driver_transaction(engine) as connection:
+        recorder.record(connection, _record(1), _fields(1), None)
+        raise RuntimeError("the unit failed")
+    with driver_transaction(engine) as connection:
+        assert not recorder.exists(connection, f"{STUDY}.1.1")
+        recorder.record(connection, _record(2), _fields(2), None)
+    with sessions() as session:
+        assert session.scalars(select(Instance.sop_instance_uid)).all() == [f"{STUDY}.1.2"]
