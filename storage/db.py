@@ -398,6 +398,7 @@ C = TypeVar("C")
 @dataclass
 class _Unit(Generic[T]):
     work: Callable[[Any], T]
+    ready: Callable[[], object] | None = None
     result: T | None = None
     error: BaseException | None = None
     done: bool = False
@@ -422,9 +423,13 @@ class GroupCommit(Generic[C]):
     _queue_lock: threading.Lock = field(default_factory=threading.Lock)
     _turn: threading.Lock = field(default_factory=threading.Lock)
 
-    def run(self, work: Callable[[C], T]) -> T:
-        """``work(transaction)`` inside a committed transaction (shared with other callers'); its result."""
-        unit: _Unit[T] = _Unit(work)
+    def run(self, work: Callable[[C], T], ready: Callable[[], object] | None = None) -> T:
+        """``work(transaction)`` inside a committed transaction (shared with other callers'); its result.
+
+        ``ready`` is called after ``work`` and before the commit; what it raises fails the unit as
+        ``work``'s errors do. The listener waits there for its file's fsyncs, so they overlap its
+        statements and the row is still committed only once the file is durable."""
+        unit: _Unit[T] = _Unit(work, ready)
         with self._queue_lock:
             self._pending.append(unit)
         with self._turn:
@@ -441,6 +446,9 @@ class GroupCommit(Generic[C]):
             with self.begin() as transaction:
                 for unit in batch:
                     unit.result = unit.work(transaction)
+                for unit in batch:
+                    if unit.ready is not None:
+                        unit.ready()
         except Exception as exc:
             if len(batch) > 1:
                 for unit in batch:

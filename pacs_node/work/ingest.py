@@ -5,11 +5,13 @@ pynetdicom has already written the dataset, chunk by chunk, to a temp file *insi
 makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
-2. give it its name in the store and fsync the file and its directories (``InstanceStore.commit``: a
-   new path is hard-linked first, so one journal commit covers both; no row references the path yet);
+2. give it its name in the store and fsync the file and its directories (``InstanceStore.begin_commit``:
+   a new path is hard-linked first, so one journal commit covers both, and the fsyncs run at once, in
+   threads of their own; no row references the path yet);
 3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, (re-)open its study and
    enqueue the study's ``analyse`` job, due once the study has been quiet for the settle time
-   (concurrent associations share that transaction's commit: ``storage.db.GroupCommit``);
+   (``storage.receiving``); its statements run while the fsyncs of 2 do, its commit waits for them to
+   end (``Filing.wait``), and concurrent associations share that commit (``storage.db.GroupCommit``);
 4. only then return 0x0000.
 
 A crash before 4 means the sender saw no success and sends again; a crash after 3 leaves a complete,
@@ -49,7 +51,7 @@ from pacs_node.work.routing import RouteKey, settle_seconds
 from storage.receiving import ReceivedInstances, Recorded, StudyAnalysis
 from storage.repository import InstanceRecord
 from storage.schema import Disposition, JobKind, Origin, utcnow
-from storage.store import StoreFullError
+from storage.store import Filing, StoreFullError
 
 log = logging.getLogger(__name__)
 
@@ -192,19 +194,16 @@ class Ingestor:
         decision = decide(ds)
         discard = not decision.analyse and self.settings.policy.non_chest is NonChestAction.DISCARD
         relpath = ""
+        filing: Filing | None = None
         if not discard:
             relpath = self.rt.store.relpath_for(
                 record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
             )
             try:
                 # pynetdicom still holds its own (flushed) handle; this one is for fsync and rename.
-                self.rt.store.commit(open(temp_path, "r+b"), relpath)  # noqa: SIM115 (commit closes it)
+                filing = self.rt.store.begin_commit(open(temp_path, "r+b"), relpath)  # noqa: SIM115 (it closes it)
             except OSError as exc:
-                reason = "the store is full" if isinstance(exc, StoreFullError) else f"{type(exc).__name__}: {exc}"
-                log.error("could not store instance from %s (0x%04X): %s", caller.ae_title,
-                          OUT_OF_RESOURCES, reason)
-                metrics.INSTANCES_RECEIVED.labels("failed").inc()
-                return OUT_OF_RESOURCES
+                return self._not_stored(caller, exc)
 
         reason = decision.reason
         if discard:
@@ -221,11 +220,20 @@ class Ingestor:
             return self._received.record(connection, record, fields, analysis)
 
         try:
-            recorded = self._commits.run(insert)
+            # The statements run while the file's fsyncs do; the commit waits for them (filing.wait).
+            recorded = self._commits.run(insert, None if filing is None else filing.wait)
+        except OSError as exc:  # the file's fsyncs failed: filing.wait removed it, the row was not committed
+            return self._not_stored(caller, exc)
         except SQLAlchemyError as exc:
             status = CANNOT_RECORD if isinstance(exc, DataError) else OUT_OF_RESOURCES
             log.exception("could not record instance from %s (0x%04X)", caller.ae_title, status)
-            self._remove_unrecorded(relpath, record.sop_instance_uid)
+            try:
+                if filing is not None:
+                    filing.wait()  # the fsyncs are over (and a file that failed them is gone) ...
+            except OSError:
+                pass
+            else:
+                self._remove_unrecorded(relpath, record.sop_instance_uid)  # ... before the file is removed
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return status
         if not recorded.inserted:
@@ -244,6 +252,13 @@ class Ingestor:
         else:
             log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS
+
+    def _not_stored(self, caller: Caller, exc: OSError) -> int:
+        """The answer when the file could not be stored (nothing is left of it in the store)."""
+        reason = "the store is full" if isinstance(exc, StoreFullError) else f"{type(exc).__name__}: {exc}"
+        log.error("could not store instance from %s (0x%04X): %s", caller.ae_title, OUT_OF_RESOURCES, reason)
+        metrics.INSTANCES_RECEIVED.labels("failed").inc()
+        return OUT_OF_RESOURCES
 
     def _analysis(self, ds: Dataset, record: InstanceRecord, caller: Caller) -> StudyAnalysis:
         """The analysis the instance asks for: its study's, due once the study has been quiet for the

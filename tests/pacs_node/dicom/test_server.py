@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pydicom
 import pytest
@@ -170,11 +171,18 @@ def test_full_store_answers_a700_and_writes_nothing(node: tuple[Settings, Server
         runtime.store.discard(temp)
         raise StoreFullError(28, "instance store is full", relpath)
 
-    monkeypatch.setattr(runtime.store, "commit", full)
+    monkeypatch.setattr(runtime.store, "begin_commit", full)
     assert _send_with_pynetdicom(settings.node.port, image) == 0xA700
     assert _counts(runtime) == (0, 0)
     assert list(runtime.store.iter_files()) == [] and os.listdir(runtime.incoming_dir) == []
     monkeypatch.undo()
+
+    # the disk fills while the file's fsyncs run (in their threads, as the row's statements run): the
+    # row is not committed and the file is not left at its name
+    with mock.patch("storage.store.os.fsync", side_effect=OSError(28, "No space left on device")):
+        assert _send_with_pynetdicom(settings.node.port, image) == 0xA700
+    assert _counts(runtime) == (0, 0)
+    assert list(runtime.store.iter_files()) == [] and os.listdir(runtime.incoming_dir) == []
 
     # below the free-space watermark the node refuses before writing anything
     monkeypatch.setattr(runtime.store, "min_free_bytes", runtime.store.free_bytes() + 10**12)
