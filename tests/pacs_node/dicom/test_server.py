@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -230,3 +232,23 @@ def test_a_row_the_database_refuses_is_a_permanent_failure(node: tuple[Settings,
     status = _send_with_pynetdicom(node[0].node.port, tmp_path / "image.dcm")
     assert 0xC200 <= status <= 0xC2FF
     assert _counts(node[1]) == (0, 0)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_each_association_that_stored_is_logged_once_when_it_ends(node: tuple[Settings, ServerContext],
+                                                                  tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Stored instances are not logged one by one at INFO (a line each was a tenth of a tiny instance's
+    CPU); the association's statuses are, in one line, when it ends."""
+    make_cr(tmp_path / "image.dcm")
+    with caplog.at_level(logging.INFO, logger="pacs_node"):
+        assert _send_with_pynetdicom(node[0].node.port, tmp_path / "image.dcm") == 0
+        assert _send_with_pynetdicom(node[0].node.port, tmp_path / "image.dcm") == 0  # a duplicate
+        deadline = time.monotonic() + 10
+        while sum("ended: C-STORE answered" in r.getMessage() for r in caplog.records) < 2:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("pacs_node")]
+    assert [line for line in lines if "ended" in line] == ["association from PYSCU at 127.0.0.1 ended: C-STORE "
+                                                           "answered 0x0000 x 1"] * 2
+    assert not [line for line in lines if "instance from" in line]
