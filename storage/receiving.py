@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, select
+from sqlalchemy import Engine, Table, bindparam, select
 
-from storage.db import DriverStatement, idempotent_insert
+from storage.db import DriverStatement, driver_connection, idempotent_insert
 from storage.queue import CANCEL_WAITING, JobQueue, prefix_pattern
 from storage.repository import InstanceRecord, instance_values
 from storage.schema import Instance, Job, JobKind, StudyState
@@ -58,6 +58,7 @@ class ReceivedInstances:
     """The receiving statements of one database, compiled for its dialect when first run."""
 
     def __init__(self, engine: Engine, queue: JobQueue, clock: Callable[[], datetime]) -> None:
+        self._engine = engine
         self._dialect = engine.dialect
         self._queue = queue
         self._clock = clock
@@ -69,16 +70,23 @@ class ReceivedInstances:
             statement = self._statements[key] = DriverStatement(build(), self._dialect, column_keys)
         return statement
 
-    def exists(self, connection: Connection, sop_instance_uid: str) -> bool:
-        """Whether an instance with this SOP Instance UID is recorded (the check before its file is filed)."""
+    def exists(self, connection: Any, sop_instance_uid: str) -> bool:
+        """Whether an instance with this SOP Instance UID is recorded (the check before its file is filed);
+        ``connection`` is a pooled DBAPI connection (``Engine.raw_connection()``)."""
         cursor = self._statement("exists", lambda: _INSTANCE_BY_UID).execute(connection, {"uid": sop_instance_uid})
         return cursor.fetchone() is not None
 
-    def record(self, connection: Connection, record: InstanceRecord, fields: dict[str, Any],
+    def known(self, sop_instance_uid: str) -> bool:
+        """:meth:`exists`, on a pooled connection of its own."""
+        with driver_connection(self._engine) as connection:
+            return self.exists(connection, sop_instance_uid)
+
+    def record(self, connection: Any, record: InstanceRecord, fields: dict[str, Any],
                analysis: StudyAnalysis | None) -> Recorded:
         """Insert the instance's row (``record`` and the storage ``fields``, as
         :func:`storage.repository.add_instance` takes them) and, with ``analysis``, (re-)open its study
-        and enqueue the analysis of the study's new set of instances, inside ``connection``'s transaction."""
+        and enqueue the analysis of the study's new set of instances, inside ``connection``'s transaction
+        (a pooled DBAPI connection, :func:`storage.db.driver_transaction`)."""
         now = self._clock()
         row = instance_values(record, {"received_at": now, **fields})
         if not self._insert(connection, Instance, row, "sop_instance_uid"):
@@ -103,7 +111,7 @@ class ReceivedInstances:
                                                                              "pending_set_hash": set_hash})
         return Recorded(True, job_id)
 
-    def _insert(self, connection: Connection, model: type[Any], row: dict[str, Any], key: str) -> Any | None:
+    def _insert(self, connection: Any, model: type[Any], row: dict[str, Any], key: str) -> Any | None:
         """``INSERT ... ON CONFLICT (key) DO NOTHING``: the new row's id, ``None`` when ``key`` existed."""
         table = cast(Table, model.__table__)
         columns = tuple(row)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom import Dataset
@@ -36,7 +37,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 from pydicom.valuerep import VR
 from sqlalchemy.exc import DataError, SQLAlchemyError
-from sqlalchemy import Connection
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
@@ -158,8 +158,7 @@ class Ingestor:
         self._commits = GroupCommit(partial(driver_transaction, runtime.engine))
 
     def _known(self, sop_instance_uid: str) -> bool:
-        with self.rt.engine.connect() as connection:
-            return self._received.exists(connection, sop_instance_uid)
+        return self._received.known(sop_instance_uid)
 
     def ingest(self, temp_path: Path, sop_instance_uid: str, caller: Caller) -> int:
         """File the dataset at ``temp_path``; return the C-STORE status to send.
@@ -220,7 +219,7 @@ class Ingestor:
             "reason": reason, "calling_ae": caller.ae_title[:16], "calling_host": (caller.host or "")[:64] or None,
         }
 
-        def insert(connection: Connection) -> Recorded:
+        def insert(connection: Any) -> Recorded:
             return self._received.record(connection, record, fields, analysis)
 
         try:

@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import DriverStatement, driver_transaction, make_engine
+from storage.db import DriverStatement, driver_connection, driver_transaction, make_engine
 from storage.queue import JobQueue
 from storage.receiving import ReceivedInstances, Recorded, StudyAnalysis
 from storage.repository import InstanceRecord
@@ -83,10 +83,10 @@ def test_an_instance_not_to_analyse_gets_its_row_only(sessions: sessionmaker[Ses
 def test_a_statement_refused_by_the_driver_raises_sqlalchemys_error(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'empty.sqlite3'}")  # no schema
     statement = DriverStatement(select(Instance.id).where(Instance.sop_instance_uid == "x"), engine.dialect)
-    with engine.connect() as connection, pytest.raises(DBAPIError, match="no such table"):
+    with driver_connection(engine) as connection, pytest.raises(DBAPIError, match="no such table"):
         statement.execute(connection, {})
     needs_id = DriverStatement(select(Instance.id).where(Instance.id == bindparam("id")), engine.dialect)
-    with engine.connect() as connection, pytest.raises(KeyError):  # a parameter not given is never NULL
+    with driver_connection(engine) as connection, pytest.raises(KeyError):  # a parameter not given is never NULL
         needs_id.execute(connection, {})
     engine.dispose()
 
