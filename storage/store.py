@@ -21,6 +21,7 @@ import ctypes.util
 import errno
 import hashlib
 import os
+import queue
 import re
 import secrets
 import socket
@@ -29,7 +30,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -375,50 +375,100 @@ class InstanceStore:
 #: Threads that run the fsyncs of :meth:`InstanceStore.begin_commit` (each waits in the kernel; a
 #: received instance needs two to six of them at once).
 _SYNC_THREADS = 8
-_sync_pool: tuple[int, ThreadPoolExecutor] | None = None
-_sync_pool_lock = threading.Lock()
 
 
-def _fsync_pool() -> ThreadPoolExecutor:
+class _SyncThreads:
+    """Threads that fsync what they are given and tell its :class:`Filing`. Lighter than a
+    ``ThreadPoolExecutor`` (no future, condition and work item per fsync: a received instance has up to
+    six of them)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._work: queue.SimpleQueue[tuple[Callable[[Any], None], Any, Filing]] = queue.SimpleQueue()
+        for n in range(_SYNC_THREADS):
+            threading.Thread(target=self._run, name=f"fsync-{n}", daemon=True).start()
+
+    def submit(self, sync: Callable[[Any], None], target: Any, filing: Filing) -> None:
+        self._work.put((sync, target, filing))
+
+    def _run(self) -> None:
+        while True:
+            sync, target, filing = self._work.get()
+            try:
+                sync(target)
+            except BaseException as exc:  # noqa: BLE001 (handed to the waiting caller)
+                filing._synced(exc)
+            else:
+                filing._synced(None)
+
+
+_sync_threads: _SyncThreads | None = None
+_sync_threads_lock = threading.Lock()
+
+
+def _fsync_threads() -> _SyncThreads:
     """The process's fsync threads, started when first needed (and again in a forked child, which has
     none of its parent's threads)."""
-    global _sync_pool
-    with _sync_pool_lock:
-        if _sync_pool is None or _sync_pool[0] != os.getpid():
-            _sync_pool = (os.getpid(), ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="fsync"))
-        return _sync_pool[1]
+    global _sync_threads
+    with _sync_threads_lock:
+        if _sync_threads is None or _sync_threads.pid != os.getpid():
+            _sync_threads = _SyncThreads()
+        return _sync_threads
+
+
+def _fsync_fd(fd: int) -> None:
+    os.fsync(fd)  # looked up when it runs (tests replace it)
 
 
 class Filing:
-    """An :meth:`InstanceStore.begin_commit` in flight: the file has its name, its fsyncs and its
-    directories' run in :data:`_SYNC_THREADS` threads. :meth:`wait` returns once all of them are done."""
+    """An :meth:`InstanceStore.begin_commit` in flight: the file has its name, its fsync and its
+    directories' run in the fsync threads (:data:`_SYNC_THREADS`). :meth:`wait` returns once all of them
+    are done."""
 
     def __init__(self, store: InstanceStore, temp: BinaryIO | None, final: Path, directories: list[Path]) -> None:
         self._store = store
         self._temp = temp
         self._final = final
-        self._error: BaseException | None = None
-        self._done = temp is None  # fsync-then-rename: already durable, its directories fsynced in wait()
         self._directories = directories
-        self._syncs: list[Future[None]] = []
-        if temp is not None:
-            pool = _fsync_pool()
-            self._syncs = [pool.submit(os.fsync, temp.fileno()),
-                           *(pool.submit(_fsync_dir, directory) for directory in directories)]
+        self._error: BaseException | None = None
+        self._waited = False
+        self._lock = threading.Lock()
+        self._all_synced = threading.Event()
+        self._sync_error: BaseException | None = None
+        if temp is None:  # fsync-then-rename: the file is durable; its directories are fsynced in wait()
+            self._pending = len(directories)
+            targets: list[tuple[Callable[[Any], None], Any]] = [(_fsync_dir, d) for d in directories]
+        else:
+            self._pending = 1 + len(directories)
+            targets = [(_fsync_fd, temp.fileno()), *((_fsync_dir, d) for d in directories)]
+        if targets:
+            threads = _fsync_threads()
+            for sync, target in targets:
+                threads.submit(sync, target, self)
+        else:
+            self._all_synced.set()
+
+    def _synced(self, error: BaseException | None) -> None:
+        """One fsync is over (``error``: how it failed)."""
+        with self._lock:
+            if error is not None and self._sync_error is None:
+                self._sync_error = error
+            self._pending -= 1
+            if self._pending == 0:
+                self._all_synced.set()
 
     def wait(self) -> Path:
         """The file's path, once it and its name are durable; on a failure the new name and the temp
         file are removed and the error is raised (again on every call; a full disk as ``StoreFullError``)."""
         if self._error is not None:
             raise self._error
-        if not self._done:
-            self._done = True
+        if not self._waited:
+            self._waited = True
+            self._all_synced.wait()
             try:
-                if self._temp is None:
-                    list(_fsync_pool().map(_fsync_dir, self._directories))  # raises the first error
-                else:
-                    for future in self._syncs:
-                        future.result()
+                if self._sync_error is not None:
+                    raise self._sync_error
+                if self._temp is not None:
                     self._temp.close()
             except OSError as exc:
                 if self._temp is not None:
