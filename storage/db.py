@@ -95,7 +95,7 @@ def _make_sqlite_engine(url: str, database: str | None) -> Engine:
     in_memory = not database or database == ":memory:" or database.startswith("file::memory:")
     if database and not in_memory:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True, pool_use_lifo=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 (DBAPI connection)
