@@ -17,6 +17,7 @@ fragment, instead of by a decoder after it has allocated hundreds of megabytes.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_file_meta_info, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.valuerep import AMBIGUOUS_VR
 
@@ -43,6 +44,11 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Below this inflated size the ratio is not checked: a small dataset of zeros compresses very well.
 _RATIO_FLOOR = 16 * 1024 * 1024
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+#: The Pixel Data tags as they are encoded, little and big endian.
+_PIXEL_TAG_BYTES = frozenset(struct.pack(order, tag >> 16, tag & 0xFFFF) for tag in _PIXEL_TAGS for order in ("<HH", ">HH"))
+#: Bytes read at once for the header of a dataset that is not Deflated (a radiograph's attributes take a
+#: few kilobytes; more than this are read from the file).
+_HEADER_PROBE = 64 * 1024
 #: Bytes of the dataset kept in ``Header.dataset_head``: an explicit VR element's tag and VR.
 _DATASET_HEAD = 6
 
@@ -120,6 +126,9 @@ def read_header(path: Path, limits: InflateLimits) -> Header:
 
     A Deflated dataset is inflated once, in bounded chunks, all the way to its end (so a bomb or a
     truncated stream is refused now, before the sender is told its image is safe)."""
+    in_memory = _read_header_in_memory(path)
+    if in_memory is not None:
+        return in_memory
     meta = read_file_meta_info(path)
     syntax = meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_deflated:
@@ -154,6 +163,37 @@ def read_header(path: Path, limits: InflateLimits) -> Header:
     ds = FileDataset(str(path), dataset, preamble, meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return Header(ds, total, None)
+
+
+def _read_header_in_memory(path: Path) -> Header | None:
+    """:func:`read_header` of a dataset that is not Deflated from its first :data:`_HEADER_PROBE` bytes,
+    read at once; ``None`` when the file must be read as a file (Deflated, attributes before Pixel Data
+    beyond the probe, anything pydicom does not read cleanly: that path says why).
+
+    pydicom reading a file asks the kernel for its position at every element (``tell`` on a buffered
+    file is a system call): ~90 calls for a small header, twice the file opened. From memory the same
+    bytes give the same dataset: it is used only when pydicom stopped at Pixel Data inside the probe, or
+    the probe is the whole file."""
+    with open(path, "rb", buffering=0) as fp:
+        prefix = fp.read(_HEADER_PROBE)
+        end = os.fstat(fp.fileno()).st_size
+    buffer = io.BytesIO(prefix)
+    try:
+        if read_preamble(buffer, False) is None:
+            return None
+        syntax = _read_file_meta_info(buffer).get("TransferSyntaxUID")
+        if syntax is not None and syntax.is_deflated:
+            return None
+        buffer.seek(0)
+        ds = pydicom.dcmread(buffer, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 (read from the file, which raises what it raises)
+        return None
+    position = buffer.tell()
+    if len(prefix) < end and prefix[position:position + 4] not in _PIXEL_TAG_BYTES:
+        return None  # ran out of probe before Pixel Data
+    ds.filename = str(path)
+    offset = _dataset_offset(ds.file_meta) if "FileMetaInformationGroupLength" in ds.file_meta else 0
+    return Header(ds, end - offset, position if position < end else None, prefix[offset:offset + _DATASET_HEAD])
 
 
 def check_inflated_size(path: Path, limits: InflateLimits) -> None:
