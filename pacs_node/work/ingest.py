@@ -204,7 +204,7 @@ class Ingestor:
             )
             try:
                 # pynetdicom still holds its own (flushed) handle; this one is for fsync and rename.
-                filing = self.rt.store.begin_commit(open(temp_path, "r+b"), relpath)  # noqa: SIM115 (it closes it)
+                filing = self.rt.store.begin_commit(open(temp_path, "r+b", buffering=0), relpath)  # noqa: SIM115
             except OSError as exc:
                 return self._not_stored(caller, exc)
 
