@@ -64,7 +64,8 @@ class ReceivedInstances:
         self._clock = clock
         self._statements: dict[object, DriverStatement] = {}
 
-    def _statement(self, key: object, build: Callable[[], Any], column_keys: list[str] | None = None) -> DriverStatement:
+    def _statement(self, key: object, build: Callable[[], Any],
+                   column_keys: list[str] | None = None) -> DriverStatement:
         statement = self._statements.get(key)
         if statement is None:
             statement = self._statements[key] = DriverStatement(build(), self._dialect, column_keys)

@@ -45,7 +45,8 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 _RATIO_FLOOR = 16 * 1024 * 1024
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 #: The Pixel Data tags as they are encoded, little and big endian.
-_PIXEL_TAG_BYTES = frozenset(struct.pack(order, tag >> 16, tag & 0xFFFF) for tag in _PIXEL_TAGS for order in ("<HH", ">HH"))
+_PIXEL_TAG_BYTES = frozenset(struct.pack(order, tag >> 16, tag & 0xFFFF)
+                             for tag in _PIXEL_TAGS for order in ("<HH", ">HH"))
 #: Bytes read at once for the header of a dataset that is not Deflated (a radiograph's attributes take a
 #: few kilobytes; more than this are read from the file).
 _HEADER_PROBE = 64 * 1024
