@@ -241,14 +241,20 @@ def upsert_many(session: Session, model: type[Base], rows: list[dict[str, Any]],
     """:func:`upsert` for many rows with the same columns: one ``INSERT ... ON CONFLICT (keys) DO UPDATE``
     whose ``update`` columns take the inserted row's values, executed for every row."""
     table = cast(Table, model.__table__)
-    dialect = session.get_bind(model).dialect
-    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
-    if dialect_insert is None:
-        raise NotImplementedError(f"no upsert for the {dialect.name!r} dialect")
-    statement = dialect_insert(table)
-    statement = statement.on_conflict_do_update(  # type: ignore[attr-defined]
-        index_elements=keys, set_={column: statement.excluded[column] for column in update})
+    statement = _upsert_many_statement(table, session.get_bind(model).dialect.name, tuple(keys), tuple(update))
     session.execute(statement, rows)
+
+
+@lru_cache(maxsize=None)
+def _upsert_many_statement(table: Table, dialect_name: str, keys: tuple[str, ...], update: tuple[str, ...]) -> Any:
+    """:func:`upsert_many`'s statement, built once per table, dialect and columns (and so compiled once:
+    the job history runs it in every batch's commit)."""
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect_name)
+    if dialect_insert is None:
+        raise NotImplementedError(f"no upsert for the {dialect_name!r} dialect")
+    statement = dialect_insert(table)
+    return statement.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=list(keys), set_={column: statement.excluded[column] for column in update})
 
 
 def rowcount(result: Result[Any]) -> int:
