@@ -153,6 +153,9 @@ _TAKE = (
             lease_expires_at=bindparam("expires"), started_at=bindparam("now"), updated_at=bindparam("now"))
 )
 _NOTE_RECLAIMED = update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(last_error=bindparam("note"))
+#: When the earliest waiting job of some kinds becomes due (an idle worker asks before every sleep).
+_NEXT_DUE = select(func.min(_JOBS.c.not_before)).where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)),
+                                                      _JOBS.c.state.in_(_WAITING))
 _OWNED_COLUMNS = [_JOBS.c[name] for name in JobRecord.__dataclass_fields__]
 _OWNED_BATCH = select(*_OWNED_COLUMNS).where(_JOBS.c.id.in_(bindparam("ids", expanding=True)),
                                              _JOBS.c.state == JobState.RUNNING.value,
@@ -530,8 +533,7 @@ class JobQueue:
         sleeps until then rather than until its next poll."""
         values = [_value(kind, JobKind) for kind in kinds]
         with self._read() as session:
-            return session.scalar(select(func.min(Job.not_before)).where(Job.kind.in_(values),
-                                                                          Job.state.in_(_WAITING)))
+            return session.connection(bind_arguments={"mapper": Job}).execute(_NEXT_DUE, {"kinds": values}).scalar()
 
     def destinations(self) -> builtins.list[dict[str, Any]]:
         """Per export destination: jobs in each state, and the newest error of a failed or dead job —

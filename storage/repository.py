@@ -7,7 +7,7 @@ listener commits the row and its job together, after the file is in place).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,6 +55,9 @@ class InstanceRecord:
     columns: int | None = None
 
 
+_RECORD_FIELDS = tuple(InstanceRecord.__dataclass_fields__)
+
+
 def add_instance(session: Session, record: InstanceRecord | None = None, /, **fields: Any) -> bool:
     """Insert an ``Instance`` row from ``record`` and the storage ``fields`` (``path``, ``size_bytes``,
     ``origin``, ``disposition``, ...), or from ``fields`` alone; ``False`` (and nothing changed) if its SOP
@@ -77,7 +80,9 @@ def add_instances(session: Session, rows: Iterable[tuple[InstanceRecord, dict[st
 def _instance_values(record: InstanceRecord | None, fields: dict[str, Any]) -> dict[str, Any]:
     """The row of ``record`` and ``fields``, refusing unknown or missing fields with their names."""
     if record is not None:
-        fields = asdict(record) | fields
+        # the record's values are plain strings and numbers: a shallow copy is ``asdict``'s without its
+        # recursive deep copy (the listener and the worker add a row per instance)
+        fields = {name: getattr(record, name) for name in _RECORD_FIELDS} | fields
     unknown = sorted(set(fields) - _COLUMNS)
     if unknown:
         raise TypeError(f"unknown Instance field(s): {', '.join(unknown)}")
