@@ -148,6 +148,8 @@ class Node:
     proc: subprocess.Popen | None = None
     #: Extra environment (``PACS_NODE__SECTION__KEY`` overrides of the config).
     env: dict[str, str] = field(default_factory=dict)
+    #: The checkout whose code runs (another one, e.g. a worktree of main, for a before/after run).
+    repo: Path = REPO
 
     @property
     def log_path(self) -> Path:
@@ -175,7 +177,7 @@ port = {self.http_port}
         self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "pacs-node.toml"
         config.write_text(self.config_text())
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo), os.environ.get("PYTHONPATH")]))}
         env.pop("PACS_NODE_CONFIG", None)
         env.update(self.env)
         with open(self.log_path, "ab") as log:

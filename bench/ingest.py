@@ -35,6 +35,7 @@ from pathlib import Path
 
 from bench.common import (
     CACHE,
+    REPO,
     BenchError,
     Node,
     StoreSCP,
@@ -132,8 +133,11 @@ def _wait_for_listeners(node: Node, count: int, timeout: float = 180.0) -> None:
         time.sleep(0.2)
 
 
-def measure_node(work: Path, files: list[Path], nbytes: int, senders: int, listeners: int = 1) -> Measurement:
-    node = Node(fresh_dir(work, "node"), NODE_TOML, env={"PACS_NODE__NODE__LISTENER_PROCESSES": str(listeners)})
+def measure_node(work: Path, files: list[Path], nbytes: int, senders: int, listeners: int = 1,
+                 baseline: Path | None = None) -> Measurement:
+    """The node's phase; with ``baseline``, the node of that checkout (receiver ``baseline``)."""
+    node = Node(fresh_dir(work, "node"), NODE_TOML, env={"PACS_NODE__NODE__LISTENER_PROCESSES": str(listeners)},
+                repo=baseline or REPO)
     with node:
         assert node.proc is not None
         _wait_for_listeners(node, listeners)
@@ -143,7 +147,7 @@ def measure_node(work: Path, files: list[Path], nbytes: int, senders: int, liste
     stored = files_under(node.data_dir / "store")
     if stored != len(files):
         raise BenchError(f"the node stored {stored} of {len(files)} files\n{node.log_tail()}")
-    return Measurement("node", senders, seconds, len(files), nbytes, cpu_s=cpu)
+    return Measurement("baseline" if baseline else "node", senders, seconds, len(files), nbytes, cpu_s=cpu)
 
 
 def measure_export(work: Path, files: list[Path], nbytes: int) -> Measurement:
@@ -185,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs of every phase; the median is reported")
     p.add_argument("--listener-processes", type=int, default=1,
                    help="the node's node.listener_processes (SO_REUSEPORT listeners; default 1)")
+    p.add_argument("--baseline", type=Path,
+                   help="another checkout (e.g. a worktree of main): its node runs beside this one's in every "
+                        "repeat, for a before/after comparison in one run (receiver 'baseline')")
     p.add_argument("--workdir", type=Path, default=CACHE / "ingest-run",
                    help="where the receivers write (the filesystem under test); emptied per phase")
     p.add_argument("--cache", type=Path, default=CACHE, help="where generated inputs are kept between runs")
@@ -207,14 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
 
+    if args.baseline is not None and not (args.baseline / "pacs_node").is_dir():
+        raise BenchError(f"--baseline {args.baseline} is not a checkout of this project")
+    load_before = os.getloadavg()[0]
     dd_runs: list[float] = []
     runs: dict[tuple[str, int], list[Measurement]] = {}
     sender_counts = sorted({1, args.senders})
-    for _ in range(args.repeat):
+    for repeat in range(args.repeat):
         dd_runs.append(nbytes / MB / dd_fsync(work, nbytes))
         for senders in sender_counts:
-            for m in (measure_storescp(work, files, nbytes, senders),
-                      measure_node(work, files, nbytes, senders, args.listener_processes)):
+            phases = [measure_storescp(work, files, nbytes, senders)]
+            # this node and the baseline take turns going first, so neither always follows the other
+            turns = [None] if args.baseline is None else [None, args.baseline][:: 1 if repeat % 2 == 0 else -1]
+            for baseline in turns:
+                phases.append(measure_node(work, files, nbytes, senders, args.listener_processes, baseline))
+            for m in phases:
                 runs.setdefault((m.receiver, senders), []).append(m)
         if args.tiny:
             m = measure_export(work, files, nbytes)
@@ -227,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         return ms[len(ms) // 2]
 
     dd_mb_s = statistics.median(dd_runs)
-    results = [median(r, s) for s in sender_counts for r in ("storescp", "node")]
+    receivers = ("storescp", "node", "baseline") if args.baseline is not None else ("storescp", "node")
+    results = [median(r, s) for s in sender_counts for r in receivers]
     if args.tiny:
         results.append(median("export", 1))
     by = {(m.receiver, m.senders): m for m in results}
@@ -238,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         f"node_{par}_senders_vs_dd_fsync": by[("node", par)].mb_s / dd_mb_s,
         f"node_{par}_senders_vs_1_sender": by[("node", par)].mb_s / by[("node", 1)].mb_s,
     }
+    if args.baseline is not None:
+        ratios.update({
+            "node_vs_baseline_1_sender": by[("node", 1)].mb_s / by[("baseline", 1)].mb_s,
+            f"node_vs_baseline_{par}_senders": by[("node", par)].mb_s / by[("baseline", par)].mb_s,
+            f"baseline_{par}_senders_vs_1_sender": by[("baseline", par)].mb_s / by[("baseline", 1)].mb_s,
+            f"baseline_{par}_senders_vs_dd_fsync": by[("baseline", par)].mb_s / dd_mb_s,
+        })
     if args.tiny:
         goals = {
             "node_1_sender_at_least_200_images_s": by[("node", 1)].images_s >= 200,
@@ -266,8 +288,12 @@ def main(argv: list[str] | None = None) -> int:
                      "cpu_ms_per_image": None if m.cpu_s is None else round(m.cpu_s / m.images * 1e3, 2)}
                     for m in results],
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "all_mb_s": {f"{receiver}/{senders}": [round(m.mb_s, 1) for m in ms] for (receiver, senders), ms in runs.items()},
+        "dd_all_mb_s": [round(v, 1) for v in dd_runs],
         "tiny": args.tiny,
         "listener_processes": args.listener_processes,
+        "baseline": None if args.baseline is None else str(args.baseline),
+        "load_average_1m_before": round(load_before, 2),
         "goals": goals,
     }
     rows = [("dd conv=fsync", "-", "-", f"{dd_mb_s:.1f}", "", "")]
@@ -275,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
               "" if m.cpu_s is None else f"{m.cpu_s / m.images * 1e3:.2f}") for m in results]
     emit(result, ("receiver", "senders", "images/s", "MB/s", "of dd", "CPU ms/image"), rows,
          title=f"ingest: {args.count} x {args.rows}x{args.cols} 16-bit ({nbytes / MB:.0f} MB) on "
-               f"{result['device']}; median of {args.repeat}")
+               f"{result['device']}; median of {args.repeat}; load average {load_before:.1f} before, "
+               f"{info['load_average_1m']:.1f} after")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
     return 0

@@ -330,6 +330,10 @@ class ExportConfig(Section):
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     #: Results one thread takes at once and sends on one association per destination.
     batch_size: Annotated[int, Field(ge=1, le=1000)] = 32
+    #: An association with a destination stays open this long after its last batch, for the next one
+    #: (opening one per batch was most of the exporter's work at a GPU's rate); 0 closes it after each
+    #: batch. At most half of ``timeout_s`` is used: pynetdicom aborts an association idle that long.
+    keep_open_s: Annotated[float, Field(ge=0)] = 1.0
 
     _legacy = model_validator(mode="before")(classmethod(lambda cls, data: _legacy_attempts(data, "retries")))
 

@@ -46,15 +46,22 @@ FINISHED_STATES = (JobState.DONE, JobState.CANCELLED, JobState.DEAD)
 #: ``last_error`` is kept to this many characters (a traceback can be long; the row should not be).
 MAX_ERROR_CHARS = 4000
 
-#: ``cancel_waiting``'s statement, built once (the listener runs it for every instance it receives).
+#: ``cancel_waiting``'s statement, built once (the listener runs it for every instance it receives);
+#: parameters ``pattern`` (:func:`prefix_pattern`), ``keep`` and ``now``.
 _JOBS = Job.__table__
-_CANCEL_WAITING = (
+CANCEL_WAITING = (
     update(_JOBS)
     .where(_JOBS.c.dedupe_key.like(bindparam("pattern"), escape="\\"), _JOBS.c.dedupe_key != bindparam("keep"),
-           _JOBS.c.state.in_(_WAITING))
+           or_(*(_JOBS.c.state == state for state in _WAITING)))  # (an IN would compile to an expanding parameter)
     .values(state=JobState.CANCELLED.value, finished_at=bindparam("now"), updated_at=bindparam("now"),
             last_error="superseded by a later instance of the study")
 )
+
+
+def prefix_pattern(prefix: str) -> str:
+    """The ``LIKE`` pattern (escape character ``\\``) matching every ``dedupe_key`` that starts with
+    ``prefix``."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 @dataclass(frozen=True)
@@ -237,7 +244,7 @@ class JobQueue:
         transaction (on PostgreSQL an IntegrityError would poison it). Higher ``priority`` runs first;
         ``not_before`` (naive UTC) delays it, e.g. until a study has settled.
         """
-        values = self._row(kind=kind, sop_instance_uid=sop_instance_uid, dedupe_key=dedupe_key,
+        values = self.job_row(kind=kind, sop_instance_uid=sop_instance_uid, dedupe_key=dedupe_key,
                            destination=destination, payload=payload, max_attempts=max_attempts, priority=priority,
                            not_before=not_before)
         return insert_returning_id(session, Job, values, "dedupe_key")
@@ -246,12 +253,13 @@ class JobQueue:
         """:meth:`enqueue` for many jobs inside the caller's transaction, in one statement executed for all
         (each mapping holds ``enqueue``'s keyword arguments); a ``dedupe_key`` that exists is skipped the
         same way. No ids come back: a batch of export jobs is logged by its results."""
-        insert_many_if_absent(session, Job, [self._row(**job) for job in jobs], "dedupe_key")
+        insert_many_if_absent(session, Job, [self.job_row(**job) for job in jobs], "dedupe_key")
 
-    def _row(self, *, kind: JobKind | str, sop_instance_uid: str, dedupe_key: str, destination: str | None = None,
+    def job_row(self, *, kind: JobKind | str, sop_instance_uid: str, dedupe_key: str, destination: str | None = None,
              payload: Mapping[str, Any] | None = None, max_attempts: int = 5, priority: int = 0,
              not_before: datetime | None = None) -> dict[str, Any]:
-        """A new job's row."""
+        """A new job's row, as :meth:`enqueue` inserts it (``storage.receiving`` inserts the listener's
+        analysis jobs itself, with a statement compiled once)."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts!r}")
         now = self._clock()
@@ -275,9 +283,8 @@ class JobQueue:
         ``dedupe_prefix``, except ``keep``: the analysis of a study's earlier set of instances, made moot
         by a later one. Returns how many were cancelled."""
         now = self._clock()
-        pattern = dedupe_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         result = session.connection(bind_arguments={"mapper": Job}).execute(
-            _CANCEL_WAITING, {"pattern": pattern, "keep": keep, "now": now})
+            CANCEL_WAITING, {"pattern": prefix_pattern(dedupe_prefix), "keep": keep, "now": now})
         return rowcount(result)
 
     # -- working ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def touch_study(session: Session, study_instance_uid: str, now: datetime, settle
     """Record that an instance of the study arrived ``now``: create its row or push its settle time out,
     and (re-)open it for analysis."""
     connection = session.connection(bind_arguments={"mapper": Study})
-    connection.execute(_touch_statement(connection.dialect.name), {
+    connection.execute(touch_statement(connection.dialect.name), {
         "study_instance_uid": study_instance_uid, "state": StudyState.COLLECTING.value, "first_received_at": now,
         "last_received_at": now, "settle_due": settle_due, "version": 0, "analysis": {},
     })
@@ -42,23 +42,24 @@ def touch_study(session: Session, study_instance_uid: str, now: datetime, settle
 def set_pending(session: Session, study_instance_uid: str, set_hash: str) -> None:
     """The set of instances the study's pending analysis job will read."""
     session.connection(bind_arguments={"mapper": Study}).execute(
-        _SET_PENDING, {"study": study_instance_uid, "pending_set_hash": set_hash})
+        SET_PENDING, {"study": study_instance_uid, "pending_set_hash": set_hash})
 
 
 def study_image_uids(session: Session, study_instance_uid: str) -> list[str]:
     """The received instances of the study that the acceptance policy took for analysis, oldest first."""
     rows = session.connection(bind_arguments={"mapper": Instance}).execute(
-        _STUDY_IMAGE_UIDS, {"study": study_instance_uid})
+        STUDY_IMAGE_UIDS, {"study": study_instance_uid})
     return [uid for (uid,) in rows]
 
 
 # The listener runs the statements above for every instance it receives: they are built once (and so
-# compiled once), on the tables rather than the ORM classes, and executed on the session's connection.
+# compiled once), on the tables rather than the ORM classes, and executed on the session's connection
+# (or, compiled for the driver, by ``storage.receiving``).
 _STUDIES = cast(Table, Study.__table__)
 _INSTANCES = cast(Table, Instance.__table__)
-_SET_PENDING = (update(_STUDIES).where(_STUDIES.c.study_instance_uid == bindparam("study"))
-                .values(set_hash=bindparam("pending_set_hash")))
-_STUDY_IMAGE_UIDS = (
+SET_PENDING = (update(_STUDIES).where(_STUDIES.c.study_instance_uid == bindparam("study"))
+               .values(set_hash=bindparam("pending_set_hash")))
+STUDY_IMAGE_UIDS = (
     select(_INSTANCES.c.sop_instance_uid)
     .where(_INSTANCES.c.study_instance_uid == bindparam("study"),
            _INSTANCES.c.origin == Origin.RECEIVED.value, _INSTANCES.c.disposition == Disposition.QUEUED.value)
@@ -67,7 +68,7 @@ _STUDY_IMAGE_UIDS = (
 
 
 @lru_cache(maxsize=None)
-def _touch_statement(dialect: str) -> Any:
+def touch_statement(dialect: str) -> Any:
     """The study's upsert: a new row, or the arrival time, settle time and state of the existing one."""
     dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
     if dialect_insert is None:

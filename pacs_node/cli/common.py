@@ -82,6 +82,14 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(jsonable(value), indent=2) + "\n")
 
 
+def print_outcome(as_json: bool, value: dict[str, Any], text: str) -> None:
+    """A command's outcome: ``value`` for a script (``--json``), ``text`` for a person."""
+    if as_json:
+        print_json(value)
+    else:
+        out.print(text)
+
+
 def db_errors(fn: _F) -> _F:
     """Turn a database error into one line that says what to do, instead of a traceback."""
 

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pacs_node.cli.common import JsonOpt, db_errors, fail, jsonable, out, parse_duration, print_json, runtime, settings
+from pacs_node.cli.common import (JsonOpt, db_errors, fail, jsonable, out, parse_duration, print_json, print_outcome,
+                                   runtime, settings)
 from pacs_node.ops import admin
 
 app = typer.Typer(help="Inspect and steer the job queue.", no_args_is_help=True)
@@ -81,10 +82,7 @@ def queue_retry(
         n = admin.retry_all_failed(rt) if all_failed else int(admin.retry_job(rt, job_id))
     except admin.NotFound as exc:
         fail(str(exc))
-    if as_json:
-        print_json({"retried": n})
-    else:
-        out.print(f"{n} job(s) queued again")
+    print_outcome(as_json, {"retried": n}, f"{n} job(s) queued again")
     if job_id is not None and n == 0:
         raise typer.Exit(1)
 
@@ -98,10 +96,8 @@ def queue_cancel(job_id: int, as_json: JsonOpt = False) -> None:
         ok = admin.cancel_job(rt, job_id)
     except admin.NotFound:
         ok = False
-    if as_json:
-        print_json({"cancelled": ok})
-    else:
-        out.print("cancelled" if ok else f"job {job_id} is not cancellable (unknown or already finished)")
+    print_outcome(as_json, {"cancelled": ok},
+                  "cancelled" if ok else f"job {job_id} is not cancellable (unknown or already finished)")
     raise typer.Exit(0 if ok else 1)
 
 
@@ -115,7 +111,4 @@ def queue_purge(
     age = parse_duration(older_than)
     rt = runtime(settings())
     n = admin.purge_jobs(rt, age)
-    if as_json:
-        print_json({"purged": n})
-    else:
-        out.print(f"{n} job(s) purged")
+    print_outcome(as_json, {"purged": n}, f"{n} job(s) purged")

@@ -3,13 +3,13 @@ it, and doing that again (the operations live in :mod:`pacs_node.ops.admin`, sha
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from pydicom.uid import UID
 from rich.table import Table
 
-from pacs_node.cli.common import JsonOpt, db_errors, fail, out, print_json, runtime, settings
+from pacs_node.cli.common import JsonOpt, db_errors, fail, out, print_json, print_outcome, runtime, settings
 from pacs_node.ops import admin
 
 
@@ -33,29 +33,6 @@ def stats(as_json: JsonOpt = False) -> None:
         table.add_row(row["kind"], row["state"], str(row["count"]))
     out.print(table)
     out.print(f"store {data['store']['path']}: {data['store']['free_bytes'] / 1e9:.1f} GB free")
-
-
-def _analysis(rt: ServerContext, sop_instance_uid: str, history: Analysis | None) -> list[dict[str, Any]]:
-    """An instance's analysis: its lasting record (kept after ``queue purge``), else the job in flight."""
-    if history is not None:
-        return jsonable([{"id": history.job_id, "state": history.state, "attempts": history.attempts,
-                          "finished_at": history.finished_at, "last_error": history.last_error}])
-    return jsonable([{"id": j.id, "state": j.state, "attempts": j.attempts, "finished_at": j.finished_at,
-                      "last_error": j.last_error} for j in rt.queue.for_instance(sop_instance_uid)])
-
-
-def _deliveries(rt: ServerContext, sop_instance_uid: str, history: list[Delivery]) -> list[dict[str, Any]]:
-    """A result's deliveries: each destination's lasting record, plus jobs not attempted yet."""
-    rows = [{"id": d.job_id, "destination": d.destination, "state": d.state, "attempts": d.attempts,
-             "first_attempt_at": d.first_attempt_at, "last_attempt_at": d.last_attempt_at,
-             "delivered_at": d.delivered_at, "last_error": d.last_error, "commitment": d.commitment,
-             "committed_at": d.committed_at} for d in history]
-    recorded = {d.destination for d in history}
-    rows += [{"id": j.id, "destination": j.destination, "state": j.state, "attempts": j.attempts,
-              "first_attempt_at": None, "last_attempt_at": None, "delivered_at": None, "last_error": j.last_error,
-              "commitment": None, "committed_at": None}
-             for j in rt.queue.for_instance(sop_instance_uid) if j.destination not in recorded]
-    return jsonable(rows)
 
 
 @db_errors
@@ -127,10 +104,7 @@ def reanalyse(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.
         n = admin.reanalyse(runtime(settings()), study_uid)
     except admin.AdminError as exc:
         fail(str(exc))
-    if as_json:
-        print_json({"queued": n})
-    else:
-        out.print(f"{n} analysis job(s) queued")
+    print_outcome(as_json, {"queued": n}, f"{n} analysis job(s) queued")
 
 
 @db_errors
@@ -142,7 +116,4 @@ def resend(study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")]
         n = admin.resend(runtime(settings()), study_uid, peer)
     except admin.AdminError as exc:
         fail(str(exc))
-    if as_json:
-        print_json({"queued": n})
-    else:
-        out.print(f"{n} export job(s) queued for {peer}")
+    print_outcome(as_json, {"queued": n}, f"{n} export job(s) queued for {peer}")

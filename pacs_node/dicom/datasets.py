@@ -17,17 +17,19 @@ fragment, instead of by a decoder after it has allocated hundreds of megabytes.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from functools import lru_cache
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_file_meta_info, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.valuerep import AMBIGUOUS_VR
 
@@ -42,6 +44,12 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Below this inflated size the ratio is not checked: a small dataset of zeros compresses very well.
 _RATIO_FLOOR = 16 * 1024 * 1024
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+#: The Pixel Data tags as they are encoded, little and big endian.
+_PIXEL_TAG_BYTES = frozenset(struct.pack(order, tag >> 16, tag & 0xFFFF)
+                             for tag in _PIXEL_TAGS for order in ("<HH", ">HH"))
+#: Bytes read at once for the header of a dataset that is not Deflated (a radiograph's attributes take a
+#: few kilobytes; more than this are read from the file).
+_HEADER_PROBE = 64 * 1024
 #: Bytes of the dataset kept in ``Header.dataset_head``: an explicit VR element's tag and VR.
 _DATASET_HEAD = 6
 
@@ -119,6 +127,9 @@ def read_header(path: Path, limits: InflateLimits) -> Header:
 
     A Deflated dataset is inflated once, in bounded chunks, all the way to its end (so a bomb or a
     truncated stream is refused now, before the sender is told its image is safe)."""
+    in_memory = _read_header_in_memory(path)
+    if in_memory is not None:
+        return in_memory
     meta = read_file_meta_info(path)
     syntax = meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_deflated:
@@ -153,6 +164,37 @@ def read_header(path: Path, limits: InflateLimits) -> Header:
     ds = FileDataset(str(path), dataset, preamble, meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return Header(ds, total, None)
+
+
+def _read_header_in_memory(path: Path) -> Header | None:
+    """:func:`read_header` of a dataset that is not Deflated from its first :data:`_HEADER_PROBE` bytes,
+    read at once; ``None`` when the file must be read as a file (Deflated, attributes before Pixel Data
+    beyond the probe, anything pydicom does not read cleanly: that path says why).
+
+    pydicom reading a file asks the kernel for its position at every element (``tell`` on a buffered
+    file is a system call): ~90 calls for a small header, twice the file opened. From memory the same
+    bytes give the same dataset: it is used only when pydicom stopped at Pixel Data inside the probe, or
+    the probe is the whole file."""
+    with open(path, "rb", buffering=0) as fp:
+        prefix = fp.read(_HEADER_PROBE)
+        end = os.fstat(fp.fileno()).st_size
+    buffer = io.BytesIO(prefix)
+    try:
+        if read_preamble(buffer, False) is None:
+            return None
+        syntax = _read_file_meta_info(buffer).get("TransferSyntaxUID")
+        if syntax is not None and syntax.is_deflated:
+            return None
+        buffer.seek(0)
+        ds = pydicom.dcmread(buffer, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 (read from the file, which raises what it raises)
+        return None
+    position = buffer.tell()
+    if len(prefix) < end and prefix[position:position + 4] not in _PIXEL_TAG_BYTES:
+        return None  # ran out of probe before Pixel Data
+    ds.filename = str(path)
+    offset = _dataset_offset(ds.file_meta) if "FileMetaInformationGroupLength" in ds.file_meta else 0
+    return Header(ds, end - offset, position if position < end else None, prefix[offset:offset + _DATASET_HEAD])
 
 
 def check_inflated_size(path: Path, limits: InflateLimits) -> None:
@@ -252,14 +294,15 @@ def pixel_value_prefix(path: Path, pixel_offset: int) -> bytes:
         return fp.read(_FRAGMENT_PROBE + 1024)
 
 
-#: Raw elements whose conversion by pydicom is known to succeed: (tag, VR, encoded value, implicit VR,
-#: little endian, character sets). A second dataset holding the same element converts it the same way.
-_CONVERTIBLE: dict[tuple[object, ...], None] = {}
+#: The values pydicom converted raw elements to, by (tag, VR, encoded value, implicit VR, little endian,
+#: character sets): a second dataset holding the same element converts it the same way. Values are shared
+#: between datasets, so only for reading (:func:`header_value`).
+_CONVERTED: dict[tuple[object, ...], Any] = {}
 #: Entries kept before the memo starts again (a few hundred kilobytes; a modality's images share most
 #: of their elements, their UIDs and dates differ).
-_CONVERTIBLE_KEPT = 8192
+_CONVERTED_KEPT = 8192
 #: Longest value remembered.
-_CONVERTIBLE_VALUE_BYTES = 128
+_CONVERTED_VALUE_BYTES = 128
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 
 
@@ -280,6 +323,30 @@ def _memo_vr(raw: RawDataElement) -> str | None:
     return vr
 
 
+def _character_sets(ds: Dataset) -> object:
+    """The character sets ``ds``'s text elements are converted with, as a memo key (Specific Character
+    Set converted first, as pydicom does)."""
+    ds.get(_SPECIFIC_CHARACTER_SET)
+    charset = ds.original_character_set or ds._character_set
+    return tuple(charset) if isinstance(charset, list) else charset
+
+
+def _conversion_key(raw: RawDataElement, charsets: object) -> tuple[object, ...] | None:
+    """What the conversion of ``raw`` depends on, ``None`` when that is more than this (see :func:`_memo_vr`)
+    or its value is too long to remember."""
+    vr = _memo_vr(raw)
+    value = raw.value
+    if vr is None or value is None or len(value) > _CONVERTED_VALUE_BYTES:
+        return None
+    return (raw.tag, vr, value, raw.is_implicit_VR, raw.is_little_endian, charsets)
+
+
+def _remember(key: tuple[object, ...], value: Any) -> None:
+    if len(_CONVERTED) >= _CONVERTED_KEPT:
+        _CONVERTED.clear()
+    _CONVERTED[key] = value
+
+
 def decode_every_element(ds: Dataset) -> None:
     """Convert every top-level element of ``ds`` from its raw form, as ``for _ in ds`` does: an element
     pydicom cannot convert raises now.
@@ -288,24 +355,44 @@ def decode_every_element(ds: Dataset) -> None:
     most of them the same bytes in every image from one modality. An element converted successfully
     before (same tag, VR, bytes, encoding and character sets; see :func:`_memo_vr` for what else its
     conversion could depend on, and those are always converted) is left raw: its conversion, whenever
-    something reads it, gives what it gave before. Assumes pydicom's configuration does not change
-    while the process runs (the node never changes it)."""
-    ds.get(_SPECIFIC_CHARACTER_SET)  # the character sets every other text element is converted with
-    charset = ds.original_character_set or ds._character_set
-    charsets = tuple(charset) if isinstance(charset, list) else charset
+    something reads it, gives what it gave before (and :func:`header_value` reads the value it gave).
+    Assumes pydicom's configuration does not change while the process runs (the node never changes it)."""
+    charsets = _character_sets(ds)
     for tag in ds.keys():
         raw = ds.get_item(tag)
         if not isinstance(raw, RawDataElement):
             continue
-        vr = _memo_vr(raw)
-        value = raw.value
-        if vr is None or value is None or len(value) > _CONVERTIBLE_VALUE_BYTES:
+        key = _conversion_key(raw, charsets)
+        if key is None:
             ds[tag]
-            continue
-        key = (raw.tag, vr, value, raw.is_implicit_VR, raw.is_little_endian, charsets)
-        if key in _CONVERTIBLE:
-            continue
-        ds[tag]
-        if len(_CONVERTIBLE) >= _CONVERTIBLE_KEPT:
-            _CONVERTIBLE.clear()
-        _CONVERTIBLE[key] = None
+        elif key not in _CONVERTED:
+            _remember(key, ds[tag].value)
+
+
+def header_value(ds: Dataset, keyword: str) -> Any:
+    """``ds.get(keyword)``: the element's value, ``None`` when absent; an element converted before in
+    another dataset (same bytes, see :func:`decode_every_element`) is not converted again. The value may
+    be shared with other datasets: read it, never change it."""
+    tag = _keyword_tag(keyword)
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if not isinstance(elem, RawDataElement):
+        return elem.value
+    key = _conversion_key(elem, _character_sets(ds))
+    if key is None:
+        return ds[tag].value
+    try:
+        return _CONVERTED[key]
+    except KeyError:
+        value = ds[tag].value
+        _remember(key, value)
+        return value
+
+
+@lru_cache(maxsize=None)
+def _keyword_tag(keyword: str) -> BaseTag:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"{keyword!r} is not a DICOM keyword")
+    return BaseTag(tag)

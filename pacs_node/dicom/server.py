@@ -9,6 +9,7 @@ sender should feel when the disk or database is slow.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from pynetdicom import evt
@@ -65,6 +66,9 @@ class Listener:
         # pynetdicom writes arriving datasets into the store's temp directory, so filing is a rename.
         self.spool = ReceiveSpool(runtime.incoming_dir)
         self._server: GuardedAssociationServer | None = None
+        #: The C-STORE statuses answered on each live association (by its ``id``), for the line logged
+        #: when it ends.
+        self._answered: dict[int, Counter[int]] = {}
 
     # -- event handlers ----------------------------------------------------------------------------
 
@@ -100,7 +104,20 @@ class Listener:
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             path.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
-        return self.ingestor.ingest(path, str(event.request.AffectedSOPInstanceUID), caller)
+        status = self.ingestor.ingest(path, str(event.request.AffectedSOPInstanceUID), caller)
+        answered = self._answered.get(id(event.assoc))
+        if answered is None:
+            answered = self._answered[id(event.assoc)] = Counter()
+        answered[status] += 1
+        return status
+
+    def _on_closed(self, event: Event) -> None:
+        """One INFO line per association that stored: how many C-STOREs it was answered, by status."""
+        answered = self._answered.pop(id(event.assoc), None)
+        if answered:
+            requestor = event.assoc.requestor
+            log.info("association from %s at %s ended: C-STORE answered %s", str(requestor.ae_title).strip(),
+                     requestor.address, ", ".join(f"0x{status:04X} x {n}" for status, n in sorted(answered.items())))
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -110,6 +127,7 @@ class Listener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_N_ACTION, self._commitment.on_n_action),
             (evt.EVT_N_EVENT_REPORT, self._commitment.on_n_event_report),
             *self._qr_handlers,

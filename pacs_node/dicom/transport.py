@@ -44,10 +44,12 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacs_node.dicom.adjustments import wake_reactors_early
+from pacs_node.dicom.receiving import SpoolingDUL
 from pacs_node.dicom.spooling import ReceiveSpool
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,20 @@ class ServerAssociationSocket(AssociationSocket):
             data += chunk
         return data
 
+    def recv_into(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` from the socket, the kernel copying straight into it (the GIL released);
+        blocks until it is full, returns fewer bytes only when the peer closed the connection
+        (:mod:`pacs_node.dicom.receiving` receives data set fragments so)."""
+        sock = self.socket
+        assert sock is not None
+        got = 0
+        while got < len(buffer):
+            count = sock.recv_into(buffer[got:got + RECV_CHUNK])
+            if not count:
+                break
+            got += count
+        return got
+
     @property
     def ready(self) -> bool:
         """pynetdicom's ``ready`` (data waiting in the kernel), or bytes the doorman read and gave back."""
@@ -95,13 +111,17 @@ class ServerAssociationSocket(AssociationSocket):
 
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, with the accepted association reading through a
-    :class:`ServerAssociationSocket` (it adds no state, so the socket pynetdicom built is re-classed)."""
+    :class:`ServerAssociationSocket` and spooling C-STORE data sets through a
+    :class:`pacs_node.dicom.receiving.SpoolingDUL` (neither adds state, so the socket and DUL pynetdicom
+    built are re-classed)."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         sock = assoc.dul.socket
         assert sock is not None and type(sock) is AssociationSocket
         sock.__class__ = ServerAssociationSocket
+        assert type(assoc.dul) is DULServiceProvider
+        assoc.dul.__class__ = SpoolingDUL
         wake_reactors_early(assoc)
         self.association = assoc
         return assoc
@@ -203,7 +223,7 @@ class PduDeadline(TimeoutError):
 class _PduLimit:
     """Mixin for a socket class: ``recv`` raises :class:`PduTooLarge` on an oversized PDU header and
     :class:`PduDeadline` when a PDU takes longer than ``pdu_deadline_s`` from its first byte to its last;
-    it serves ``pushback`` (bytes the doorman read) before the kernel's.
+    it serves ``pushback`` (bytes the doorman read) before the kernel's. ``recv_into`` does the same.
 
     Framing is followed byte by byte, so it holds however the reader splits its reads."""
 
@@ -220,21 +240,41 @@ class _PduLimit:
         if self.pushback:
             data, self.pushback = self.pushback[:bufsize], self.pushback[bufsize:]
         else:
-            if self._deadline is not None:
-                left = self._deadline - time.monotonic()
-                if left <= 0:
-                    raise PduDeadline(f"a PDU took longer than {self.pdu_deadline_s:g} s to arrive")
-                idle = self.idle_timeout_s
-                self.settimeout(left if idle is None else min(left, idle))  # type: ignore[attr-defined]
-                self._shortened = True
+            self._arm_deadline()
             data = super().recv(bufsize, flags)  # type: ignore[misc]
         self._follow(data)
+        self._disarm_deadline()
+        return data
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
+        """``recv`` into ``buffer``: the same limit, deadline and pushback, without a copy."""
+        if self.pushback:
+            data = self.recv(nbytes or len(buffer), flags)
+            buffer[:len(data)] = data
+            return len(data)
+        self._arm_deadline()
+        count = super().recv_into(buffer, nbytes or len(buffer), flags)  # type: ignore[misc]
+        self._follow(buffer[:count])
+        self._disarm_deadline()
+        return int(count)
+
+    def _arm_deadline(self) -> None:
+        """Within a PDU, the socket's timeout is what is left of its deadline (or the idle timeout)."""
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise PduDeadline(f"a PDU took longer than {self.pdu_deadline_s:g} s to arrive")
+            idle = self.idle_timeout_s
+            self.settimeout(left if idle is None else min(left, idle))  # type: ignore[attr-defined]
+            self._shortened = True
+
+    def _disarm_deadline(self) -> None:
+        """Between PDUs, the idle timeout again."""
         if self._deadline is None and self._shortened:
             self.settimeout(self.idle_timeout_s)  # type: ignore[attr-defined]
             self._shortened = False
-        return data
 
-    def _follow(self, data: bytes) -> None:
+    def _follow(self, data: bytes | memoryview) -> None:
         """Track PDU framing over ``data``; start a PDU's deadline at its first byte, end it at its last."""
         view = memoryview(data)
         while view:

@@ -25,7 +25,6 @@ from pacs_node.results import build_study_objects
 from pacs_node.results.options import ResultOptions
 from pacs_node.results.study import StudyReport
 from pacs_node.results.templates import TEMPLATES
-from pacs_node.work.instance_record import instance_record
 from storage.repository import InstanceRecord
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class Built:
 def build_encoded(study: StudyReport, options: ResultOptions) -> list[Built]:
     """The result objects of one analysis of a study, encoded (runs in a builder process): from this
     process's templates where the study's shape has one, else by ``build_study_objects``."""
-    return [Built(instance_record(obj.header), obj.data)
+    return [Built(obj.fields, obj.data)
             for obj in TEMPLATES.encoded_study_objects(study, options, build=build_study_objects)]
 
 

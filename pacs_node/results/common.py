@@ -201,8 +201,13 @@ def identity_kwargs(report: StudyReport, kind: str) -> dict[str, object]:
         "series_instance_uid": result_series_uid(report.first_image.StudyInstanceUID, outcome.model_name,
                                                  outcome.model_version, kind),
         "sop_instance_uid": result_uid(report.subject, outcome.model_name, outcome.model_version, kind),
-        "instance_number": max(int(report.version), 1),
+        "instance_number": instance_number(report),
     }
+
+
+def instance_number(report: StudyReport) -> int:
+    """The Instance Number of every object of ``report``: the analysis' version within the study."""
+    return max(int(report.version), 1)
 
 
 def previous_versions(report: StudyReport, kind: str) -> list[Dataset] | None:

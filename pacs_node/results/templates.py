@@ -20,8 +20,11 @@ How, and why it cannot silently go wrong:
   named value computed cheaply from the study (:func:`facts`), or no template is made. The template is
   then rendered for both studies and must reproduce pydicom's bytes for both exactly, or it is dropped.
 * A template is only a list of encoded segments and slots: sequences and items keep pydicom's defined
-  lengths, which rendering recomputes; text is encoded in the object's Specific Character Set (a
-  non-ASCII value goes through pydicom's own encoder).
+  lengths, which rendering recomputes (all at once, from one running sum of the slots' lengths); text is
+  encoded in the object's Specific Character Set (a non-ASCII value goes through pydicom's own encoder,
+  once per study for all its objects).
+* What an object's database row records is read from the values its elements hold, as
+  :func:`~pacs_node.work.instance_record.instance_record` reads it from a dataset; no dataset is made.
 
 Templates live in the process that made them (each spawned builder makes its own) behind a lock, at most
 :data:`MAX_TEMPLATES` shapes, the least recently used dropped first.
@@ -29,9 +32,9 @@ Templates live in the process that made them (each spawned builder makes its own
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
+import functools
 import io
 import logging
 import re
@@ -40,6 +43,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import itemgetter
 from typing import Any
 
 from pydicom import DataElement, Dataset, config
@@ -49,18 +54,21 @@ from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pydicom.valuerep import DA, DS, DT, TM, PersonName
+from pydicom.valuerep import DA, DS, DT, TM, DSfloat, PersonName
 
 from pacs_node.results.build import build_study_objects
-from pacs_node.results.common import character_set_kwargs, clipped_box, identity_kwargs, rectangle_polyline
+from pacs_node.results.common import (character_set_kwargs, clipped_box, identity_kwargs, instance_number,
+                                      rectangle_polyline)
 from pacs_node.results.kos import flagged_findings, kos_description
 from pacs_node.results.narrative_sr import image_comment_lines, not_interpreted_text, unique_sentences
 from pacs_node.results.options import ResultOptions
 from pacs_node.results.study import StudyReport
 from pacs_node.results.uids import derived_uid
 from pacs_node.results import vocabulary as voc
+from pacs_node.work.instance_record import COLUMNS, DEFAULT_TRANSFER_SYNTAX, column_value, instance_record
 from pipelines.constants import CHEXPERT_LABELS
 from pipelines.interface import ImageResult, NotInterpreted
+from storage.repository import InstanceRecord
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +124,8 @@ class _Walk:
         self.utf8 = utf8
         self.tokens: list[object] = []
         self._numbers: dict[tuple[str, object], int] = {}
+        #: the top-level elements of each evidence header by tag, as the walk met them
+        self.sources: list[dict[int, DataElement]] = []
 
     def number(self, kind: str, value: object) -> int:
         key = (kind, value)
@@ -131,9 +141,13 @@ class _Walk:
 
     # -- headers --------------------------------------------------------------------------------------------
 
-    def header(self, ds: Dataset) -> Dataset | None:
+    def header(self, ds: Dataset, evidence: bool = False) -> Dataset | None:
         out = Dataset() if self.seed is not None else None
+        if evidence:
+            self.sources.append(seen := {})
         for elem in ds:
+            if evidence:
+                seen[int(elem.tag)] = elem
             value = self.element(elem)
             if out is not None:
                 probed = DataElement(elem.tag, elem.VR, value)
@@ -155,15 +169,16 @@ class _Walk:
                 items.append(probed)
                 self.tokens.append("end")
             return Sequence(items) if self.seed is not None else value
-        empty = value is None or value == "" or (isinstance(value, (MultiValue, list)) and len(value) == 0)
-        self.tokens.append((tag, vr, len(value) if isinstance(value, (MultiValue, list)) else 1, empty))
+        multiple = isinstance(value, (MultiValue, list))  # (once: an ABC's instance check is not cheap)
+        empty = value is None or value == "" or (multiple and len(value) == 0)
+        self.tokens.append((tag, vr, len(value) if multiple else 1, empty))
         if empty:
             return value
         # (a private attribute selects nothing: no builder reads one)
         if tag in _SHAPE_TAGS or (vr in _SHAPE_VRS and tag not in _ROWS_COLUMNS and not elem.tag.is_private):
             self.tokens.append(str(value))
             return value
-        if isinstance(value, MultiValue):
+        if multiple and isinstance(value, MultiValue):
             values = [self.scalar(tag, vr, v) for v in value]
             return values if self.seed is not None else value
         return self.scalar(tag, vr, value)
@@ -209,11 +224,11 @@ class _Walk:
 
     def study(self, study: StudyReport) -> StudyReport | None:
         probing = self.seed is not None
-        analysed = self.header(study.analysed) if study.analysed is not None else None
+        analysed = self.header(study.analysed, True) if study.analysed is not None else None
         self.tokens.append(study.analysed is None)
         set_aside = []
         for header, reason in study.set_aside:
-            set_aside.append((self.header(header), self.text("reason", reason)))
+            set_aside.append((self.header(header, True), self.text("reason", reason)))
             self.tokens.append("aside")
         analysed_reason = self.text("reason", study.analysed_reason)
         subject = derived_uid("template-probe", str(self.seed), study.subject) if probing else study.subject
@@ -296,9 +311,15 @@ def _options_key(options: ResultOptions) -> tuple[object, ...]:
 
 def shape(study: StudyReport, options: ResultOptions) -> tuple[object, ...]:
     """What a template of ``study``'s objects is made for (see the module docstring)."""
+    return _survey(study, options)[0]
+
+
+def _survey(study: StudyReport, options: ResultOptions) -> tuple[tuple[object, ...], list[dict[int, DataElement]]]:
+    """:func:`shape`, and the top-level elements of each evidence header by tag, which the walk meets
+    anyway and :func:`facts` looks up without asking the datasets again."""
     walk = _Walk(options, None)
     walk.study(study)
-    return (_options_key(options), _generated_text_is_ascii(study.outcome), *walk.tokens)
+    return (_options_key(options), _generated_text_is_ascii(study.outcome), *walk.tokens), walk.sources
 
 
 def probe_of(study: StudyReport, options: ResultOptions, seed: int = 1) -> StudyReport:
@@ -312,25 +333,45 @@ def probe_of(study: StudyReport, options: ResultOptions, seed: int = 1) -> Study
 # -- the per-image values ------------------------------------------------------------------------------
 
 
-def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime) -> dict[str, Any]:
-    """Every value a result object of ``study`` may hold that is not fixed by its shape, by name."""
-    out: dict[str, Any] = {"now.date": str(DA(now.date())), "now.time": str(TM(now.time())),
-                           "now.datetime": str(DT(now))}
-    for i, header in enumerate(study.evidence):
-        for elem in header:
-            if not elem.is_empty:
-                out[f"e{i}.{int(elem.tag):08x}.{elem.VR}"] = elem.value
-                if elem.VR == "DS":  # as highdicom rewrites one (a window centre, a spacing): a float
-                    floats = [float(v) for v in elem.value] if elem.VM > 1 else float(elem.value)
-                    out[f"e{i}.{int(elem.tag):08x}.{elem.VR}.float"] = floats
+def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime,
+          wanted: frozenset[str] | None = None,
+          sources: list[dict[int, DataElement]] | None = None) -> dict[str, Any]:
+    """Every value a result object of ``study`` may hold that is not fixed by its shape, by name; with
+    ``wanted`` (the names a shape's templates hold), those only: a template holds a third of them (a
+    probability only where it is a finding, no source attribute that it does not copy), and some are
+    costly (a derived UID, a decimal string). ``sources``: the evidence headers' elements as
+    :func:`_survey` found them (else they are looked up in the headers)."""
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    out: dict[str, Any] = {}
+    if want("now.date"):
+        out["now.date"] = str(DA(now.date()))
+    if want("now.time"):
+        out["now.time"] = str(TM(now.time()))
+    if want("now.datetime"):
+        out["now.datetime"] = str(DT(now))
+    evidence = study.evidence
+    if wanted is None:
+        for i, header in enumerate(evidence):
+            for elem in header:
+                if not elem.is_empty:
+                    _source_facts(out, f"e{i}.{int(elem.tag):08x}.{elem.VR}", elem, True)
+    else:
+        headers: list[Dataset] | list[dict[int, DataElement]] = evidence if sources is None else sources
+        for i, tag, vr, name, as_float in _wanted_sources(wanted):
+            if i < len(headers) and (elem := headers[i].get(tag)) is not None and elem.VR == vr \
+                    and not elem.is_empty:
+                _source_facts(out, name, elem, as_float)
     for kind, previous in study.predecessors.items():
         for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             out[f"previous.{kind}.{keyword}"] = previous[keyword].value
     for kind in KINDS:
-        identity = identity_kwargs(study, kind)
-        out[f"{kind}.series"] = identity["series_instance_uid"]
-        out[f"{kind}.sop"] = identity["sop_instance_uid"]
-    out["instance_number"] = str(identity["instance_number"])
+        if want(f"{kind}.series") or want(f"{kind}.sop"):
+            identity = identity_kwargs(study, kind)
+            out[f"{kind}.series"] = identity["series_instance_uid"]
+            out[f"{kind}.sop"] = identity["sop_instance_uid"]
+    out["instance_number"] = str(instance_number(study))
     for i, (_, text) in enumerate(image_comment_lines(study)):
         out[f"comment.{i}"] = text
     if not study.interpreted:
@@ -341,21 +382,23 @@ def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime) ->
     uid = str(source.SOPInstanceUID)
     rows, columns = int(source.Rows), int(source.Columns)
     out["columns-rows"] = [columns, rows]
-    for label in CHEXPERT_LABELS:
+    for label, (p_name, ds_name, present_names, tracking_name) in _LABEL_FACTS.items():
         p = float(result.label_probs[label])
-        out[f"p.{label}"] = p
-        out[f"ds.{label}"] = str(DS(p, auto_format=True))
-        code = voc.PRESENT if p >= options.threshold(label) else voc.ABSENT
-        out[f"present.{label}.value"] = code.value
-        out[f"present.{label}.scheme"] = code.scheme_designator
-        out[f"present.{label}.meaning"] = code.meaning
-        out[f"tracking.{label}"] = derived_uid("tracking", uid, result.model_name, result.model_version, label)
+        out[p_name] = p
+        if want(ds_name):
+            out[ds_name] = str(DS(p, auto_format=True))
+        if wanted is None or not wanted.isdisjoint(present_names):
+            code = voc.PRESENT if p >= options.threshold(label) else voc.ABSENT
+            out.update(zip(present_names, (code.value, code.scheme_designator, code.meaning), strict=True))
+        if want(tracking_name):
+            out[tracking_name] = derived_uid("tracking", uid, result.model_name, result.model_version, label)
     for region in result.selected_regions:
         box = clipped_box(region, rows, columns)
         out[f"polyline.{region.name}"] = [float(v) for v in rectangle_polyline(box).flatten()]
         out[f"anchor.{region.name}"] = [box[0], box[1]]
-        out[f"tracking.{region.name}"] = derived_uid("tracking", uid, result.model_name, result.model_version,
-                                                     region.name)
+        if want(f"tracking.{region.name}"):
+            out[f"tracking.{region.name}"] = derived_uid("tracking", uid, result.model_name, result.model_version,
+                                                         region.name)
         if region.sentence:
             out[f"sentence.{region.name}"] = region.sentence
     for i, sentence in enumerate(unique_sentences(result)):
@@ -367,6 +410,33 @@ def facts(study: StudyReport, options: ResultOptions, now: datetime.datetime) ->
     if findings:
         out["kos.description"] = kos_description(result, findings)
     return out
+
+
+#: The names of each finding's facts: its probability, as a decimal string, the code of whether it is
+#: present (value, scheme, meaning), its tracking UID.
+_LABEL_FACTS = {label: (f"p.{label}", f"ds.{label}", tuple(f"present.{label}.{part}" for part in
+                                                            ("value", "scheme", "meaning")), f"tracking.{label}")
+                for label in CHEXPERT_LABELS}
+
+
+def _source_facts(out: dict[str, Any], name: str, elem: DataElement, as_float: bool) -> None:
+    """The fact ``name`` of a source attribute, and (``as_float``) a decimal string as highdicom rewrites
+    one (a window centre, a spacing): a float."""
+    out[name] = elem.value
+    if elem.VR == "DS" and as_float:
+        out[f"{name}.float"] = [float(v) for v in elem.value] if elem.VM > 1 else float(elem.value)
+
+
+@functools.lru_cache(maxsize=MAX_TEMPLATES)
+def _wanted_sources(wanted: frozenset[str]) -> tuple[tuple[int, int, str, str, bool], ...]:
+    """The source attributes among ``wanted``: (image, tag, VR, name, whether as a float too)."""
+    out: dict[str, bool] = {}
+    for name in wanted:
+        if _SOURCE_FACT.match(name):
+            base = name.removesuffix(".float")
+            out[base] = out.get(base, False) or base != name
+    return tuple((int(base[1:base.index(".")]), int(base.split(".")[1], 16), base.split(".")[2], base, as_float)
+                 for base, as_float in sorted(out.items()))
 
 
 # -- encoding ------------------------------------------------------------------------------------------
@@ -387,21 +457,45 @@ def _pydicom_element(elem: DataElement, encodings: list[str]) -> bytes:
 
 
 def _plain_value(vr: str, value: Any) -> bytes | None:
-    """The encoded value of a plain string (ASCII: the same in every character set) or float(s), or None
-    for anything else."""
+    """The encoded value of a plain string (ASCII: the same in every character set), float(s),
+    unsigned or long integer(s) in range or a decimal string as read, or None for anything else."""
     kind = type(value)
     if kind is str or kind is UID:
-        if value.isascii() and (vr in _TEXT_VRS or vr in ("UI", "PN")):
-            data = value.encode("ascii")
-            if len(data) % 2:
-                data += b"\x00" if vr == "UI" else b" "
-            if len(data) <= 0xFFFF or vr in _LONG_VRS:
-                return data
+        if vr in _TEXT_VRS or vr in ("UI", "PN"):
+            return _ascii(value, b"\x00" if vr == "UI" else b" ", 0xFFFFFFFF if vr in _LONG_VRS else 0xFFFF)
     elif kind is float and vr in ("FD", "FL"):
         return struct.pack("<d" if vr == "FD" else "<f", value)
     elif kind is list and vr in ("FD", "FL") and all(type(v) is float for v in value):
         return struct.pack(f"<{len(value)}{'d' if vr == 'FD' else 'f'}", *value)
+    elif kind is DSfloat and vr == "DS":
+        # a decimal string copied from a source header (a window centre): pydicom writes the string it was
+        # read as, when the element it makes of it keeps that string (no auto format, no decimal class)
+        # and cannot refuse it (validation that raises)
+        if (not value.auto_format and hasattr(value, "original_string") and not config.use_DS_decimal
+                and config.settings.reading_validation_mode != config.RAISE):
+            return _ascii(value.original_string, b" ", 0xFFFF)
+    elif (kind is int or kind is list) and vr in _INTEGERS:
+        code, low, high = _INTEGERS[vr]
+        values = [value] if kind is int else value
+        if values and all(type(v) is int and low <= v <= high for v in values):
+            return struct.pack(f"<{len(values)}{code}", *values)
     return None
+
+
+def _ascii(value: str, pad: bytes, limit: int) -> bytes | None:
+    """An ASCII text value padded to an even length, or None where it is not ASCII or longer than
+    ``limit``."""
+    if not value.isascii():
+        return None
+    data = value.encode("ascii")
+    if len(data) % 2:
+        data += pad
+    return data if len(data) <= limit else None
+
+
+#: struct code and range of the integer VRs written as plain numbers (not SS: pydicom writes a LUT
+#: Descriptor's first value as US)
+_INTEGERS = {"US": ("H", 0, 0xFFFF), "UL": ("L", 0, 0xFFFFFFFF), "SL": ("l", -(1 << 31), (1 << 31) - 1)}
 
 
 def _value_bytes(tag: int, vr: str, value: Any, encodings: list[str]) -> bytes:
@@ -424,19 +518,38 @@ class _Slot:
     encodings: list[str]
 
     prefix: bytes = dataclasses.field(init=False, repr=False)
-    length_format: str = dataclasses.field(init=False, repr=False)
+    pack_length: Callable[[int], bytes] = dataclasses.field(init=False, repr=False)
+    #: a text VR, and its padding and longest value (what _plain_value decides by the VR, decided once)
+    text: bool = dataclasses.field(init=False, repr=False)
+    pad: bytes = dataclasses.field(init=False, repr=False)
+    limit: int = dataclasses.field(init=False, repr=False)
+    #: what pydicom's encoding of this element's value is remembered by, for the study being rendered
+    key: tuple[object, ...] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         long = self.vr in _LONG_VRS
         object.__setattr__(self, "prefix", struct.pack("<HH2s", self.tag >> 16, self.tag & 0xFFFF, self.vr.encode())
                            + (b"\x00\x00" if long else b""))
-        object.__setattr__(self, "length_format", "<L" if long else "<H")
+        object.__setattr__(self, "pack_length", struct.Struct("<L" if long else "<H").pack)
+        object.__setattr__(self, "text", self.vr in _TEXT_VRS or self.vr in ("UI", "PN"))
+        object.__setattr__(self, "pad", b"\x00" if self.vr == "UI" else b" ")
+        object.__setattr__(self, "limit", 0xFFFFFFFF if long else 0xFFFF)
+        object.__setattr__(self, "key", (self.tag, self.vr, self.fact, tuple(self.encodings)))
 
-    def render(self, value: Any) -> bytes:
-        data = _plain_value(self.vr, value)
-        if data is None:
-            return _pydicom_element(DataElement(self.tag, self.vr, value), self.encodings)
-        return self.prefix + struct.pack(self.length_format, len(data)) + data
+    def render(self, value: Any, memo: dict[Any, Any]) -> bytes:
+        """The element holding ``value``. What pydicom encodes (a person name, above all, which each of
+        a study's objects holds) is encoded once per study: ``memo`` is the study's."""
+        kind = type(value)
+        if self.text and (kind is str or kind is UID):
+            data = _ascii(value, self.pad, self.limit)
+        else:
+            data = _plain_value(self.vr, value)
+        if data is not None:
+            return self.prefix + self.pack_length(len(data)) + data
+        encoded = memo.get(self.key)
+        if encoded is None:
+            encoded = memo[self.key] = _pydicom_element(DataElement(self.tag, self.vr, value), self.encodings)
+        return encoded
 
 
 @dataclass(frozen=True)
@@ -452,26 +565,91 @@ _ITEM_DELIMITER = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
-def _render(parts: list[Any], values: dict[str, Any]) -> bytes:
-    out = []
-    for part in parts:
-        kind = type(part)
-        if kind is bytes:
-            out.append(part)
-        elif kind is _Slot:
-            out.append(part.render(values[part.fact]))
-        else:
-            body = _render(part.parts, values)
-            if part.tag is None:  # an item
+_LENGTH = struct.Struct("<L")
+_ITEM = b"\xfe\xff\x00\xe0"
+_UNDEFINED_ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+_META_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
+
+
+class _Layout:
+    """A whole object's template flattened for rendering: constant segments with a hole between each two,
+    either a slot's element or the 4-byte length of the file meta group, a sequence or an item of defined
+    length.
+
+    Why: a length is its part's constant bytes plus the lengths of the slots inside it, and those slots
+    are consecutive, so one running sum of the slots' lengths gives every length at once, and one join
+    the object, instead of encoding and joining each of the hundreds of nested sequences and items of an
+    SR content tree on its own."""
+
+    __slots__ = ("segments", "slots", "lengths", "order", "_in_order", "_constant", "_holes", "_size")
+
+    def __init__(self, meta: list[Any], body: list[Any]) -> None:
+        self.segments: list[bytes | None] = []  # a segment, then None where a hole goes, and so on
+        self.slots: list[_Slot] = []
+        #: per length: its constant bytes, and its first slot and the one after its last
+        self.lengths: list[tuple[int, int, int]] = []
+        self._constant: list[bytes] = []  # the segment being assembled
+        self._holes: list[tuple[bool, int]] = []  # (a slot?, its index) in order
+        self._size = 0  # constant bytes so far (a length field's own size never changes: it counts)
+        self._put(_PREAMBLE + _META_GROUP_LENGTH)
+        self._length(meta)
+        self._flatten(body)
+        self.segments.append(b"".join(self._constant))
+        self.order = [i if is_slot else len(self.slots) + i for is_slot, i in self._holes]
+        # the holes' contents in the order they go in (an itemgetter of one index returns no tuple)
+        self._in_order = itemgetter(*self.order) if len(self.order) > 1 else lambda h: [h[self.order[0]]]
+        del self._constant, self._holes, self._size
+
+    def _put(self, data: bytes) -> None:
+        self._constant.append(data)
+        self._size += len(data)
+
+    def _hole(self, is_slot: bool, index: int) -> None:
+        self.segments.extend((b"".join(self._constant), None))
+        self._constant = []
+        self._holes.append((is_slot, index))
+
+    def _length(self, parts: list[Any]) -> None:
+        """A length field, then ``parts``, which it measures."""
+        index = len(self.lengths)
+        self.lengths.append((0, 0, 0))
+        self._hole(False, index)
+        self._size += 4
+        size, first = self._size, len(self.slots)
+        self._flatten(parts)
+        self.lengths[index] = (self._size - size, first, len(self.slots))
+
+    def _flatten(self, parts: list[Any]) -> None:
+        for part in parts:
+            if type(part) is bytes:
+                self._put(part)
+            elif type(part) is _Slot:
+                self._hole(True, len(self.slots))
+                self.slots.append(part)
+            elif part.tag is None:  # an item
                 if part.undefined:
-                    out.append(b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + body + _ITEM_DELIMITER)
+                    self._put(_UNDEFINED_ITEM)
+                    self._flatten(part.parts)
+                    self._put(_ITEM_DELIMITER)
                 else:
-                    out.append(struct.pack("<4sL", b"\xfe\xff\x00\xe0", len(body)) + body)
+                    self._put(_ITEM)
+                    self._length(part.parts)
             elif part.undefined:
-                out.append(_header(part.tag, "SQ", 0xFFFFFFFF) + body + _SEQUENCE_DELIMITER)
+                self._put(_header(part.tag, "SQ", 0xFFFFFFFF))
+                self._flatten(part.parts)
+                self._put(_SEQUENCE_DELIMITER)
             else:
-                out.append(_header(part.tag, "SQ", len(body)) + body)
-    return b"".join(out)
+                self._put(_header(part.tag, "SQ", 0)[:-4])
+                self._length(part.parts)
+
+    def render(self, values: dict[str, Any], memo: dict[Any, Any]) -> bytes:
+        elements = [slot.render(values[slot.fact], memo) for slot in self.slots]
+        ends = [0, *accumulate(map(len, elements))]
+        holes = elements + [_LENGTH.pack(constant + ends[last] - ends[first])
+                            for constant, first, last in self.lengths]
+        out = self.segments.copy()
+        out[1::2] = self._in_order(holes)
+        return b"".join(out)
 
 
 def _merged(parts: list[Any]) -> list[Any]:
@@ -588,11 +766,6 @@ def _diff(mine: Dataset, probe: Dataset, encodings: list[str], match: _Matcher, 
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
-_RECORD_KEYWORDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
-                    "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName", "Modality",
-                    "SeriesDescription", "BodyPartExamined", "SeriesNumber", "InstanceNumber", "Rows",
-                    "Columns")
 
 
 @dataclass(frozen=True)
@@ -602,30 +775,61 @@ class Template:
     kind: str
     meta: list[Any]
     body: list[Any]
-    #: keyword -> constant element or the fact it holds: what the object's database row records
-    record: dict[int, DataElement | tuple[str, str]]
+    #: keyword -> the constant value or the (tag, VR, fact) it holds, of the attributes the object's
+    #: database row records
+    record: dict[str, Any]
     transfer_syntax: str
 
-    def render(self, values: dict[str, Any]) -> bytes:
-        meta = _render(self.meta, values)
-        return b"".join((_PREAMBLE, b"\x02\x00\x00\x00UL\x04\x00", struct.pack("<L", len(meta)), meta,
-                         _render(self.body, values)))
+    layout: _Layout = dataclasses.field(init=False, repr=False, compare=False)
+    #: the columns of the row that are the same for every image, and (column, tag, VR, fact) of the others
+    _columns: dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False)
+    _filled: tuple[tuple[str, int, str, str], ...] = dataclasses.field(init=False, repr=False, compare=False)
+    #: the facts it holds
+    wanted: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
 
-    def header(self, values: dict[str, Any]) -> Dataset:
-        """The attributes of the object its database row records."""
-        ds = Dataset({tag: copy.copy(elem) for tag, elem in self.record.items() if isinstance(elem, DataElement)})
-        for tag, source in self.record.items():
-            if not isinstance(source, DataElement):
-                # (the value was checked when the template reproduced pydicom's encoding of it)
-                ds.add(DataElement(tag, source[0], values[source[1]], validation_mode=config.IGNORE))
-        ds.file_meta = self._meta
-        return ds
+    def __post_init__(self) -> None:
+        columns: dict[str, Any] = {"transfer_syntax_uid": self.transfer_syntax or DEFAULT_TRANSFER_SYNTAX}
+        filled = []
+        for column, keyword in COLUMNS.items():
+            value = self.record.get(keyword)
+            if isinstance(value, _Filled):
+                filled.append((column, value.tag, value.vr, value.fact))
+            else:
+                columns[column] = column_value(column, value)
+        object.__setattr__(self, "layout", _Layout(self.meta, self.body))
+        object.__setattr__(self, "_columns", columns)
+        object.__setattr__(self, "_filled", tuple(filled))
+        object.__setattr__(self, "wanted", frozenset([slot.fact for slot in self.layout.slots]
+                                                     + [fact for *_, fact in self._filled]))
 
-    @property
-    def _meta(self) -> Dataset:
-        meta = Dataset()
-        meta.TransferSyntaxUID = self.transfer_syntax
-        return meta
+    def render(self, values: dict[str, Any], memo: dict[Any, Any] | None = None) -> bytes:
+        """The object's file bytes. ``memo``: one dict for all the objects of a study, in which what
+        pydicom encodes (or converts) for one of them is kept for the others."""
+        return self.layout.render(values, {} if memo is None else memo)
+
+    def fields(self, values: dict[str, Any], memo: dict[Any, Any] | None = None) -> InstanceRecord:
+        """What the object's database row records: :func:`instance_record` of the object, column by
+        column from the values its elements hold (no dataset is made)."""
+        memo = {} if memo is None else memo
+        columns = self._columns.copy()
+        for column, tag, vr, fact in self._filled:
+            key = (column, tag, vr, fact)
+            if key not in memo:
+                # of the value as pydicom holds it in an element (a person name, a UID...); it was checked
+                # when the template reproduced pydicom's encoding of it
+                value = DataElement(tag, vr, values[fact], validation_mode=config.IGNORE).value
+                memo[key] = column_value(column, value)
+            columns[column] = memo[key]
+        return InstanceRecord(**columns)
+
+
+@dataclass(frozen=True)
+class _Filled:
+    """An attribute the row records whose value is a per-image one: the fact its element holds."""
+
+    tag: int
+    vr: str
+    fact: str
 
 
 def _slots(parts: Iterable[Any]) -> dict[int, _Slot]:
@@ -648,13 +852,13 @@ def make_template(mine: Dataset, probe: Dataset, mine_facts: dict[str, Any],
     meta = _diff(meta_mine, meta_probe, ["iso8859"], match, False)
     body = _diff(mine, probe, ["iso8859"], match, True)
     slots = _slots(body)
-    record: dict[int, DataElement | tuple[str, str]] = {}
-    for keyword in _RECORD_KEYWORDS:
+    record: dict[str, Any] = {}
+    for keyword in COLUMNS.values():
         if keyword not in mine:
             continue
         elem = mine[keyword]
         slot = slots.get(int(elem.tag))
-        record[int(elem.tag)] = (elem.VR, slot.fact) if slot is not None else elem
+        record[keyword] = _Filled(int(elem.tag), elem.VR, slot.fact) if slot is not None else elem.value
     return Template(kind, meta, body, record, str(mine.file_meta.TransferSyntaxUID))
 
 
@@ -670,13 +874,28 @@ def encode(ds: Dataset) -> bytes:
 
 @dataclass(frozen=True)
 class Encoded:
-    """One result object: the attributes its row records, and its file bytes."""
+    """One result object: what its row records, and its file bytes."""
 
-    header: Dataset
+    fields: InstanceRecord
     data: bytes
 
 
 _REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class _Made:
+    """The templates of a shape's objects, in order, and the facts they hold."""
+
+    templates: list[Template]
+    wanted: frozenset[str] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wanted", frozenset().union(*(t.wanted for t in self.templates)))
+
+    def encoded(self, values: dict[str, Any]) -> list[Encoded]:
+        memo: dict[Any, Any] = {}  # what pydicom encodes or converts once for all the objects
+        return [Encoded(t.fields(values, memo), t.render(values, memo)) for t in self.templates]
 
 
 class TemplateCache:
@@ -694,15 +913,15 @@ class TemplateCache:
                               build: Callable[..., list[Dataset]] = build_study_objects) -> list[Encoded]:
         """The result objects of ``study`` as :func:`build_study_objects` builds them, encoded."""
         when = now or datetime.datetime.now()
-        key = (build, *shape(study, options))
+        study_shape, sources = _survey(study, options)
+        key = (build, *study_shape)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-        if isinstance(entry, list):
+        if isinstance(entry, _Made):
             try:
-                values = facts(study, options, when)
-                encoded = [Encoded(t.header(values), t.render(values)) for t in entry]
+                encoded = entry.encoded(facts(study, options, when, entry.wanted, sources))
             except Exception:  # noqa: BLE001 - highdicom builds it, and says what is wrong if anything is
                 log.debug("a templated study fell back to highdicom", exc_info=True)
             else:
@@ -710,7 +929,7 @@ class TemplateCache:
                     self.hits += 1
                 return encoded
         objects = build(study, options, now=when)
-        encoded = [Encoded(obj, encode(obj)) for obj in objects]
+        encoded = [Encoded(instance_record(obj), encode(obj)) for obj in objects]
         with self._lock:
             self.misses += 1
         if entry is None:
@@ -731,17 +950,24 @@ class TemplateCache:
         try:
             probe = probe_of(study, options)
             later = now + datetime.timedelta(days=1, hours=1, minutes=1, seconds=1, microseconds=1001)
-            if shape(probe, options) != shape(study, options):
+            probe_shape, probe_sources = _survey(probe, options)
+            study_shape, study_sources = _survey(study, options)
+            if probe_shape != study_shape:
                 raise NotTemplatable("the probe has another shape")
             probe_objects = build(probe, options, now=later)
             probe_bytes = [encode(obj) for obj in probe_objects]
             if len(probe_objects) != len(objects):
                 raise NotTemplatable("the probe has other objects")
             mine_facts, probe_facts = facts(study, options, now), facts(probe, options, later)
-            templates = [make_template(a, b, mine_facts, probe_facts) for a, b in zip(objects, probe_objects)]
-            for template, mine, theirs in zip(templates, encoded, probe_bytes, strict=True):
-                if template.render(mine_facts) != mine.data or template.render(probe_facts) != theirs:
-                    raise NotTemplatable(f"the {template.kind} template does not reproduce pydicom's encoding")
+            made = _Made([make_template(a, b, mine_facts, probe_facts) for a, b in zip(objects, probe_objects)])
+            # (rendered as later studies are: from the facts the templates hold only)
+            for got, expected in ((made.encoded(facts(study, options, now, made.wanted, study_sources)), encoded),
+                                  (made.encoded(facts(probe, options, later, made.wanted, probe_sources)),
+                                   [Encoded(instance_record(obj), data)
+                                    for obj, data in zip(probe_objects, probe_bytes, strict=True)])):
+                for template, mine, theirs in zip(made.templates, got, expected, strict=True):
+                    if mine != theirs:
+                        raise NotTemplatable(f"the {template.kind} template does not reproduce pydicom's encoding")
         except Exception as exc:  # noqa: BLE001 - whatever stops a template, highdicom still builds the objects
             reason = str(exc) if isinstance(exc, NotTemplatable) else type(exc).__name__  # never patient data
             log.info("result objects of this shape are built by highdicom each time: %s", reason)
@@ -750,7 +976,7 @@ class TemplateCache:
             return _REFUSED
         with self._lock:
             self.made += 1
-        return templates
+        return made
 
 
 #: This process's templates.

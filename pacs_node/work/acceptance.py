@@ -16,6 +16,7 @@ from pynetdicom.sop_class import (
     DigitalXRayImageStorageForProcessing,
 )
 
+from pacs_node.dicom.datasets import header_value
 from pacs_node.dicom.presentation_contexts import IMAGE_SOP_CLASSES, RESULT_SOP_CLASSES
 
 _CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "HEART", "RIB", "RIBS", "CHEST_ABDOMEN", "CHESTABDOMEN"})
@@ -32,13 +33,13 @@ class Decision:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    value = header_value(ds, keyword)
     return str(value).strip() if value is not None else ""
 
 
 def decide(ds: Dataset) -> Decision:
     """Decide from the header alone (no pixel data is read on the receive path)."""
-    sop_class = str(ds.get("SOPClassUID", ""))
+    sop_class = str(header_value(ds, "SOPClassUID") or "")
     if sop_class in RESULT_SOP_CLASSES:
         return Decision(False, "not an image (structured report, key object or presentation state)")
     if sop_class not in IMAGE_SOP_CLASSES:

@@ -31,6 +31,9 @@ class DestinationMonitor:
         self.settings, self.rt = settings, runtime
         self._down: set[str] = set()
         self._read_at = float("-inf")
+        #: Destinations whose last send from here made an association (recorded), and not seen down since:
+        #: their next success needs no write (a batch's, on a kept association, would be one per batch).
+        self._up: set[str] = set()
 
     def down(self) -> set[str]:
         """Destinations not to send to now."""
@@ -42,6 +45,7 @@ class DestinationMonitor:
 
     def failed(self, name: str, error: str) -> None:
         """A send to ``name`` made no association (refused, timed out, rejected)."""
+        self._up.discard(name)
         with self.rt.write_session() as session, session.begin():
             marked = record_failure(session, name, error, utcnow(), self.settings.export.down_after_failures)
         if marked:
@@ -52,8 +56,11 @@ class DestinationMonitor:
 
     def answered(self, name: str) -> None:
         """``name`` accepted an association: up again, and its waiting results are due now."""
+        if name in self._up and name not in self._down:
+            return
         with self.rt.write_session() as session, session.begin():
             down_since = record_success(session, name, utcnow())
+        self._up.add(name)
         if down_since is not None:
             self._read_at = float("-inf")
             released = self.rt.queue.release_destination(name)

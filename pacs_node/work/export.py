@@ -9,24 +9,41 @@ a batch are sent to side by side and a few threads claim at once, so a peer that
 only that peer's jobs a retry with backoff (``JobQueue.fail``).
 A receiver that refuses Comprehensive 3D SR in negotiation (many PACSs predate it) gets the
 Comprehensive SR copy from :func:`pacs_node.results.comprehensive_fallback` instead.
+
+A result goes as it is stored: its file's data set streamed to the peer, not read and encoded again
+(:class:`pacs_node.dicom.scu.StoreAssociation`), unless the peer needs another syntax or the fallback.
+The association with a destination stays open after a batch for the next one (:class:`OpenAssociations`)
+and is released after ``export.keep_open_s`` without work, when the exporter stops, and at once when it
+failed; the next batch opens a new one. A kept association the peer closed meanwhile costs its batch
+nothing: the batch goes again on a new one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pydicom
-from pydicom.uid import generate_uid
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from pacs_node.config import Settings
+from pacs_node.config import Peer, Settings
+from pacs_node.dicom.adjustments import apply_pynetdicom_adjustments, undo_pynetdicom_adjustments
 from pacs_node.dicom.commitment import request_commitment
-from pacs_node.dicom.scu import ScuError, send_datasets
+from pacs_node.dicom.scu import (
+    MAX_CONTEXTS,
+    Contexts,
+    ScuError,
+    StoreAssociation,
+    StoredInstance,
+    store_contexts,
+    unreadable,
+)
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
 from pacs_node.ops.liveness import Beacon, ProcessState
@@ -37,7 +54,7 @@ from pacs_node.work.job_loop import JobLoop, complete_jobs
 from storage.commitment import held_instances
 from storage.history import commitment_requested
 from storage.queue import ClaimedJob
-from storage.repository import stored_paths
+from storage.repository import stored_files
 from storage.schema import JobKind, utcnow
 
 log = logging.getLogger(__name__)
@@ -45,6 +62,109 @@ log = logging.getLogger(__name__)
 
 #: How many times less often than the first export thread the others poll when idle.
 IDLE_POLL_FACTOR = 8
+
+#: How often the threads of an association kept for the next batch poll while it waits (see
+#: :func:`pacs_node.dicom.adjustments.park_reactors`: anything from the peer still wakes them at once).
+PARKED_POLL_S = 0.1
+
+
+class OpenAssociations:
+    """The associations with storage peers kept open between batches, by destination.
+
+    A batch takes an idle association of its destination that proposed everything the batch needs
+    (and gives it back after), or opens one proposing that and all the kept one proposed, so the set a
+    destination's association proposes grows to the few result classes and stops there. Two threads
+    sending to one destination at once use two associations; the one left idle is closed by
+    :meth:`close_idle`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        #: pynetdicom aborts an association idle for ``export.timeout_s``: release it well before
+        self.keep_open_s = min(settings.export.keep_open_s, settings.export.timeout_s / 2)
+        self._idle: dict[str, list[StoreAssociation]] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._closer: threading.Thread | None = None
+
+    def send(self, destination: str, peer: Peer, instances: list[StoredInstance]) -> list[int | ScuError]:
+        """C-STORE ``instances`` to ``peer``; one outcome per instance, in order. Raises
+        :class:`ScuError` when no association could be made."""
+        wanted = store_contexts(((i.sop_class_uid, i.transfer_syntax_uid) for i in instances), peer, True)
+        link, proposing = self._take(destination, wanted)
+        kept = link is not None
+        if link is None:
+            link = StoreAssociation(self.settings, peer, proposing)
+        try:
+            answers = link.answers
+            outcomes = link.send(instances, comprehensive_fallback)
+            if kept and link.answers == answers and not link.is_established:
+                # The kept association was gone (the peer closed it while idle): not the batch's fault.
+                log.info("the kept association with %s had ended; sending on a new one", destination)
+                link.close()
+                link = StoreAssociation(self.settings, peer, link.contexts)
+                outcomes = link.send(instances, comprehensive_fallback)
+        finally:
+            self._give_back(destination, link)
+        return outcomes
+
+    def _take(self, destination: str, wanted: Contexts) -> tuple[StoreAssociation | None, Contexts]:
+        """The most recently used idle association of ``destination`` if it covers ``wanted``, else
+        None (an idle one that does not is closed) and what a new one should propose: ``wanted`` and
+        what the closed one proposed, within the limit of contexts."""
+        with self._lock:
+            idle = self._idle.get(destination, [])
+            link = idle.pop() if idle else None
+        if link is None:
+            return None, wanted
+        if link.is_established and link.covers(wanted):
+            link.park(None)
+            return link, wanted
+        link.close()
+        merged = link.contexts | wanted
+        return None, merged if len(merged) <= MAX_CONTEXTS else wanted
+
+    def _give_back(self, destination: str, link: StoreAssociation) -> None:
+        """Keep ``link`` for the next batch (and start closing idle ones), or release it."""
+        if self.keep_open_s > 0 and link.is_established:
+            link.park(PARKED_POLL_S)
+            with self._lock:
+                if not self._closed.is_set():
+                    self._idle.setdefault(destination, []).append(link)
+                    if self._closer is None:
+                        self._closer = threading.Thread(target=self._close_idle_ones, name="export-idle",
+                                                        daemon=True)
+                        self._closer.start()
+                    return
+        link.close()
+
+    def _close_idle_ones(self) -> None:
+        while not self._closed.wait(self.keep_open_s / 4):
+            self.close_idle(self.keep_open_s)
+
+    def close_idle(self, older_than_s: float) -> int:
+        """Release the associations idle for at least ``older_than_s``; how many."""
+        now = time.monotonic()
+        closing = []
+        with self._lock:
+            for destination, idle in self._idle.items():
+                closing += [link for link in idle if now - link.idle_since >= older_than_s]
+                idle[:] = [link for link in idle if now - link.idle_since < older_than_s]
+        for link in closing:
+            link.close()
+        return len(closing)
+
+    def close_all(self) -> None:
+        """Release every idle association and keep none from now on; those in use are released when
+        their batch is over."""
+        with self._lock:
+            self._closed.set()
+            closing = [link for idle in self._idle.values() for link in idle]
+            self._idle.clear()
+            closer, self._closer = self._closer, None
+        for link in closing:
+            link.close()
+        if closer is not None:
+            closer.join()
 
 
 @dataclass
@@ -59,9 +179,18 @@ class Exporter:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.destinations = DestinationMonitor(self.settings, self.runtime)
+        self.associations = OpenAssociations(self.settings)
         self._beacon = Beacon(self.runtime, self.worker_id, "exporter")
+        self._claiming = threading.Lock()
+        self._drained_at = float("-inf")  # when the last claim that left no due job began
+        self._ring_first: set[str] = set()  # threads whose last claim left no due job (see _claim)
+        self._adjusted = False  # the pynetdicom adjustments applied by start, undone by stop
 
     def start(self) -> None:
+        # The adjustments a listener applies, for as long as the exporter runs, whether or not one does
+        # (the listener stops first at shutdown): with them a stored file is streamed, not decoded.
+        apply_pynetdicom_adjustments()
+        self._adjusted = True
         self._beacon.__enter__()
         self._beacon.set(ProcessState.READY, f"{self.settings.export.concurrency} thread(s)")
         for i in range(self.settings.export.concurrency):
@@ -74,17 +203,45 @@ class Exporter:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
+        self.associations.close_all()
         self._beacon.__exit__(None)
+        if self._adjusted:
+            self._adjusted = False
+            undo_pynetdicom_adjustments()
 
     def _loop(self, owner: str, first: bool) -> None:
         """One export thread. Every thread wakes when this host's worker rings; only the first polls at
         ``worker.poll_interval_s`` for work the bell does not announce (queued on another host), the others
         :data:`IDLE_POLL_FACTOR` times less often: an idle node's polls were most of its CPU."""
         poll = self.settings.worker.poll_interval_s * (1 if first else IDLE_POLL_FACTOR)
-        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self.runtime.queue.claim(
-            owner, [JobKind.EXPORT], limit=self.settings.export.batch_size,
-            skip_destinations=self.destinations.down()), idle_wait=lambda: poll)
+        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self._claim(owner), idle_wait=lambda: poll)
         loop.run(self._stop, lambda jobs, leases: self.run_jobs(jobs, owner, leases.release))
+
+    def _claim(self, owner: str) -> list[ClaimedJob]:
+        """Claim a batch as ``owner``, one thread of this exporter at a time, and no claim that can only
+        find nothing, each a write transaction (an image's few results took five: one that found them,
+        one by each thread the ring woke, one by the thread that sent them, asking for more):
+
+        * a thread claims nothing when a claim that began after it asked left no due job: what was
+          queued before it asked, that claim saw;
+        * a thread whose own claim left no due job claims nothing the next time it asks, and so waits
+          on the doorbell first: a job queued since, its ring wakes the wait at once (rings that come
+          while a waiter is busy are kept), and one nobody rang for the polls find, as before."""
+        asked = time.monotonic()
+        with self._claiming:
+            if owner in self._ring_first:
+                self._ring_first.discard(owner)
+                return []
+            if self._drained_at > asked:
+                return []
+            began, limit = time.monotonic(), self.settings.export.batch_size
+            jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=limit,
+                                            skip_destinations=self.destinations.down())
+            if len(jobs) < limit:
+                self._drained_at = began
+                if jobs:
+                    self._ring_first.add(owner)
+            return jobs
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
         """Send claimed ``jobs``, one association per destination, and settle each job on its own outcome
@@ -134,40 +291,42 @@ class Exporter:
                 log.info("export job %d: result %s sent to %s", job.id, job.sop_instance_uid, job.destination)
 
     def _send(self, destination: str, jobs: list[ClaimedJob]) -> list[ScuError | None]:
-        """C-STORE the stored results of ``jobs`` to ``destination`` on one association; per job, None
-        for success (a warning status is stored too) or why it failed."""
+        """C-STORE the stored results of ``jobs`` to ``destination`` on one association (STOW-RS: one
+        request); per job, None for success (a warning status is stored too) or why it failed."""
         peer = self.settings.peers.get(destination)
         if peer is None:
             return [ScuError(f"destination {destination!r} is not a configured peer", retryable=False)] * len(jobs)
         with self.runtime.read_session() as session:
-            paths = stored_paths(session, (job.sop_instance_uid for job in jobs))
+            files = stored_files(session, (job.sop_instance_uid for job in jobs))
         outcomes: list[ScuError | None] = [None] * len(jobs)
-        datasets, sending = [], []
+        instances, sending = [], []
         for i, job in enumerate(jobs):
-            path = paths.get(job.sop_instance_uid)
-            if not path:
+            file = files.get(job.sop_instance_uid)
+            if file is None:
                 outcomes[i] = ScuError("the result instance is no longer stored", retryable=False)
                 continue
-            try:
-                datasets.append(pydicom.dcmread(self.runtime.store.path(path)))
-            except InvalidDicomError as exc:  # the same bytes fail the same way; its batch mates still go
-                outcomes[i] = ScuError(f"the stored result {path} is not readable DICOM: {exc}", retryable=False)
-                continue
-            except OSError as exc:
-                outcomes[i] = ScuError(f"cannot read the stored result {path}: {exc}")
-                continue
+            instances.append(StoredInstance(self.runtime.store.path(file.path), file.sop_class_uid,
+                                            job.sop_instance_uid, file.transfer_syntax_uid))
             sending.append(i)
-        if not datasets:
+        if peer.is_dicomweb:
+            datasets = []
+            for i, item in zip(list(sending), instances, strict=True):
+                try:
+                    datasets.append(pydicom.dcmread(item.path))
+                except (InvalidDicomError, OSError) as exc:  # its batch mates still go
+                    outcomes[i] = unreadable(item, exc)
+                    sending.remove(i)
+        if not sending:
             return outcomes
         try:
             if peer.is_dicomweb:
                 sent = stow_datasets(self.settings, peer, datasets)
             else:
-                sent = send_datasets(self.settings, peer, datasets, comprehensive_fallback)
+                sent = self.associations.send(destination, peer, instances)
         except ScuError as exc:
             if exc.retryable:
                 self.destinations.failed(destination, str(exc))
-            sent = [exc] * len(datasets)
+            sent = [exc] * len(sending)
         else:
             self.destinations.answered(destination)
         for i, result in zip(sending, sent, strict=True):

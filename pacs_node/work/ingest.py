@@ -5,11 +5,13 @@ pynetdicom has already written the dataset, chunk by chunk, to a temp file *insi
 makes a success status safe to send:
 
 1. parse only the header (``stop_before_pixels``) and decide with the acceptance policy;
-2. give it its name in the store and fsync the file and its directories (``InstanceStore.commit``: a
-   new path is hard-linked first, so one journal commit covers both; no row references the path yet);
+2. give it its name in the store and fsync the file and its directories (``InstanceStore.begin_commit``:
+   a new path is hard-linked first, so one journal commit covers both, and the fsyncs run at once, in
+   threads of their own; no row references the path yet);
 3. in ONE transaction insert the ``Instance`` row and, for a chest radiograph, (re-)open its study and
    enqueue the study's ``analyse`` job, due once the study has been quiet for the settle time
-   (concurrent associations share that transaction's commit: ``storage.db.GroupCommit``);
+   (``storage.receiving``); its statements run while the fsyncs of 2 do, its commit waits for them to
+   end (``Filing.wait``), and concurrent associations share that commit (``storage.db.GroupCommit``);
 4. only then return 0x0000.
 
 A crash before 4 means the sender saw no success and sends again; a crash after 3 leaves a complete,
@@ -25,7 +27,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom import Dataset
@@ -33,7 +37,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 from pydicom.valuerep import VR
 from sqlalchemy.exc import DataError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
@@ -43,12 +46,12 @@ from pacs_node.ops.logs import scrub
 from pacs_node.work.instance_record import MissingAttribute, instance_record
 from pacs_node.work.acceptance import decide
 from pacs_node.ops.context import ServerContext
-from storage.db import GroupCommit
+from storage.db import GroupCommit, driver_transaction
 from pacs_node.work.routing import RouteKey, settle_seconds
-from storage.repository import InstanceRecord, add_instance, instance_exists
+from storage.receiving import ReceivedInstances, Recorded, StudyAnalysis
+from storage.repository import InstanceRecord
 from storage.schema import Disposition, JobKind, Origin, utcnow
-from storage.studies import instance_set_hash, set_pending, study_image_uids, touch_study
-from storage.store import StoreFullError
+from storage.store import Filing, StoreFullError
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +154,21 @@ class Ingestor:
         self.settings = settings
         self.rt = runtime
         self._analyse_bell = runtime.doorbell(JobKind.ANALYSE)
-        self._commits = GroupCommit(runtime.write_sessions)
+        self._received = ReceivedInstances(runtime.engine, runtime.queue, utcnow)
+        self._commits = GroupCommit(partial(driver_transaction, runtime.engine))
 
     def _known(self, sop_instance_uid: str) -> bool:
-        with self.rt.read_session() as session:
-            return instance_exists(session, sop_instance_uid)
+        return self._received.known(sop_instance_uid)
 
     def ingest(self, temp_path: Path, sop_instance_uid: str, caller: Caller) -> int:
-        """File the dataset at ``temp_path``; return the C-STORE status to send."""
+        """File the dataset at ``temp_path``; return the C-STORE status to send.
+
+        An instance stored (or acknowledged as a duplicate) is logged at DEBUG: formatting and writing a
+        line for each of them was a tenth of the CPU of a small one; the listener logs what each
+        association delivered when it ends. Refusals and failures are logged each at once."""
         try:
             if self._known(sop_instance_uid):
-                log.info("duplicate instance from %s acknowledged, not stored again", caller.ae_title)
+                log.debug("duplicate instance from %s acknowledged, not stored again", caller.ae_title)
                 metrics.INSTANCES_RECEIVED.labels("duplicate").inc()
                 return SUCCESS
         except SQLAlchemyError:
@@ -190,54 +197,52 @@ class Ingestor:
         decision = decide(ds)
         discard = not decision.analyse and self.settings.policy.non_chest is NonChestAction.DISCARD
         relpath = ""
+        filing: Filing | None = None
         if not discard:
             relpath = self.rt.store.relpath_for(
                 record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
             )
             try:
                 # pynetdicom still holds its own (flushed) handle; this one is for fsync and rename.
-                self.rt.store.commit(open(temp_path, "r+b"), relpath)  # noqa: SIM115 (commit closes it)
+                filing = self.rt.store.begin_commit(open(temp_path, "r+b", buffering=0), relpath)  # noqa: SIM115
             except OSError as exc:
-                reason = "the store is full" if isinstance(exc, StoreFullError) else f"{type(exc).__name__}: {exc}"
-                log.error("could not store instance from %s (0x%04X): %s", caller.ae_title,
-                          OUT_OF_RESOURCES, reason)
-                metrics.INSTANCES_RECEIVED.labels("failed").inc()
-                return OUT_OF_RESOURCES
+                return self._not_stored(caller, exc)
 
         reason = decision.reason
         if discard:
             reason = f"{reason}; file discarded (policy.non_chest = discard)"
 
-        queued: dict[str, int | None] = {}  # the analyse job's id, for the log line
+        analysis = self._analysis(ds, record, caller) if decision.analyse else None
+        fields = {
+            "path": relpath, "size_bytes": 0 if discard else size, "origin": Origin.RECEIVED,
+            "disposition": Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
+            "reason": reason, "calling_ae": caller.ae_title[:16], "calling_host": (caller.host or "")[:64] or None,
+        }
 
-        def insert(session: Session) -> bool:
-            inserted = add_instance(
-                session,
-                record,
-                path=relpath,
-                size_bytes=0 if discard else size,
-                origin=Origin.RECEIVED,
-                disposition=Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
-                reason=reason,
-                calling_ae=caller.ae_title[:16],
-                calling_host=(caller.host or "")[:64] or None,
-            )
-            if inserted and decision.analyse:
-                queued["job"] = self._open_study(session, ds, record, caller)
-            return inserted
+        def insert(connection: Any) -> Recorded:
+            return self._received.record(connection, record, fields, analysis)
 
         try:
-            inserted = self._commits.run(insert)
+            # The statements run while the file's fsyncs do; the commit waits for them (filing.wait).
+            recorded = self._commits.run(insert, None if filing is None else filing.wait)
+        except OSError as exc:  # the file's fsyncs failed: filing.wait removed it, the row was not committed
+            return self._not_stored(caller, exc)
         except SQLAlchemyError as exc:
             status = CANNOT_RECORD if isinstance(exc, DataError) else OUT_OF_RESOURCES
             log.exception("could not record instance from %s (0x%04X)", caller.ae_title, status)
-            self._remove_unrecorded(relpath, record.sop_instance_uid)
+            try:
+                if filing is not None:
+                    filing.wait()  # the fsyncs are over (and a file that failed them is gone) ...
+            except OSError:
+                pass
+            else:
+                self._remove_unrecorded(relpath, record.sop_instance_uid)  # ... before the file is removed
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return status
-        if not inserted:
+        if not recorded.inserted:
             # Another association filed the same instance between our check and our insert: it is
             # stored (same path) and recorded once, which is all the sender needs to know.
-            log.info("duplicate instance from %s (concurrent) acknowledged", caller.ae_title)
+            log.debug("duplicate instance from %s (concurrent) acknowledged", caller.ae_title)
             metrics.INSTANCES_RECEIVED.labels("duplicate").inc()
             return SUCCESS
 
@@ -245,35 +250,26 @@ class Ingestor:
         metrics.INSTANCES_RECEIVED.labels(outcome).inc()
         if decision.analyse:
             self._analyse_bell.ring()
-            log.info("stored %s instance from %s; its study is analysed once it settles (job %s)", record.modality,
-                     caller.ae_title, queued.get("job"))
+            log.debug("stored %s instance from %s; its study is analysed once it settles (job %s)", record.modality,
+                     caller.ae_title, recorded.job_id)
         else:
-            log.info("stored instance from %s, not processed: %s", caller.ae_title, reason)
+            log.debug("stored instance from %s, not processed: %s", caller.ae_title, reason)
         return SUCCESS
 
-    def _open_study(self, session: Session, ds: Dataset, record: InstanceRecord, caller: Caller) -> int | None:
-        """(Re-)open the instance's study and enqueue the analysis of its new set of instances, due when
-        the study has been quiet for its settle time (in the caller's transaction); the job's id."""
-        study = record.study_instance_uid
+    def _not_stored(self, caller: Caller, exc: OSError) -> int:
+        """The answer when the file could not be stored (nothing is left of it in the store)."""
+        reason = "the store is full" if isinstance(exc, StoreFullError) else f"{type(exc).__name__}: {exc}"
+        log.error("could not store instance from %s (0x%04X): %s", caller.ae_title, OUT_OF_RESOURCES, reason)
+        metrics.INSTANCES_RECEIVED.labels("failed").inc()
+        return OUT_OF_RESOURCES
+
+    def _analysis(self, ds: Dataset, record: InstanceRecord, caller: Caller) -> StudyAnalysis:
+        """The analysis the instance asks for: its study's, due once the study has been quiet for the
+        settle time of its route."""
         route = RouteKey(calling_ae=caller.ae_title, modality=record.modality,
-                         station_name=str(ds.get("StationName", "") or "") or None)
-        now = utcnow()
-        due = now + timedelta(seconds=settle_seconds(self.settings, route))
-        touch_study(session, study, now, due)  # first: serialises concurrent arrivals of this study
-        set_hash = instance_set_hash(study_image_uids(session, study))
-        key = f"{STUDY_JOB_PREFIX}{study}:{set_hash}"
-        self.rt.queue.cancel_waiting(session, f"{STUDY_JOB_PREFIX}{study}:", keep=key)
-        job = self.rt.queue.enqueue(
-            session,
-            kind=JobKind.ANALYSE,
-            dedupe_key=key,
-            sop_instance_uid=record.sop_instance_uid,
-            payload={"study_instance_uid": study, "set_hash": set_hash},
-            max_attempts=self.settings.worker.max_attempts,
-            not_before=due,
-        )
-        set_pending(session, study, set_hash)
-        return job
+                         station_name=str(datasets.header_value(ds, "StationName") or "") or None)
+        due = utcnow() + timedelta(seconds=settle_seconds(self.settings, route))
+        return StudyAnalysis(STUDY_JOB_PREFIX, due, self.settings.worker.max_attempts)
 
     def _remove_unrecorded(self, relpath: str, sop_instance_uid: str) -> None:
         """Undo the rename when the row could not be written, so the store holds only recorded files

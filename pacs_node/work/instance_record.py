@@ -8,14 +8,22 @@ both kinds are found by the same C-FIND queries.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 from pydicom import Dataset
 
+from pacs_node.dicom.datasets import header_value
 from storage.repository import InstanceRecord
 from storage.schema import Instance
 
+_UID_COLUMNS = {
+    "sop_instance_uid": "SOPInstanceUID",
+    "sop_class_uid": "SOPClassUID",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+}
 _TEXT_COLUMNS = {
     "patient_id": "PatientID",
     "patient_name": "PatientName",
@@ -37,12 +45,18 @@ _INT_COLUMNS = {
     "rows": "Rows",
     "columns": "Columns",
 }
+#: Every column of a row that records a header attribute, with the attribute's keyword (the UIDs first:
+#: the first one missing is the one reported).
+COLUMNS = {**_UID_COLUMNS, **_TEXT_COLUMNS, **_INT_COLUMNS}
+#: What a row records of a dataset without a Transfer Syntax UID.
+DEFAULT_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1"
 
 
 class MissingAttribute(ValueError):
     """The dataset lacks an attribute every stored instance needs (a UID)."""
 
 
+@functools.cache
 def _column_length(name: str) -> int | None:
     return getattr(Instance.__table__.c[name].type, "length", None)
 
@@ -70,8 +84,8 @@ def sanitised(value: str) -> str:
     return _CONTROL.sub(REPLACEMENT, value)
 
 
-def _required_uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip().rstrip("\x00").strip()
+def _required_uid(value: Any, keyword: str) -> str:
+    value = str(value or "").strip().rstrip("\x00").strip()
     if not value:
         raise MissingAttribute(f"{keyword} is missing or empty")
     if sanitised(value) != value:
@@ -83,29 +97,29 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
 
 def instance_record(ds: Dataset) -> InstanceRecord:
     """What the ``Instance`` row of ``ds`` records of its header (storage and disposition are added by
-    whoever stores it).
+    whoever stores it). Values are read with :func:`pacs_node.dicom.datasets.header_value`: those a
+    previous dataset held in the same bytes are not converted again.
 
     Raises :class:`MissingAttribute` when a UID needed to file the instance is absent."""
-    fields: dict[str, Any] = {
-        "sop_instance_uid": _required_uid(ds, "SOPInstanceUID"),
-        "sop_class_uid": _required_uid(ds, "SOPClassUID"),
-        "study_instance_uid": _required_uid(ds, "StudyInstanceUID"),
-        "series_instance_uid": _required_uid(ds, "SeriesInstanceUID"),
-    }
+    fields = {column: column_value(column, header_value(ds, keyword)) for column, keyword in COLUMNS.items()}
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
-    fields["transfer_syntax_uid"] = tsyntax or "1.2.840.10008.1.2.1"
-    for column, keyword in _TEXT_COLUMNS.items():
-        value = ds.get(keyword)
+    return InstanceRecord(transfer_syntax_uid=tsyntax or DEFAULT_TRANSFER_SYNTAX, **fields)
+
+
+def column_value(column: str, value: Any) -> Any:
+    """What ``column`` (of :data:`COLUMNS`) records of its attribute's ``value`` (None where the dataset
+    has no such attribute): one column at a time, for the result templates, which hold the values of a
+    result object's attributes without a dataset. Raises :class:`MissingAttribute` for a UID column."""
+    if column in _UID_COLUMNS:
+        return _required_uid(value, _UID_COLUMNS[column])
+    if column in _TEXT_COLUMNS:
         text = sanitised(str(value)).strip() if value is not None else ""
-        fields[column] = _clip(column, text) if text else None
-    for column, keyword in _INT_COLUMNS.items():
-        value = ds.get(keyword)
-        try:
-            fields[column] = int(value) if value not in (None, "") else None
-        except (TypeError, ValueError):
-            fields[column] = None
-    return InstanceRecord(**fields)
+        return _clip(column, text) if text else None
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def declared_pixels(ds: Dataset) -> int:

@@ -104,6 +104,16 @@ def test_lockout_bench_runs_tiny(dcmtk_tools: None) -> None:
 
 
 @pytest.mark.usefixtures("dcmtk_tools")
+def test_export_bench_runs_tiny(tmp_path: Path) -> None:
+    out = run_bench("export", "--images", "2", "--rate", "20", "--workdir", str(tmp_path / "work"))
+    assert out["bench"] == "export" and out["images"] == 2
+    ((checkout, runs),) = out["runs"].items()  # no --compare: this checkout only
+    assert Path(checkout) == REPO and len(runs) == 1
+    assert {phase: figures["results"] for phase, figures in runs[0].items()} == {"backlog": 8, "paced": 8}
+    assert all(figures["cpu_ms_per_result"] > 0 for figures in runs[0].values())
+
+
+@pytest.mark.usefixtures("dcmtk_tools")
 def test_qr_bench_runs_tiny(tmp_path: Path) -> None:
     out = run_bench("qr", "--count", "3", "--repeat", "1",
                     "--workdir", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"))

@@ -32,7 +32,7 @@ def _rows(engine: Engine) -> list[int]:
 def test_units_queued_during_a_commit_share_the_next_one(engine: Engine) -> None:
     commits: list[int] = []
     event.listen(engine, "commit", lambda connection: commits.append(1))
-    group = GroupCommit(make_sessionmaker(engine, immediate=True))
+    group = GroupCommit(make_sessionmaker(engine, immediate=True).begin)
     release_first = threading.Event()
     outcomes: dict[int, object] = {}
 
@@ -71,6 +71,6 @@ def test_units_queued_during_a_commit_share_the_next_one(engine: Engine) -> None
 
 
 def test_a_caller_alone_commits_at_once(engine: Engine) -> None:
-    group = GroupCommit(make_sessionmaker(engine, immediate=True))
+    group = GroupCommit(make_sessionmaker(engine, immediate=True).begin)
     assert group.run(lambda session: session.execute(text("INSERT INTO t (k) VALUES (7)")).rowcount) == 1
     assert _rows(engine) == [7]

@@ -297,3 +297,105 @@ def test_write_many_that_fails_removes_its_temp_files(store: InstanceStore, monk
         store.write_many(files)
     assert not list((store.root / TEMP_DIR).iterdir())
     assert _all_files(store.root) == [files[0][0]]  # the first is in place (whole); the rest never appeared
+
+
+def test_concurrent_commits_share_the_syncfs_that_makes_their_names_durable(
+        store: InstanceStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each commit returns only after a syncfs that began after its name was given; those waiting at the
+    # same time share one (on ext4 every directory fsync is a journal commit of its own).
+    import threading
+    import time
+
+    import storage.store as store_module
+
+    began: list[float] = []
+
+    def slow_syncfs(fd: int) -> None:
+        began.append(time.monotonic())
+        time.sleep(0.2)
+
+    monkeypatch.setattr(store_module, "_syncfs", slow_syncfs)
+    monkeypatch.setattr(store_module, "_little_is_dirty", lambda: True)
+    named: dict[int, float] = {}
+    real_link = os.link
+
+    def link(source: str, target: object) -> None:
+        real_link(source, target)
+        named[threading.get_ident()] = time.monotonic()
+
+    returned: dict[int, float] = {}
+
+    def commit(i: int) -> None:
+        with store.temp() as temp:
+            temp.write(bytes([i]) * 1000)
+            store.commit(temp, store.relpath_for(f"{STUDY}.{i}", SERIES, SOP))
+        returned[threading.get_ident()] = time.monotonic()
+
+    with mock.patch("storage.store.os.link", side_effect=link):
+        threads = [threading.Thread(target=commit, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert len(returned) == 8
+    assert 1 <= len(began) <= 3  # one, or one running and one for all who came meanwhile (and a straggler)
+    for ident, at in named.items():
+        covering = [b for b in began if b >= at]
+        assert covering and covering[0] + 0.2 <= returned[ident] + 0.01
+    assert sorted(store.path(store.relpath_for(f"{STUDY}.{i}", SERIES, SOP)).read_bytes()[0] for i in range(8)) \
+        == list(range(8))
+
+
+def test_a_failed_syncfs_fails_the_commits_it_covered_and_leaves_nothing(
+        store: InstanceStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage.store as store_module
+
+    def failing_syncfs(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(store_module, "_syncfs", failing_syncfs)
+    monkeypatch.setattr(store_module, "_little_is_dirty", lambda: True)
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    with store.temp() as temp:
+        temp.write(b"x" * 10)
+        with pytest.raises(OSError, match="I/O error"):
+            store.commit(temp, relpath)
+    assert _all_files(store.root) == []
+    monkeypatch.setattr(store_module, "_syncfs", lambda fd: None)
+    store.write_bytes(relpath, b"again")  # the next one is not answered with the old failure
+    assert store.path(relpath).read_bytes() == b"again"
+
+
+@pytest.mark.parametrize("why", ["no syncfs", "much is dirty"])
+def test_without_syncfs_every_new_directory_is_fsynced(store: InstanceStore, monkeypatch: pytest.MonkeyPatch,
+                                                       why: str) -> None:
+    import storage.store as store_module
+
+    if why == "no syncfs":
+        monkeypatch.setattr(store_module, "_syncfs", None)
+    else:  # a syncfs would have to write out all of it: not for one commit's directories
+        monkeypatch.setattr(store_module, "_syncfs", mock.Mock(side_effect=AssertionError("syncfs called")))
+        monkeypatch.setattr(store_module, "_little_is_dirty", lambda: False)
+    synced: list[Path] = []
+    real = store_module._fsync_dir
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda d: (synced.append(d), real(d)))
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    final = store.write_bytes(relpath, b"x")
+    # the file's directory and each new directory's parent, up to the root (fsynced at once, in any order)
+    assert sorted(synced) == sorted([final.parent, *list(final.parents)[1:5]])
+
+
+@pytest.mark.parametrize(("dirty_kb", "writeback_kb", "little"), [(684, 0, True), (40000, 30000, False), (None, 0, False)])
+def test_how_much_is_dirty_is_read_from_meminfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                dirty_kb: int | None, writeback_kb: int, little: bool) -> None:
+    import storage.store as store_module
+
+    meminfo = tmp_path / "meminfo"
+    lines = ["MemTotal:       24684000 kB", f"Writeback:      {writeback_kb:8d} kB", "Shmem:  70000 kB"]
+    if dirty_kb is not None:  # a kernel that does not say: assume the worst
+        lines.insert(1, f"Dirty:          {dirty_kb:8d} kB")
+    meminfo.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(store_module, "_MEMINFO", str(meminfo))
+    assert store_module._little_is_dirty() is little
+    monkeypatch.setattr(store_module, "_MEMINFO", str(tmp_path / "absent"))
+    assert store_module._little_is_dirty() is False

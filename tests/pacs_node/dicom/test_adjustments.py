@@ -59,3 +59,39 @@ def test_adjusted_while_listening_and_only_for_accepted_associations(tmp_path: P
     assert (_config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS,
             dimse_messages.NamedTemporaryFile, tempfile.tempdir, association.time, dul.time,
             _config.LOG_HANDLER_LEVEL) == stock
+
+
+def test_a_parked_association_still_wakes_for_its_peer(tmp_path: Path) -> None:
+    """Parked (an exporter's association between batches) its threads poll every 30 s here, yet a
+    C-ECHO is answered and the peer's abort ends it at once: only pynetdicom's timers look later."""
+    from pacs_node.dicom.adjustments import (
+        apply_pynetdicom_adjustments,
+        park_reactors,
+        undo_pynetdicom_adjustments,
+    )
+    from pacs_node.dicom.transport import NoDelayAE
+
+    port = free_port()
+    peer = AE(ae_title="PEER")
+    peer.add_supported_context(Verification)
+    server = peer.start_server(("127.0.0.1", port), block=False)
+    apply_pynetdicom_adjustments()
+    try:
+        ae = NoDelayAE(ae_title="PARKED")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="PEER")
+        assert assoc.is_established
+        park_reactors(assoc, 30.0)
+        assert assoc.pacs_wake.parked_s == assoc.dul.pacs_wake.parked_s == 30.0
+        start = time.monotonic()
+        assert assoc.send_c_echo().Status == 0x0000
+        for accepted in server.active_associations:
+            accepted.abort()
+        while assoc.is_established and time.monotonic() - start < 10:
+            time.sleep(0.05)
+        assert not assoc.is_established and time.monotonic() - start < 10  # not after a parked 30 s sleep
+        park_reactors(assoc, None)
+        assert assoc.pacs_wake.parked_s is None and assoc.dul.pacs_wake.parked_s is None
+    finally:
+        undo_pynetdicom_adjustments()
+        server.shutdown()

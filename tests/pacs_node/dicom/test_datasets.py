@@ -230,3 +230,26 @@ def test_text_is_decoded_again_under_other_character_sets() -> None:
     with pytest.warns(UserWarning):  # not valid UTF-8: pydicom warns, so it was converted again
         datasets.decode_every_element(utf8)
     assert _converted(latin)[1][2] == "Dürer^Anna"
+
+
+@pytest.mark.parametrize("text_bytes", [100, 200 * 1024])
+@pytest.mark.parametrize("rows", [64, 512])
+def test_a_header_read_in_memory_is_the_header_read_from_the_file(tmp_path: Path, rows: int, text_bytes: int) -> None:
+    """Headers that fit the in-memory probe and ones that do not (a long text before Pixel Data), of
+    files smaller and larger than it: the same dataset, sizes and offsets as pydicom reading the file."""
+    ds = make_cr_dataset(rows, rows)
+    ds.add_new(0x00090010, "LO", "PACS NODE TEST")
+    ds.add_new(0x00091000, "UT", "x" * text_bytes)
+    ds.PixelData = b"\0" * (rows * rows * 2)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    header = read_header(path, InflateLimits())
+    with open(path, "rb") as fp:
+        reference = pydicom.dcmread(fp, stop_before_pixels=True)
+        pixel_offset = fp.tell()
+    assert [(e.tag, e.VR, e.value) for e in header.dataset] == [(e.tag, e.VR, e.value) for e in reference]
+    assert header.dataset.file_meta == reference.file_meta and header.dataset.filename == str(path)
+    offset = 144 + reference.file_meta.FileMetaInformationGroupLength
+    assert (header.pixel_offset, header.dataset_bytes) == (pixel_offset, path.stat().st_size - offset)
+    assert header.dataset_head == path.read_bytes()[offset:offset + 6]

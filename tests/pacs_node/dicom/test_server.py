@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pydicom
 import pytest
@@ -170,11 +173,18 @@ def test_full_store_answers_a700_and_writes_nothing(node: tuple[Settings, Server
         runtime.store.discard(temp)
         raise StoreFullError(28, "instance store is full", relpath)
 
-    monkeypatch.setattr(runtime.store, "commit", full)
+    monkeypatch.setattr(runtime.store, "begin_commit", full)
     assert _send_with_pynetdicom(settings.node.port, image) == 0xA700
     assert _counts(runtime) == (0, 0)
     assert list(runtime.store.iter_files()) == [] and os.listdir(runtime.incoming_dir) == []
     monkeypatch.undo()
+
+    # the disk fills while the file's fsyncs run (in their threads, as the row's statements run): the
+    # row is not committed and the file is not left at its name
+    with mock.patch("storage.store.os.fsync", side_effect=OSError(28, "No space left on device")):
+        assert _send_with_pynetdicom(settings.node.port, image) == 0xA700
+    assert _counts(runtime) == (0, 0)
+    assert list(runtime.store.iter_files()) == [] and os.listdir(runtime.incoming_dir) == []
 
     # below the free-space watermark the node refuses before writing anything
     monkeypatch.setattr(runtime.store, "min_free_bytes", runtime.store.free_bytes() + 10**12)
@@ -212,13 +222,33 @@ def test_a_row_the_database_refuses_is_a_permanent_failure(node: tuple[Settings,
     real), the sender hears 0xC2xx, never the 0xA7xx that makes it retry for ever."""
     from sqlalchemy.exc import DataError
 
-    import pacs_node.work.ingest as ingest
+    from storage.receiving import ReceivedInstances
 
     def refuse(*args, **kwargs):  # noqa: ANN002, ANN003
         raise DataError("INSERT INTO instances ...", {}, ValueError("invalid byte sequence"))
 
-    monkeypatch.setattr(ingest, "add_instance", refuse)
+    monkeypatch.setattr(ReceivedInstances, "record", refuse)
     make_cr(tmp_path / "image.dcm")
     status = _send_with_pynetdicom(node[0].node.port, tmp_path / "image.dcm")
     assert 0xC200 <= status <= 0xC2FF
     assert _counts(node[1]) == (0, 0)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_each_association_that_stored_is_logged_once_when_it_ends(node: tuple[Settings, ServerContext],
+                                                                  tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Stored instances are not logged one by one at INFO (a line each was a tenth of a tiny instance's
+    CPU); the association's statuses are, in one line, when it ends."""
+    make_cr(tmp_path / "image.dcm")
+    with caplog.at_level(logging.INFO, logger="pacs_node"):
+        assert _send_with_pynetdicom(node[0].node.port, tmp_path / "image.dcm") == 0
+        assert _send_with_pynetdicom(node[0].node.port, tmp_path / "image.dcm") == 0  # a duplicate
+        deadline = time.monotonic() + 10
+        while sum("ended: C-STORE answered" in r.getMessage() for r in caplog.records) < 2:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("pacs_node")]
+    assert [line for line in lines if "ended" in line] == ["association from PYSCU at 127.0.0.1 ended: C-STORE "
+                                                           "answered 0x0000 x 1"] * 2
+    assert not [line for line in lines if "instance from" in line]

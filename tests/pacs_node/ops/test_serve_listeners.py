@@ -17,7 +17,8 @@ def _listening_pids(node: Node) -> set[str]:
 
 
 def _storing_pids(node: Node) -> set[str]:
-    return set(re.findall(r"(?:serve|listen)\[(\d+)\] pacs_node\.work\.ingest: stored", node.log()))
+    return set(re.findall(r"(?:serve|listen)\[(\d+)\] pacs_node\.dicom\.server: association from .* ended: "
+                          r"C-STORE answered 0x0000", node.log()))
 
 
 def test_two_listener_processes_share_the_port(make_node: Callable[..., Node], tmp_path: Path) -> None:

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom import Dataset
+from pydicom import DataElement, Dataset, config
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DSfloat
 
 from pacs_node.results import ResultOptions, StudyReport, build_study_objects
 from pacs_node.results.build import single_image_report
 from pacs_node.results.builder_pool import ResultBuilders
 from pacs_node.results.common import evidence_header
-from pacs_node.results.templates import TEMPLATES, TemplateCache, encode, shape
+from pacs_node.results.templates import TEMPLATES, TemplateCache, _pydicom_element, _value_bytes, encode, shape
 from pacs_node.work.instance_record import instance_record
 from pipelines.interface import FakePipeline, ImageResult, NotInterpreted
 from tests.pacs_node.results.synthetic import make_cr
@@ -181,8 +182,7 @@ def test_a_template_fills_in_what_highdicom_builds(case: str) -> None:
     for mine, theirs in zip(templated, reference, strict=True):
         assert _decoded(mine.data) == _decoded(theirs)
         assert mine.data == theirs
-        for keyword in ("SOPInstanceUID", "PatientName", "SeriesDescription", "InstanceNumber"):
-            assert mine.header.get(keyword) == pydicom.dcmread(io.BytesIO(theirs)).get(keyword)
+        assert mine.fields == instance_record(pydicom.dcmread(io.BytesIO(theirs)))
 
 
 def test_templated_objects_pass_dciodvfy(tmp_path: Path) -> None:
@@ -320,3 +320,40 @@ def test_a_real_radiograph_is_templated(real_dicom_dir: Path, name: str) -> None
     reference = [encode(obj) for obj in build_study_objects(study, ResultOptions(), now=NOW)]
     assert [_decoded(b) for b in templated] == [_decoded(b) for b in reference]
     assert templated == reference
+
+
+@pytest.mark.parametrize(("vr", "value"), [
+    ("SL", [160, 200]), ("SL", [-(1 << 31), (1 << 31) - 1]), ("SL", [7]), ("UL", [0, 0xFFFFFFFF]), ("US", 7),
+    ("US", [1, 2, 3]), ("FD", [1.5, -2.25]), ("FL", 0.1), ("FD", 3.0), ("UI", "1.2.3"), ("UI", "1.2"),
+    ("LO", "odd"), ("LO", "even"), ("CS", "A"), ("DA", "20260304"), ("PN", "Doe^Jane"), ("UT", "x" * 70001),
+    ("SL", [1 << 31]), ("US", [-1]), ("US", 70000), ("LO", "Müller"), ("SS", [1, -2]),
+    ("DS", DSfloat("1")), ("DS", DSfloat(" 2.5 ")), ("DS", DSfloat("-0")), ("DS", DSfloat("1e3")),
+    ("DS", DSfloat("0.50000000000000")), ("DS", DSfloat(1.5)), ("DS", DSfloat(1 / 3, auto_format=True)),
+    ("DS", DSfloat("0.333333333333333333", validation_mode=config.IGNORE)),
+    ("DS", DSfloat(DSfloat("4096"))),
+])
+def test_values_written_without_pydicom_are_written_as_pydicom_writes_them(vr: str, value: object) -> None:
+    """The slots' own encoding of plain values (ASCII text, floats, integers in range) is pydicom's, byte
+    for byte; anything else (out of range, non-ASCII, SS) is pydicom's own."""
+    try:
+        expected: bytes | type[Exception] = _pydicom_element(DataElement(0x00700053, vr, value), ["iso8859"])
+    except Exception as exc:  # noqa: BLE001 - then the templates' encoding must fail alike
+        expected = type(exc)
+    if isinstance(expected, bytes):
+        assert _value_bytes(0x00700053, vr, value, ["iso8859"]) == expected
+    else:
+        with pytest.raises(expected):
+            _value_bytes(0x00700053, vr, value, ["iso8859"])
+
+
+def test_a_decimal_string_is_pydicom_s_under_raising_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where pydicom would refuse a decimal string it was read as (too long, validation raising), the
+    templates' encoding refuses it too (and highdicom builds, or fails alike)."""
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.RAISE)
+    long = DSfloat("0.333333333333333333", validation_mode=config.IGNORE)
+    with pytest.raises(OverflowError):
+        _pydicom_element(DataElement(0x00281050, "DS", long), ["iso8859"])
+    with pytest.raises(OverflowError):
+        _value_bytes(0x00281050, "DS", long, ["iso8859"])
+    assert _value_bytes(0x00281050, "DS", DSfloat("40"), ["iso8859"]) == _pydicom_element(
+        DataElement(0x00281050, "DS", DSfloat("40")), ["iso8859"])

@@ -7,7 +7,6 @@ where the encoder does not apply, the SCP still answers (with the reference buil
 from __future__ import annotations
 
 import pytest
-from pydicom import Dataset
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
