@@ -299,15 +299,17 @@ def idempotent_insert(table: Table, dialect_name: str, key: str, returning: bool
 
 def insert_many_if_absent(session: Session, model: type[Base], rows: list[dict[str, Any]], key: str) -> None:
     """:func:`insert_if_absent` for many rows: one ``INSERT ... ON CONFLICT (key) DO NOTHING`` compiled
-    once and executed for every row (the driver's executemany). Rows are grouped by the columns they
-    name, as one statement binds one set of columns."""
+    once and executed for every row (the driver's executemany), on the session's connection like
+    :func:`insert_returning_id`. Rows are grouped by the columns they name, as one statement binds one
+    set of columns."""
     table = cast(Table, model.__table__)
-    statement = idempotent_insert(table, session.get_bind(model).dialect.name, key, False)
+    connection = session.connection(bind_arguments={"mapper": model})
+    statement = idempotent_insert(table, connection.dialect.name, key, False)
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(sorted(row)), []).append(row)
     for group in groups.values():
-        session.execute(statement, group)
+        connection.execute(statement, group)
 
 
 def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: list[str],
@@ -326,16 +328,23 @@ def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: li
 def upsert_many(session: Session, model: type[Base], rows: list[dict[str, Any]], keys: list[str],
                 update: list[str]) -> None:
     """:func:`upsert` for many rows with the same columns: one ``INSERT ... ON CONFLICT (keys) DO UPDATE``
-    whose ``update`` columns take the inserted row's values, executed for every row."""
+    whose ``update`` columns take the inserted row's values, executed for every row on the session's
+    connection (pending ORM changes are not flushed first: they are flushed at the commit)."""
     table = cast(Table, model.__table__)
-    dialect = session.get_bind(model).dialect
-    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect.name)
+    connection = session.connection(bind_arguments={"mapper": model})
+    connection.execute(_upsert_many_statement(table, connection.dialect.name, tuple(keys), tuple(update)), rows)
+
+
+@lru_cache(maxsize=None)
+def _upsert_many_statement(table: Table, dialect_name: str, keys: tuple[str, ...], update: tuple[str, ...]) -> Any:
+    """:func:`upsert_many`'s statement, built once per table, dialect and columns (and so compiled once:
+    the job history runs it in every batch's commit)."""
+    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect_name)
     if dialect_insert is None:
-        raise NotImplementedError(f"no upsert for the {dialect.name!r} dialect")
+        raise NotImplementedError(f"no upsert for the {dialect_name!r} dialect")
     statement = dialect_insert(table)
-    statement = statement.on_conflict_do_update(  # type: ignore[attr-defined]
-        index_elements=keys, set_={column: statement.excluded[column] for column in update})
-    session.execute(statement, rows)
+    return statement.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=list(keys), set_={column: statement.excluded[column] for column in update})
 
 
 def _translated(engine: Engine, statement: str, exc: Exception) -> DBAPIError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -18,12 +19,25 @@ from storage.db import rowcount, upsert_many
 from storage.schema import Analysis, Delivery, Job, JobKind, JobState
 
 
+class JobSnapshot(Protocol):
+    """What the history reads of a job: a ``Job`` row, or the queue's snapshot of one (``JobRecord``)."""
+
+    id: int
+    kind: str
+    state: str
+    sop_instance_uid: str
+    destination: str | None
+    payload: dict[str, Any]
+    attempts: int
+    last_error: str | None
+
+
 def record_job(session: Session, job: Job, now: datetime) -> None:
     """Bring the history in line with ``job``'s state at the end of an attempt (or its cancellation)."""
     record_jobs(session, [job], now)
 
 
-def record_jobs(session: Session, jobs: Sequence[Job], now: datetime) -> None:
+def record_jobs(session: Session, jobs: Sequence[Job] | Sequence[JobSnapshot], now: datetime) -> None:
     """:func:`record_job` for many jobs, one statement per kind of row (a batch completed at once)."""
     analyses, deliveries = [], []
     for job in jobs:

@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import flag_modified
 
 from storage import history
 from storage.db import insert_many_if_absent, insert_returning_id, make_sessionmaker, rowcount
@@ -134,6 +135,45 @@ class JobRecord:
     @classmethod
     def of(cls, job: Job) -> JobRecord:
         return cls(**{name: getattr(job, name) for name in cls.__dataclass_fields__})
+
+
+#: What a claim reads of each candidate, and what :meth:`JobQueue.complete_in` reads of each job (a whole
+#: :class:`JobRecord`). Claims and completions run for every batch of every worker and exporter thread:
+#: their statements are built once, on the table, with the varying values as parameters, so they are
+#: compiled once and run without the ORM's unit of work (which cost more than the SQL itself).
+_CANDIDATE_COLUMNS = [_JOBS.c[name] for name in ("id", "kind", "state", "sop_instance_uid", "destination", "payload",
+                                                 "attempts", "max_attempts", "lease_owner")]
+_DUE = or_(and_(_JOBS.c.state.in_(_WAITING), _JOBS.c.not_before <= bindparam("now")),
+           and_(_JOBS.c.state == JobState.RUNNING.value, _JOBS.c.lease_expires_at < bindparam("now")))
+_CANDIDATES = (
+    select(*_CANDIDATE_COLUMNS)
+    .where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)), _DUE)
+    .order_by(_JOBS.c.priority.desc(), _JOBS.c.created_at, _JOBS.c.id)
+    .limit(bindparam("limit"))
+)
+#: The candidates of a claim that skips the jobs of some destinations (peers known to be down).
+_CANDIDATES_SKIPPING = _CANDIDATES.where(or_(_JOBS.c.destination.is_(None),
+                                             _JOBS.c.destination.not_in(bindparam("skipped", expanding=True))))
+_TAKE = (
+    update(_JOBS).where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(state=JobState.RUNNING.value, attempts=_JOBS.c.attempts + 1, lease_owner=bindparam("owner"),
+            lease_expires_at=bindparam("expires"), started_at=bindparam("now"), updated_at=bindparam("now"))
+)
+_NOTE_RECLAIMED = update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(last_error=bindparam("note"))
+#: When the earliest waiting job of some kinds becomes due (an idle worker asks before every sleep).
+_NEXT_DUE = select(func.min(_JOBS.c.not_before)).where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)),
+                                                      _JOBS.c.state.in_(_WAITING))
+_OWNED_COLUMNS = [_JOBS.c[name] for name in JobRecord.__dataclass_fields__]
+_OWNED_BATCH = select(*_OWNED_COLUMNS).where(_JOBS.c.id.in_(bindparam("ids", expanding=True)),
+                                             _JOBS.c.state == JobState.RUNNING.value,
+                                             _JOBS.c.lease_owner == bindparam("owner"))
+_DONE = (
+    update(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+    .values(state=JobState.DONE.value, lease_owner=None, lease_expires_at=None, last_error=None,
+            payload=bindparam("new_payload", type_=_JOBS.c.payload.type), updated_at=bindparam("now"),
+            finished_at=bindparam("now"))
+)
+
 
 
 def _value(enum_or_str: JobKind | JobState | str, enum: type[JobKind] | type[JobState]) -> str:
@@ -262,38 +302,36 @@ class JobQueue:
         if not kinds or limit < 1:
             return []
         skipped = sorted(set(skip_destinations))
-        not_skipped = or_(Job.destination.is_(None), Job.destination.not_in(skipped)) if skipped else True
+        candidates = _locked(_CANDIDATES_SKIPPING if skipped else _CANDIDATES)
         claimed: list[ClaimedJob] = []
         with self._writing() as (session, now):
+            connection = session.connection(bind_arguments={"mapper": Job})
             while len(claimed) < limit:
-                candidates = session.scalars(
-                    _locked(
-                        select(Job)
-                        .where(Job.kind.in_(kinds), self._due(now), not_skipped)
-                        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-                        .limit(limit - len(claimed))
-                    )
-                ).all()
-                if not candidates:
+                rows = connection.execute(candidates, {"kinds": kinds, "now": now, "limit": limit - len(claimed),
+                                                       "skipped": skipped}).all()
+                if not rows:
                     break
-                for job in candidates:
-                    if job.state == JobState.RUNNING.value:
-                        previous = job.lease_owner
-                        if job.attempts >= job.max_attempts:
-                            self._bury(job, now, f"lease of {previous} expired on the last attempt")
+                taken, reclaimed, buried = [], [], False
+                for row in rows:
+                    if row.state == JobState.RUNNING.value:
+                        if row.attempts >= row.max_attempts:
+                            job = session.get(Job, row.id)
+                            assert job is not None  # locked by this transaction
+                            self._bury(job, now, f"lease of {row.lease_owner} expired on the last attempt")
+                            buried = True
                             continue
-                        job.last_error = f"lease of {previous} expired; reclaimed by {worker_id}"
-                    job.state = JobState.RUNNING.value
-                    job.attempts += 1
-                    job.lease_owner = worker_id
-                    job.lease_expires_at = now + self.lease
-                    job.started_at = now
-                    job.updated_at = now
-                    claimed.append(
-                        ClaimedJob(job.id, job.kind, job.sop_instance_uid, job.destination, dict(job.payload or {}),
-                                   job.attempts, job.max_attempts)
-                    )
-                session.flush()
+                        reclaimed.append({"job_id": row.id,
+                                          "note": f"lease of {row.lease_owner} expired; reclaimed by {worker_id}"})
+                    taken.append(row.id)
+                    claimed.append(ClaimedJob(row.id, row.kind, row.sop_instance_uid, row.destination,
+                                              dict(row.payload or {}), row.attempts + 1, row.max_attempts))
+                if taken:
+                    connection.execute(_TAKE, {"ids": taken, "owner": worker_id, "expires": now + self.lease,
+                                               "now": now})
+                if reclaimed:
+                    connection.execute(_NOTE_RECLAIMED, reclaimed)
+                if buried:
+                    session.flush()  # the next candidates are read without the jobs just buried
         return claimed
 
     def heartbeat(self, job_id: int, worker_id: str) -> bool:
@@ -318,22 +356,30 @@ class JobQueue:
         commit and a few statements instead of a commit and four statements each; per job, the job as it
         is now, or ``None`` if its lease was lost."""
         done = builtins.list(done)
+        if not done:
+            return []
         now = self._clock()
-        owned = {job.id: job for job in session.scalars(
-            _locked(select(Job).where(Job.id.in_([job_id for job_id, _ in done]), Job.state == JobState.RUNNING.value,
-                                      Job.lease_owner == worker_id), skip_locked=False))}
+        connection = session.connection(bind_arguments={"mapper": Job})
+        owned = {row.id: row._asdict() for row in connection.execute(
+            _locked(_OWNED_BATCH, skip_locked=False), {"ids": [job_id for job_id, _ in done], "owner": worker_id})}
         records: builtins.list[JobRecord | None] = []
+        finished: builtins.list[JobRecord] = []
         for job_id, payload_update in done:
-            job = owned.get(job_id)
-            if job is None:
+            row = owned.get(job_id)
+            if row is None:  # its lease was lost
                 records.append(None)
                 continue
             if payload_update:
-                job.payload = {**(job.payload or {}), **payload_update}
-            _end_attempt(job, JobState.DONE, now, error=None)
-            job.finished_at = now
-            records.append(JobRecord.of(job))
-        history.record_jobs(session, [job for job in owned.values()], now)
+                row["payload"] = {**(row["payload"] or {}), **payload_update}
+            row.update(state=JobState.DONE.value, lease_owner=None, lease_expires_at=None, last_error=None,
+                       updated_at=now, finished_at=now)
+            record = JobRecord(**row)
+            records.append(record)
+            finished.append(record)
+        if finished:
+            connection.execute(_DONE, [{"job_id": record.id, "new_payload": record.payload, "now": now}
+                                       for record in finished])
+            history.record_jobs(session, finished, now)
         return records
 
     def fail(self, job_id: int, worker_id: str, error: str, retryable: bool = True,
@@ -494,8 +540,7 @@ class JobQueue:
         sleeps until then rather than until its next poll."""
         values = [_value(kind, JobKind) for kind in kinds]
         with self._read() as session:
-            return session.scalar(select(func.min(Job.not_before)).where(Job.kind.in_(values),
-                                                                          Job.state.in_(_WAITING)))
+            return session.connection(bind_arguments={"mapper": Job}).execute(_NEXT_DUE, {"kinds": values}).scalar()
 
     def destinations(self) -> builtins.list[dict[str, Any]]:
         """Per export destination: jobs in each state, and the newest error of a failed or dead job —
@@ -602,3 +647,6 @@ def _end_attempt(job: Job, state: JobState, now: datetime, error: str | None) ->
     job.lease_expires_at = None
     job.last_error = error
     job.updated_at = now
+    # Written even when it equals the value already there (a claim stamped it with the same clock): else
+    # the column's onupdate would put the wall clock in its place.
+    flag_modified(job, "updated_at")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -80,6 +81,50 @@ def touch_statement(dialect: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class StudyImage:
+    """What the worker needs of one of a study's images to read it: where it is stored, who sent it."""
+
+    sop_instance_uid: str
+    path: str
+    calling_ae: str | None
+
+
+def study_images(session: Session, study_instance_uid: str) -> list[StudyImage]:
+    """:func:`study_image_uids` with each image's store path and sender, in one statement (the worker
+    loads every study it analyses this way)."""
+    rows = session.connection(bind_arguments={"mapper": Instance}).execute(
+        _STUDY_IMAGES, {"study": study_instance_uid})
+    return [StudyImage(uid, path, calling_ae) for uid, path, calling_ae in rows]
+
+
+@dataclass(frozen=True)
+class AnalysedState:
+    """What a study's row says of its last analysis: the worker's next one is a new version of it or,
+    for the same set of instances run again, the same one."""
+
+    version: int
+    analysed_set_hash: str | None
+    analysis: dict[str, Any]
+
+
+def analysed_state(session: Session, study_instance_uid: str) -> AnalysedState | None:
+    """The study's last analysis (None when the study has no row)."""
+    row = session.connection(bind_arguments={"mapper": Study}).execute(
+        _ANALYSED_STATE, {"study": study_instance_uid}).first()
+    return None if row is None else AnalysedState(row.version or 0, row.analysed_set_hash, row.analysis or {})
+
+
+_STUDY_IMAGES = (
+    select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.path, _INSTANCES.c.calling_ae)
+    .where(_INSTANCES.c.study_instance_uid == bindparam("study"),
+           _INSTANCES.c.origin == Origin.RECEIVED.value, _INSTANCES.c.disposition == Disposition.QUEUED.value)
+    .order_by(_INSTANCES.c.received_at, _INSTANCES.c.id)
+)
+_ANALYSED_STATE = select(_STUDIES.c.version, _STUDIES.c.analysed_set_hash, _STUDIES.c.analysis).where(
+    _STUDIES.c.study_instance_uid == bindparam("study"))
+
+
 def get_study(session: Session, study_instance_uid: str) -> Study | None:
     return session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one_or_none()
 
@@ -87,22 +132,55 @@ def get_study(session: Session, study_instance_uid: str) -> Study | None:
 def record_analysis(session: Session, study_instance_uid: str, set_hash: str, analysis: dict[str, Any]) -> int:
     """Mark ``set_hash`` analysed with ``analysis`` (what was read, set aside, made); returns the study's
     new version. A set already recorded keeps its version (a job run again after a crash)."""
-    study = session.scalars(
-        select(Study).where(Study.study_instance_uid == study_instance_uid).with_for_update()
-    ).one_or_none()
-    if study is None:  # a job queued before studies were tracked (per-instance analyse job)
-        now = utcnow()
-        study = Study(study_instance_uid=study_instance_uid, state=StudyState.COLLECTING.value, first_received_at=now,
-                      last_received_at=now, settle_due=now, set_hash=set_hash, version=0, analysis={})
-        session.add(study)
-    if study.analysed_set_hash != set_hash:
-        study.version = (study.version or 0) + 1
-    study.analysed_set_hash = set_hash
-    study.analysis = {**analysis, "version": study.version}
-    study.analysed_at = utcnow()
-    if study.set_hash == set_hash:
-        study.state = StudyState.ANALYSED.value
-    return study.version
+    return record_analyses(session, [(study_instance_uid, set_hash, analysis)])[0]
+
+
+def record_analyses(session: Session, analyses: Sequence[tuple[str, str, dict[str, Any]]]) -> list[int]:
+    """:func:`record_analysis` of each ``(study_instance_uid, set_hash, analysis)``, in order, with one
+    statement to read and lock the studies' rows and one to write them (a batch's studies); per analysis,
+    its study's version."""
+    if not analyses:
+        return []
+    connection = session.connection(bind_arguments={"mapper": Study})
+    rows = {row.study_instance_uid: row._asdict() for row in connection.execute(
+        _STUDIES_FOR_ANALYSIS.with_for_update(), {"studies": sorted({uid for uid, _, _ in analyses})})}
+    now = utcnow()
+    versions: list[int] = []
+    new: dict[str, dict[str, Any]] = {}
+    for study_uid, set_hash, analysis in analyses:
+        row = rows.get(study_uid)
+        if row is None:  # a job queued before studies were tracked (per-instance analyse job)
+            row = rows[study_uid] = new[study_uid] = dict(
+                id=None, study_instance_uid=study_uid, state=StudyState.COLLECTING.value, first_received_at=now,
+                last_received_at=now, settle_due=now, set_hash=set_hash, analysed_set_hash=None, version=0)
+        if row["analysed_set_hash"] != set_hash:
+            row["version"] = (row["version"] or 0) + 1
+        row["analysed_set_hash"] = set_hash
+        row["analysis"] = {**analysis, "version": row["version"]}
+        row["analysed_at"] = now
+        if row["set_hash"] == set_hash:
+            row["state"] = StudyState.ANALYSED.value
+        versions.append(row["version"])
+    if new:
+        connection.execute(insert(_STUDIES), [{k: v for k, v in row.items() if k != "id"} for row in new.values()])
+    changed = [row for uid, row in rows.items() if uid not in new and "analysis" in row]
+    if changed:
+        connection.execute(_RECORD_ANALYSIS, [
+            {"study_id": row["id"], "new_state": row["state"], "new_version": row["version"],
+             "analysed": row["analysed_set_hash"], "record": row["analysis"], "at": row["analysed_at"]}
+            for row in changed])
+    return versions
+
+
+_STUDIES_FOR_ANALYSIS = select(
+    _STUDIES.c.id, _STUDIES.c.study_instance_uid, _STUDIES.c.state, _STUDIES.c.set_hash,
+    _STUDIES.c.analysed_set_hash, _STUDIES.c.version,
+).where(_STUDIES.c.study_instance_uid.in_(bindparam("studies", expanding=True)))
+_RECORD_ANALYSIS = (
+    update(_STUDIES).where(_STUDIES.c.id == bindparam("study_id"))
+    .values(state=bindparam("new_state"), version=bindparam("new_version"), analysed_set_hash=bindparam("analysed"),
+            analysis=bindparam("record", type_=_STUDIES.c.analysis.type), analysed_at=bindparam("at"))
+)
 
 
 def studies(session: Session, limit: int = 100) -> Sequence[Study]:

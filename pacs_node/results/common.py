@@ -15,6 +15,7 @@ from highdicom.sr import (
     ObserverContext,
 )
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DT, TM
 
@@ -48,11 +49,13 @@ PIXEL_DATA_GROUP = 0x7FE0
 
 def without_pixel_data(ds: Dataset) -> Dataset:
     """A copy of ``ds`` without its pixel data of any kind (no file meta). Its elements are copies, so
-    changing one (normalising a date) leaves ``ds`` as it was; the values themselves are shared."""
+    changing one (normalising a date) leaves ``ds`` as it was; the values themselves are shared. An
+    element still as read (a raw element: immutable) is shared as it is and converted in the copy only
+    if the copy asks for it (the worker copies every image it analyses; most elements nobody reads)."""
     header = Dataset()
-    for element in ds:
+    for element in ds.elements():
         if element.tag.group != PIXEL_DATA_GROUP:
-            header.add(copy.copy(element))
+            header[element.tag] = element if isinstance(element, RawDataElement) else copy.copy(element)
     return header
 
 

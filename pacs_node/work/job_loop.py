@@ -28,6 +28,7 @@ from typing import Any
 from pacs_node.ops import metrics
 from pacs_node.ops.context import ServerContext
 from pacs_node.work.leases import LeaseKeeper
+from pacs_node.work.wakeups import Waiter
 from storage.queue import ClaimedJob, JobRecord
 from storage.schema import JobKind
 
@@ -51,12 +52,20 @@ class JobLoop:
     #: seconds an idle loop sleeps on the doorbell (default ``worker.poll_interval_s``); the analysis
     #: worker wakes sooner when a study settles before then
     idle_wait: Callable[[], float] | None = None
+    #: the most jobs ``claim`` takes: a claim that got fewer found none left due, so the loop waits on the
+    #: doorbell (which a job queued since rings) instead of claiming again at once, only to find nothing.
+    #: None: unknown, claim again after every batch
+    claim_limit: int | None = None
 
     def run(self, stop: threading.Event, work: Callable[[list[ClaimedJob], LeaseKeeper], SecondStage | None]) -> None:
         """Until ``stop`` is set (the batches in progress are finished first): claim, ``work(jobs, leases)``,
         run the second stage it returns (if any) beside the next batch's first, and wait on the doorbell
-        when nothing was due. The work releases each job's lease when the job is settled; whatever a batch
-        leaves held is released when its last stage returns."""
+        when nothing more is due. The work releases each job's lease when the job is settled; whatever a
+        batch leaves held is released when its last stage returns.
+
+        The doorbell's rings are consumed before each claim, which answers them: a wait returns at once
+        only for a job queued after the last claim looked, so a burst of rings costs one claim, not one
+        each. A second stage that raises wakes the loop, which stops with its error."""
         settings = self.runtime.settings
         pending: Future[None] | None = None  # the second stage of the previous batch, running
         with LeaseKeeper(self.runtime, self.owner, settings.worker.lease_seconds) as leases, \
@@ -64,36 +73,57 @@ class JobLoop:
                 ThreadPoolExecutor(1, thread_name_prefix=f"{self.kind.value}-record") as second_stages:
             try:
                 while not stop.is_set():
+                    pending = _unless_done(pending)
+                    waiter.drain()
                     try:
                         jobs = self.claim()
                     except Exception:
                         log.exception("%s: cannot claim jobs; retrying", self.kind.value)
                         stop.wait(CLAIM_RETRY_S)
                         continue
-                    if not jobs:
-                        if pending is not None:  # finish the last batch, then look again before sleeping
-                            pending, finishing = None, pending
-                            finishing.result()
-                            continue
-                        waiter.wait(self.idle_wait() if self.idle_wait else settings.worker.poll_interval_s, stop)
+                    if jobs:
+                        pending = self._batch(jobs, work, leases, pending, second_stages, waiter)
+                        if self.claim_limit is None or len(jobs) >= self.claim_limit:
+                            continue  # more may be due already
+                    elif pending is not None and self.claim_limit is None:
+                        pending, finishing = None, pending  # finish the last batch, then look again
+                        finishing.result()
                         continue
-                    ids = [job.id for job in jobs]
-                    leases.hold(ids)
-                    try:
-                        rest = work(jobs, leases)
-                    except BaseException:
-                        leases.release_all(ids)
-                        raise
-                    if pending is not None:
-                        pending, finishing = None, pending
-                        finishing.result()  # batch N is recorded before batch N+1 is handed over
-                    if rest is None:
-                        leases.release_all(ids)
-                    else:
-                        pending = second_stages.submit(_finish, rest, ids, leases)
+                    pending = _unless_done(pending)  # (its wake-up may have been drained above)
+                    waiter.wait(self.idle_wait() if self.idle_wait else settings.worker.poll_interval_s, stop)
             finally:
                 if pending is not None:
                     pending.result()
+
+    @staticmethod
+    def _batch(jobs: list[ClaimedJob], work: Callable[[list[ClaimedJob], LeaseKeeper], SecondStage | None],
+               leases: LeaseKeeper, pending: Future[None] | None, second_stages: ThreadPoolExecutor,
+               waiter: Waiter) -> Future[None] | None:
+        """The first stage of a claimed batch, then its second handed over once the previous batch's has
+        finished (batches are recorded in the order they were claimed); the second stage now running."""
+        ids = [job.id for job in jobs]
+        leases.hold(ids)
+        try:
+            rest = work(jobs, leases)
+        except BaseException:
+            leases.release_all(ids)
+            raise
+        if pending is not None:
+            pending.result()  # batch N is recorded before batch N+1 is handed over
+        if rest is None:
+            leases.release_all(ids)
+            return None
+        running = second_stages.submit(_finish, rest, ids, leases)
+        running.add_done_callback(lambda done: waiter.wake() if done.exception() is not None else None)
+        return running
+
+
+def _unless_done(pending: Future[None] | None) -> Future[None] | None:
+    """``pending`` while it runs; None once it has finished; what it raised, raised."""
+    if pending is not None and pending.done():
+        pending.result()
+        return None
+    return pending
 
 
 def _finish(rest: SecondStage, ids: list[int], leases: LeaseKeeper) -> None:

@@ -81,6 +81,8 @@ class Waiter:
         os.mkfifo(path, 0o600)
         self._read = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         self._write = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # keeps a writer: no end-of-file
+        self._closing = threading.Lock()
+        self._closed = False
 
     def wait(self, timeout: float, stop: threading.Event | None = None) -> bool:
         """Block until rung, ``timeout`` seconds pass or ``stop`` is set; True when rung. Rings that came
@@ -91,15 +93,36 @@ class Waiter:
             readable, _, _ = select.select([self._read], [], [], remaining if stop is None
                                            else min(remaining, STOP_CHECK_S))
             if readable:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._read, 4096):
-                        pass
+                self.drain()
                 return True
             if time.monotonic() >= deadline:
                 break
         return False
 
+    def drain(self) -> bool:
+        """Consume the rings that came so far, without waiting; True if there were any. A loop that is
+        about to look for work calls it first: what it finds answers those rings, and only a ring that
+        comes after (work queued after it looked) makes its next :meth:`wait` return at once."""
+        rung = False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                rung = True
+        return rung
+
+    def wake(self) -> None:
+        """Ring this waiter alone (another thread of its process that has news for the waiting one); nothing
+        once it is closed (its descriptors' numbers may belong to other files by then)."""
+        with self._closing:
+            if self._closed:
+                return
+            with contextlib.suppress(BlockingIOError):  # full: it has been woken already
+                os.write(self._write, b"\x01")
+
     def close(self) -> None:
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
         with contextlib.suppress(OSError):
             self.path.unlink()
         for fd in (self._read, self._write):

@@ -70,7 +70,7 @@ from pipelines.interface import FakePipeline, ImageResult, NotInterpreted, Pipel
 from storage.queue import ClaimedJob
 from storage.repository import add_instances, get_instance
 from storage.schema import Disposition, JobKind, Origin, utcnow
-from storage.studies import get_study, instance_set_hash, record_analysis, study_image_uids
+from storage.studies import analysed_state, instance_set_hash, record_analyses, study_images
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class Worker:
         and run through the pipeline while batch N's results are built and stored (:class:`JobLoop`'s
         second stage): the model waits for no disk and no result builder."""
         loop = JobLoop(self.rt, self.worker_id, JobKind.ANALYSE, claim=lambda: self.claim_batch(stop),
-                       idle_wait=self._idle_wait)
+                       idle_wait=self._idle_wait, claim_limit=self.settings.pipeline.batch_size)
         with self._builders:
             loop.run(stop, self._first_stage)
 
@@ -408,8 +408,9 @@ class Worker:
             for previous in result.report.predecessors.values():
                 # a version not yet delivered is not sent after the one that replaces it
                 self.rt.queue.cancel_waiting(session, f"export:{previous.SOPInstanceUID}:", keep="")
-            record_analysis(session, result.work.study_uid, result.work.set_hash,
-                            _analysis_record(result.work, result.report, result.objects))
+        record_analyses(session, [(result.work.study_uid, result.work.set_hash,
+                                   _analysis_record(result.work, result.report, result.objects))
+                                  for result in results])
         return recorded
 
     def _load(self, session: Session, job: ClaimedJob) -> _Work | None:
@@ -421,45 +422,43 @@ class Worker:
             if row is None:
                 raise PipelineError("the instance is no longer stored")
             study_uid = row.study_instance_uid
-        uids = study_image_uids(session, study_uid)
-        set_hash = instance_set_hash(uids)
+        images = {image.sop_instance_uid: image for image in study_images(session, study_uid)}
+        set_hash = instance_set_hash(images)
         if job.payload.get("set_hash") not in (None, set_hash):
             return None
-        rows = {uid: get_instance(session, uid) for uid in uids}
-        study = get_study(session, study_uid)
+        study = analysed_state(session, study_uid)
         version, predecessors = 1, {}
         if study is not None and study.analysed_set_hash not in (None, set_hash):
             version = study.version + 1
-            for kind, uid in (study.analysis or {}).get("results", {}).items():
+            for kind, uid in study.analysis.get("results", {}).items():
                 previous = get_instance(session, uid)
                 if previous is not None:
                     predecessors[kind] = _reference(previous)
         elif study is not None and study.analysed_set_hash == set_hash:
             version = study.version
-            for kind, uid in (study.analysis or {}).get("supersedes", {}).items():
+            for kind, uid in study.analysis.get("supersedes", {}).items():
                 previous = get_instance(session, uid)
                 if previous is not None:
                     predecessors[kind] = _reference(previous)
-        if not uids:
+        if not images:
             raise PipelineError("the study's instances are no longer stored")
         headers: dict[str, Dataset] = {}
         # A study of one image (most of them) is read once, pixels and all: its header is the dataset.
-        whole = len(rows) == 1
-        for uid, row in rows.items():
-            if row is None or not row.path:
-                continue  # deleted by retention meanwhile: not part of what can be read
-            headers[uid] = self._read(row.path, stop_before_pixels=not whole)
+        whole = len(images) == 1
+        for uid, image in images.items():
+            if not image.path:
+                continue  # not part of what can be read
+            headers[uid] = self._read(image.path, stop_before_pixels=not whole)
         views = {uid: classify_view(ds) for uid, ds in headers.items()}
         candidates = [Candidate(uid, views[uid], acquisition_time(ds)) for uid, ds in headers.items()]
         choice = choose(candidates, getattr(self.pipeline, "views", FRONTAL_VIEWS))
         dataset = None
         if choice.analysed is not None:
-            row = rows[choice.analysed]
-            assert row is not None
-            dataset = headers[choice.analysed] if whole else self._read(row.path, stop_before_pixels=False)
+            chosen = images[choice.analysed]
+            dataset = headers[choice.analysed] if whole else self._read(chosen.path, stop_before_pixels=False)
             check_dimensions(dataset)
-        calling_ae = next((r.calling_ae for uid, r in rows.items() if r is not None and uid == choice.analysed),
-                          next((r.calling_ae for r in rows.values() if r is not None), None))
+        sender = images[choice.analysed] if choice.analysed is not None else next(iter(images.values()))
+        calling_ae = sender.calling_ae
         return _Work(job, study_uid, set_hash, headers, views, choice, dataset, calling_ae, version, predecessors)
 
     def _read(self, relpath: str, *, stop_before_pixels: bool) -> Dataset:

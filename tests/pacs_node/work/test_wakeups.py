@@ -58,3 +58,19 @@ def test_the_pipe_of_a_dead_waiter_is_removed_and_a_missing_directory_is_harmles
     Doorbell(tmp_path, "analyse").ring()
     assert not (tmp_path / "analyse.999999.0").exists()
     Doorbell(tmp_path / "absent", "analyse").ring()
+
+
+def test_drain_consumes_the_rings_so_far_and_wake_rings_one_waiter(tmp_path: Path) -> None:
+    bell = Doorbell(tmp_path, "analyse")
+    with bell.waiter() as waiter, bell.waiter() as other:
+        assert waiter.drain() is False
+        bell.ring()
+        bell.ring()
+        assert waiter.drain() is True  # a claim made now answers both
+        assert waiter.wait(0) is False
+        assert other.drain() is True
+        waiter.wake()  # news from another thread of this process, for this waiter alone
+        assert other.wait(0) is False
+        assert waiter.wait(0) is True
+    waiter.wake()  # after close: nothing (its descriptor numbers may be another file's by now)
+    assert list(tmp_path.iterdir()) == []
