@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
