@@ -20,7 +20,6 @@ guarantees:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 import threading
@@ -116,91 +115,12 @@ def _make_sqlite_engine(url: str, database: str | None) -> Engine:
         finally:
             cursor.close()
 
-    turns = _WriterTurns(None if in_memory else f"{Path(database).expanduser()}-writers")  # type: ignore[arg-type]
-    _WRITER_TURNS[engine.dialect] = turns
-
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if not conn.get_execution_options().get(_IMMEDIATE, False):
-            conn.exec_driver_sql("BEGIN")
-            return
-        dbapi_connection = conn.connection.dbapi_connection
-        turns.take(dbapi_connection)
-        try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        except BaseException:
-            turns.give_back(dbapi_connection)
-            raise
+        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
-    # A write transaction's turn ends with it, however it ends (SQLAlchemy commits and rolls back through
-    # the dialect; the pool rolls back what it gets back open, and closes what it invalidated).
-    dialect = engine.dialect
-    for name in ("do_commit", "do_rollback", "do_close"):
-        setattr(dialect, name, turns.ending(getattr(dialect, name)))
     return engine
-
-
-class _WriterTurns:
-    """Write transactions on one SQLite database file take turns by an ``flock`` on a file beside it,
-    across the node's processes, from before ``BEGIN IMMEDIATE`` to after its ``COMMIT`` or ``ROLLBACK``.
-
-    SQLite lets one writer in and makes the others retry in its busy handler, which sleeps 1, 2, 5, 10,
-    15, 20, 25, 25, 25, 50, 50, 100 ms between tries whether or not the lock was freed meanwhile. With
-    ``serve`` committing received instances and exports every few milliseconds, a worker's claim and its
-    result recording lost most tries and slept tens of milliseconds for a lock that was free most of that
-    time (``bench.e2e --bundle fake``: the worker's threads spent most of their time in ``BEGIN
-    IMMEDIATE`` while the CPU idled). Here a waiter tries again every 0.1-1 ms, so a freed lock is taken
-    within a millisecond. SQLite's own lock stays the guarantee: a writer that cannot take its turn (the
-    file cannot be opened, or another writer held it for :data:`SQLITE_BUSY_TIMEOUT_S`) goes to SQLite's
-    busy handler as before. An in-memory database has no file and no turns."""
-
-    def __init__(self, path: str | None) -> None:
-        self._path = path
-        self._held: dict[int, int] = {}  # id of a raw DBAPI connection in a write transaction -> lock fd
-
-    def take(self, connection: Any) -> None:
-        if self._path is None:
-            return
-        try:
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return
-        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
-        delay = 0.0001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    return
-                time.sleep(delay)
-                delay = min(delay * 2, 0.001)
-        self._held[id(_raw(connection))] = fd
-
-    def give_back(self, connection: Any) -> None:
-        fd = self._held.pop(id(_raw(connection)), None)
-        if fd is not None:
-            os.close(fd)  # the only descriptor of this lock: closing it releases the lock
-
-    def ending(self, end: Callable[[Any], None]) -> Callable[[Any], None]:
-        """``end`` (the dialect's commit, rollback or close of a DBAPI connection), then the turn given back."""
-        def ended(connection: Any) -> None:
-            try:
-                end(connection)
-            finally:
-                self.give_back(connection)
-        return ended
-
-
-def _raw(connection: Any) -> Any:
-    """The driver's connection behind a pooled one (the key of a turn, whichever of the two is at hand)."""
-    return getattr(connection, "dbapi_connection", None) or connection
-
-
-#: The writers' turns of each SQLite engine, by its dialect (shared by the engine's option engines).
-_WRITER_TURNS: weakref.WeakKeyDictionary[Any, _WriterTurns] = weakref.WeakKeyDictionary()
 
 
 def _switch_to_wal(cursor: sqlite3.Cursor) -> None:
@@ -376,31 +296,24 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
     event. Rolled back if the block raises; the driver's errors at ``BEGIN`` and ``COMMIT`` are raised as
     SQLAlchemy's."""
     dbapi = engine.dialect.loaded_dbapi
-    turns = _WRITER_TURNS.get(engine.dialect)
     with driver_connection(engine) as connection:
-        if turns is not None:  # SQLite; elsewhere the driver begins with the first statement
-            turns.take(connection)
-        try:
-            if turns is not None:
-                try:
-                    connection.cursor().execute("BEGIN IMMEDIATE")
-                except dbapi.Error as exc:
-                    raise _translated(engine, "BEGIN IMMEDIATE", exc) from exc
+        if engine.dialect.name == "sqlite":  # elsewhere the driver begins with the first statement
             try:
-                yield connection
-            except BaseException:
-                with suppress(dbapi.Error):
-                    connection.rollback()
-                raise
-            try:
-                connection.commit()
+                connection.cursor().execute("BEGIN IMMEDIATE")
             except dbapi.Error as exc:
-                with suppress(dbapi.Error):
-                    connection.rollback()
-                raise _translated(engine, "COMMIT", exc) from exc
-        finally:
-            if turns is not None:
-                turns.give_back(connection)
+                raise _translated(engine, "BEGIN IMMEDIATE", exc) from exc
+        try:
+            yield connection
+        except BaseException:
+            with suppress(dbapi.Error):
+                connection.rollback()
+            raise
+        try:
+            connection.commit()
+        except dbapi.Error as exc:
+            with suppress(dbapi.Error):
+                connection.rollback()
+            raise _translated(engine, "COMMIT", exc) from exc
 
 
 def rowcount(result: Result[Any]) -> int:

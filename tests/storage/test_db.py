@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import multiprocessing
-import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
-from storage.db import driver_transaction, make_engine, make_sessionmaker, sqlite_url, upgrade, write_engine
+from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
 
 
 def test_sqlite_url_is_absolute_and_make_engine_creates_the_directory(tmp_path: Path, monkeypatch) -> None:
@@ -89,80 +87,6 @@ def test_immediate_sessions_take_the_write_lock_at_begin(sqlite_db: str) -> None
             with pytest.raises(sqlite3.OperationalError, match="locked"):
                 _assert_writable(path)
         _assert_writable(path)
-    finally:
-        engine.dispose()
-
-
-def _turn_is_free(path: str) -> bool:
-    """Whether no write transaction holds the writers' turn of the SQLite database at ``path``."""
-    fd = os.open(f"{path}-writers", os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def test_sqlite_writers_hold_their_turn_from_begin_to_commit_or_rollback(sqlite_db: str) -> None:
-    # Writers take turns by an flock beside the database (SQLite's busy handler sleeps up to 100 ms
-    # between tries; a turn is retaken within a millisecond of its release), whichever way they write.
-    upgrade(sqlite_db)
-    engine = make_engine(sqlite_db)
-    path = sqlite_db.removeprefix("sqlite:///")
-    try:
-        writer, reader = make_sessionmaker(engine, immediate=True), make_sessionmaker(engine)
-        with reader.begin() as session:
-            session.execute(text("SELECT count(*) FROM jobs"))
-            assert _turn_is_free(path)  # a read transaction takes no turn
-        with writer.begin() as session:
-            session.execute(text("SELECT count(*) FROM jobs"))
-            assert not _turn_is_free(path)
-        assert _turn_is_free(path)
-        with pytest.raises(RuntimeError), writer.begin() as session:
-            session.execute(text("SELECT count(*) FROM jobs"))  # a session begins with its first statement
-            assert not _turn_is_free(path)
-            raise RuntimeError("rolled back")
-        assert _turn_is_free(path)
-        with write_engine(engine).begin() as connection:
-            connection.execute(text("SELECT 1"))
-            assert not _turn_is_free(path)
-        assert _turn_is_free(path)
-        with driver_transaction(write_engine(engine)) as connection:
-            connection.cursor().execute("SELECT 1")
-            assert not _turn_is_free(path)
-        assert _turn_is_free(path)
-        with pytest.raises(RuntimeError), driver_transaction(write_engine(engine)):
-            raise RuntimeError("rolled back")
-        assert _turn_is_free(path)
-    finally:
-        engine.dispose()
-
-
-def test_a_sqlite_writer_waits_for_the_turn_of_another_and_then_writes(sqlite_db: str) -> None:
-    upgrade(sqlite_db)
-    engine = make_engine(sqlite_db)
-    try:
-        writer = make_sessionmaker(engine, immediate=True)
-        order: list[str] = []
-        first_in = threading.Event()
-
-        def second() -> None:
-            first_in.wait(10)
-            with writer.begin() as session:
-                session.execute(text("SELECT count(*) FROM jobs"))  # begins: waits for the turn
-                order.append("second began")
-
-        thread = threading.Thread(target=second)
-        thread.start()
-        with writer.begin() as session:
-            session.execute(text("SELECT count(*) FROM jobs"))
-            first_in.set()
-            thread.join(0.2)  # the second writer is waiting for this one's turn
-            order.append("first commits")
-        thread.join(10)
-        assert order == ["first commits", "second began"]
     finally:
         engine.dispose()
 
