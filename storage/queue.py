@@ -159,7 +159,8 @@ _TAKE = (
     .values(state=JobState.RUNNING.value, attempts=_JOBS.c.attempts + 1, lease_owner=bindparam("owner"),
             lease_expires_at=bindparam("expires"), started_at=bindparam("now"), updated_at=bindparam("now"))
 )
-_NOTE_RECLAIMED = update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(last_error=bindparam("note"))
+_NOTE_RECLAIMED = (update(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+                   .values(last_error=bindparam("note"), updated_at=bindparam("now")))  # the queue's clock
 #: When the earliest waiting job of some kinds becomes due (an idle worker asks before every sleep).
 _NEXT_DUE = select(func.min(_JOBS.c.not_before)).where(_JOBS.c.kind.in_(bindparam("kinds", expanding=True)),
                                                       _JOBS.c.state.in_(_WAITING))
@@ -320,7 +321,7 @@ class JobQueue:
                             self._bury(job, now, f"lease of {row.lease_owner} expired on the last attempt")
                             buried = True
                             continue
-                        reclaimed.append({"job_id": row.id,
+                        reclaimed.append({"job_id": row.id, "now": now,
                                           "note": f"lease of {row.lease_owner} expired; reclaimed by {worker_id}"})
                     taken.append(row.id)
                     claimed.append(ClaimedJob(row.id, row.kind, row.sop_instance_uid, row.destination,

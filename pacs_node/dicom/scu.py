@@ -127,7 +127,10 @@ def _store(assoc: Association, peer: Peer, what: Dataset, msg_id: int) -> int | 
     """One C-STORE of ``what`` (a dataset, or a :class:`~pacs_node.dicom.qr.sending.StoredFile` on an
     association prepared to send it as it is) as message ``msg_id``: the peer's status, or why there is
     none."""
-    status = assoc.send_c_store(what, msg_id=(msg_id - 1) % 0xFFFF + 1)  # Message ID is a US, never 0
+    try:
+        status = assoc.send_c_store(what, msg_id=(msg_id - 1) % 0xFFFF + 1)  # Message ID is a US, never 0
+    except RuntimeError:  # pynetdicom's "not established": the peer released or aborted since we looked
+        return ScuError(f"the association with {_where(peer)} ended before this was sent")
     if not status or "Status" not in status:
         return ScuError(f"no C-STORE response from {peer.ae_title} (timeout or abort)")
     return int(status.Status)

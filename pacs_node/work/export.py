@@ -183,7 +183,6 @@ class Exporter:
         self._beacon = Beacon(self.runtime, self.worker_id, "exporter")
         self._claiming = threading.Lock()
         self._drained_at = float("-inf")  # when the last claim that left no due job began
-        self._ring_first: set[str] = set()  # threads whose last claim left no due job (see _claim)
         self._adjusted = False  # the pynetdicom adjustments applied by start, undone by stop
 
     def start(self) -> None:
@@ -214,24 +213,19 @@ class Exporter:
         ``worker.poll_interval_s`` for work the bell does not announce (queued on another host), the others
         :data:`IDLE_POLL_FACTOR` times less often: an idle node's polls were most of its CPU."""
         poll = self.settings.worker.poll_interval_s * (1 if first else IDLE_POLL_FACTOR)
-        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self._claim(owner), idle_wait=lambda: poll)
+        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self._claim(owner), idle_wait=lambda: poll,
+                       claim_limit=self.settings.export.batch_size)
         loop.run(self._stop, lambda jobs, leases: self.run_jobs(jobs, owner, leases.release))
 
     def _claim(self, owner: str) -> list[ClaimedJob]:
         """Claim a batch as ``owner``, one thread of this exporter at a time, and no claim that can only
         find nothing, each a write transaction (an image's few results took five: one that found them,
-        one by each thread the ring woke, one by the thread that sent them, asking for more):
-
-        * a thread claims nothing when a claim that began after it asked left no due job: what was
-          queued before it asked, that claim saw;
-        * a thread whose own claim left no due job claims nothing the next time it asks, and so waits
-          on the doorbell first: a job queued since, its ring wakes the wait at once (rings that come
-          while a waiter is busy are kept), and one nobody rang for the polls find, as before."""
+        one by each thread the ring woke, one by the thread that sent them, asking for more). A thread
+        claims nothing when a claim that began after it asked left no due job: what was queued before it
+        asked, that claim saw. (A thread whose own claim came back short waits on the doorbell before
+        claiming again: ``JobLoop.claim_limit``.)"""
         asked = time.monotonic()
         with self._claiming:
-            if owner in self._ring_first:
-                self._ring_first.discard(owner)
-                return []
             if self._drained_at > asked:
                 return []
             began, limit = time.monotonic(), self.settings.export.batch_size
@@ -239,8 +233,6 @@ class Exporter:
                                             skip_destinations=self.destinations.down())
             if len(jobs) < limit:
                 self._drained_at = began
-                if jobs:
-                    self._ring_first.add(owner)
             return jobs
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
