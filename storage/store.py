@@ -193,10 +193,18 @@ class InstanceStore:
     def _undo(self, temp: BinaryIO, renamed_to: Path | None) -> None:
         """A failed ``commit``: remove the temp file, and the new name it was given (not yet durable,
         never referenced: nothing may be left at that path)."""
-        self.discard(temp)
         if renamed_to is not None:
+            try:
+                ours: os.stat_result | None = os.fstat(temp.fileno())
+            except (OSError, ValueError):  # closed already (its close failed): the name is taken as ours
+                ours = None
             with suppress(OSError):
-                os.unlink(renamed_to)
+                # Only while the name is still ours: a concurrent writer of the same instance, finding
+                # it taken, may have renamed its own durable file over it (and recorded it) since.
+                there = os.stat(renamed_to)
+                if ours is None or (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
+                    os.unlink(renamed_to)
+        self.discard(temp)
 
     def write_bytes(self, relpath: str, data: bytes) -> Path:
         """Write ``data`` to ``relpath`` the durable way (result objects, tests)."""
@@ -417,6 +425,9 @@ class _DirectorySync:
         assert _syncfs is not None
         with self._changed:
             mine = self._begun + 1  # the first call to begin after ours arrived covers ours
+            # A call already running may have written our entries and, failing, reported the error to
+            # its own descriptor only (the next call would not see it): its failure is ours too.
+            overlapped = self._begun if self._running else None
             while self._finished < mine:
                 if self._running:
                     self._changed.wait()
@@ -443,7 +454,7 @@ class _DirectorySync:
                         for old in [n for n in self._failures if n < number - 64]:
                             del self._failures[old]
                     self._changed.notify_all()
-            failure = self._failures.get(mine)
+            failure = self._failures.get(mine) or (self._failures.get(overlapped) if overlapped else None)
         if failure is not None:
             raise OSError(failure.errno, failure.strerror, str(self._root))
 

@@ -29,7 +29,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_file_meta_info, read_preamble
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_file_meta_info, read_partial, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.valuerep import AMBIGUOUS_VR
 
@@ -44,9 +44,6 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Below this inflated size the ratio is not checked: a small dataset of zeros compresses very well.
 _RATIO_FLOOR = 16 * 1024 * 1024
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
-#: The Pixel Data tags as they are encoded, little and big endian.
-_PIXEL_TAG_BYTES = frozenset(struct.pack(order, tag >> 16, tag & 0xFFFF)
-                             for tag in _PIXEL_TAGS for order in ("<HH", ">HH"))
 #: Bytes read at once for the header of a dataset that is not Deflated (a radiograph's attributes take a
 #: few kilobytes; more than this are read from the file).
 _HEADER_PROBE = 64 * 1024
@@ -179,6 +176,13 @@ def _read_header_in_memory(path: Path) -> Header | None:
         prefix = fp.read(_HEADER_PROBE)
         end = os.fstat(fp.fileno()).st_size
     buffer = io.BytesIO(prefix)
+    stopped = False
+
+    def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
+        nonlocal stopped
+        stopped = _stop_at_pixels(tag, vr, length)
+        return stopped
+
     try:
         if read_preamble(buffer, False) is None:
             return None
@@ -186,12 +190,15 @@ def _read_header_in_memory(path: Path) -> Header | None:
         if syntax is not None and syntax.is_deflated:
             return None
         buffer.seek(0)
-        ds = pydicom.dcmread(buffer, stop_before_pixels=True)
+        ds = read_partial(buffer, stop_when=stop)  # what dcmread(stop_before_pixels=True) reads
     except Exception:  # noqa: BLE001 (read from the file, which raises what it raises)
         return None
     position = buffer.tell()
-    if len(prefix) < end and prefix[position:position + 4] not in _PIXEL_TAG_BYTES:
-        return None  # ran out of probe before Pixel Data
+    # Out of probe before Pixel Data: pydicom warns and keeps what it read (an element of undefined
+    # length whose end lies beyond the probe even leaves the position inside it), so only a stop at Pixel
+    # Data, seen by pydicom itself, says the header is whole.
+    if len(prefix) < end and not stopped:
+        return None
     ds.filename = str(path)
     offset = _dataset_offset(ds.file_meta) if "FileMetaInformationGroupLength" in ds.file_meta else 0
     return Header(ds, end - offset, position if position < end else None, prefix[offset:offset + _DATASET_HEAD])

@@ -399,3 +399,58 @@ def test_how_much_is_dirty_is_read_from_meminfo(tmp_path: Path, monkeypatch: pyt
     assert store_module._little_is_dirty() is little
     monkeypatch.setattr(store_module, "_MEMINFO", str(tmp_path / "absent"))
     assert store_module._little_is_dirty() is False
+
+
+def test_a_failed_commit_leaves_the_file_a_concurrent_writer_put_at_its_name(store: InstanceStore) -> None:
+    # A names its file first; B, finding the name taken, renames its own durable file over it (and records
+    # it); A's fsync then fails: A's undo must not remove what is now B's file.
+    relpath = store.relpath_for(STUDY, SERIES, SOP)
+    temp = store.open_temp()
+    temp.write(b"from A")
+    with mock.patch("storage.store.os.fsync", side_effect=OSError(errno.EIO, "I/O error")):
+        filing = store.begin_commit(temp, relpath)
+        other = store.path(relpath).with_suffix(".b")
+        other.write_bytes(b"from B")
+        os.replace(other, store.path(relpath))
+        with pytest.raises(OSError, match="I/O error"):
+            filing.wait()
+    assert store.path(relpath).read_bytes() == b"from B"
+
+
+def test_a_commit_that_arrived_while_a_failing_syncfs_ran_fails_too(
+        store: InstanceStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The running call may have written the late commit's entries and kept the error to itself: the next
+    # call succeeding proves nothing for them.
+    import threading
+    import time
+
+    import storage.store as store_module
+
+    calls: list[int] = []
+
+    def syncfs(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            time.sleep(0.3)
+            raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(store_module, "_syncfs", syncfs)
+    monkeypatch.setattr(store_module, "_little_is_dirty", lambda: True)
+    outcomes: dict[str, object] = {}
+
+    def commit(name: str) -> None:
+        try:
+            with store.temp() as temp:
+                temp.write(name.encode())
+                store.commit(temp, store.relpath_for(f"{STUDY}.{name}", SERIES, SOP))
+            outcomes[name] = "ok"
+        except OSError as exc:
+            outcomes[name] = exc.errno
+
+    first = threading.Thread(target=commit, args=("1",))
+    first.start()
+    while not calls:
+        time.sleep(0.01)
+    commit("2")  # arrives while the first call runs
+    first.join(10)
+    assert outcomes == {"1": errno.EIO, "2": errno.EIO}

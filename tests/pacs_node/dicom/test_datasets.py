@@ -253,3 +253,27 @@ def test_a_header_read_in_memory_is_the_header_read_from_the_file(tmp_path: Path
     offset = 144 + reference.file_meta.FileMetaInformationGroupLength
     assert (header.pixel_offset, header.dataset_bytes) == (pixel_offset, path.stat().st_size - offset)
     assert header.dataset_head == path.read_bytes()[offset:offset + 6]
+
+
+def test_a_header_whose_element_runs_past_the_probe_is_read_from_the_file(tmp_path: Path) -> None:
+    """An element of undefined length whose delimiter lies beyond the in-memory probe, its value starting
+    with the bytes of the Pixel Data tag: pydicom, out of probe, keeps nothing and stops inside that value.
+    Only pydicom's own stop at Pixel Data counts, so this header is read from the file, whole."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta)
+    out.write(struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", 8) + b"1.2.3.4\0")
+    out.write(struct.pack("<HH2sHL", 0x0009, 0x1001, b"OB", 0, 0xFFFFFFFF) + b"\xe0\x7f\x10\x00"
+              + b"\0" * (70 * 1024) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    out.write(struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", 4) + b"A^B ")
+    out.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, 8) + b"\0" * 8)
+    path = tmp_path / "long.dcm"
+    path.write_bytes(out.getvalue())
+    header = read_header(path, InflateLimits())
+    reference = pydicom.dcmread(path, stop_before_pixels=True)
+    assert [e.tag for e in header.dataset] == [e.tag for e in reference] == [0x00080018, 0x00091001, 0x00100010]
+    assert str(header.dataset.PatientName) == "A^B"
