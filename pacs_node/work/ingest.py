@@ -211,17 +211,17 @@ class Ingestor:
         if discard:
             reason = f"{reason}; file discarded (policy.non_chest = discard)"
 
-        analysis = self._analysis(ds, record, caller) if decision.analyse else None
         fields = {
             "path": relpath, "size_bytes": 0 if discard else size, "origin": Origin.RECEIVED,
             "disposition": Disposition.QUEUED if decision.analyse else Disposition.NOT_PROCESSED,
             "reason": reason, "calling_ae": caller.ae_title[:16], "calling_host": (caller.host or "")[:64] or None,
         }
-
-        def insert(connection: Any) -> Recorded:
-            return self._received.record(connection, record, fields, analysis)
-
         try:
+            analysis = self._analysis(ds, record, caller) if decision.analyse else None
+
+            def insert(connection: Any) -> Recorded:
+                return self._received.record(connection, record, fields, analysis)
+
             # The statements run while the file's fsyncs do; the commit waits for them (filing.wait).
             recorded = self._commits.run(insert, None if filing is None else filing.wait)
         except OSError as exc:  # the file's fsyncs failed: filing.wait removed it, the row was not committed
@@ -229,15 +229,12 @@ class Ingestor:
         except SQLAlchemyError as exc:
             status = CANNOT_RECORD if isinstance(exc, DataError) else OUT_OF_RESOURCES
             log.exception("could not record instance from %s (0x%04X)", caller.ae_title, status)
-            try:
-                if filing is not None:
-                    filing.wait()  # the fsyncs are over (and a file that failed them is gone) ...
-            except OSError:
-                pass
-            else:
-                self._remove_unrecorded(relpath, record.sop_instance_uid)  # ... before the file is removed
+            self._abandon(filing, relpath, record.sop_instance_uid)
             metrics.INSTANCES_RECEIVED.labels("failed").inc()
             return status
+        except BaseException:  # anything else fails the C-STORE (pynetdicom answers it): leave nothing behind
+            self._abandon(filing, relpath, record.sop_instance_uid)
+            raise
         if not recorded.inserted:
             # Another association filed the same instance between our check and our insert: it is
             # stored (same path) and recorded once, which is all the sender needs to know.
@@ -269,6 +266,16 @@ class Ingestor:
                          station_name=str(datasets.header_value(ds, "StationName") or "") or None)
         due = utcnow() + timedelta(seconds=settle_seconds(self.settings, route))
         return StudyAnalysis(STUDY_JOB_PREFIX, due, self.settings.worker.max_attempts)
+
+    def _abandon(self, filing: Filing | None, relpath: str, sop_instance_uid: str) -> None:
+        """A filing whose row will not be committed: its fsyncs waited for (a file that failed them is gone
+        already), then the file removed unless another association recorded the instance meanwhile."""
+        try:
+            if filing is not None:
+                filing.wait()
+        except OSError:
+            return
+        self._remove_unrecorded(relpath, sop_instance_uid)
 
     def _remove_unrecorded(self, relpath: str, sop_instance_uid: str) -> None:
         """Undo the rename when the row could not be written, so the store holds only recorded files

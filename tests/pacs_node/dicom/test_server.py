@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from pacs_node.config import Settings
 from pacs_node.dicom.server import Listener
 from pacs_node.ops.context import ServerContext
+from pacs_node.work.ingest import Ingestor
 from storage.schema import Instance, Job
 from storage.store import StoreFullError
 from storage.studies import instance_set_hash
@@ -158,6 +159,23 @@ def test_unparseable_dataset_fails_and_the_listener_stays_up(node: tuple[Setting
     assert os.listdir(runtime.incoming_dir) == []
     dcmtk("echoscu")
     assert echoscu(settings.node.port).returncode == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
+def test_an_unexpected_error_while_recording_fails_the_store_and_leaves_no_file(
+        node: tuple[Settings, ServerContext], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, runtime = node
+    image = tmp_path / "cr.dcm"
+    make_cr(image)
+
+    # A bug cannot be caused on demand: the study's analysis raises what no handler expects.
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Ingestor, "_analysis", broken)
+    assert _send_with_pynetdicom(settings.node.port, image) != 0
+    assert _counts(runtime) == (0, 0)
+    assert list(runtime.store.iter_files()) == [] and os.listdir(runtime.incoming_dir) == []
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database plays no part here
