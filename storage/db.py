@@ -267,11 +267,10 @@ def _upsert_many_statement(table: Table, dialect_name: str, keys: tuple[str, ...
         index_elements=list(keys), set_={column: statement.excluded[column] for column in update})
 
 
-def _translated(engine: Engine, statement: str, exc: Exception) -> DBAPIError:
+def _translated(dialect: Any, statement: str, exc: Exception) -> DBAPIError:
     """The driver's ``exc`` as SQLAlchemy's error (``OperationalError``, ``DataError``, ...), without
     parameters."""
-    dbapi = engine.dialect.loaded_dbapi
-    return DBAPIError.instance(statement, None, exc, dbapi.Error, hide_parameters=True, dialect=engine.dialect)
+    return DBAPIError.instance(statement, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True, dialect=dialect)
 
 
 @contextmanager
@@ -281,7 +280,7 @@ def driver_connection(engine: Engine) -> Iterator[Any]:
     try:
         connection = engine.raw_connection()
     except engine.dialect.loaded_dbapi.Error as exc:
-        raise _translated(engine, "CONNECT", exc) from exc
+        raise _translated(engine.dialect, "CONNECT", exc) from exc
     try:
         yield connection
     finally:
@@ -301,7 +300,7 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
             try:
                 connection.cursor().execute("BEGIN IMMEDIATE")
             except dbapi.Error as exc:
-                raise _translated(engine, "BEGIN IMMEDIATE", exc) from exc
+                raise _translated(engine.dialect, "BEGIN IMMEDIATE", exc) from exc
         try:
             yield connection
         except BaseException:
@@ -313,7 +312,7 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
         except dbapi.Error as exc:
             with suppress(dbapi.Error):
                 connection.rollback()
-            raise _translated(engine, "COMMIT", exc) from exc
+            raise _translated(engine.dialect, "COMMIT", exc) from exc
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -360,13 +359,11 @@ class DriverStatement:
         for name, processor in self._processors.items():
             values[name] = processor(values[name])
         bound: Any = tuple(values[name] for name in self._names) if self._names is not None else values
-        dbapi = self._dialect.loaded_dbapi
         cursor = connection.cursor()
         try:
             cursor.execute(self.sql, bound)
-        except dbapi.Error as exc:
-            raise DBAPIError.instance(self.sql, None, exc, dbapi.Error, hide_parameters=True,
-                                      dialect=self._dialect) from exc
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise _translated(self._dialect, self.sql, exc) from exc
         return cursor
 
 

@@ -541,7 +541,6 @@ class Filing:
         self._store = store
         self._temp = temp
         self._final = final
-        self._directories = directories
         self._error: BaseException | None = None
         self._waited = False
         self._lock = threading.Lock()
