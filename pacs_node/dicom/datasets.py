@@ -33,6 +33,8 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_file_met
 from pydicom.tag import BaseTag
 from pydicom.valuerep import AMBIGUOUS_VR
 
+from pacs_node.dicom.plain_header import PlainHeader
+
 #: Bytes of a file's first fragment searched for the codestream's frame header (SOF / SIZ).
 _FRAGMENT_PROBE = 64 * 1024
 #: Compressed bytes read per step of the inflation.
@@ -281,12 +283,17 @@ def check_frame_size(ds: Dataset, encapsulated_value_prefix: bytes) -> None:
 
     ``encapsulated_value_prefix`` is the start of the Pixel Data value (its items), a few kilobytes
     are enough."""
-    declared = frame_size(_first_fragment(encapsulated_value_prefix))
-    if declared is None:
-        return
     try:
         header = (int(ds.Rows), int(ds.Columns))
     except (AttributeError, TypeError, ValueError):
+        return
+    check_frame_dimensions(header, encapsulated_value_prefix)
+
+
+def check_frame_dimensions(header: tuple[int, int], encapsulated_value_prefix: bytes) -> None:
+    """:func:`check_frame_size` of the header's ``(rows, columns)``."""
+    declared = frame_size(_first_fragment(encapsulated_value_prefix))
+    if declared is None:
         return
     if declared != header:
         raise DatasetRefused(f"the compressed frame is {declared[0]} x {declared[1]} but the header says "
@@ -376,10 +383,13 @@ def decode_every_element(ds: Dataset) -> None:
             _remember(key, ds[tag].value)
 
 
-def header_value(ds: Dataset, keyword: str) -> Any:
+def header_value(ds: Dataset | PlainHeader, keyword: str) -> Any:
     """``ds.get(keyword)``: the element's value, ``None`` when absent; an element converted before in
     another dataset (same bytes, see :func:`decode_every_element`) is not converted again. The value may
-    be shared with other datasets: read it, never change it."""
+    be shared with other datasets: read it, never change it. A header the receive path read without
+    pydicom (:class:`pacs_node.dicom.plain_header.PlainHeader`) answers for the attributes it keeps."""
+    if isinstance(ds, PlainHeader):
+        return ds.get(keyword)
     tag = _keyword_tag(keyword)
     elem = ds.get_item(tag)
     if elem is None:

@@ -17,6 +17,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs_node.dicom.datasets import header_value
+from pacs_node.dicom.plain_header import PlainHeader
 from pacs_node.dicom.presentation_contexts import IMAGE_SOP_CLASSES, RESULT_SOP_CLASSES
 
 _CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "HEART", "RIB", "RIBS", "CHEST_ABDOMEN", "CHESTABDOMEN"})
@@ -32,12 +33,12 @@ class Decision:
     reason: str | None = None  # why not, when not; never contains patient data
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(ds: Dataset | PlainHeader, keyword: str) -> str:
     value = header_value(ds, keyword)
     return str(value).strip() if value is not None else ""
 
 
-def decide(ds: Dataset) -> Decision:
+def decide(ds: Dataset | PlainHeader) -> Decision:
     """Decide from the header alone (no pixel data is read on the receive path)."""
     sop_class = str(header_value(ds, "SOPClassUID") or "")
     if sop_class in RESULT_SOP_CLASSES:

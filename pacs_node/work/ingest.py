@@ -41,6 +41,7 @@ from pacs_node.ops import metrics
 from pacs_node.config import NonChestAction, Settings
 from pacs_node.dicom import datasets
 from pacs_node.dicom.datasets import DatasetRefused, InflateLimits
+from pacs_node.dicom.plain_header import PlainHeader, read_plain_header
 from pacs_node.ops.logs import scrub
 from pacs_node.work.instance_record import MissingAttribute, instance_record
 from pacs_node.work.acceptance import decide
@@ -77,13 +78,20 @@ class Caller:
 
 
 def read_header(path: Path, expected_sop_instance_uid: str | None,
-                limits: InflateLimits) -> tuple[Dataset, InstanceRecord]:
+                limits: InflateLimits) -> tuple[Dataset | PlainHeader, InstanceRecord]:
     """The dataset's header, fully decoded, without reading pixel data (a Deflated dataset inflated
     within ``limits``, see :mod:`pacs_node.dicom.datasets`), and what its row records of it.
 
     pydicom decodes element values lazily, so every top-level element is decoded here (or known to
     decode, :func:`pacs_node.dicom.datasets.decode_every_element`): a value that cannot be decoded must
-    fail now, on the receive path, not later in the worker."""
+    fail now, on the receive path, not later in the worker.
+
+    A plain header is read without pydicom first (:mod:`pacs_node.dicom.plain_header`), and accepted
+    that way only when everything below would accept it too; whatever it is unsure of, and every
+    refusal, is pydicom's to read and to word."""
+    plain = _read_plain(path, expected_sop_instance_uid)
+    if plain is not None:
+        return plain
     try:
         header = datasets.read_header(path, limits)
         ds = header.dataset
@@ -101,6 +109,58 @@ def read_header(path: Path, expected_sop_instance_uid: str | None,
     if expected_sop_instance_uid and record.sop_instance_uid != expected_sop_instance_uid:
         raise UnreadableDataset("SOP Instance UID in the dataset differs from the C-STORE request's")
     return ds, record
+
+
+def _read_plain(path: Path, expected_sop_instance_uid: str | None) -> tuple[PlainHeader, InstanceRecord] | None:
+    """:func:`read_header` by :func:`pacs_node.dicom.plain_header.read_plain_header`: ``None`` unless the
+    header is read that way and passes every check :func:`read_header` makes (the same checks, on the
+    values pydicom would give)."""
+    try:
+        header = read_plain_header(path)
+    except OSError:
+        return None
+    if header is None:
+        return None
+    try:
+        record = instance_record(header)
+    except MissingAttribute:
+        return None
+    if expected_sop_instance_uid and record.sop_instance_uid != expected_sop_instance_uid:
+        return None
+    values = header.values
+    if "Rows" not in values or "Columns" not in values:
+        return header, record
+    rows, columns = values["Rows"], values["Columns"]
+    if header.encapsulated:
+        if header.pixel_offset is None:
+            return header, record
+        if rows is None or columns is None:
+            return None
+        try:
+            datasets.check_frame_dimensions((rows, columns),
+                                            datasets.pixel_value_prefix(path, header.pixel_offset))
+        except (DatasetRefused, OSError):
+            return None
+        return header, record
+    if "BitsAllocated" not in values:
+        return header, record
+    needed = _expected_length(values)
+    if needed is None or (needed and header.dataset_bytes < needed):
+        return None
+    return header, record
+
+
+def _expected_length(values: dict[str, Any]) -> int | None:
+    """``pydicom.pixels.utils.get_expected_length(ds, "bytes")`` of the plain header's values; ``None``
+    where pydicom would raise (a missing or empty attribute it needs)."""
+    rows, columns = values["Rows"], values["Columns"]
+    samples, bits = values.get("SamplesPerPixel"), values["BitsAllocated"]
+    photometric = values.get("PhotometricInterpretation")
+    if None in (rows, columns, samples, bits, photometric):
+        return None
+    length = rows * columns * samples * (values.get("NumberOfFrames") or 1)
+    length = length // 8 + (length % 8 > 0) if bits == 1 else length * (bits // 8)
+    return length // 3 * 2 if photometric == "YBR_FULL_422" else length
 
 
 def _looks_explicit(header: datasets.Header) -> bool | None:
@@ -259,7 +319,7 @@ class Ingestor:
         metrics.INSTANCES_RECEIVED.labels("failed").inc()
         return OUT_OF_RESOURCES
 
-    def _analysis(self, ds: Dataset, record: InstanceRecord, caller: Caller) -> StudyAnalysis:
+    def _analysis(self, ds: Dataset | PlainHeader, record: InstanceRecord, caller: Caller) -> StudyAnalysis:
         """The analysis the instance asks for: its study's, due once the study has been quiet for the
         settle time of its route."""
         route = RouteKey(calling_ae=caller.ae_title, modality=record.modality,

@@ -15,6 +15,7 @@ from typing import Any
 from pydicom import Dataset
 
 from pacs_node.dicom.datasets import header_value
+from pacs_node.dicom.plain_header import PlainHeader
 from storage.repository import InstanceRecord
 from storage.schema import Instance
 
@@ -95,15 +96,18 @@ def _required_uid(value: Any, keyword: str) -> str:
     return value
 
 
-def instance_record(ds: Dataset) -> InstanceRecord:
+def instance_record(ds: Dataset | PlainHeader) -> InstanceRecord:
     """What the ``Instance`` row of ``ds`` records of its header (storage and disposition are added by
     whoever stores it). Values are read with :func:`pacs_node.dicom.datasets.header_value`: those a
     previous dataset held in the same bytes are not converted again.
 
     Raises :class:`MissingAttribute` when a UID needed to file the instance is absent."""
     fields = {column: column_value(column, header_value(ds, keyword)) for column, keyword in COLUMNS.items()}
-    meta = getattr(ds, "file_meta", None)
-    tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    if isinstance(ds, PlainHeader):
+        tsyntax = ds.transfer_syntax_uid
+    else:
+        meta = getattr(ds, "file_meta", None)
+        tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
     return InstanceRecord(transfer_syntax_uid=tsyntax or DEFAULT_TRANSFER_SYNTAX, **fields)
 
 
