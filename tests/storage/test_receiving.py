@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,3 +101,62 @@ def test_a_driver_transaction_commits_or_rolls_back(sessions: sessionmaker[Sessi
         recorder.record(connection, _record(2), _fields(2), None)
     with sessions() as session:
         assert session.scalars(select(Instance.sop_instance_uid)).all() == [f"{STUDY}.1.2"]
+
+
+def _add_jobs(sessions: sessionmaker[Session], keys_and_states: list[tuple[str, str]]) -> None:
+    queue = JobQueue(sessions, clock=lambda: NOW)
+    with sessions.begin() as session:
+        session.execute(insert(Job), [
+            queue.job_row(kind="analyse", sop_instance_uid="1.2.3", dedupe_key=key) | {"state": state}
+            for key, state in keys_and_states])
+
+
+def test_only_the_studys_waiting_jobs_of_other_sets_are_cancelled(sessions: sessionmaker[Session], received) -> None:
+    recorder, engine = received
+    others = {
+        f"analyse:study:{STUDY}:queued": ("queued", "cancelled"),
+        f"analyse:study:{STUDY}:failed": ("failed", "cancelled"),
+        f"analyse:study:{STUDY}:running": ("running", "running"),
+        f"analyse:study:{STUDY}:done": ("done", "done"),
+        f"analyse:study:{STUDY}1:queued": ("queued", "queued"),  # another study, whose UID starts with this one
+        f"analyse:study:{STUDY[:-1]}:queued": ("queued", "queued"),
+        f"analyse:study:{STUDY.replace('.', '_')}:queued": ("queued", "queued"),  # LIKE's wildcard
+        f"export:{STUDY}:queued": ("queued", "queued"),
+    }
+    _add_jobs(sessions, [(key, before) for key, (before, _) in others.items()])
+    with driver_transaction(engine) as connection:
+        recorded = recorder.record(connection, _record(1), _fields(1), StudyAnalysis("analyse:study:", DUE, 3))
+    with sessions() as session:
+        states = {job.dedupe_key: job.state for job in session.scalars(select(Job))}
+        assert states.pop(session.get(Job, recorded.job_id).dedupe_key) == "queued"
+    assert states == {key: after for key, (_, after) in others.items()}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_recording_an_image_costs_the_same_whatever_the_backlog_of_waiting_jobs(sessions: sessionmaker[Session],
+                                                                               received) -> None:
+    """SQLite ran the cancellation of a study's other sets by walking every waiting job; now by the
+    unique index on ``dedupe_key`` (counted in SQLite's virtual machine steps)."""
+    recorder, engine = received
+    analysis = StudyAnalysis("analyse:study:", DUE, 3)
+
+    def steps(n: int) -> int:
+        record = _record(n)
+        record = InstanceRecord(**{**vars(record), "study_instance_uid": f"{STUDY}.{n}"})
+        calls = 0
+
+        def count() -> int:
+            nonlocal calls
+            calls += 1
+            return 0
+
+        with driver_transaction(engine) as connection:
+            connection.set_progress_handler(count, 100)
+            recorder.record(connection, record, _fields(n), analysis)
+            connection.set_progress_handler(None, 100)
+        return calls
+
+    steps(1)  # (statements prepared)
+    alone = steps(2)
+    _add_jobs(sessions, [(f"analyse:study:1.2.{i}:x", "queued") for i in range(3000)])
+    assert steps(3) < alone * 2 + 20
