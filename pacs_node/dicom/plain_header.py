@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, private_dictionary_VR, tag_for_keyword
 from pydicom.uid import UID
 
 #: Bytes read at once (as :func:`pacs_node.dicom.datasets.read_header` reads them from memory).
@@ -184,17 +184,34 @@ def _implicit_element(data: bytes, position: int) -> tuple[int, str | None, int,
     return group << 16 | element, None, length, position + 8
 
 
-def _implicit_vr(tag: int) -> str:
-    """The VR pydicom gives an implicit VR element: its dictionary's (never an ambiguous one); private
-    elements and tags it does not know make this reader unsure."""
+def _implicit_vr(tag: int, creators: dict[int, bytes] | None, codec: str) -> str:
+    """The VR pydicom gives an implicit VR element: its dictionary's (never an ambiguous one), or for a
+    private element (with ``creators``, the private creator elements seen so far) LO for a creator, the
+    private dictionary's VR under its creator, else UN (bytes, as :data:`_BYTES`). A tag it does not know
+    makes this reader unsure."""
     if tag >> 16 & 1:
-        if 0x10 <= (tag & 0xFFFF) <= 0xFF:
+        element = tag & 0xFFFF
+        if 0x10 <= element <= 0xFF:
             return "LO"  # a private creator
-        raise _Unsure
-    try:
-        vr = dictionary_VR(tag)
-    except KeyError:
-        raise _Unsure from None
+        if creators is None:
+            raise _Unsure
+        creator = creators.get(tag & 0xFFFF0000 | element >> 8) if element & 0xFF00 else None
+        if not creator:
+            return "OB"  # (UN)
+        if b"\\" in creator or b"\x1b" in creator:
+            raise _Unsure
+        name = creator.decode(codec, errors="replace").rstrip("\x00 ")
+        if not name:
+            return "OB"
+        try:
+            vr = private_dictionary_VR(tag, name)
+        except KeyError:
+            return "OB"
+    else:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            raise _Unsure from None
     if vr not in _KNOWN_VRS or vr == "UN":
         raise _Unsure
     return vr
@@ -206,6 +223,7 @@ def _top_level(data: bytes, position: int, implicit: bool, values: dict[str, Any
     previous = -1
     size = len(data)
     codec = "latin-1"
+    creators: dict[int, bytes] = {}
     while position < size:
         if size - position < 8:
             raise _Unsure
@@ -218,7 +236,7 @@ def _top_level(data: bytes, position: int, implicit: bool, values: dict[str, Any
         if tag <= previous or tag >> 16 <= 2 or tag >> 16 == 0xFFFE:
             raise _Unsure
         if implicit:
-            vr = _implicit_vr(tag)
+            vr = _implicit_vr(tag, creators, codec)
         assert vr is not None
         if vr == "SQ":
             position = _sequence(data, value_at, length, implicit)
@@ -227,6 +245,8 @@ def _top_level(data: bytes, position: int, implicit: bool, values: dict[str, Any
         if length == _UNDEFINED or value_at + length > size:
             raise _Unsure
         value = data[value_at:value_at + length]
+        if tag >> 16 & 1 and 0x10 <= (tag & 0xFFFF) <= 0xFF:
+            creators[tag] = value
         if tag == _CHARSET_TAG:
             codec = _CHARSETS.get(value.rstrip(b" \x00"), "")
             if vr != "CS" or not codec:
@@ -369,7 +389,7 @@ def _nested_element(data: bytes, position: int, implicit: bool) -> int:
     if tag >> 16 == 0xFFFE:
         raise _Unsure
     if length == _UNDEFINED:
-        if (vr if vr is not None else _implicit_vr(tag)) != "SQ":
+        if (vr if vr is not None else _implicit_vr(tag, None, "latin-1")) != "SQ":
             raise _Unsure
         return _sequence(data, value_at, length, implicit)
     if value_at + length > len(data):

@@ -146,6 +146,15 @@ def _variants() -> Iterator[tuple[str, Dataset, dict[str, Any]]]:
     private.private_block(0x0011, "ACME").add_new(0x02, "UT", "text")
     yield "private", private, explicit
     yield "private implicit", private, {"implicit": True}
+    known = _cr()
+    block = known.private_block(0x0009, "GEMS_ACQU_01", create=True)
+    block.add_new(0x25, "US", 7)
+    block.add_new(0x24, "DS", "1.5")
+    block.add_new(0x3E, "US", 9)
+    yield "known private implicit", known, {"implicit": True}
+    yield "known private implicit, wrong length", known, {
+        "implicit": True, "replace": (b"\x09\x00\x3e\x10\x02\x00\x00\x00\x09\x00",
+                                      b"\x09\x00\x3e\x10\x03\x00\x00\x00\x09\x00\x00")}
     yield "UN element", _cr(DeviceSerialNumber="SERIAL1"), {
         "replace": (b"\x18\x00\x00\x10LO\x08\x00SERIAL1 ", b"\x18\x00\x00\x10UN\x00\x00\x08\x00\x00\x00SERIAL1 ")}
     yield "UN modality", _cr(Modality="CR"), {
@@ -216,11 +225,12 @@ def test_odd_datasets_are_read_alike(tmp_path: Path) -> None:
     for name in ("plain", "implicit", "latin-1 name", "utf-8", "no charset", "empty values", "padded",
                  "control characters", "long description", "no body part", "hand", "secondary capture",
                  "ybr 422", "frames", "one bit", "no pixel data", "DS", "sequence", "nested sequence",
-                 "nested sequence implicit", "private", "assorted VRs"):
+                 "nested sequence implicit", "private", "private implicit", "known private implicit",
+                 "assorted VRs"):
         assert plain[name], name
     for name in ("japanese", "multi-valued description", "no SOP instance", "too small for its pixels",
                  "frames too few bytes", "IS fraction", "IS text", "DS text", "DS infinite", "US odd length",
-                 "UN element", "UN modality", "private implicit"):
+                 "UN element", "UN modality", "known private implicit, wrong length"):
         assert not plain[name], name
 
 
@@ -233,7 +243,8 @@ def test_pydicom_test_files_are_read_alike(tmp_path: Path) -> None:
         _same(path)
 
 
-@pytest.mark.parametrize("name", ["plain", "implicit", "nested sequence", "private", "assorted VRs", "utf-8"])
+@pytest.mark.parametrize("name", ["plain", "implicit", "nested sequence", "private", "known private implicit",
+                                  "assorted VRs", "utf-8"])
 def test_truncated_and_corrupted_datasets_are_read_alike(tmp_path: Path, name: str) -> None:
     ds, options = next((d, o) for n, d, o in _variants() if n == name)
     data = _write(tmp_path, name, ds, options).read_bytes()
