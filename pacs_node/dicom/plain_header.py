@@ -109,11 +109,13 @@ def read_plain_header(path: Path) -> PlainHeader | None:
         end = os.fstat(fp.fileno()).st_size
     try:
         return _read(data, end)
-    except (_Unsure, struct.error, IndexError, UnicodeDecodeError, ValueError):
+    except (_Unsure, struct.error, IndexError, KeyError, UnicodeDecodeError, ValueError):
         return None
 
 
 def _read(data: bytes, end: int) -> PlainHeader:
+    """:func:`read_plain_header` of the file's first bytes ``data`` (``end``: its size); raises where
+    pydicom must read it."""
     if len(data) < 144 or data[128:132] != b"DICM":
         raise _Unsure
     meta_end, syntax = _file_meta(data)
