@@ -79,7 +79,8 @@ class _ReactorWake:
     """The association reactor's wake-up: set when a decoded message or a peer's release or abort is
     queued for it."""
 
-    #: The polling sleep while the association is parked (:func:`park_reactors`); None: pynetdicom's.
+    #: The polling sleep while the association is parked (:func:`park_reactors`; an accepted one always
+    #: is, see :data:`ACCEPTED_POLL_S`); None: pynetdicom's.
     parked_s: float | None = None
 
     def __init__(self) -> None:
@@ -99,7 +100,8 @@ class _DulWake:
     """The DUL thread's wake-up: a primitive queued for sending (a byte on a socket pair), or data
     arriving from the peer (its socket, in the same ``select``)."""
 
-    #: The polling sleep while the association is parked (:func:`park_reactors`); None: pynetdicom's.
+    #: The polling sleep while the association is parked (:func:`park_reactors`; an accepted one always
+    #: is, see :data:`ACCEPTED_POLL_S`); None: pynetdicom's.
     parked_s: float | None = None
 
     def __init__(self, provider: dul.DULServiceProvider) -> None:
@@ -179,7 +181,8 @@ def wake_reactors_early(assoc: Association) -> None:
 ACCEPTED_POLL_S = 0.05
 
 
-def wake_from_other_threads(q: queue.Queue, owner: threading.Thread, wake: Callable[[], None]) -> None:  # type: ignore[type-arg]
+def wake_from_other_threads(q: queue.Queue,  # type: ignore[type-arg]
+                            owner: threading.Thread, wake: Callable[[], None]) -> None:
     """Make ``q``'s ``put`` set ``wake`` when a thread other than ``owner`` (which polls ``q`` itself in
     its loop) puts something on it: a DUL's event queue, fed by its own thread and, for a closed socket
     or an error, by others."""

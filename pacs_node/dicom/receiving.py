@@ -21,6 +21,10 @@ Every byte still goes through the socket's PDU size limit and deadline
 (:class:`pacs_node.dicom.transport.ServerAssociationSocket`), and writes still go through the
 :class:`pacs_node.dicom.spooling.SpoolFile` (write errors recorded, writeback hints). Worth proposing
 upstream as a chunked receive of P-DATA.
+
+The same DUL serves the association's C-STOREs and C-ECHOs in its own thread
+(:class:`InlineServingDIMSE`, :func:`serve_inline`) instead of handing each to pynetdicom's reactor
+thread and waiting for the response to come back.
 """
 
 from __future__ import annotations
@@ -241,6 +245,18 @@ class InlineServingDIMSE(DIMSEServiceProvider):
         return request
 
 
+class _RingingCheckpoint(threading.Event):
+    """An association's ``_reactor_checkpoint`` whose ``clear`` also wakes the reactor: pynetdicom's
+    ``send_*`` (and ``release``), called from another thread, clear it and then wait for the reactor to
+    report itself paused, which it does only when its polling sleep ends."""
+
+    ring: Callable[[], None]
+
+    def clear(self) -> None:
+        super().clear()
+        self.ring()
+
+
 def _ring(wake: Any) -> None:
     if wake is not None:
         wake.set()
@@ -248,12 +264,12 @@ def _ring(wake: Any) -> None:
 
 def serve_inline(assoc: Association) -> None:
     """Let ``assoc`` (accepted, its DUL a :class:`SpoolingDUL`, given wake-ups by
-    :func:`pacs_node.dicom.adjustments.wake_reactors_early`) serve its C-STOREs and C-ECHOs in its DUL
-    thread (:class:`InlineServingDIMSE`), and let both its threads poll every
-    :data:`~pacs_node.dicom.adjustments.ACCEPTED_POLL_S` instead of every millisecond: every change
-    either loop waits for rings its wake-up (a message or a peer's release or abort queued, data
-    arriving, something queued for sending, the DUL told to stop or stopped; an event queued by
-    another thread than the DUL's), so the poll is left to pynetdicom's timers (ARTIM, the network
+    :func:`pacs_node.dicom.adjustments.wake_reactors_early`) serve its C-STOREs and C-ECHOs in its DUL thread
+    (:class:`InlineServingDIMSE`), and let both its threads poll every
+    :data:`~pacs_node.dicom.adjustments.ACCEPTED_POLL_S` instead of every millisecond: every change either loop
+    waits for rings its wake-up (a message or a peer's release or abort queued, data arriving, something queued
+    for sending, the DUL told to stop or stopped, an event queued by another thread than the DUL's, another
+    thread pausing the reactor to send), so the poll is left to pynetdicom's timers (ARTIM, the network
     timeout), which fire at most that much later. Call it before the association starts."""
     dimse, dul = assoc.dimse, assoc.dul
     assert type(dimse) is DIMSEServiceProvider and isinstance(dul, SpoolingDUL)
@@ -263,4 +279,9 @@ def serve_inline(assoc: Association) -> None:
     dimse._wake_reactor = assoc.pacs_wake.set  # type: ignore[attr-defined]
     dimse.msg_queue.wake = dimse.message_queued  # type: ignore[attr-defined]
     wake_from_other_threads(dul.event_queue, dul, dul.pacs_wake.set)  # type: ignore[attr-defined]
+    checkpoint = assoc._reactor_checkpoint
+    assert type(checkpoint) is threading.Event
+    checkpoint.__class__ = _RingingCheckpoint
+    assert isinstance(checkpoint, _RingingCheckpoint)
+    checkpoint.ring = assoc.pacs_wake.set  # type: ignore[attr-defined]
     park_reactors(assoc, ACCEPTED_POLL_S)

@@ -296,3 +296,29 @@ def test_a_request_on_a_context_never_accepted_aborts_from_the_dul_thread(
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not assoc.is_established
+
+
+def test_another_thread_pausing_an_accepted_reactor_does_not_wait_for_its_poll(
+        node: tuple[Settings, ServerContext]) -> None:
+    """pynetdicom's ``send_*`` from another thread clears the checkpoint and waits for the reactor to
+    say it is paused, which it does only once its sleep ends: the clear must wake it."""
+    settings, _ = node
+    ae = requestor("MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        reactor, _ = _accepted_threads()
+        time.sleep(0.1)
+        waited = 0.0
+        for _ in range(10):
+            started = time.monotonic()
+            reactor._reactor_checkpoint.clear()
+            while not reactor._is_paused:
+                time.sleep(0.0001)
+            waited += time.monotonic() - started
+            reactor._reactor_checkpoint.set()
+            time.sleep(0.01)
+        assert waited < 10 * ACCEPTED_POLL_S / 5  # a poll each would be ~10 x ACCEPTED_POLL_S / 2
+    finally:
+        assoc.release()
