@@ -19,6 +19,11 @@ A sleep never lasts longer than pynetdicom's: every loop still polls everything 
 wake-up missed for any reason costs what it cost before, one interval. Longer sleeps (pynetdicom's
 deliberate delays) and threads without a wake-up sleep as always. Worth proposing upstream as an
 event-driven reactor.
+
+An association the node accepted goes further (:func:`pacs_node.dicom.receiving.serve_inline`): its DUL
+thread serves its C-STOREs and C-ECHOs itself, and both its threads poll every :data:`ACCEPTED_POLL_S`,
+every change they wait for ringing their wake-ups. A requested association (the exporter's, C-MOVE's)
+keeps the millisecond poll and the reactor.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ class _ReactorWake:
     """The association reactor's wake-up: set when a decoded message or a peer's release or abort is
     queued for it."""
 
-    #: The polling sleep while the association is parked (:func:`park_reactors`); None: pynetdicom's.
+    #: The polling sleep while the association is parked (:func:`park_reactors`; an accepted one always
+    #: is, see :data:`ACCEPTED_POLL_S`); None: pynetdicom's.
     parked_s: float | None = None
 
     def __init__(self) -> None:
@@ -94,7 +100,8 @@ class _DulWake:
     """The DUL thread's wake-up: a primitive queued for sending (a byte on a socket pair), or data
     arriving from the peer (its socket, in the same ``select``)."""
 
-    #: The polling sleep while the association is parked (:func:`park_reactors`); None: pynetdicom's.
+    #: The polling sleep while the association is parked (:func:`park_reactors`; an accepted one always
+    #: is, see :data:`ACCEPTED_POLL_S`); None: pynetdicom's.
     parked_s: float | None = None
 
     def __init__(self, provider: dul.DULServiceProvider) -> None:
@@ -104,6 +111,9 @@ class _DulWake:
         self._write.setblocking(False)
 
     def set(self) -> None:
+        provider = self._provider()
+        if provider is threading.current_thread() and getattr(provider, "serving_inline", False):
+            return  # queued by the DUL thread serving a request, which looks at its queue next
         try:
             self._write.send(b"\0")
         except OSError:  # full (already rung many times) or closed (the association is over)
@@ -161,6 +171,27 @@ def wake_reactors_early(assoc: Association) -> None:
     _waking(provider.to_user_queue, reactor_wake.set)
     _waking(provider.to_provider_queue, dul_wake.set)
     weakref.finalize(provider, dul_wake.close)
+
+
+#: The polling sleep of an accepted association's two threads (:func:`pacs_node.dicom.receiving.serve_inline`):
+#: everything their loops wait for rings their wake-ups, so the poll only serves pynetdicom's timers (ARTIM,
+#: the network timeout, both tens of seconds), which it lets fire up to this much later. Polling every
+#: millisecond instead costs each C-STORE several wake-ups of a thread that then queues for the GIL behind
+#: the one doing the work (on tiny instances, 40 of the ~70 futex calls per message).
+ACCEPTED_POLL_S = 0.05
+
+
+def wake_from_other_threads(q: queue.Queue,  # type: ignore[type-arg]
+                            owner: threading.Thread, wake: Callable[[], None]) -> None:
+    """Make ``q``'s ``put`` set ``wake`` when a thread other than ``owner`` (which polls ``q`` itself in
+    its loop) puts something on it: a DUL's event queue, fed by its own thread and, for a closed socket
+    or an error, by others."""
+
+    def put_wakes_owner() -> None:
+        if threading.current_thread() is not owner:
+            wake()
+
+    _waking(q, put_wakes_owner)
 
 
 def park_reactors(assoc: Association, seconds: float | None) -> None:

@@ -49,7 +49,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacs_node.dicom.adjustments import wake_reactors_early
-from pacs_node.dicom.receiving import SpoolingDUL
+from pacs_node.dicom.receiving import SpoolingDUL, serve_inline
 from pacs_node.dicom.spooling import ReceiveSpool
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,10 @@ class ServerAssociationSocket(AssociationSocket):
 
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, with the accepted association reading through a
-    :class:`ServerAssociationSocket` and spooling C-STORE data sets through a
-    :class:`pacs_node.dicom.receiving.SpoolingDUL` (neither adds state, so the socket and DUL pynetdicom
-    built are re-classed)."""
+    :class:`ServerAssociationSocket`, spooling C-STORE data sets through a
+    :class:`pacs_node.dicom.receiving.SpoolingDUL` and serving its C-STOREs and C-ECHOs in that DUL's
+    thread (:func:`pacs_node.dicom.receiving.serve_inline`); the socket, DUL and DIMSE provider
+    pynetdicom built are re-classed."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -123,6 +124,7 @@ class GuardedRequestHandler(RequestHandler):
         assert type(assoc.dul) is DULServiceProvider
         assoc.dul.__class__ = SpoolingDUL
         wake_reactors_early(assoc)
+        serve_inline(assoc)
         self.association = assoc
         return assoc
 

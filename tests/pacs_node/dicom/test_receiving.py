@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -16,13 +17,17 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import evt
-from pynetdicom.sop_class import ComputedRadiographyImageStorage
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import select
 
 from pacs_node.config import Settings
+from pacs_node.dicom.adjustments import ACCEPTED_POLL_S
 from pacs_node.dicom.receiving import SpoolingDUL
 from pacs_node.dicom.transport import PduTooLarge, _LimitedSocket
 from pacs_node.ops.context import ServerContext
+from pacs_node.work.ingest import Ingestor
 from storage.schema import Instance
 from tests.pacs_node.helpers import make_cr, requestor, running_listener, storescu
 from tests.support import free_port
@@ -193,3 +198,127 @@ def test_an_empty_middle_fragment_is_taken_and_the_data_set_stored_whole(tmp_pat
                 pass
         assert any(call.args[1] == 0 for call in direct.call_args_list)
         assert _dataset_bytes(_stored(runtime, ds.SOPInstanceUID)) == _dataset_bytes(image)
+
+
+# -- requests served in the DUL thread, slow polls (receiving.InlineServingDIMSE, serve_inline) -------
+
+
+def _accepted_threads() -> tuple[Association, SpoolingDUL]:
+    """The reactor and DUL threads of the one association the node in this process has accepted."""
+    duls = [thread for thread in threading.enumerate() if isinstance(thread, SpoolingDUL) and thread.is_alive()]
+    assert len(duls) == 1, duls
+    return duls[0].assoc, duls[0]
+
+
+def _switches(thread: threading.Thread) -> int:
+    """The voluntary context switches of ``thread`` so far (Linux): one per sleep it woke from."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_c_stores_are_served_and_answered_by_the_dul_thread_that_received_them(
+        node: tuple[Settings, ServerContext], tmp_path: Path) -> None:
+    settings, runtime = node
+    images = [tmp_path / f"{i}.dcm" for i in range(3)]
+    datasets = [make_cr(path, seed=i) for i, path in enumerate(images)]
+    served_by: list[threading.Thread] = []
+    ingest = Ingestor.ingest
+
+    def recording(self: Ingestor, *args: object) -> int:
+        served_by.append(threading.current_thread())
+        return ingest(self, *args)  # type: ignore[arg-type]
+
+    with mock.patch.object(Ingestor, "ingest", recording):
+        done = storescu(settings.node.port, images)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(served_by) == 3 and all(isinstance(thread, SpoolingDUL) for thread in served_by), served_by
+    for ds in datasets:
+        _stored(runtime, ds.SOPInstanceUID)
+
+
+def test_an_idle_accepted_association_polls_slowly_and_still_answers_at_once(
+        node: tuple[Settings, ServerContext]) -> None:
+    settings, _ = node
+    ae = requestor("MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        reactor, dul = _accepted_threads()
+        time.sleep(0.2)
+        before = _switches(reactor), _switches(dul)
+        time.sleep(1.0)
+        after = _switches(reactor), _switches(dul)
+        # pynetdicom's millisecond poll: ~1,000 wake-ups a second each; ACCEPTED_POLL_S: ~20
+        assert after[0] - before[0] < 3 / ACCEPTED_POLL_S and after[1] - before[1] < 3 / ACCEPTED_POLL_S
+        started = time.monotonic()
+        for _ in range(20):
+            assert assoc.send_c_echo().Status == 0
+        assert time.monotonic() - started < 20 * ACCEPTED_POLL_S / 2  # no answer waits for a poll
+    finally:
+        assoc.release()
+    for thread in (reactor, dul):  # the release (and the DUL's end) woke them: no poll waited for
+        thread.join(5 * ACCEPTED_POLL_S)
+        assert not thread.is_alive()
+
+
+def test_an_aborted_accepted_association_ends_at_once(node: tuple[Settings, ServerContext]) -> None:
+    settings, _ = node
+    ae = requestor("MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    reactor, dul = _accepted_threads()
+    assoc.abort()
+    for thread in (reactor, dul):
+        thread.join(5 * ACCEPTED_POLL_S)
+        assert not thread.is_alive()
+
+
+def test_a_request_on_a_context_never_accepted_aborts_from_the_dul_thread(
+        node: tuple[Settings, ServerContext]) -> None:
+    """pynetdicom aborts (blocking: it waits for the DUL to stop) on a request whose context it did not
+    accept; served in the DUL thread, that abort must not wait for its own thread."""
+    settings, _ = node
+    ae = requestor("MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    reactor, dul = _accepted_threads()
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = Verification
+    assoc.dimse.send_msg(echo, 99)  # an odd context ID nobody proposed
+    for thread in (reactor, dul):
+        thread.join(5)
+        assert not thread.is_alive()
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not assoc.is_established
+
+
+def test_another_thread_pausing_an_accepted_reactor_does_not_wait_for_its_poll(
+        node: tuple[Settings, ServerContext]) -> None:
+    """pynetdicom's ``send_*`` from another thread clears the checkpoint and waits for the reactor to
+    say it is paused, which it does only once its sleep ends: the clear must wake it."""
+    settings, _ = node
+    ae = requestor("MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", settings.node.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        reactor, _ = _accepted_threads()
+        time.sleep(0.1)
+        waited = 0.0
+        for _ in range(10):
+            started = time.monotonic()
+            reactor._reactor_checkpoint.clear()
+            while not reactor._is_paused:
+                time.sleep(0.0001)
+            waited += time.monotonic() - started
+            reactor._reactor_checkpoint.set()
+            time.sleep(0.01)
+        assert waited < 10 * ACCEPTED_POLL_S / 5  # a poll each would be ~10 x ACCEPTED_POLL_S / 2
+    finally:
+        assoc.release()
