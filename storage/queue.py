@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Connection, Engine, Select, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import flag_modified
 
@@ -217,6 +217,7 @@ class JobQueue:
             raise ValueError("the sessionmaker must be bound to an engine (storage.db.make_sessionmaker)")
         self._read = sessionmaker
         self._write = make_sessionmaker(bind, immediate=True)
+        self._write_engine: Engine = self._write.kw["bind"]
         self.lease = timedelta(seconds=lease_seconds)
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -305,7 +306,7 @@ class JobQueue:
         skipped = sorted(set(skip_destinations))
         candidates = _locked(_CANDIDATES_SKIPPING if skipped else _CANDIDATES)
         claimed: list[ClaimedJob] = []
-        with self._writing() as (session, now):
+        with self._writing(durable=False) as (session, now):
             connection = session.connection(bind_arguments={"mapper": Job})
             while len(claimed) < limit:
                 rows = connection.execute(candidates, {"kinds": kinds, "now": now, "limit": limit - len(claimed),
@@ -336,8 +337,9 @@ class JobQueue:
         return claimed
 
     def heartbeat(self, job_id: int, worker_id: str) -> bool:
-        """Extend ``worker_id``'s lease on ``job_id``; ``False`` when the lease was lost (stop working)."""
-        with self._writing() as (session, now):
+        """Extend ``worker_id``'s lease on ``job_id``; ``False`` when the lease was lost (stop working).
+        Not made durable at commit, as a claim (:meth:`_writing`)."""
+        with self._writing(durable=False) as (session, now):
             result = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_owner == worker_id)
@@ -582,12 +584,32 @@ class JobQueue:
     # -- internals -------------------------------------------------------------------------------
 
     @contextmanager
-    def _writing(self) -> Iterator[tuple[Session, datetime]]:
+    def _writing(self, *, durable: bool = True) -> Iterator[tuple[Session, datetime]]:
         """A write transaction and its "now", read only once the transaction holds the write lock (on
-        SQLite a claimer may wait for it), so leases and due times are measured from when it acts."""
-        with self._write.begin() as session:
-            session.connection()  # emits BEGIN (IMMEDIATE on SQLite), waiting for the lock if need be
-            yield session, self._clock()
+        SQLite a claimer may wait for it), so leases and due times are measured from when it acts.
+
+        ``durable=False`` is for what only takes or renews a lease (a claim, a heartbeat): its commit does
+        not wait for the disk (SQLite ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit = off``).
+        Both databases keep the order of commits across a crash of the machine, so what such a crash can
+        lose is the latest leases, never a result recorded after them: the commit that records a job's
+        results waits for the disk, and with it for every commit before it. A lost lease costs one
+        attempt's work, done again (an analysis is at least once anyway), and not one attempt of the job's
+        count. Every other transaction stays durable at commit (a C-STORE is acknowledged after its own)."""
+        if durable:
+            with self._write.begin() as session:
+                session.connection()  # emits BEGIN (IMMEDIATE on SQLite), waiting for the lock if need be
+                yield session, self._clock()
+            return
+        with self._write_engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                with _sqlite_commits_unsynced(connection), Session(connection, expire_on_commit=False) as session, \
+                        session.begin():
+                    session.connection()  # BEGIN IMMEDIATE
+                    yield session, self._clock()
+                return
+            with Session(connection, expire_on_commit=False) as session, session.begin():
+                session.connection().exec_driver_sql("SET LOCAL synchronous_commit TO OFF")  # this transaction only
+                yield session, self._clock()
 
     def _due(self, now: datetime):  # noqa: ANN202 (SQL expression)
         return or_(and_(Job.state.in_(_WAITING), Job.not_before <= now), self._expired(now))
@@ -633,6 +655,24 @@ class JobQueue:
                 .execution_options(synchronize_session=False)
             )
             return rowcount(result)
+
+
+@contextmanager
+def _sqlite_commits_unsynced(connection: Connection) -> Iterator[None]:
+    """The SQLite ``connection``'s commits until the block ends without an fsync (``synchronous=NORMAL``,
+    which may only change outside a transaction: set on the driver's connection before ``BEGIN``, ``FULL``
+    again after the transaction ended). A connection that cannot be set back is discarded, never pooled."""
+    driver = connection.connection.dbapi_connection
+    assert driver is not None  # checked out by ``connection``
+    driver.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        try:
+            driver.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            connection.invalidate()
+            raise
 
 
 def _locked(query: Select, *, skip_locked: bool = True) -> Select:

@@ -83,19 +83,21 @@ def touch_statement(dialect: str) -> Any:
 
 @dataclass(frozen=True)
 class StudyImage:
-    """What the worker needs of one of a study's images to read it: where it is stored, who sent it."""
+    """What the worker needs of one of a study's images to read it: where it is stored, who sent it, the
+    transfer syntax it is stored in (the file's own, recorded from its header when it was filed)."""
 
     sop_instance_uid: str
     path: str
     calling_ae: str | None
+    transfer_syntax_uid: str
 
 
 def study_images(session: Session, study_instance_uid: str) -> list[StudyImage]:
-    """:func:`study_image_uids` with each image's store path and sender, in one statement (the worker
+    """:func:`study_image_uids` with each image's store path, sender and transfer syntax, in one statement (the worker
     loads every study it analyses this way)."""
     rows = session.connection(bind_arguments={"mapper": Instance}).execute(
         _STUDY_IMAGES, {"study": study_instance_uid})
-    return [StudyImage(uid, path, calling_ae) for uid, path, calling_ae in rows]
+    return [StudyImage(uid, path, calling_ae, syntax) for uid, path, calling_ae, syntax in rows]
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def analysed_state(session: Session, study_instance_uid: str) -> AnalysedState |
 
 
 _STUDY_IMAGES = (
-    select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.path, _INSTANCES.c.calling_ae)
+    select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.path, _INSTANCES.c.calling_ae, _INSTANCES.c.transfer_syntax_uid)
     .where(_INSTANCES.c.study_instance_uid == bindparam("study"),
            _INSTANCES.c.origin == Origin.RECEIVED.value, _INSTANCES.c.disposition == Disposition.QUEUED.value)
     .order_by(_INSTANCES.c.received_at, _INSTANCES.c.id)

@@ -65,7 +65,9 @@ class JobLoop:
 
         The doorbell's rings are consumed before each claim, which answers them: a wait returns at once
         only for a job queued after the last claim looked, so a burst of rings costs one claim, not one
-        each. A second stage that raises wakes the loop, which stops with its error."""
+        each. A loop rung while it worked on a short batch claims again without working out how long it
+        would sleep (``idle_wait``: the analysis worker asks the database when the next study settles).
+        A second stage that raises wakes the loop, which stops with its error."""
         settings = self.runtime.settings
         pending: Future[None] | None = None  # the second stage of the previous batch, running
         with LeaseKeeper(self.runtime, self.owner, settings.worker.lease_seconds) as leases, \
@@ -90,6 +92,8 @@ class JobLoop:
                         finishing.result()
                         continue
                     pending = _unless_done(pending)  # (its wake-up may have been drained above)
+                    if waiter.drain():
+                        continue  # rung since the claim looked (a job queued during the batch): claim it now
                     waiter.wait(self.idle_wait() if self.idle_wait else settings.worker.poll_interval_s, stop)
             finally:
                 if pending is not None:

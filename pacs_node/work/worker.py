@@ -44,6 +44,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
+from pydicom.uid import UID
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -70,7 +71,7 @@ from pipelines.interface import FakePipeline, ImageResult, NotInterpreted, Pipel
 from storage.queue import ClaimedJob
 from storage.repository import add_instances, get_instance
 from storage.schema import Disposition, JobKind, Origin, utcnow
-from storage.studies import analysed_state, instance_set_hash, record_analyses, study_images
+from storage.studies import StudyImage, analysed_state, instance_set_hash, record_analyses, study_images
 
 log = logging.getLogger(__name__)
 
@@ -448,24 +449,29 @@ class Worker:
         for uid, image in images.items():
             if not image.path:
                 continue  # not part of what can be read
-            headers[uid] = self._read(image.path, stop_before_pixels=not whole)
+            headers[uid] = self._read(image, stop_before_pixels=not whole)
         views = {uid: classify_view(ds) for uid, ds in headers.items()}
         candidates = [Candidate(uid, views[uid], acquisition_time(ds)) for uid, ds in headers.items()]
         choice = choose(candidates, getattr(self.pipeline, "views", FRONTAL_VIEWS))
         dataset = None
         if choice.analysed is not None:
             chosen = images[choice.analysed]
-            dataset = headers[choice.analysed] if whole else self._read(chosen.path, stop_before_pixels=False)
+            dataset = headers[choice.analysed] if whole else self._read(chosen, stop_before_pixels=False)
             check_dimensions(dataset)
         sender = images[choice.analysed] if choice.analysed is not None else next(iter(images.values()))
         calling_ae = sender.calling_ae
         return _Work(job, study_uid, set_hash, headers, views, choice, dataset, calling_ae, version, predecessors)
 
-    def _read(self, relpath: str, *, stop_before_pixels: bool) -> Dataset:
+    def _read(self, image: StudyImage, *, stop_before_pixels: bool) -> Dataset:
+        """The stored image, its file opened and parsed once: only a file its row says is Deflated (or
+        in a syntax the row does not name as known) has its File Meta Information read first, because
+        pydicom inflates a Deflated dataset whole, in memory, and it must be known to be bounded before.
+        The row's syntax is the file's own: the listener recorded it from the header of the file it filed."""
+        relpath = image.path
         path: Path = self.rt.store.path(relpath)
         try:
-            # pydicom inflates a Deflated file whole, in memory: only once it is known to be bounded.
-            check_inflated_size(path, inflate_limits(self.settings))
+            if _may_be_deflated(image.transfer_syntax_uid):
+                check_inflated_size(path, inflate_limits(self.settings))
             return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
         except FileNotFoundError as exc:
             raise PipelineError(f"the instance's file {relpath} is missing from the store") from exc
@@ -484,6 +490,13 @@ class Worker:
                                    policy=self.settings.worker.retry.policy())
         log.warning("job %d failed (attempt %d/%d, now %s): %s", job.id, job.attempts, job.max_attempts,
                     state.value, error)
+
+
+def _may_be_deflated(transfer_syntax_uid: str) -> bool:
+    """Whether a file stored in this transfer syntax may hold a Deflated dataset: a Deflated syntax, or
+    one that is not a known transfer syntax at all."""
+    syntax = UID(transfer_syntax_uid)
+    return not syntax.is_transfer_syntax or syntax.is_deflated
 
 
 def _reference(row: object) -> Dataset:

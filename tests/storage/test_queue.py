@@ -6,7 +6,7 @@ import random
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.queue import JobNotFound, JobQueue
@@ -327,3 +327,52 @@ def test_enqueue_many_refuses_bad_arguments_clearly(queue: JobQueue, sessions: s
     with pytest.raises(ValueError, match="unknown job kind"), sessions.begin() as session:
         queue.enqueue_many(session, [dict(kind="nonsense", sop_instance_uid=UID, dedupe_key="k")])
     assert queue.counts()["queued"] == 0
+
+
+def _durability_at_commit(sessions: sessionmaker[Session]) -> list[str]:
+    """Records, for every commit on the queue's engine from now on, how durable the database was told to
+    make it: SQLite's ``synchronous`` (1 NORMAL: no fsync at commit, 2 FULL) or PostgreSQL's
+    ``synchronous_commit``, read in the transaction just before it commits."""
+    engine = sessions.kw["bind"].engine
+    seen: list[str] = []
+
+    def on_commit(connection) -> None:  # noqa: ANN001 (SQLAlchemy Connection)
+        query = "PRAGMA synchronous" if engine.dialect.name == "sqlite" else "SHOW synchronous_commit"
+        cursor = connection.connection.dbapi_connection.cursor()
+        cursor.execute(query)
+        seen.append(str(cursor.fetchone()[0]))
+        cursor.close()
+
+    event.listen(engine, "commit", on_commit)
+    return seen
+
+
+def test_a_claim_commits_without_waiting_for_the_disk_and_results_still_do(
+        queue: JobQueue, sessions: sessionmaker[Session]) -> None:
+    """A claim that a crash of the machine loses costs nothing (the job is due again and claimed again,
+    and the commit that records its results makes the claim durable with it), so it does not wait for an
+    fsync; every other commit still does, on the same pooled connections."""
+    _add(queue, sessions, "a")
+    _add(queue, sessions, "b")
+    sqlite = sessions.kw["bind"].engine.dialect.name == "sqlite"
+    relaxed, durable = ("1", "2") if sqlite else ("off", "on")
+    seen = _durability_at_commit(sessions)
+
+    (first,) = queue.claim("w1", [JobKind.ANALYSE])
+    assert queue.heartbeat(first.id, "w1")
+    assert queue.complete(first.id, "w1", {"results": []})
+    with sessions.begin() as session:
+        queue.enqueue(session, kind=JobKind.EXPORT, sop_instance_uid=UID, dedupe_key="c")
+    assert seen == [relaxed, relaxed, durable, durable]
+
+    # a claim that fails half-way (here: its clock) leaves its connection as durable as the others
+    seen.clear()
+
+    def broken_clock() -> datetime:
+        raise RuntimeError("clock")
+
+    with pytest.raises(RuntimeError):
+        JobQueue(sessions, clock=broken_clock).claim("w2", [JobKind.ANALYSE])
+    with sessions.begin() as session:
+        queue.enqueue(session, kind=JobKind.EXPORT, sop_instance_uid=UID, dedupe_key="d")
+    assert seen == [durable]

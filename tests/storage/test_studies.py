@@ -48,8 +48,8 @@ def test_study_images_are_the_analysable_ones_with_their_paths_and_senders(sessi
     with sessions() as session:
         images = study_images(session, "1.9")
         assert [image.sop_instance_uid for image in images] == study_image_uids(session, "1.9") == ["1.9.1", "1.9.2"]
-        assert [(image.path, image.calling_ae) for image in images] == [("1.9.1.dcm", "MODALITY"),
-                                                                       ("1.9.2.dcm", "MODALITY")]
+        assert [(image.path, image.calling_ae, image.transfer_syntax_uid) for image in images] == [
+            ("1.9.1.dcm", "MODALITY", "1.2.840.10008.1.2.1"), ("1.9.2.dcm", "MODALITY", "1.2.840.10008.1.2.1")]
         assert study_images(session, "1.7") == []
 
 

@@ -46,6 +46,8 @@ class _Loop:
                  second_stage: SecondStage | None = None, work_gate: threading.Event | None = None,
                  claimed: threading.Event | None = None) -> None:
         self.claims = 0
+        self.idle_waits = 0
+        self.sleeps_before_claim: list[int] = []  # per claim, the idle waits asked for before it
         self._claimed = claimed  # set at the second claim
         self.working = threading.Event()
         self._work_gate = work_gate
@@ -60,11 +62,13 @@ class _Loop:
 
     def _claim(self) -> list[ClaimedJob]:
         self.claims += 1
+        self.sleeps_before_claim.append(self.idle_waits)
         if self._claimed is not None and self.claims == 2:
             self._claimed.set()
         return self._batches.pop(0) if self._batches else []
 
     def _idle_wait(self) -> float:
+        self.idle_waits += 1
         self.idle.release()
         return 60.0
 
@@ -146,3 +150,18 @@ def test_a_second_stage_that_raises_wakes_the_sleeping_loop_and_stops_it(runtime
     assert not loop._thread.is_alive()
     assert isinstance(loop.error, RuntimeError) and str(loop.error) == "the disk went away"
     assert loop.stop() is loop.error
+
+
+def test_a_short_claim_rung_while_its_batch_ran_claims_again_without_sleeping(runtime: ServerContext) -> None:
+    """An image stored while a short batch ran was queued after its claim looked: the loop claims again at
+    once, without first working out how long it would sleep (the analysis worker asks the database)."""
+    bell = runtime.doorbell(JobKind.ANALYSE)
+    gate = threading.Event()
+    loop = _Loop(runtime, [[_job(1)], [_job(2)]], claim_limit=3, work_gate=gate)
+    loop.start()
+    assert loop.working.wait(GUARD_S)
+    bell.ring()
+    gate.set()
+    assert loop.until_idle() == 2  # the short batch, then at once the next one (short, not rung: sleep)
+    assert loop.sleeps_before_claim == [0, 0]
+    assert loop.stop() is None
