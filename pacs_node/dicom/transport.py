@@ -168,6 +168,22 @@ class ResponseKeepingDIMSE(DIMSEServiceProvider):
         return super().get_msg(block)
 
 
+def wake_reactor_only_when_it_may_take(assoc: Association) -> None:
+    """Set ``assoc``'s reactor wake-up (:func:`pacs_node.dicom.adjustments.wake_reactors_early`) for a
+    message received only while its checkpoint is set: while a ``send_c_*`` call holds it cleared the
+    message is the caller's (:class:`ResponseKeepingDIMSE`), and waking the reactor for it only made it
+    look and sleep again, a thread wake-up per response. A message that arrives then and is not taken
+    the reactor finds at its next poll."""
+    messages = assoc.dimse.msg_queue
+    wake, checkpoint = messages.wake, assoc._reactor_checkpoint  # type: ignore[attr-defined]
+
+    def wake_if_it_may_take() -> None:
+        if checkpoint.is_set():
+            wake()
+
+    messages.wake = wake_if_it_may_take  # type: ignore[attr-defined]
+
+
 class ResponseKeepingAssociation(Association):
     """A requested association whose ``send_c_*`` calls do not wait for the reactor to park.
 
@@ -203,7 +219,8 @@ class SendLockedSocket(AssociationSocket):
 class NoDelayAE(AE):
     """An AE whose requested associations (export, ``pacs-node send`` and ``echo``, the listener's C-MOVE
     sub-associations) send without Nagle's delay, keep their responses (:class:`ResponseKeepingDIMSE`),
-    do not wait for their reactor between messages (:class:`ResponseKeepingAssociation`), can have a
+    do not wait for their reactor between messages (:class:`ResponseKeepingAssociation`) nor wake it
+    for the responses their caller takes (:func:`wake_reactor_only_when_it_may_take`), can have a
     stored file's C-STORE written by the sending thread itself (:class:`SendLockedSocket`) and, while a
     server runs in the process, have reactors that wake when there is work
     (:func:`pacs_node.dicom.adjustments.wake_reactors_early`).
@@ -226,6 +243,7 @@ class NoDelayAE(AE):
         assoc.__class__ = ResponseKeepingAssociation
         assoc._is_paused = parked
         wake_reactors_early(assoc)
+        wake_reactor_only_when_it_may_take(assoc)
         return sock
 
 
