@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 import struct
 import time
@@ -98,6 +99,8 @@ _HEAD = 64 * 1024
 #: The notification events pynetdicom triggers for a request it sends and this way does not: with a
 #: handler bound to either (pynetdicom's narration at DEBUG, a test's), pynetdicom sends.
 _SENT_EVENTS = (evt.EVT_DIMSE_SENT, evt.EVT_PDU_SENT)
+#: A UID as this way sends it; any other pynetdicom validates by its own rules.
+_PLAIN_UID = re.compile(r"[0-9.]{1,64}")
 #: The Command Field of a C-STORE-RQ, and pynetdicom's Command Data Set Type when a data set follows.
 _C_STORE_RQ, _DATA_SET_PRESENT = 0x0001, 0x0001
 
@@ -168,7 +171,7 @@ def send_stored_file(assoc: Association, path: Path, msg_id: int = 1, priority: 
     pynetdicom's ``send_c_store`` should send it instead: pynetdicom's chunked sending off, a socket
     without :class:`~pacs_node.dicom.transport.SendLockedSocket`'s lock or with TLS (OpenSSL's state is
     the DUL thread's), the association not in Sta6 or not established, a handler bound to a sent-message
-    event, a file meta pydicom would have to read (or reject), values pynetdicom would validate
+    event, a file meta pydicom would have to read (or reject), UIDs or values pynetdicom would validate
     differently, or a command set longer than a fragment. A file it cannot open raises ``OSError``, and
     a presentation context missing for its class and syntax pynetdicom's ``ValueError``, as pynetdicom's
     own sending does."""
@@ -186,6 +189,8 @@ def send_stored_file(assoc: Association, path: Path, msg_id: int = 1, priority: 
         if meta is None or not {0x0002, 0x0003, 0x0010} <= meta[0].keys():
             return None
         uids, offset = meta
+        if not (_PLAIN_UID.fullmatch(uids[0x0002]) and _PLAIN_UID.fullmatch(uids[0x0003])):
+            return None  # pynetdicom validates (and may refuse) it
         context = assoc._get_valid_context(uids[0x0002], uids[0x0010], "scu", allow_conversion=False)
         context_id = int(context.context_id)
         command = store_request_command_set(uids[0x0002], uids[0x0003], msg_id, priority, originator_aet,
@@ -211,7 +216,7 @@ def send_stored_file(assoc: Association, path: Path, msg_id: int = 1, priority: 
 
 
 def write_store_request(sock: Any, f: BinaryIO, head: bytes, offset: int, context_id: int, command: bytes,
-                   step: int | None) -> None:
+                        step: int | None) -> None:
     """Write the command set's PDU, then the data set's (from ``offset`` of the file ``f``, whose first
     bytes are ``head``) in fragments of ``step`` bytes (None: one fragment) as pynetdicom fragments them:
     a file read whole at first goes in one write, a larger one a fragment at a time, as it is read.

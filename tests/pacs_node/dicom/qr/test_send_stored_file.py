@@ -208,3 +208,20 @@ def test_pynetdicom_sends_when_a_sent_message_handler_is_bound(
     assert messages == ["C_STORE_RQ", "C_STORE_RQ"]  # pynetdicom's own sending, its events as before
     assert threading.current_thread().name not in writers
     assert len(received_data_sets(received)) == 2
+
+
+def test_pynetdicom_sends_a_file_whose_uid_it_would_validate(
+        tmp_path: Path, adjusted: None, storescp: tuple[int, Path]) -> None:
+    port, _ = storescp
+    path = an_sr(tmp_path / "a.dcm", True)
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1x"
+    ds.save_as(path, enforce_file_format=True)
+    link, instances = association(tmp_path, port, [path])
+    writers: set[str] = set()
+    link._assoc.bind(evt.EVT_DATA_SENT, lambda event: writers.add(threading.current_thread().name))
+    try:
+        link.send(instances)
+    finally:
+        link.close()
+    assert writers and threading.current_thread().name not in writers  # the DUL thread wrote it
