@@ -195,7 +195,7 @@ class Exporter:
         self._drained_at = float("-inf")  # when the last claim that left no due job began
         self._drained_by: int | None = None  # and the export thread that made it
         concurrency = self.settings.export.concurrency
-        self._busy = [False] * concurrency  # by thread: sending a batch it claimed
+        self._busy = [False] * concurrency  # by thread: sending a batch it claimed, or its loop ended
         self._deferred = [False] * concurrency  # by thread: its last claim left the work to a busy one
         self._adjusted = False  # the pynetdicom adjustments applied by start, undone by stop
 
@@ -238,9 +238,12 @@ class Exporter:
         loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self._claim(owner, index),
                        idle_wait=lambda: DEFER_S if self._deferred[index] else poll,
                        claim_limit=self.settings.export.batch_size)
-        loop.run(self._stop, work)
+        try:
+            loop.run(self._stop, work)
+        finally:
+            self._busy[index] = True  # ended (by an error it raised): the threads after it claim without it
 
-    def _claim(self, owner: str, index: int | None = None) -> list[ClaimedJob]:
+    def _claim(self, owner: str, index: int) -> list[ClaimedJob]:
         """Claim a batch as ``owner`` (export thread ``index``), one thread of this exporter at a time, and
         no claim that can only find nothing, each a write transaction (an image's few results took five:
         one that found them, one by each thread the ring woke, one by the thread that sent them, asking
@@ -257,15 +260,14 @@ class Exporter:
         ``JobLoop.claim_limit``.)"""
         asked = time.monotonic()
         with self._claiming:
-            if index is not None:
-                self._deferred[index] = False
-                if not all(self._busy[:index]):
-                    return []
+            self._deferred[index] = False
+            if not all(self._busy[:index]):
+                return []
             if self._drained_at > asked:
                 return []
             began, limit = time.monotonic(), self.settings.export.batch_size
             drained_by = self._drained_by
-            if (index is not None and drained_by is not None and drained_by != index and self._busy[drained_by]
+            if (drained_by is not None and drained_by != index and self._busy[drained_by]
                     and began - self._drained_at < DEFER_S):
                 self._deferred[index] = True
                 return []
@@ -273,7 +275,7 @@ class Exporter:
                                             skip_destinations=self.destinations.down())
             if len(jobs) < limit:
                 self._drained_at, self._drained_by = began, index
-            if index is not None and jobs:
+            if jobs:
                 self._busy[index] = True
             return jobs
 

@@ -144,3 +144,36 @@ def test_an_association_s_threads_stay_parked_while_it_sends(tmp_path: Path, dat
         rt.close()
     assert polls == [(PARKED_POLL_S, PARKED_POLL_S)] * 2
     assert storescp.count("Association Acknowledged") == 1
+
+
+def test_the_other_threads_export_after_one_ended_with_an_error(
+        tmp_path: Path, database_url: str, storescp: VerboseStoreSCP) -> None:
+    """A batch whose settling raises ends the thread that sent it (as before); the others do not wait for
+    it to claim."""
+    rt = runtime_for(tmp_path, database_url, storescp.port)
+    exporter = Exporter(rt.settings, rt, worker_id="x")
+    settle = exporter._settle
+    failed: list[int] = []
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("the database went away")
+        return settle(*args, **kwargs)
+
+    exporter._settle = failing_once  # type: ignore[method-assign]
+    exporter.start()
+    try:
+        time.sleep(0.3)
+        store_results(rt, [a_result(1)])
+        rt.doorbell(JobKind.EXPORT).ring()
+        deadline = time.monotonic() + 5
+        while sum(thread.is_alive() for thread in exporter._threads) == 4:
+            assert time.monotonic() < deadline, "no thread ended"
+            time.sleep(0.01)
+        store_results(rt, [a_result(2), a_result(3)])
+        rt.doorbell(JobKind.EXPORT).ring()
+        wait_done(rt, 2, timeout=5)
+    finally:
+        exporter.stop()
+        rt.close()
