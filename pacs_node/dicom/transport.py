@@ -170,6 +170,22 @@ class ResponseKeepingDIMSE(DIMSEServiceProvider):
         return super().get_msg(block)
 
 
+def wake_reactor_only_when_it_may_take(assoc: Association) -> None:
+    """Set ``assoc``'s reactor wake-up (:func:`pacs_node.dicom.adjustments.wake_reactors_early`) for a
+    message received only while its checkpoint is set: while a ``send_c_*`` call holds it cleared the
+    message is the caller's (:class:`ResponseKeepingDIMSE`), and waking the reactor for it only made it
+    look and sleep again, a thread wake-up per response. A message that arrives then and is not taken
+    the reactor finds at its next poll."""
+    messages = assoc.dimse.msg_queue
+    wake, checkpoint = messages.wake, assoc._reactor_checkpoint  # type: ignore[attr-defined]
+
+    def wake_if_it_may_take() -> None:
+        if checkpoint.is_set():
+            wake()
+
+    messages.wake = wake_if_it_may_take  # type: ignore[attr-defined]
+
+
 class ResponseKeepingAssociation(Association):
     """A requested association whose ``send_c_*`` calls do not wait for the reactor to park.
 
@@ -189,10 +205,25 @@ class ResponseKeepingAssociation(Association):
         self.__dict__["_reactor_parked"] = value
 
 
+class SendLockedSocket(AssociationSocket):
+    """The socket of an association this node requested: each ``send`` (a whole PDU, from the DUL thread)
+    holds :attr:`send_lock`, which :func:`pacs_node.dicom.qr.sending.send_stored_file` holds around the
+    PDUs of a whole C-STORE request it writes from the sending thread, so no PDU of the DUL's (an
+    A-ABORT on a timeout) lands inside one of them. It adds no state of its own but the lock."""
+
+    send_lock: threading.RLock
+
+    def send(self, bytestream: bytes) -> None:
+        with self.send_lock:
+            super().send(bytestream)
+
+
 class NoDelayAE(AE):
     """An AE whose requested associations (export, ``pacs-node send`` and ``echo``, the listener's C-MOVE
     sub-associations) send without Nagle's delay, keep their responses (:class:`ResponseKeepingDIMSE`),
-    do not wait for their reactor between messages (:class:`ResponseKeepingAssociation`) and, while a
+    do not wait for their reactor between messages (:class:`ResponseKeepingAssociation`) nor wake it
+    for the responses their caller takes (:func:`wake_reactor_only_when_it_may_take`), can have a
+    stored file's C-STORE written by the sending thread itself (:class:`SendLockedSocket`) and, while a
     server runs in the process, have reactors that wake when there is work
     (:func:`pacs_node.dicom.adjustments.wake_reactors_early`).
 
@@ -205,12 +236,16 @@ class NoDelayAE(AE):
         sock = super()._create_socket(assoc, address, tls_args)
         assert sock.socket is not None
         set_tcp_nodelay(sock.socket)
+        assert type(sock) is AssociationSocket
+        sock.__class__ = SendLockedSocket
+        sock.send_lock = threading.RLock()  # type: ignore[attr-defined]
         assert type(assoc.dimse) is DIMSEServiceProvider and type(assoc) is Association
         assoc.dimse.__class__ = ResponseKeepingDIMSE
         parked = assoc.__dict__.pop("_is_paused")
         assoc.__class__ = ResponseKeepingAssociation
         assoc._is_paused = parked
         wake_reactors_early(assoc)
+        wake_reactor_only_when_it_may_take(assoc)
         return sock
 
 

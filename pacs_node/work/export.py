@@ -51,6 +51,7 @@ from pacs_node.results import comprehensive_fallback
 from pacs_node.work.destinations import DestinationMonitor
 from pacs_node.work.dicomweb_export import stow_datasets
 from pacs_node.work.job_loop import JobLoop, complete_jobs
+from pacs_node.work.leases import LeaseKeeper
 from storage.commitment import held_instances
 from storage.history import commitment_requested
 from storage.queue import ClaimedJob
@@ -63,8 +64,17 @@ log = logging.getLogger(__name__)
 #: How many times less often than the first export thread the others poll when idle.
 IDLE_POLL_FACTOR = 8
 
-#: How often the threads of an association kept for the next batch poll while it waits (see
-#: :func:`pacs_node.dicom.adjustments.park_reactors`: anything from the peer still wakes them at once).
+#: How long after a claim that left nothing due the other threads leave new work to the claiming thread
+#: (which looks again as soon as its batch is sent): a ring wakes every thread, and each that claimed
+#: after that claim began found nothing, a write transaction each. A batch that takes longer (a slow or
+#: hanging peer) has the next idle thread claim what came meanwhile.
+DEFER_S = 0.25
+
+#: How often the threads of an association with a storage peer poll, while it waits for the next batch
+#: and while it sends one (see :func:`pacs_node.dicom.adjustments.park_reactors`: anything from the peer
+#: or a message queued still wakes them at once; the sending thread takes its responses itself, so
+#: polling every millisecond during a batch only woke both threads for nothing, a third of the
+#: association threads' CPU per result).
 PARKED_POLL_S = 0.1
 
 
@@ -94,6 +104,7 @@ class OpenAssociations:
         kept = link is not None
         if link is None:
             link = StoreAssociation(self.settings, peer, proposing)
+            link.park(PARKED_POLL_S)
         try:
             answers = link.answers
             outcomes = link.send(instances, comprehensive_fallback)
@@ -102,6 +113,7 @@ class OpenAssociations:
                 log.info("the kept association with %s had ended; sending on a new one", destination)
                 link.close()
                 link = StoreAssociation(self.settings, peer, link.contexts)
+                link.park(PARKED_POLL_S)
                 outcomes = link.send(instances, comprehensive_fallback)
         finally:
             self._give_back(destination, link)
@@ -117,7 +129,6 @@ class OpenAssociations:
         if link is None:
             return None, wanted
         if link.is_established and link.covers(wanted):
-            link.park(None)
             return link, wanted
         link.close()
         merged = link.contexts | wanted
@@ -126,7 +137,6 @@ class OpenAssociations:
     def _give_back(self, destination: str, link: StoreAssociation) -> None:
         """Keep ``link`` for the next batch (and start closing idle ones), or release it."""
         if self.keep_open_s > 0 and link.is_established:
-            link.park(PARKED_POLL_S)
             with self._lock:
                 if not self._closed.is_set():
                     self._idle.setdefault(destination, []).append(link)
@@ -183,6 +193,10 @@ class Exporter:
         self._beacon = Beacon(self.runtime, self.worker_id, "exporter")
         self._claiming = threading.Lock()
         self._drained_at = float("-inf")  # when the last claim that left no due job began
+        self._drained_by: int | None = None  # and the export thread that made it
+        concurrency = self.settings.export.concurrency
+        self._busy = [False] * concurrency  # by thread: sending a batch it claimed, or its loop ended
+        self._deferred = [False] * concurrency  # by thread: its last claim left the work to a busy one
         self._adjusted = False  # the pynetdicom adjustments applied by start, undone by stop
 
     def start(self) -> None:
@@ -193,8 +207,7 @@ class Exporter:
         self._beacon.__enter__()
         self._beacon.set(ProcessState.READY, f"{self.settings.export.concurrency} thread(s)")
         for i in range(self.settings.export.concurrency):
-            thread = threading.Thread(target=self._loop, args=(f"{self.worker_id}/export{i}", i == 0),
-                                      name=f"export-{i}", daemon=True)
+            thread = threading.Thread(target=self._loop, args=(i,), name=f"export-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -208,31 +221,62 @@ class Exporter:
             self._adjusted = False
             undo_pynetdicom_adjustments()
 
-    def _loop(self, owner: str, first: bool) -> None:
-        """One export thread. Every thread wakes when this host's worker rings; only the first polls at
-        ``worker.poll_interval_s`` for work the bell does not announce (queued on another host), the others
-        :data:`IDLE_POLL_FACTOR` times less often: an idle node's polls were most of its CPU."""
-        poll = self.settings.worker.poll_interval_s * (1 if first else IDLE_POLL_FACTOR)
-        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self._claim(owner), idle_wait=lambda: poll,
-                       claim_limit=self.settings.export.batch_size)
-        loop.run(self._stop, lambda jobs, leases: self.run_jobs(jobs, owner, leases.release))
+    def _loop(self, index: int) -> None:
+        """Export thread ``index``. Every thread wakes when this host's worker rings; only the first polls
+        at ``worker.poll_interval_s`` for work the bell does not announce (queued on another host), the
+        others :data:`IDLE_POLL_FACTOR` times less often: an idle node's polls were most of its CPU. A
+        thread that left new work to a busy one (:meth:`_claim`) looks again after :data:`DEFER_S`."""
+        owner = f"{self.worker_id}/export{index}"
+        poll = self.settings.worker.poll_interval_s * (1 if index == 0 else IDLE_POLL_FACTOR)
 
-    def _claim(self, owner: str) -> list[ClaimedJob]:
-        """Claim a batch as ``owner``, one thread of this exporter at a time, and no claim that can only
-        find nothing, each a write transaction (an image's few results took five: one that found them,
-        one by each thread the ring woke, one by the thread that sent them, asking for more). A thread
-        claims nothing when a claim that began after it asked left no due job: what was queued before it
-        asked, that claim saw. (A thread whose own claim came back short waits on the doorbell before
-        claiming again: ``JobLoop.claim_limit``.)"""
+        def work(jobs: list[ClaimedJob], leases: LeaseKeeper) -> None:
+            try:
+                self.run_jobs(jobs, owner, leases.release)
+            finally:
+                self._busy[index] = False
+
+        loop = JobLoop(self.runtime, owner, JobKind.EXPORT, claim=lambda: self._claim(owner, index),
+                       idle_wait=lambda: DEFER_S if self._deferred[index] else poll,
+                       claim_limit=self.settings.export.batch_size)
+        try:
+            loop.run(self._stop, work)
+        finally:
+            self._busy[index] = True  # ended (by an error it raised): the threads after it claim without it
+
+    def _claim(self, owner: str, index: int) -> list[ClaimedJob]:
+        """Claim a batch as ``owner`` (export thread ``index``), one thread of this exporter at a time, and
+        no claim that can only find nothing, each a write transaction (an image's few results took five:
+        one that found them, one by each thread the ring woke, one by the thread that sent them, asking
+        for more). A thread claims nothing
+
+        * when a thread before it is idle: that one was rung too, and claims;
+        * when a claim that began after it asked left no due job: what was queued before it asked, that
+          claim saw;
+        * for :data:`DEFER_S` after another thread's claim that left no due job began, while that thread
+          sends its batch: it looks again as soon as the batch is sent, and this one looks again after
+          that delay (``_deferred``), so a batch held up by a slow peer holds up nothing else for longer.
+
+        (A thread whose own claim came back short waits on the doorbell before claiming again:
+        ``JobLoop.claim_limit``.)"""
         asked = time.monotonic()
         with self._claiming:
+            self._deferred[index] = False
+            if not all(self._busy[:index]):
+                return []
             if self._drained_at > asked:
                 return []
             began, limit = time.monotonic(), self.settings.export.batch_size
+            drained_by = self._drained_by
+            if (drained_by is not None and drained_by != index and self._busy[drained_by]
+                    and began - self._drained_at < DEFER_S):
+                self._deferred[index] = True
+                return []
             jobs = self.runtime.queue.claim(owner, [JobKind.EXPORT], limit=limit,
                                             skip_destinations=self.destinations.down())
             if len(jobs) < limit:
-                self._drained_at = began
+                self._drained_at, self._drained_by = began, index
+            if jobs:
+                self._busy[index] = True
             return jobs
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:
