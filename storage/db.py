@@ -253,15 +253,16 @@ class TurnTakingConnection(sqlite3.Connection):
 
     def __init__(self, database: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(database, *args, **kwargs)
-        self._turns = writer_turns(os.fsdecode(database))
+        # A ``file:`` URI names no plain path to put the turn's files beside: SQLite's lock alone there.
+        self._turns = None if kwargs.get("uri") else writer_turns(os.fsdecode(database))
         self._lock_fd: int | None = None
         self._in_turn = False
 
     def begin_immediate(self) -> None:
         """``BEGIN IMMEDIATE`` in this connection's turn."""
-        if self._lock_fd is None:
+        if self._lock_fd is None and self._turns is not None:
             self._lock_fd = self._turns.open_lock()
-        self._in_turn = self._lock_fd is not None and self._turns.take(self._lock_fd)
+        self._in_turn = self._lock_fd is not None and self._turns is not None and self._turns.take(self._lock_fd)
         try:
             self.execute("BEGIN IMMEDIATE")
         except BaseException:
@@ -271,15 +272,14 @@ class TurnTakingConnection(sqlite3.Connection):
     def _end_turn(self) -> None:
         if self._in_turn:
             self._in_turn = False
-            assert self._lock_fd is not None
+            assert self._lock_fd is not None and self._turns is not None
             self._turns.give_back(self._lock_fd)
 
     def commit(self) -> None:
-        try:
-            super().commit()
-        finally:
-            if not self.in_transaction:  # a failed COMMIT leaves the transaction (and SQLite's lock) held
-                self._end_turn()
+        # A COMMIT that raises leaves the transaction (and SQLite's lock) held: the turn ends with the
+        # rollback that follows (SQLAlchemy's, driver_transaction's, the pool's).
+        super().commit()
+        self._end_turn()
 
     def rollback(self) -> None:
         try:
