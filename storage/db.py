@@ -150,7 +150,7 @@ class WriterTurns:
     :class:`GroupCommit` queues writers on a lock instead, but a second process (``node.listener_processes``
     > 1, a worker) slept: with two listener processes committing every few milliseconds, ``strace`` showed
     their committing threads in those sleeps (~40 a second, 1-25 ms each) while the other process's
-    associations queued behind them. Here a waiter sleeps in ``select`` on the FIFO and is woken by the
+    associations queued behind them. Here a waiter sleeps in ``poll`` on the FIFO and is woken by the
     byte of the writer whose turn ended, so it takes its turn within microseconds of the ``COMMIT``.
 
     Each connection has its own descriptor of the lock file (an ``flock`` belongs to an open file, so two
@@ -201,6 +201,8 @@ class WriterTurns:
         if wake is None:
             return False
         deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+        woken = select.poll()  # not select(): a busy listener's descriptors may be past FD_SETSIZE
+        woken.register(wake, select.POLLIN)
         while True:
             # Empty the FIFO before trying: a byte written after the try (the holder leaving) wakes us.
             with suppress(BlockingIOError):
@@ -214,7 +216,7 @@ class WriterTurns:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            select.select([wake], [], [], min(left, _TURN_RECHECK_S))
+            woken.poll(min(left, _TURN_RECHECK_S) * 1000)
 
     def give_back(self, lock_fd: int) -> None:
         """End the turn held on ``lock_fd`` and wake the waiters."""

@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 import storage.db
-from storage.db import driver_transaction, make_engine, make_sessionmaker, sqlite_url, upgrade, write_engine
+from storage.db import (WriterTurns, driver_transaction, make_engine, make_sessionmaker, sqlite_url, upgrade,
+                        write_engine)
 
 
 def test_sqlite_url_is_absolute_and_make_engine_creates_the_directory(tmp_path: Path, monkeypatch) -> None:
@@ -196,6 +197,35 @@ def test_a_writer_of_another_process_waits_for_its_turn_and_is_woken_by_the_comm
         release.set()
         holder.join(30)
         engine.dispose()
+
+
+def test_a_waiting_writer_is_woken_with_its_descriptors_past_fd_setsize(tmp_path: Path) -> None:
+    # A busy listener holds sockets and files: the FIFO's descriptor may be past select()'s 1024.
+    turns = WriterTurns(str(tmp_path / "node.sqlite3"))
+    holder, waiter = turns.open_lock(), turns.open_lock()
+    assert holder is not None and waiter is not None
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert turns.take(holder)
+        outcome: list[object] = []
+
+        def wait() -> None:
+            try:
+                outcome.append(turns.take(waiter))
+            except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+                outcome.append(exc)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        thread.join(0.3)
+        assert outcome == []  # waiting: the turn is held
+        turns.give_back(holder)
+        thread.join(30)
+        assert outcome == [True]
+        turns.give_back(waiter)
+    finally:
+        for fd in [*filler, holder, waiter]:
+            os.close(fd)
 
 
 def _assert_writable(path: str) -> None:
