@@ -191,12 +191,14 @@ class WriterTurns:
 
     def take(self, lock_fd: int) -> bool:
         """Wait for the turn on ``lock_fd``; whether it was taken (False: the wait timed out or the FIFO
-        cannot be used; the caller goes on to SQLite's own lock)."""
+        cannot be used, or the filesystem has no ``flock``; the caller goes on to SQLite's own lock)."""
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             pass
+        except OSError:  # ENOLCK and the like (some network filesystems): no turns there
+            return False
         wake = self._wake()
         if wake is None:
             return False

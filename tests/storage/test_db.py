@@ -3,6 +3,7 @@ across processes, fork safety."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import multiprocessing
 import multiprocessing.synchronize
@@ -226,6 +227,27 @@ def test_a_waiting_writer_is_woken_with_its_descriptors_past_fd_setsize(tmp_path
     finally:
         for fd in [*filler, holder, waiter]:
             os.close(fd)
+
+
+def test_a_filesystem_without_flock_leaves_writers_to_sqlites_lock(sqlite_db: str, monkeypatch: pytest.MonkeyPatch
+                                                                    ) -> None:
+    # Some network filesystems answer flock with ENOLCK (not causable here for real: a mock of that fault).
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    engine = make_engine(sqlite_db)
+    try:
+        with engine.begin() as setup:
+            setup.exec_driver_sql("CREATE TABLE turns (key TEXT)")
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+        with driver_transaction(engine) as connection:
+            connection.cursor().execute("INSERT INTO turns (key) VALUES ('written')")
+        with make_sessionmaker(engine, immediate=True).begin() as session:
+            session.execute(text("INSERT INTO turns (key) VALUES ('by a session')"))
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM turns")).scalar_one() == 2
+    finally:
+        engine.dispose()
 
 
 def _assert_writable(path: str) -> None:
