@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -72,6 +73,10 @@ class Measurement:
     #: CPU seconds of the receiving process during the phase (the node's ``serve``; None where not
     #: measured): on a machine others load, a steadier figure of the per-message cost than the wall time.
     cpu_s: float | None = None
+    #: The node's phase: how many of the associations each listener process served, largest first (the
+    #: kernel spreads ``SO_REUSEPORT`` connections by a hash: 4 over 2 processes land 3:1 or 4:0 as often
+    #: as 2:2, and the busiest process sets the wall time).
+    associations_per_process: list[int] | None = None
 
     @property
     def images_s(self) -> float:
@@ -144,10 +149,19 @@ def measure_node(work: Path, files: list[Path], nbytes: int, senders: int, liste
         before = sum(cpu_seconds(node.proc.pid))  # serve and its extra listener processes
         seconds = send(node.port, node.ae_title, files, senders)
         cpu = sum(cpu_seconds(node.proc.pid)) - before
+        spread = associations_per_process(node.log_tail(10**8))
     stored = files_under(node.data_dir / "store")
     if stored != len(files):
         raise BenchError(f"the node stored {stored} of {len(files)} files\n{node.log_tail()}")
-    return Measurement("baseline" if baseline else "node", senders, seconds, len(files), nbytes, cpu_s=cpu)
+    return Measurement("baseline" if baseline else "node", senders, seconds, len(files), nbytes, cpu_s=cpu,
+                       associations_per_process=spread)
+
+
+def associations_per_process(log: str) -> list[int]:
+    """From a node's log: the number of associations each of its listener processes (``serve[pid]``,
+    ``listen[pid]``) saw end, largest first."""
+    pids = re.findall(r"(?:serve|listen)\[(\d+)\] pacs_node\.dicom\.server: association from .* ended", log)
+    return sorted((pids.count(pid) for pid in set(pids)), reverse=True)
 
 
 def measure_export(work: Path, files: list[Path], nbytes: int) -> Measurement:
@@ -305,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                f"{info['load_average_1m']:.1f} after")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
+    for m in results:
+        if m.associations_per_process is not None and args.listener_processes > 1:
+            print(f"{m.receiver} {m.senders} association(s): per listener process "
+                  f"{':'.join(map(str, m.associations_per_process))}")
     return 0
 
 

@@ -7,6 +7,9 @@ guarantees:
 * SQLite runs in WAL mode with ``synchronous=FULL`` (a committed row survives power loss, which is what
   lets the listener answer 0x0000 after its commit) and a ``busy_timeout`` so that writers wait for each
   other instead of failing.
+* SQLite writers of one database file take turns (:class:`WriterTurns`): a write transaction waits for its
+  turn in the kernel and is woken when the previous writer's ``COMMIT`` is done, instead of sleeping in
+  SQLite's busy handler, which matters once several processes write (``node.listener_processes``, workers).
 * pysqlite's own transaction handling is switched off (it delays ``BEGIN`` until the first write, which
   breaks isolation) and SQLAlchemy's ``begin`` event emits the ``BEGIN`` itself. Sessions made with
   ``make_sessionmaker(engine, immediate=True)`` start with ``BEGIN IMMEDIATE``: they take the write lock
@@ -20,7 +23,10 @@ guarantees:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import select
 import sqlite3
 import threading
 import time
@@ -98,8 +104,10 @@ def _make_sqlite_engine(url: str, database: str | None) -> Engine:
     # The connection returned last is handed out next: SQLite drops a connection's page cache whenever
     # another connection wrote since its last transaction, so connections taken in turn read their
     # B-tree pages again every time (~40 preads per received instance).
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, hide_parameters=True,
-                           pool_use_lifo=True)
+    connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    if not in_memory:
+        connect_args["factory"] = TurnTakingConnection
+    engine = create_engine(url, connect_args=connect_args, hide_parameters=True, pool_use_lifo=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 (DBAPI connection)
@@ -117,10 +125,180 @@ def _make_sqlite_engine(url: str, database: str | None) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if not conn.get_execution_options().get(_IMMEDIATE, False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        dbapi_connection = conn.connection.dbapi_connection
+        if isinstance(dbapi_connection, TurnTakingConnection):
+            try:
+                dbapi_connection.begin_immediate()
+            except sqlite3.Error as exc:
+                raise _translated(conn.dialect, "BEGIN IMMEDIATE", exc) from exc
+        else:  # in memory: one connection, no other writer to take turns with
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+class WriterTurns:
+    """The turns of the writers of one SQLite database file, across threads and processes: an ``flock`` on
+    ``<database>-writers`` held from before ``BEGIN IMMEDIATE`` to after ``COMMIT`` or ``ROLLBACK``, and a
+    FIFO ``<database>-writers.wake`` that the writer leaving its turn writes a byte into.
+
+    Why: SQLite lets one writer in; the others retry in its busy handler, which sleeps 1, 2, 5, 10, 15, 20,
+    25, ... 100 ms between tries whether or not the lock was freed meanwhile. Within one process
+    :class:`GroupCommit` queues writers on a lock instead, but a second process (``node.listener_processes``
+    > 1, a worker) slept: with two listener processes committing every few milliseconds, ``strace`` showed
+    their committing threads in those sleeps (~40 a second, 1-25 ms each) while the other process's
+    associations queued behind them. Here a waiter sleeps in ``poll`` on the FIFO and is woken by the
+    byte of the writer whose turn ended, so it takes its turn within microseconds of the ``COMMIT``.
+
+    Each connection has its own descriptor of the lock file (an ``flock`` belongs to an open file, so two
+    connections of one process exclude each other too). The wait is bounded like SQLite's: after
+    :data:`SQLITE_BUSY_TIMEOUT_S` (or when the files cannot be made) a writer goes to SQLite's own lock and
+    busy handler, which stay the guarantee; a writer that died mid-turn loses its ``flock`` with its process
+    and wakes nobody, so waiters also look again every :data:`_TURN_RECHECK_S`."""
+
+    def __init__(self, database: str) -> None:
+        self.lock_path = f"{database}-writers"
+        self.wake_path = f"{database}-writers.wake"
+        self._wake_fd: int | None = None
+        self._wake_lock = threading.Lock()
+
+    def open_lock(self) -> int | None:
+        """A new descriptor of the lock file (one per connection); None where it cannot be made."""
+        try:
+            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+
+    def _wake(self) -> int | None:
+        """This process's descriptor of the FIFO (read and write, non-blocking: opening it never waits for
+        a peer, and a full FIFO drops the byte, which waiters' rechecks make harmless)."""
+        with self._wake_lock:
+            if self._wake_fd is None:
+                try:
+                    os.mkfifo(self.wake_path, 0o600)
+                except FileExistsError:
+                    pass
+                except OSError:
+                    return None
+                try:
+                    self._wake_fd = os.open(self.wake_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                except OSError:
+                    return None
+            return self._wake_fd
+
+    def take(self, lock_fd: int) -> bool:
+        """Wait for the turn on ``lock_fd``; whether it was taken (False: the wait timed out or the FIFO
+        cannot be used, or the filesystem has no ``flock``; the caller goes on to SQLite's own lock)."""
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        except OSError:  # ENOLCK and the like (some network filesystems): no turns there
+            return False
+        wake = self._wake()
+        if wake is None:
+            return False
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+        woken = select.poll()  # not select(): a busy listener's descriptors may be past FD_SETSIZE
+        woken.register(wake, select.POLLIN)
+        while True:
+            # Empty the FIFO before trying: a byte written after the try (the holder leaving) wakes us.
+            with suppress(BlockingIOError):
+                while os.read(wake, 512):
+                    pass
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            woken.poll(min(left, _TURN_RECHECK_S) * 1000)
+
+    def give_back(self, lock_fd: int) -> None:
+        """End the turn held on ``lock_fd`` and wake the waiters."""
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        wake = self._wake()
+        if wake is not None:
+            try:
+                os.write(wake, b"\0")
+            except OSError as exc:  # full: waiters are woken already
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise
+
+
+#: How often a writer waiting for its turn looks again without being woken (a holder that died).
+_TURN_RECHECK_S = 0.005
+
+_TURNS: dict[str, WriterTurns] = {}
+_TURNS_LOCK = threading.Lock()
+
+
+def writer_turns(database: str) -> WriterTurns:
+    """The :class:`WriterTurns` of the SQLite file ``database``, one per file and process."""
+    key = os.path.abspath(database)
+    with _TURNS_LOCK:
+        turns = _TURNS.get(key)
+        if turns is None:
+            turns = _TURNS[key] = WriterTurns(key)
+        return turns
+
+
+class TurnTakingConnection(sqlite3.Connection):
+    """A SQLite file connection whose write transactions take their :class:`WriterTurns` turn:
+    :meth:`begin_immediate` waits for it, and ``commit``, ``rollback`` and ``close`` give it back once
+    SQLite's lock is released (SQLAlchemy commits and rolls back through these; its pool rolls back a
+    connection given back open)."""
+
+    def __init__(self, database: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(database, *args, **kwargs)
+        # A ``file:`` URI names no plain path to put the turn's files beside: SQLite's lock alone there.
+        self._turns = None if kwargs.get("uri") else writer_turns(os.fsdecode(database))
+        self._lock_fd: int | None = None
+        self._in_turn = False
+
+    def begin_immediate(self) -> None:
+        """``BEGIN IMMEDIATE`` in this connection's turn."""
+        if self._lock_fd is None and self._turns is not None:
+            self._lock_fd = self._turns.open_lock()
+        self._in_turn = self._lock_fd is not None and self._turns is not None and self._turns.take(self._lock_fd)
+        try:
+            self.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._end_turn()
+            raise
+
+    def _end_turn(self) -> None:
+        if self._in_turn:
+            self._in_turn = False
+            assert self._lock_fd is not None and self._turns is not None
+            self._turns.give_back(self._lock_fd)
+
+    def commit(self) -> None:
+        # A COMMIT that raises leaves the transaction (and SQLite's lock) held: the turn ends with the
+        # rollback that follows (SQLAlchemy's, driver_transaction's, the pool's).
+        super().commit()
+        self._end_turn()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._end_turn()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._end_turn()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
 
 def _switch_to_wal(cursor: sqlite3.Cursor) -> None:
@@ -297,8 +475,12 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
     dbapi = engine.dialect.loaded_dbapi
     with driver_connection(engine) as connection:
         if engine.dialect.name == "sqlite":  # elsewhere the driver begins with the first statement
+            raw = connection.dbapi_connection
             try:
-                connection.cursor().execute("BEGIN IMMEDIATE")
+                if isinstance(raw, TurnTakingConnection):
+                    raw.begin_immediate()
+                else:
+                    connection.cursor().execute("BEGIN IMMEDIATE")
             except dbapi.Error as exc:
                 raise _translated(engine.dialect, "BEGIN IMMEDIATE", exc) from exc
         try:

@@ -47,6 +47,9 @@ def test_ingest_bench_runs_tiny(tmp_path: Path) -> None:
     assert {(r["receiver"], r["senders"]) for r in out["results"]} == {
         ("storescp", 1), ("node", 1), ("storescp", 2), ("node", 2), ("export", 1)}
     assert all(r["images"] == 3 and r["mb_s"] >= 0 for r in out["results"])
+    # one listener process served every association of the node's phases
+    assert {r["senders"]: r["associations_per_process"] for r in out["results"] if r["receiver"] == "node"} == {
+        1: [1], 2: [2]}
     assert out["dd_fsync_mb_s"] > 0
     assert set(out["ratios"]) == {"node_vs_storescp_1_sender", "node_vs_storescp_2_senders",
                                   "node_2_senders_vs_dd_fsync", "node_2_senders_vs_1_sender"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_node.config import EXAMPLE_TOML, ConfigError, Settings, load_settings
+from pacs_node.config import EXAMPLE_TOML, ConfigError, NodeConfig, Settings, load_settings, usable_cpus
 from tests.support import REPO
 
 
@@ -45,6 +46,8 @@ def test_example_file_is_valid_and_equals_the_defaults() -> None:
         ("[policy]\nnon_chest = \"maybe\"\n", "policy.non_chest:"),
         ("[peers.pacs]\nae_title = \"PACS\"\nhost = \"10.0.0.1\"\n", "peers.pacs.port:"),
         ("[routing]\nalways = [\"nowhere\"]\n", "routing.always: unknown peer 'nowhere'"),
+        ("[node]\nlistener_processes = 0\n", "node.listener_processes:"),
+        ("[node]\nlistener_processes = \"many\"\n", "node.listener_processes:"),
     ],
 )
 def test_bad_value_names_its_key(tmp_path: Path, toml: str, key: str) -> None:
@@ -85,3 +88,31 @@ def test_config_init_writes_a_file_config_check_accepts(tmp_path: Path) -> None:
     checked = run("--config", "pacs-node.toml", "config", "check")
     assert checked.returncode == 0, checked.stderr
     assert "configuration OK" in checked.stdout
+
+
+def test_auto_listener_processes_count_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pinned to 4 CPUs of a 64-core host (taskset, a cpuset): auto counts the 4, not the 64.
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert usable_cpus(own_cgroup=Path("/nonexistent")) == 4
+    assert NodeConfig(listener_processes="auto").listener_process_count() <= 4
+    assert NodeConfig(listener_processes=3).listener_process_count() == 3
+
+
+def test_usable_cpus_honour_the_cgroup_cpu_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    v2 = tmp_path / "v2"
+    (v2 / "node" / "pacs").mkdir(parents=True)
+    (v2 / "node" / "pacs" / "cpu.max").write_text("max 100000\n")  # no limit of its own...
+    (v2 / "node" / "cpu.max").write_text("150000 100000\n")  # ...but its parent's 1.5 CPUs
+    own = tmp_path / "cgroup-v2"
+    own.write_text("0::/node/pacs\n")
+    assert usable_cpus(v2, own) == 2
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "docker" / "c1").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "docker" / "c1" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu,cpuacct" / "docker" / "c1" / "cpu.cfs_period_us").write_text("100000\n")
+    own.write_text("4:memory:/docker/c1\n2:cpu,cpuacct:/docker/c1\n")
+    assert usable_cpus(v1, own) == 3
+    (v1 / "cpu,cpuacct" / "docker" / "c1" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cpus(v1, own) == 64
