@@ -157,10 +157,14 @@ def _file_meta(data: bytes) -> tuple[int, str]:
         tag, vr_name, length, value_at = _explicit_element(data, position)
         if tag >> 16 != 2 or tag <= previous or length == _UNDEFINED or vr_name in ("SQ", "UN"):
             raise _Unsure
+        if vr_name != dictionary_VR(tag):
+            raise _Unsure  # pydicom keeps a file meta value of another VR as it is (a str, not a UID)
         value = data[value_at:value_at + length]
         _check_value(vr_name, value, tag)
         if tag == 0x00020010:
             syntax = _ascii(value).rstrip("\x00 ")
+            if syntax != syntax.strip():
+                raise _Unsure  # pydicom's UID strips all whitespace; the row must record what it records
         previous, position = tag, value_at + length
     if position != meta_end or syntax is None or "\\" in syntax:
         raise _Unsure
@@ -315,6 +319,8 @@ def _kept_value(vr: str, value: bytes, codec: str) -> Any:
     if b"\\" in value or b"\x1b" in value:
         raise _Unsure
     if vr == "PN":
+        if b"=" in value:
+            raise _Unsure  # pydicom drops a name's empty trailing component groups
         return value.rstrip(b"\x00 ").decode(codec, errors="replace")
     text = value.decode(codec, errors="replace").rstrip("\x00 ")
     if vr == "IS":

@@ -17,7 +17,8 @@ import pytest
 from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
 from pacs_node.dicom.datasets import InflateLimits, header_value
 from pacs_node.dicom.plain_header import KEYWORDS, PlainHeader, read_plain_header
@@ -172,11 +173,20 @@ def _variants() -> Iterator[tuple[str, Dataset, dict[str, Any]]]:
     odd.add_new(0x00181164, "DS", ["0.1", "0.1"])
     odd.add_new(0x00283010, "SQ", Sequence([]))
     yield "assorted VRs", odd, explicit
+    yield "name with empty groups", _cr(), {"replace": (b"Plain^Reader", b"Doe^John==  ")}
+    yield "referring name with groups", _cr(ReferringPhysicianName="A^B=C^D"), explicit
+    yield "transfer syntax as LO", _cr(), {"replace": (b"\x02\x00\x10\x00UI", b"\x02\x00\x10\x00LO")}
+    rle = _cr(PixelData=encapsulate([bytes(64)]))
+    rle["PixelData"].VR = "OB"
+    yield "transfer syntax with a tab", rle, {
+        "syntax": RLELossless, "replace": (b"1.2.840.10008.1.2.5\x00", b"1.2.840.10008.1.2.5\t")}
+    yield "encapsulated", rle, {"syntax": RLELossless}
 
 
 def _write(tmp_path: Path, name: str, ds: Dataset, options: dict[str, Any]) -> Path:
     path = tmp_path / f"{name.replace(' ', '-')}.dcm"
-    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if options.get("implicit") else ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = options.get("syntax") or (
+        ImplicitVRLittleEndian if options.get("implicit") else ExplicitVRLittleEndian)
     ds.save_as(path, enforce_file_format=True)
     if "replace" in options:
         old, new = options["replace"]
@@ -226,11 +236,12 @@ def test_odd_datasets_are_read_alike(tmp_path: Path) -> None:
                  "control characters", "long description", "no body part", "hand", "secondary capture",
                  "ybr 422", "frames", "one bit", "no pixel data", "DS", "sequence", "nested sequence",
                  "nested sequence implicit", "private", "private implicit", "known private implicit",
-                 "assorted VRs"):
+                 "assorted VRs", "encapsulated"):
         assert plain[name], name
     for name in ("japanese", "multi-valued description", "no SOP instance", "too small for its pixels",
                  "frames too few bytes", "IS fraction", "IS text", "DS text", "DS infinite", "US odd length",
-                 "UN element", "UN modality", "known private implicit, wrong length"):
+                 "UN element", "UN modality", "known private implicit, wrong length", "name with empty groups",
+                 "referring name with groups", "transfer syntax as LO", "transfer syntax with a tab"):
         assert not plain[name], name
 
 
