@@ -249,7 +249,8 @@ class Exporter:
         one that found them, one by each thread the ring woke, one by the thread that sent them, asking
         for more). A thread claims nothing
 
-        * when a thread before it is idle: that one was rung too, and claims;
+        * when a thread before it is idle: that one was rung too, and claims (and rings again when its
+          claim took a full batch, so the threads after it claim the rest);
         * when a claim that began after it asked left no due job: what was queued before it asked, that
           claim saw;
         * for :data:`DEFER_S` after another thread's claim that left no due job began, while that thread
@@ -277,6 +278,10 @@ class Exporter:
                 self._drained_at, self._drained_by = began, index
             if jobs:
                 self._busy[index] = True
+            if len(jobs) == limit:
+                # More may be due: the threads after this one, which left the ring's work to it while it
+                # was idle, would otherwise wait for their slow poll.
+                self.runtime.doorbell(JobKind.EXPORT).ring()
             return jobs
 
     def run_jobs(self, jobs: list[ClaimedJob], owner: str, settled: Callable[[int], None] = lambda _id: None) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from pacs_node.config import Settings
 from pacs_node.ops.context import ServerContext
 from pacs_node.dicom.scu import StoreAssociation
 from pacs_node.work.export import Exporter
@@ -177,3 +178,55 @@ def test_the_other_threads_export_after_one_ended_with_an_error(
     finally:
         exporter.stop()
         rt.close()
+
+
+def test_a_burst_larger_than_a_batch_is_shared_by_the_threads(tmp_path: Path, database_url: str) -> None:
+    """One ring announces more than a batch; the threads after the first look before it claims (so they
+    leave the work to it): its full claim rings them again, and they claim the rest at once instead of
+    after their slow poll (``IDLE_POLL_FACTOR`` x ``worker.poll_interval_s``)."""
+    scp = VerboseStoreSCP(tmp_path / "received")
+    rt = ServerContext.open(rt_settings(tmp_path, database_url, scp.port))
+    exporter = Exporter(rt.settings, rt, worker_id="x")
+    claim = exporter._claim
+
+    def first_thread_late(owner: str, index: int) -> Any:
+        if index == 0:
+            time.sleep(0.05)  # the others take the claiming lock first and leave the work to it
+        return claim(owner, index)
+
+    exporter._claim = first_thread_late  # type: ignore[method-assign]
+    send = exporter.associations.send
+    sending: list[int] = [0]
+    most: list[int] = [0]
+
+    def slow_send(destination: str, peer: Any, instances: list[Any]) -> Any:
+        sending[0] += 1
+        most[0] = max(most[0], sending[0])
+        try:
+            time.sleep(0.5)
+            return send(destination, peer, instances)
+        finally:
+            sending[0] -= 1
+
+    exporter.associations.send = slow_send  # type: ignore[method-assign]
+    exporter.start()
+    try:
+        time.sleep(0.3)  # every thread idle on the doorbell
+        store_results(rt, [a_result(i) for i in range(8)])
+        rt.doorbell(JobKind.EXPORT).ring()
+        time.sleep(1.0)  # well before the slow poll (8 s)
+        assert most[0] >= 2, "one thread sends the burst alone"
+        wait_done(rt, 8, timeout=60.0)  # (storescp takes one association at a time: the others wait their turn)
+    finally:
+        exporter.stop()
+        rt.close()
+        scp.stop()
+
+
+def rt_settings(tmp_path: Path, database_url: str, port: int) -> Settings:
+    """Batches of two, a slow poll for the threads after the first."""
+    return Settings(
+        node={"data_dir": tmp_path / "var"}, database={"url": database_url}, store={"min_free_bytes": 0},
+        peers={"pacs": {"ae_title": "RECEIVER", "host": "127.0.0.1", "port": port}},
+        export={"timeout_s": 10, "keep_open_s": 2.0, "batch_size": 2}, worker={"poll_interval_s": 1.0},
+    )
