@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
@@ -216,6 +216,25 @@ class SendLockedSocket(AssociationSocket):
     def send(self, bytestream: bytes) -> None:
         with self.send_lock:
             super().send(bytestream)
+
+    def write(self, data: bytes, timeout: float | None) -> None:
+        """Write ``data`` whole from a sending thread that holds :attr:`send_lock`, or raise
+        ``ConnectionError``: the connection failed, or the peer took nothing for ``timeout`` seconds (one
+        that stopped reading would hold the thread for ever, and with it its jobs' leases). Unlike
+        :meth:`send` it tells the DUL nothing: the caller ends the association, whose message it cut
+        short. ``EVT_DATA_SENT`` is triggered as ``send`` triggers it."""
+        raw = self.socket
+        if raw is None:
+            raise ConnectionError("the association's connection is closed")
+        previous = raw.gettimeout()
+        raw.settimeout(timeout)
+        try:
+            raw.sendall(data)
+        except OSError as exc:
+            raise ConnectionError(f"sending to the peer failed ({type(exc).__name__})") from exc
+        finally:
+            raw.settimeout(previous)
+        evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": data})
 
 
 class NoDelayAE(AE):

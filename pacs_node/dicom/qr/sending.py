@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import ssl
 import struct
 import time
@@ -203,40 +204,67 @@ def send_stored_file(assoc: Association, path: Path, msg_id: int = 1, priority: 
         assoc._reactor_checkpoint.clear()
         while not assoc._is_paused:
             time.sleep(0.0001)
+        cut_short: BaseException | None = None
+        response = None
         try:
             with lock:
-                write_store_request(sock, f, head, offset, context_id, command, step)
+                write_store_request(sock, f, head, offset, context_id, command, step,
+                                    assoc.dimse_timeout if assoc.dimse_timeout is not None else assoc.network_timeout)
+        except BaseException as exc:  # noqa: BLE001 (re-raised below, once the association has ended)
+            cut_short = exc
+        else:
             _, response = assoc.dimse.get_msg(block=True)
         finally:
             assoc._reactor_checkpoint.set()
+    if cut_short is not None:
+        end_cut_short(assoc, sock)
+        if isinstance(cut_short, ConnectionError):
+            return Dataset()  # no response, as pynetdicom's sending gives it when the connection is gone
+        raise cut_short
     if response is None:
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(response)
 
 
+def end_cut_short(assoc: Association, sock: Any) -> None:
+    """End ``assoc`` after a C-STORE request it could not write whole (its file unreadable midway, the
+    peer gone or not reading): the peer is inside a message, and no other may follow on this association
+    (PS3.8 9.3.1). Its connection is shut first, so that the A-ABORT the DUL then tries cannot block on a
+    peer that reads nothing."""
+    raw = sock.socket
+    if raw is not None:
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
+    assoc.abort()
+
+
 def write_store_request(sock: Any, f: BinaryIO, head: bytes, offset: int, context_id: int, command: bytes,
-                        step: int | None) -> None:
+                        step: int | None, timeout: float | None = None) -> None:
     """Write the command set's PDU, then the data set's (from ``offset`` of the file ``f``, whose first
     bytes are ``head``) in fragments of ``step`` bytes (None: one fragment) as pynetdicom fragments them:
     a file read whole at first goes in one write, a larger one a fragment at a time, as it is read.
-    ``sock.send`` reports a broken connection to the DUL as pynetdicom's own sending does (Evt17)."""
+    ``sock.write`` (:meth:`~pacs_node.dicom.transport.SendLockedSocket.write`) raises ``ConnectionError``
+    when the connection fails or the peer takes nothing for ``timeout`` seconds; a file that cannot be
+    read raises ``OSError``: either way the request is cut short and the caller ends the association."""
     command_pdu = _pdu(context_id, 0x03, command)
     if len(head) < _HEAD:
         data = memoryview(head)[offset:]
         size = len(data) if step is None else step
         count = max(1, -(-len(data) // size)) if size else 1
-        sock.send(b"".join([command_pdu, *(_pdu(context_id, 0x02 if n == count - 1 else 0x00,
-                                                data[n * size:(n + 1) * size]) for n in range(count))]))
+        sock.write(b"".join([command_pdu, *(_pdu(context_id, 0x02 if n == count - 1 else 0x00,
+                                                 data[n * size:(n + 1) * size]) for n in range(count))]), timeout)
         return
-    sock.send(command_pdu)
+    sock.write(command_pdu, timeout)
     remaining = os.fstat(f.fileno()).st_size - offset
     f.seek(offset)
     while True:
         fragment = f.read(remaining if step is None else min(step, remaining))
         remaining -= len(fragment)
         last = remaining <= 0 or not fragment
-        sock.send(_pdu(context_id, 0x02 if last else 0x00, fragment))
+        sock.write(_pdu(context_id, 0x02 if last else 0x00, fragment), timeout)
         if last:
             return
 

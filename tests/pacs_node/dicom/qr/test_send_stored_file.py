@@ -6,6 +6,8 @@ whenever this way does not apply (a handler bound to a sent-message event)."""
 from __future__ import annotations
 
 import io
+import signal
+import time
 import os
 import subprocess
 import threading
@@ -75,7 +77,7 @@ class Recorder:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
 
-    def send(self, data: bytes) -> None:
+    def write(self, data: bytes, timeout: float | None) -> None:
         self.writes.append(bytes(data))
 
 
@@ -225,3 +227,41 @@ def test_pynetdicom_sends_a_file_whose_uid_it_would_validate(
     finally:
         link.close()
     assert writers and threading.current_thread().name not in writers  # the DUL thread wrote it
+
+
+def test_a_peer_that_stops_reading_ends_the_association_not_the_thread(
+        tmp_path: Path, adjusted: None, storescp: tuple[int, Path]) -> None:
+    """``storescp`` stopped (SIGSTOP) while a large file is written: the write gives up after the
+    association's timeout instead of holding the sending thread for ever, the association is aborted
+    (no other message may follow a request cut short), and the instance counts as not sent."""
+    port, _ = storescp
+    big = tmp_path / "big.dcm"
+    ds = pydicom.dcmread(a_large_cr(tmp_path / "cr.dcm"))
+    ds.Rows, ds.Columns = 4096, 4096
+    ds.PixelData = bytes(4096 * 4096 * 2)  # 32 MiB: more than the kernel's socket buffers take
+    ds.save_as(big, enforce_file_format=True)
+    link, instances = association(tmp_path, port, [big])
+    link._assoc.dimse_timeout = 1.0
+    proc = next(p for p in _storescp_processes(port))
+    os.kill(proc, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        outcomes = link.send(instances)
+        assert time.monotonic() - started < 15
+    finally:
+        os.kill(proc, signal.SIGCONT)
+        link.close()
+    assert not link.is_established
+    assert not isinstance(outcomes[0], int) or outcomes[0] != 0
+
+
+def _storescp_processes(port: int) -> Iterator[int]:
+    """The pids of the DCMTK ``storescp`` listening on ``port`` (the fixture's)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"storescp") and str(port).encode() in cmdline:
+                yield int(entry.name)
