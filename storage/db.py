@@ -155,8 +155,8 @@ class WriterTurns:
 
     Each connection has its own descriptor of the lock file (an ``flock`` belongs to an open file, so two
     connections of one process exclude each other too). The wait is bounded like SQLite's: after
-    :data:`SQLITE_BUSY_TIMEOUT_S` (or when the files cannot be made) a writer goes to SQLite's own lock and
-    busy handler, which stay the guarantee; a writer that died mid-turn loses its ``flock`` with its process
+    :data:`SQLITE_BUSY_TIMEOUT_S` it fails as SQLite's would; where the files cannot be made a writer goes
+    to SQLite's own lock and busy handler, which stay the guarantee; a writer that died mid-turn loses its ``flock`` with its process
     and wakes nobody, so waiters also look again every :data:`_TURN_RECHECK_S`."""
 
     def __init__(self, database: str) -> None:
@@ -190,8 +190,10 @@ class WriterTurns:
             return self._wake_fd
 
     def take(self, lock_fd: int) -> bool:
-        """Wait for the turn on ``lock_fd``; whether it was taken (False: the wait timed out or the FIFO
-        cannot be used, or the filesystem has no ``flock``; the caller goes on to SQLite's own lock)."""
+        """Wait for the turn on ``lock_fd``; whether it was taken (False: the FIFO cannot be used, or the
+        filesystem has no ``flock``; the caller goes on to SQLite's own lock). A wait of
+        :data:`SQLITE_BUSY_TIMEOUT_S` ends as SQLite's busy handler ends: "database is locked" (going on
+        to SQLite's lock then would wait as long again, past a sender's DIMSE timeout)."""
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
@@ -217,7 +219,7 @@ class WriterTurns:
                 pass
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
+                raise sqlite3.OperationalError("database is locked (another writer held its turn too long)")
             woken.poll(min(left, _TURN_RECHECK_S) * 1000)
 
     def give_back(self, lock_fd: int) -> None:

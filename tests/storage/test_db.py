@@ -282,3 +282,22 @@ def test_a_forked_child_gets_its_own_connections(pg_url: str) -> None:
             assert connection.execute(text("SELECT pg_backend_pid()")).scalar_one() == parent_backend
     finally:
         engine.dispose()
+
+
+def test_a_writer_that_waits_too_long_for_its_turn_fails_as_sqlite_would(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not the turn's wait and then SQLite's busy handler's as long again: one timeout, then "locked".
+    monkeypatch.setattr(storage.db, "SQLITE_BUSY_TIMEOUT_S", 0.3)
+    turns = WriterTurns(str(tmp_path / "node.sqlite3"))
+    holder, waiter = turns.open_lock(), turns.open_lock()
+    assert holder is not None and waiter is not None
+    try:
+        assert turns.take(holder)
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            turns.take(waiter)
+        assert 0.3 <= time.monotonic() - started < 5
+        turns.give_back(holder)
+    finally:
+        os.close(holder)
+        os.close(waiter)
