@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import itertools
 import os
 import queue
 import re
@@ -543,28 +544,27 @@ class Filing:
         self._final = final
         self._error: BaseException | None = None
         self._waited = False
-        self._lock = threading.Lock()
-        self._all_synced = threading.Event()
+        # Held until the last fsync is over; the fsync threads count down without a lock of their own
+        # (``next`` of an ``itertools.count`` is atomic): one lock hand-off per filing instead of an
+        # ``Event``'s condition, lock and waiter lock, on the path of every received instance.
+        self._all_synced = threading.Lock()
         self._sync_error: BaseException | None = None
         targets = store._directory_sync.syncs(directories)
         if temp is not None:  # else fsync-then-rename: the file is durable already
             targets.insert(0, (_fsync_fd, temp.fileno()))
-        self._pending = len(targets)
+        self._left = itertools.count(len(targets) - 1, -1)  # fsyncs still running after the next is over
         if targets:
+            self._all_synced.acquire()
             threads = _fsync_threads()
             for sync, target in targets:
                 threads.submit(sync, target, self)
-        else:
-            self._all_synced.set()
 
     def _synced(self, error: BaseException | None) -> None:
         """One fsync is over (``error``: how it failed)."""
-        with self._lock:
-            if error is not None and self._sync_error is None:
-                self._sync_error = error
-            self._pending -= 1
-            if self._pending == 0:
-                self._all_synced.set()
+        if error is not None and self._sync_error is None:
+            self._sync_error = error  # before the count: the waiter reads it once the last one is over
+        if next(self._left) == 0:
+            self._all_synced.release()
 
     def wait(self) -> Path:
         """The file's path, once it and its name are durable; on a failure the new name and the temp
@@ -573,7 +573,8 @@ class Filing:
             raise self._error
         if not self._waited:
             self._waited = True
-            self._all_synced.wait()
+            with self._all_synced:
+                pass
             try:
                 if self._sync_error is not None:
                     raise self._sync_error
