@@ -411,14 +411,22 @@ class _DirectorySync:
         self._finished = 0  # syncfs calls finished (in order: one runs at a time)
         self._running = False
         self._failures: dict[int, OSError] = {}  # recent failed calls, by their number
+        self._little_dirty_until = -1.0  # until when (monotonic) little was dirty at the last look
 
     def syncs(self, directories: list[Path]) -> list[tuple[Callable[[Any], None], Any]]:
         """The calls that make the entries of ``directories`` (changed before they run) durable, for
         :class:`Filing` to run at once beside the file's own fsync: one shared ``syncfs`` where it is
-        cheap, else an fsync of each directory."""
-        if _syncfs is None or not _little_is_dirty():
+        cheap, else an fsync of each directory. Both make the entries durable; the choice only bounds
+        what a ``syncfs`` may have to write, so a look at ``/proc/meminfo`` that found little dirty is
+        trusted for :data:`DIRTY_RECHECK_S` (an open, read and close fewer for most received instances)."""
+        if _syncfs is None or not directories:
             return [(_fsync_dir, directory) for directory in dict.fromkeys(directories)]
-        return [(self._shared_syncfs, None)] if directories else []
+        now = time.monotonic()
+        if now >= self._little_dirty_until:
+            if not _little_is_dirty():
+                return [(_fsync_dir, directory) for directory in dict.fromkeys(directories)]
+            self._little_dirty_until = now + DIRTY_RECHECK_S
+        return [(self._shared_syncfs, None)]
 
     def _shared_syncfs(self, _: object) -> None:
         """Return once a ``syncfs`` begun after this call has finished (the one running may have begun
@@ -466,6 +474,10 @@ class _DirectorySync:
 #: (``pacs_node.dicom.spooling.WRITEBACK_BYTES``).
 SYNCFS_DIRTY_LIMIT = 64 * 1024 * 1024
 _MEMINFO = "/proc/meminfo"
+
+#: How long :class:`_DirectorySync` trusts a look at ``/proc/meminfo`` that found little dirty (seconds):
+#: the page cache can gain at most what the machine writes meanwhile.
+DIRTY_RECHECK_S = 0.05
 
 
 def _little_is_dirty() -> bool:

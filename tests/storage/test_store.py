@@ -454,3 +454,26 @@ def test_a_commit_that_arrived_while_a_failing_syncfs_ran_fails_too(
     commit("2")  # arrives while the first call runs
     first.join(10)
     assert outcomes == {"1": errno.EIO, "2": errno.EIO}
+
+
+def test_a_look_that_found_little_dirty_is_trusted_for_a_moment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import storage.store as store_module
+
+    if store_module._syncfs is None:
+        monkeypatch.setattr(store_module, "_syncfs", lambda fd: None)
+    meminfo = tmp_path / "meminfo"
+    monkeypatch.setattr(store_module, "_MEMINFO", str(meminfo))
+    clock = [1000.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+    sync = store_module._DirectorySync(tmp_path)
+
+    def uses_syncfs(dirty_kb: int) -> bool:
+        meminfo.write_text(f"MemTotal: 24684000 kB\nDirty: {dirty_kb:8d} kB\nWriteback: 0 kB\n")
+        return [call for call, _ in sync.syncs([tmp_path])] == [sync._shared_syncfs]
+
+    assert uses_syncfs(100)
+    clock[0] += store_module.DIRTY_RECHECK_S / 2
+    assert uses_syncfs(10_000_000)  # not read again (before: read for every commit)
+    clock[0] += store_module.DIRTY_RECHECK_S
+    assert not uses_syncfs(10_000_000)  # read again: too much dirty, each directory fsynced
+    assert uses_syncfs(100)  # a look that found much dirty is not kept: read again at once
