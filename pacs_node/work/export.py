@@ -70,11 +70,8 @@ IDLE_POLL_FACTOR = 8
 #: hanging peer) has the next idle thread claim what came meanwhile.
 DEFER_S = 0.25
 
-#: How often the threads of an association with a storage peer poll, while it waits for the next batch
-#: and while it sends one (see :func:`pacs_node.dicom.adjustments.park_reactors`: anything from the peer
-#: or a message queued still wakes them at once; the sending thread takes its responses itself, so
-#: polling every millisecond during a batch only woke both threads for nothing, a third of the
-#: association threads' CPU per result).
+#: How often the threads of an association kept for the next batch poll while it waits (see
+#: :func:`pacs_node.dicom.adjustments.park_reactors`: anything from the peer still wakes them at once).
 PARKED_POLL_S = 0.1
 
 
@@ -104,7 +101,6 @@ class OpenAssociations:
         kept = link is not None
         if link is None:
             link = StoreAssociation(self.settings, peer, proposing)
-            link.park(PARKED_POLL_S)
         try:
             answers = link.answers
             outcomes = link.send(instances, comprehensive_fallback)
@@ -113,7 +109,6 @@ class OpenAssociations:
                 log.info("the kept association with %s had ended; sending on a new one", destination)
                 link.close()
                 link = StoreAssociation(self.settings, peer, link.contexts)
-                link.park(PARKED_POLL_S)
                 outcomes = link.send(instances, comprehensive_fallback)
         finally:
             self._give_back(destination, link)
@@ -129,6 +124,7 @@ class OpenAssociations:
         if link is None:
             return None, wanted
         if link.is_established and link.covers(wanted):
+            link.park(None)
             return link, wanted
         link.close()
         merged = link.contexts | wanted
@@ -137,6 +133,7 @@ class OpenAssociations:
     def _give_back(self, destination: str, link: StoreAssociation) -> None:
         """Keep ``link`` for the next batch (and start closing idle ones), or release it."""
         if self.keep_open_s > 0 and link.is_established:
+            link.park(PARKED_POLL_S)
             with self._lock:
                 if not self._closed.is_set():
                     self._idle.setdefault(destination, []).append(link)

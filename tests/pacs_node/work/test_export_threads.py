@@ -1,6 +1,6 @@
 """The exporter's threads against a real DCMTK ``storescp``: a ring answered by one claim, not one by
 every thread it woke (each a write transaction that finds nothing), a thread busy with a slow peer
-still leaves new work to the others, and an association's own threads poll slowly while it sends."""
+still leaves new work to the others, and a burst larger than a batch is shared by the threads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from sqlalchemy import func, select
 
 from pacs_node.config import Settings
 from pacs_node.ops.context import ServerContext
-from pacs_node.dicom.scu import StoreAssociation
 from pacs_node.work.export import Exporter
 from storage.schema import Job, JobKind
 from tests.pacs_node.work.test_export_streaming import VerboseStoreSCP, a_result, runtime_for, store_results
@@ -116,35 +115,6 @@ def test_work_queued_while_a_batch_is_held_up_goes_on_another_thread(
     finally:
         exporter.stop()
         rt.close()
-
-
-def test_an_association_s_threads_stay_parked_while_it_sends(tmp_path: Path, database_url: str,
-                                                             storescp: VerboseStoreSCP,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its first batch and the next, on the kept association: the reactor and DUL threads poll every
-    ``PARKED_POLL_S`` (the sending thread takes the responses; data and queued messages still wake them)."""
-    from pacs_node.work.export import PARKED_POLL_S
-    polls: list[tuple[float | None, float | None]] = []
-    send = StoreAssociation.send
-
-    def recording(link: StoreAssociation, *args: Any, **kwargs: Any) -> Any:
-        polls.append((link._assoc.pacs_wake.parked_s, link._assoc.dul.pacs_wake.parked_s))
-        return send(link, *args, **kwargs)
-
-    monkeypatch.setattr(StoreAssociation, "send", recording)
-    rt = runtime_for(tmp_path, database_url, storescp.port)
-    exporter = Exporter(rt.settings, rt, worker_id="x")
-    exporter.start()
-    try:
-        for n in range(2):
-            store_results(rt, [a_result(10 * n + i) for i in range(4)])
-            rt.doorbell(JobKind.EXPORT).ring()
-            wait_done(rt, 4 * (n + 1))
-    finally:
-        exporter.stop()
-        rt.close()
-    assert polls == [(PARKED_POLL_S, PARKED_POLL_S)] * 2
-    assert storescp.count("Association Acknowledged") == 1
 
 
 def test_the_other_threads_export_after_one_ended_with_an_error(
