@@ -20,6 +20,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,27 +334,7 @@ def _kept_value(vr: str, value: bytes, codec: str) -> Any:
 def _sequence(data: bytes, start: int, length: int, implicit: bool) -> int:
     """Walk a sequence value starting at ``start`` as pydicom's ``read_sequence`` reads it, accepting only
     well-formed items; the position after it."""
-    size = len(data)
-    if length != _UNDEFINED:
-        end = start + length
-        if end > size:
-            raise _Unsure
-        position = start
-        while position < end:
-            position = _item(data, position, implicit)
-        if position != end:
-            raise _Unsure
-        return end
-    position = start
-    while True:
-        if position + 8 > size:
-            raise _Unsure
-        tag, _, item_length, _ = _implicit_element(data, position)
-        if tag == _SEQUENCE_END:
-            if item_length != 0:
-                raise _Unsure
-            return position + 8
-        position = _item(data, position, implicit)
+    return _walk(data, start, length, _SEQUENCE_END, lambda position: _item(data, position, implicit))
 
 
 def _item(data: bytes, position: int, implicit: bool) -> int:
@@ -364,25 +345,33 @@ def _item(data: bytes, position: int, implicit: bool) -> int:
     tag, _, length, _ = _implicit_element(data, position)
     if tag != _ITEM:
         raise _Unsure
-    position += 8
+    return _walk(data, position + 8, length, _ITEM_END, lambda at: _nested_element(data, at, implicit))
+
+
+def _walk(data: bytes, start: int, length: int, delimiter: int, step: Callable[[int], int]) -> int:
+    """Take ``step`` (a position -> the position after what starts there) from ``start`` to the end of a
+    value of ``length`` bytes, or, for an undefined length, to its ``delimiter`` (of length 0); the
+    position after it. A value that does not end exactly there makes this reader unsure."""
     if length != _UNDEFINED:
-        end = position + length
+        end = start + length
         if end > len(data):
             raise _Unsure
+        position = start
         while position < end:
-            position = _nested_element(data, position, implicit)
+            position = step(position)
         if position != end:
             raise _Unsure
         return end
+    position = start
     while True:
         if position + 8 > len(data):
             raise _Unsure
         tag, _, delimiter_length, _ = _implicit_element(data, position)
-        if tag == _ITEM_END:
+        if tag == delimiter:
             if delimiter_length != 0:
                 raise _Unsure
             return position + 8
-        position = _nested_element(data, position, implicit)
+        position = step(position)
 
 
 def _nested_element(data: bytes, position: int, implicit: bool) -> int:
